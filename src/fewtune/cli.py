@@ -1,0 +1,275 @@
+"""The `fewtune` command. `main(argv) -> int` so tests call the CLI as a function.
+
+Errors caused by the user's input print one line (`fewtune: error: ...`) and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+from .errors import FewtuneError
+
+# flag -> (option name, methods that take it)
+METHOD_FLAGS = {
+    "train_layers": ("train_layers", {"adaptive"}),
+    "lr_decay": ("lr_decay", {"adaptive"}),
+    "objective": ("objective", {"adaptive", "lora"}),
+    "lora_r": ("r", {"lora"}),
+    "lora_alpha": ("alpha", {"lora"}),
+    "lora_dropout": ("dropout", {"lora"}),
+    "lora_targets": ("target_modules", {"lora"}),
+    "context": ("context", {"cd"}),
+    "context_shots": ("context_shots", {"cd"}),
+    "alpha": ("alpha", {"cd"}),
+    "temperature": ("temperature", {"cd"}),
+    "student": ("student", {"cd"}),
+}
+RUN_FIELDS = ("task", "method", "model", "shots", "seed", "train_seed", "pattern", "eval_limit", "data_root",
+              "data_source", "epochs", "batch_size", "micro_batch_size", "lr", "weight_decay", "warmup_ratio",
+              "max_length", "eval_batch_size", "dtype", "device", "preset")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints the whole usage first)
+        raise FewtuneError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="fewtune", description="Compare few-shot adaptation methods, in-domain and out-of-domain, with their costs.")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", parser_class=Parser)
+
+    r = sub.add_parser("run", help="run one method on one task and write a result record")
+    r.add_argument("--config", help="TOML file with run fields (flags override it)")
+    r.add_argument("--task", help="built-in task (cola, mnli) or path to a task file [mnli]")
+    r.add_argument("--method", help="icl, ft, pbft, adaptive, lora, cd [icl]")
+    r.add_argument("--model", help="bundled name (smollm2-135m), local folder or Hub id [smollm2-135m]")
+    r.add_argument("--shots", type=int, help="few-shot training examples / ICL demonstrations [16]")
+    r.add_argument("--seed", type=int, help="data seed: which examples, in which order [0]")
+    r.add_argument("--train-seed", type=int, help="initialisation and shuffling seed [= --seed]")
+    r.add_argument("--pattern", type=int, help="index of the task's pattern [0]")
+    r.add_argument("--uniform", action="store_true", help="sample uniformly instead of class-balanced")
+    r.add_argument("--eval-limit", type=int, help="stratified subsample per evaluation split [all]")
+    r.add_argument("--eval-splits", help="comma-separated evaluation splits [the task's in-domain + OOD]")
+    r.add_argument("--data-root", help="folder laid out like shared/data [$FEWTUNE_DATA or ../shared/data]")
+    r.add_argument("--data-source", choices=None, help="auto | local | hub [auto]")
+    r.add_argument("--preset", help="quick: small CPU budget for every method")
+    for flag, kind in (("epochs", int), ("batch-size", int), ("micro-batch-size", int), ("lr", float),
+                       ("weight-decay", float), ("warmup-ratio", float), ("max-length", int), ("eval-batch-size", int)):
+        r.add_argument(f"--{flag}", type=kind)
+    r.add_argument("--dtype", help="auto | fp32 | bf16 (autocast; never fp16 on CPU) [auto]")
+    r.add_argument("--device", help="auto | cpu | cuda [auto]")
+    g = r.add_argument_group("method options")
+    g.add_argument("--train-layers", type=int, help="adaptive: top blocks that train [2]")
+    g.add_argument("--lr-decay", type=float, help="adaptive: per-block learning-rate decay from the top [0.8]")
+    g.add_argument("--objective", help="adaptive, lora: pbft or ft [pbft]")
+    g.add_argument("--lora-r", type=int, help="lora: rank [8]")
+    g.add_argument("--lora-alpha", type=int, help="lora: alpha [16]")
+    g.add_argument("--lora-dropout", type=float, help="lora: dropout [0.05]")
+    g.add_argument("--lora-targets", help="lora: comma-separated module names [attention projections]")
+    g.add_argument("--context", help="cd: instruction or few-shot [instruction]")
+    g.add_argument("--context-shots", type=int, help="cd: demonstrations in the teacher's context [4]")
+    g.add_argument("--alpha", type=float, help="cd: weight of the distillation term [0.5]")
+    g.add_argument("--temperature", type=float, help="cd: distillation temperature [2.0]")
+    g.add_argument("--student", help="cd: full or lora [full]")
+    r.add_argument("--output", "-o", help="write the result record (JSON) here")
+    r.add_argument("--save-model", help="save the trained model/adapter with its pattern and verbalizer here")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    r.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own Python code to run")
+    r.add_argument("--allow-unsafe-weights", action="store_true", help="allow pickled (.bin) weights, not only safetensors")
+
+    ls = sub.add_parser("ls", help="list tasks, methods or models")
+    ls.add_argument("what", choices=["tasks", "methods", "models"])
+
+    pr = sub.add_parser("predict", help="use a model saved with --save-model on new text")
+    pr.add_argument("--model-dir", required=True)
+    pr.add_argument("--input", required=True, help="JSONL (one object with the task's fields per line), or plain text "
+                                                  "(one example per line, single-field tasks only)")
+    pr.add_argument("--output", "-o", help="write predictions (JSONL) here [stdout]")
+    pr.add_argument("--device", default="auto")
+
+    for extension in EXTENSIONS:
+        extension.add_parser(sub)
+    return p
+
+
+EXTENSIONS = []  # modules with add_parser(subparsers) and COMMANDS = {name: handler}; see cli_grid.py
+
+
+def config_from_args(args) -> "RunConfig":
+    from .config import RunConfig
+    fields = {}
+    if args.config:
+        path = Path(args.config)
+        try:
+            fields = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FewtuneError(f"Config file {path} does not exist.") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise FewtuneError(f"Config file {path} is not valid TOML: {e}.") from None
+    for name in RUN_FIELDS:
+        value = getattr(args, name, None)
+        if value is not None:
+            fields[name] = value
+    if args.uniform:
+        fields["balanced"] = False
+    if args.eval_splits:
+        fields["eval_splits"] = [s.strip() for s in args.eval_splits.split(",") if s.strip()]
+    if args.trust_remote_code:
+        fields["trust_remote_code"] = True
+    if args.allow_unsafe_weights:
+        fields["allow_unsafe_weights"] = True
+    method = fields.get("method", "icl")
+    options = dict(fields.get("method_options", {}))
+    for flag, (option, methods) in METHOD_FLAGS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if method not in methods:
+            raise FewtuneError(f"--{flag.replace('_', '-')} applies to method(s) {', '.join(sorted(methods))}, not '{method}'.")
+        if flag == "lora_targets":
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        options[option] = value
+    fields["method_options"] = options
+    return RunConfig.from_dict(fields, where=str(args.config or "flags"))
+
+
+def check_writable(path: str, flag: str) -> Path:
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise FewtuneError(f"{flag} {p}: folder {parent} does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise FewtuneError(f"{flag} {p}: folder {parent} is not writable.")
+    return p
+
+
+def write_json_atomic(path: Path, data) -> None:
+    from .runner import json_default
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, default=json_default))
+    os.replace(tmp, path)
+
+
+def cmd_run(args) -> int:
+    from .methods import get_method
+    from .runner import run, summary_line
+    cfg = config_from_args(args)
+    get_method(cfg.method, cfg.method_options)  # validate options before any loading
+    out = check_writable(args.output, "--output") if args.output else None
+    if args.save_model:
+        check_writable(str(Path(args.save_model) / "x"), "--save-model") if Path(args.save_model).exists() else check_writable(args.save_model, "--save-model")
+    result = run(cfg, progress=not args.quiet and sys.stderr.isatty(), save_model=args.save_model)
+    if out:
+        write_json_atomic(out, result)
+    print(summary_line(result))
+    if out:
+        print(f"result written to {out}")
+    return 0
+
+
+def cmd_ls(args) -> int:
+    if args.what == "tasks":
+        from .tasks import builtin_names, load_task
+        for name in builtin_names():
+            t = load_task(name)
+            print(f"{name:10s} v{t.version}  {t.description}  [train={t.train}; in-domain={t.in_domain}; ood={','.join(t.out_of_domain)}]")
+        print("(your own task: --task path/to/task.toml, see docs/tasks.md)")
+    elif args.what == "methods":
+        from .methods import REGISTRY
+        for name, cls in REGISTRY.items():
+            doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            print(f"{name:9s} {doc}")
+    else:
+        from .models import list_models
+        for m in list_models():
+            print(f"{m['name']:14s} {m['status']:34s} {m['description']}")
+        print("(also: any Hugging Face causal LM by Hub id, e.g. facebook/opt-125m, or a local model folder)")
+    return 0
+
+
+def read_predict_input(path: str, fields: list[str]) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise FewtuneError(f"--input {p} does not exist.")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise FewtuneError(f"--input {p} is not UTF-8 text (bad byte at offset {e.start}).") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FewtuneError(f"{p} line {n}: not valid JSON ({e.msg}).") from None
+        elif len(fields) == 1:
+            row = {fields[0]: line}
+        else:
+            raise FewtuneError(f"{p} line {n}: this task has fields {fields}; give JSON objects, one per line.")
+        rows.append(row)
+    if not rows:
+        raise FewtuneError(f"--input {p} holds no examples.")
+    return rows
+
+
+def cmd_predict(args) -> int:
+    from .saving import MANIFEST, predict
+    manifest_path = Path(args.model_dir) / MANIFEST
+    if not manifest_path.exists():
+        raise FewtuneError(f"{args.model_dir} is not a fewtune model folder (no {MANIFEST}).")
+    fields = json.loads(manifest_path.read_text())["task"]["fields"]
+    rows = read_predict_input(args.input, fields)
+    out = check_writable(args.output, "--output") if args.output else None
+    preds = predict(args.model_dir, rows, args.device)
+    text = "\n".join(json.dumps({**row, **pred}) for row, pred in zip(rows, preds)) + "\n"
+    if out:
+        out.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "ls": cmd_ls, "predict": cmd_predict}
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    for noisy in ("transformers", "huggingface_hub", "datasets", "peft"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:  # transformers' per-load progress bars are noise next to fewtune's own
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.verbose:
+            logging.getLogger("fewtune").setLevel(logging.INFO)
+        if not args.command:
+            parser.print_help()
+            return 2
+        handlers = dict(COMMANDS)
+        for extension in EXTENSIONS:
+            handlers.update(extension.COMMANDS)
+        return handlers[args.command](args)
+    except FewtuneError as e:
+        print(f"fewtune: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("fewtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

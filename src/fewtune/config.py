@@ -1,0 +1,97 @@
+"""The typed configuration of one run, validated with errors that name the field.
+
+A run is fully described by a `RunConfig`; its `hash()` identifies the run in the results database
+(the same config hashes the same on every machine), and `to_dict()` is stored with every result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from .errors import FewtuneError, did_you_mean
+
+METHODS = ("icl", "ft", "pbft", "adaptive", "lora", "cd")
+DTYPES = ("auto", "fp32", "bf16")
+
+
+@dataclass
+class RunConfig:
+    task: str = "mnli"                  # built-in name or path to a task file
+    method: str = "icl"
+    model: str = "smollm2-135m"         # bundled name, local folder or Hub id
+    shots: int = 16                     # training examples (icl: demonstrations)
+    seed: int = 0                       # data seed: the few-shot sample and the demonstration order
+    train_seed: int | None = None       # initialisation/shuffling seed; defaults to `seed`
+    pattern: int = 0                    # index into the task's patterns
+    balanced: bool = True               # class-balanced sample (False: uniform)
+    eval_limit: int | None = None       # per evaluation split; None = all (stratified, fixed seed)
+    eval_splits: list[str] | None = None  # default: the task's in-domain + out-of-domain splits
+    data_root: str | None = None
+    data_source: str = "auto"           # auto | local | hub
+    # training (ignored by icl); None = the method's default (the study's GPU budgets, DESIGN.md)
+    epochs: int | None = None
+    batch_size: int | None = None
+    micro_batch_size: int | None = None  # gradient accumulation: batch_size / micro_batch_size steps
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_ratio: float | None = None
+    max_grad_norm: float = 1.0
+    max_length: int = 256
+    eval_batch_size: int = 16
+    dtype: str = "auto"                 # auto (bf16 autocast where the CPU/GPU supports it) | fp32 | bf16
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    method_options: dict = field(default_factory=dict)  # e.g. {"train_layers": 2, "objective": "pbft"}
+    preset: str | None = None
+    trust_remote_code: bool = False
+    allow_unsafe_weights: bool = False
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise FewtuneError(f"Unknown method '{self.method}'.{did_you_mean(self.method, METHODS)} Known: {', '.join(METHODS)}.")
+        for name in ("shots", "seed", "pattern", "max_length", "eval_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise FewtuneError(f"Config field '{name}' must be an integer, got {value!r}.")
+        if self.shots < 0:
+            raise FewtuneError(f"Config field 'shots' must be ≥ 0, got {self.shots}.")
+        if self.shots == 0 and self.method != "icl":
+            raise FewtuneError(f"Method '{self.method}' trains and needs --shots ≥ 1 (only icl runs zero-shot).")
+        for name in ("epochs", "batch_size", "micro_batch_size", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise FewtuneError(f"Config field '{name}' must be a positive integer, got {value!r}.")
+        for name in ("lr", "weight_decay", "warmup_ratio"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
+                raise FewtuneError(f"Config field '{name}' must be a non-negative number, got {value!r}.")
+        if self.warmup_ratio is not None and self.warmup_ratio > 1:
+            raise FewtuneError(f"Config field 'warmup_ratio' must be in [0, 1], got {self.warmup_ratio}.")
+        if self.max_length < 8:
+            raise FewtuneError(f"Config field 'max_length' must be ≥ 8, got {self.max_length}.")
+        if self.dtype not in DTYPES:
+            raise FewtuneError(f"Config field 'dtype' must be one of {', '.join(DTYPES)} (never fp16 on CPU), got {self.dtype!r}.")
+        if self.data_source not in ("auto", "local", "hub"):
+            raise FewtuneError(f"Config field 'data_source' must be auto, local or hub, got {self.data_source!r}.")
+        if not isinstance(self.method_options, dict):
+            raise FewtuneError("Config field 'method_options' must be a table/dict.")
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise FewtuneError(f"{where}: unknown field '{key}'.{did_you_mean(key, sorted(known))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable id of what the run computes (sorted JSON, sha256, 16 hex digits)."""
+        d = self.to_dict()
+        for volatile in ("data_root", "device", "eval_batch_size"):  # where/how it runs, not what it computes
+            d.pop(volatile, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]

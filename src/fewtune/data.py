@@ -1,0 +1,213 @@
+"""Reading a task's splits (local files or the Hub), binarising labels, and seeded sampling.
+
+Every example keeps `idx`, its row number in the split as read (0-based, data rows only), so a result can
+name exactly which examples it trained on and a later run can rebuild the same sample.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FewtuneError
+from .settings import data_root
+from .tasks import DROP, Split, Task
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+@dataclass(frozen=True)
+class Example:
+    idx: int                 # row number in the split (after dropping nothing: the raw data row)
+    fields: dict             # text fields by the task's field names
+    label: int               # class id (index into task.labels)
+    groups: dict = field(default_factory=dict)  # e.g. {"heuristic": "lexical_overlap"} for HANS breakdowns
+
+
+def load_split(task: Task, split_name: str, root: Path | str | None = None, source: str = "auto") -> list[Example]:
+    """The examples of one split. `source`: 'local' (files under the data root), 'hub' (`datasets`), or
+    'auto' (local when the file exists, else the Hub)."""
+    split = task.splits[split_name]
+    if source not in ("auto", "local", "hub"):
+        raise FewtuneError(f"Unknown data source '{source}': use auto, local or hub.")
+    root_path = data_root(root) if source != "hub" else None
+    local_file = (Path(root_path) / split.local["path"]) if (root_path and split.local) else None
+    if source == "local" or (source == "auto" and (local_file is not None and local_file.exists() or split.hub is None)):
+        if split.local is None:
+            raise FewtuneError(f"Task '{task.name}' split '{split_name}' has no local file; use --data-source hub.")
+        if local_file is None:
+            raise FewtuneError(f"No data folder for {split.local['path']}: set $FEWTUNE_DATA or --data-root to a folder laid out like shared/data.")
+        examples = _read_local(task, split, local_file)
+    else:
+        examples = _read_hub(task, split)
+    if not examples:
+        raise FewtuneError(f"Task '{task.name}' split '{split_name}' is empty after label mapping ({_where(split, local_file)}).")
+    return examples
+
+
+def _where(split: Split, local_file) -> str:
+    return str(local_file) if local_file is not None else f"Hub dataset {split.hub['path']}"
+
+
+def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
+    if not path.exists():
+        raise FewtuneError(f"Data file {path} does not exist (task '{task.name}', split '{split.name}'); set $FEWTUNE_DATA or --data-root.")
+    fmt = split.local.get("format", "tsv")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FewtuneError(f"Data file {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
+    except OSError as e:
+        raise FewtuneError(f"Data file {path} cannot be read: {e.strerror}.") from None
+    if fmt == "jsonl":
+        rows, header = [], None
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise FewtuneError(f"{path} line {n}: not valid JSON ({e.msg}).") from None
+                if not isinstance(row, dict):
+                    raise FewtuneError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}.")
+                rows.append((n, row))
+    else:
+        delimiter = split.local.get("delimiter", "\t" if fmt == "tsv" else ",")
+        # GLUE/CoLA/HANS files are read with quoting disabled: quotes are part of the text.
+        quoting = csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL
+        reader = csv.reader(text.splitlines(), delimiter=delimiter, quoting=quoting)
+        lines = list(reader)
+        header = None
+        start = 1
+        if split.local.get("header", True):
+            if not lines:
+                raise FewtuneError(f"Data file {path} is empty (expected a header row).")
+            header, lines, start = lines[0], lines[1:], 2
+        width = len(header) if header else (len(lines[0]) if lines else 0)
+        rows = []
+        for n, row in enumerate(lines, start):
+            if not row:
+                continue
+            if len(row) != width:
+                raise FewtuneError(f"{path} line {n}: malformed row, expected {width} columns, found {len(row)}.")
+            rows.append((n, dict(zip(header, row)) if header else row))
+        if header:
+            for key, col in split.columns.items():
+                if isinstance(col, str) and col not in header:
+                    raise FewtuneError(f"{path}: column '{col}' (for '{key}') is not in the header {header}.")
+    return _to_examples(task, split, rows, split.label_map, split.columns, str(path))
+
+
+def _to_examples(task, split, rows, label_map, columns, where) -> list[Example]:
+    label_ids = {name: i for i, name in enumerate(task.labels)}
+    out = []
+    for i, (line_no, row) in enumerate(rows):
+        def get(key):
+            col = columns[key]
+            try:
+                value = row[col]
+            except (KeyError, IndexError):
+                raise FewtuneError(f"{where} line {line_no}: no column {col!r} (for '{key}').") from None
+            return value
+        raw_label = str(get("label")).strip()
+        if raw_label not in label_map:
+            raise FewtuneError(f"{where} line {line_no}: label '{raw_label}' is not in the task's label_map {sorted(label_map)}.")
+        target = label_map[raw_label]
+        if target == DROP:
+            continue
+        fields = {}
+        for f in task.fields:
+            value = get(f)
+            if not isinstance(value, str):
+                raise FewtuneError(f"{where} line {line_no}: field '{f}' must be text, got {type(value).__name__}.")
+            fields[f] = value.strip()
+        groups = {g: str(get(g)) for g in split.group_by}
+        out.append(Example(idx=i, fields=fields, label=label_ids[target], groups=groups))
+    return out
+
+
+def _read_hub(task: Task, split: Split) -> list[Example]:
+    hub = split.hub
+    if hub is None:
+        raise FewtuneError(f"Task '{task.name}' split '{split.name}' has no Hub source and its local file was not found.")
+    try:
+        import datasets
+        ds = datasets.load_dataset(hub["path"], hub.get("name"), split=hub["split"], revision=hub.get("revision"))
+    except Exception as e:  # network errors, missing datasets, auth: all become one line
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FewtuneError(f"Could not load Hub dataset {hub['path']} ({hub.get('name') or 'default'}, split {hub['split']}) "
+                           f"for task '{task.name}': {msg[:200]}. Offline? Point $FEWTUNE_DATA at local files.") from None
+    columns = split.hub_columns or split.columns
+    label_map = split.hub_label_map or split.label_map
+    rows = [(i + 1, row) for i, row in enumerate(ds)]
+    return _to_examples(task, split, rows, label_map, columns, f"Hub dataset {hub['path']}:{hub['split']}")
+
+
+def sample_train(examples: list[Example], shots: int, seed: int, n_labels: int, balanced: bool = True) -> list[int]:
+    """Positions (into `examples`) of a seeded few-shot sample, in a seeded shuffled order.
+
+    Balanced: shots // n_labels per class, the remainder to classes in a seeded order. Per class the
+    examples are taken from the front of a seeded permutation, so for one seed a smaller sample is a
+    subset of a larger one (16 shots ⊂ 32 shots), and every method sees the same sample.
+    """
+    if shots < 0:
+        raise FewtuneError(f"--shots must be ≥ 0, got {shots}.")
+    if shots == 0:
+        return []
+    rng = np.random.default_rng(seed)
+    if not balanced:
+        if shots > len(examples):
+            raise FewtuneError(f"--shots {shots} is more than the {len(examples)} training examples.")
+        chosen = [int(i) for i in rng.permutation(len(examples))[:shots]]
+    else:
+        by_class = defaultdict(list)
+        for pos, ex in enumerate(examples):
+            by_class[ex.label].append(pos)
+        order = [int(c) for c in rng.permutation(n_labels)]
+        per_class = {c: shots // n_labels for c in range(n_labels)}
+        for c in order[: shots % n_labels]:
+            per_class[c] += 1
+        chosen = []
+        for c in range(n_labels):
+            pool = by_class.get(c, [])
+            perm = rng.permutation(len(pool))
+            if per_class[c] > len(pool):
+                raise FewtuneError(f"--shots {shots} needs {per_class[c]} examples of class {c} but the training split has {len(pool)}.")
+            chosen += [pool[int(j)] for j in perm[: per_class[c]]]
+    return [chosen[int(j)] for j in rng.permutation(len(chosen))]
+
+
+def eval_subsample(examples: list[Example], limit: int | None, seed: int = 0) -> list[Example]:
+    """A deterministic stratified subsample (by label and groups) of at most `limit` examples, in data order.
+
+    The seed is fixed (not the run's seed): every run of a comparison is scored on the same examples.
+    """
+    if limit is None or limit >= len(examples):
+        return list(examples)
+    if limit <= 0:
+        raise FewtuneError(f"--eval-limit must be positive, got {limit}.")
+    strata = defaultdict(list)
+    for pos, ex in enumerate(examples):
+        strata[(ex.label, *sorted(ex.groups.items()))].append(pos)
+    keys = sorted(strata)
+    total = len(examples)
+    quotas = {k: limit * len(strata[k]) / total for k in keys}
+    alloc = {k: int(quotas[k]) for k in keys}
+    # Largest remainder: hand out what rounding down left, biggest fractional parts first (ties by key order).
+    for k in sorted(keys, key=lambda k: -(quotas[k] - alloc[k]))[: limit - sum(alloc.values())]:
+        alloc[k] += 1
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for k in keys:
+        perm = rng.permutation(len(strata[k]))[: alloc[k]]
+        chosen += [strata[k][int(j)] for j in perm]
+    return [examples[p] for p in sorted(chosen)]
+
+
+def label_counts(examples) -> dict:
+    return dict(sorted(Counter(ex.label for ex in examples).items()))

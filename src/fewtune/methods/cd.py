@@ -1,0 +1,137 @@
+"""Context distillation. The teacher is the frozen base model that sees a context before the query
+(an instruction, or an instruction plus k demonstrations); the student is the same model trained to match
+the teacher *without* the context, so it predicts as cheaply as zero-shot.
+
+loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, gold), over the verbalizer words.
+The teacher's outputs are computed once per training example, before training starts, with the base weights
+(the student's initial weights), so no second copy of the model is held. The shared context's key/value
+cache is computed once too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import FewtuneError
+from . import register
+from .base import Method, Options
+from .lora import LoraOptions, wrap
+
+
+@dataclass
+class CdOptions(Options):
+    context: str = "instruction"   # instruction | few-shot
+    context_shots: int | None = None  # few-shot: demonstrations in the teacher's context (default 4)
+    alpha: float = 0.5             # weight of the distillation term (1 = distillation only)
+    temperature: float = 2.0
+    student: str = "full"          # full | lora
+    lora_r: int = 8
+    lora_alpha: int = 16
+
+    def __post_init__(self):
+        if self.context not in ("instruction", "few-shot"):
+            raise FewtuneError(f"cd: context must be instruction or few-shot, got {self.context!r}.")
+        if self.context == "instruction" and self.context_shots is not None:
+            raise FewtuneError("cd: --context-shots only applies with --context few-shot.")
+        if self.context == "few-shot":
+            if self.context_shots is None:
+                self.context_shots = 4
+            if not isinstance(self.context_shots, int) or isinstance(self.context_shots, bool) or self.context_shots < 1:
+                raise FewtuneError(f"cd: context_shots must be a positive integer, got {self.context_shots!r}.")
+        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise FewtuneError(f"cd: alpha must be in [0, 1], got {self.alpha!r}.")
+        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+            raise FewtuneError(f"cd: temperature must be positive, got {self.temperature!r}.")
+        if self.student not in ("full", "lora"):
+            raise FewtuneError(f"cd: student must be full or lora, got {self.student!r}.")
+
+
+@register
+class ContextDistillation(Method):
+    name = "cd"
+    Options = CdOptions
+
+    def __init__(self, options):
+        super().__init__(options)
+        if self.opts.student == "lora":
+            self.defaults = dict(epochs=80, batch_size=32, lr=2e-4, weight_decay=0.0, warmup_ratio=0.25)
+        self.teacher_calls = 0  # examples the teacher has scored (tests check: once per training example)
+
+    def teacher_context(self, ctx) -> str:
+        text = (ctx.task.instruction or "").strip()
+        text = text + "\n\n" if text else ""
+        if self.opts.context == "few-shot":
+            k = self.opts.context_shots
+            if k > len(ctx.train_examples):
+                raise FewtuneError(f"cd: --context-shots {k} is more than the {len(ctx.train_examples)} training examples.")
+            words = ctx.pattern.verbalizer
+            # the first k of the seeded, class-balanced sample order: balanced as far as k allows
+            demos = balanced_prefix(ctx.train_examples, k, len(ctx.task.labels))
+            ctx.extra["context_demonstration_indices"] = [ex.idx for ex in demos]
+            text += "".join(ctx.task.format(ctx.pattern, ex) + words[ex.label] + "\n\n" for ex in demos)
+        if not text:
+            raise FewtuneError(f"cd: task '{ctx.task.name}' has no instruction, so --context instruction gives the teacher no context.")
+        return text
+
+    def prepare(self, ctx, model):
+        if self.opts.student == "lora":
+            return wrap(model, LoraOptions(r=self.opts.lora_r, alpha=self.opts.lora_alpha), "lm")
+        return model
+
+    def train_items(self, ctx, model, seqs, examples):
+        import contextlib
+
+        from ..engine import encode, leading_special_ids, score
+        context = self.teacher_context(ctx)
+        prefix_ids = encode(ctx.tokenizer, [context])[0][0]
+        n_bos = len(leading_special_ids(ctx.tokenizer))
+        queries = [s[n_bos:] for s in seqs]  # the context carries the BOS
+        # Before the first update the student *is* the base model; with a LoRA student, the adapters are
+        # switched off as well, so the teacher is exactly the frozen base model.
+        base = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with base:
+            out = score(model, ctx.tokenizer, queries, ctx.label_ids, ctx.device, ctx.dtype,
+                        batch_size=ctx.config.eval_batch_size, prefix_ids=prefix_ids)
+        self.teacher_calls += len(queries)
+        ctx.extra["teacher_seconds"] = out.seconds
+        ctx.extra["teacher_examples"] = len(queries)
+        ctx.extra["teacher_accuracy"] = float(np.mean(out.logits.argmax(-1) == np.array([ex.label for ex in examples])))
+        return [{"ids": s, "label": ex.label, "teacher": torch.tensor(t)} for s, ex, t in zip(seqs, examples, out.logits)]
+
+    def loss(self, ctx):
+        from ..engine import class_logits
+        T, alpha = float(self.opts.temperature), float(self.opts.alpha)
+        state = {"distill_seen": 0.0}
+
+        def loss_fn(model, chunk, batch):
+            logits = class_logits(model, batch, ctx.label_ids).float()
+            labels = torch.tensor([it["label"] for it in chunk], device=logits.device)
+            teacher = torch.stack([it["teacher"] for it in chunk]).to(logits.device).float()
+            kl = torch.nn.functional.kl_div(torch.log_softmax(logits / T, -1), torch.log_softmax(teacher / T, -1),
+                                            log_target=True, reduction="batchmean")
+            ce = torch.nn.functional.cross_entropy(logits, labels)
+            state["distill_seen"] += float(kl.detach())
+            ctx.extra["distill_loss_sum"] = state["distill_seen"]
+            return alpha * T * T * kl + (1 - alpha) * ce, logits
+        return loss_fn
+
+    def after_train(self, ctx):
+        # A distillation term that is exactly zero means the teacher saw what the student sees: a silent bug.
+        if self.opts.alpha > 0 and ctx.extra.get("distill_loss_sum", 0.0) <= 0.0:
+            raise FewtuneError("cd: the distillation term was zero throughout training (teacher and student outputs identical).")
+
+
+def balanced_prefix(examples, k: int, n_labels: int):
+    """k examples from the seeded sample order, taking classes in turn so the context stays balanced."""
+    by_class = [[ex for ex in examples if ex.label == c] for c in range(n_labels)]
+    out, i = [], 0
+    while len(out) < k:
+        for c in range(n_labels):
+            if i < len(by_class[c]) and len(out) < k:
+                out.append(by_class[c][i])
+        i += 1
+    order = {id(ex): j for j, ex in enumerate(examples)}
+    return sorted(out, key=lambda ex: order[id(ex)])

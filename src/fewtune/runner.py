@@ -1,0 +1,161 @@
+"""One run, end to end: data -> sample -> model -> method -> train -> score -> result record."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from . import __version__, engine, metrics, models, record
+from .config import RunConfig
+from .data import eval_subsample, label_counts, load_split, sample_train
+from .errors import FewtuneError
+from .methods import RunContext, get_method
+from .methods.icl import fit_demonstrations
+from .presets import preset_values
+from .tasks import load_task
+
+log = logging.getLogger("fewtune")
+SCHEMA_VERSION = 1
+
+
+def hyperparameters(cfg: RunConfig, method) -> dict:
+    """Method defaults < preset < fields set in the config."""
+    hp = dict(method.defaults)
+    student_lora = getattr(method.opts, "student", None) == "lora"
+    hp.update({k: v for k, v in preset_values(cfg.preset, cfg.method, student_lora).items() if k != "eval_limit"})
+    for key in ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "micro_batch_size"):
+        if getattr(cfg, key) is not None:
+            hp[key] = getattr(cfg, key)
+    return hp
+
+
+def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) -> dict:
+    """Run one configuration and return its result record (see docs/results.md)."""
+    started = record.now()
+    t_start = time.perf_counter()
+    task = load_task(cfg.task)
+    pattern = task.pattern(cfg.pattern)
+    method = get_method(cfg.method, cfg.method_options)
+    hp = hyperparameters(cfg, method)
+    eval_limit = cfg.eval_limit if cfg.eval_limit is not None else preset_values(cfg.preset, cfg.method).get("eval_limit")
+    device = engine.pick_device(cfg.device)
+    dtype = engine.resolve_dtype(cfg.dtype, device)
+    train_seed = cfg.train_seed if cfg.train_seed is not None else cfg.seed
+
+    # data: the few-shot sample (same for every method under the same seed) and the evaluation sets
+    train_pool = load_split(task, task.train, cfg.data_root, cfg.data_source)
+    positions = sample_train(train_pool, cfg.shots, cfg.seed, len(task.labels), cfg.balanced)
+    train_examples = [train_pool[p] for p in positions]
+    eval_names = cfg.eval_splits or list(task.eval_splits)
+    for name in eval_names:
+        if name not in task.splits:
+            raise FewtuneError(f"Task '{task.name}' has no split '{name}' (splits: {', '.join(task.splits)}).")
+    eval_sets = {name: eval_subsample(load_split(task, name, cfg.data_root, cfg.data_source), eval_limit) for name in eval_names}
+
+    tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
+    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer, cfg.model) if method.objective == "lm" else None
+    ctx = RunContext(config=cfg, task=task, pattern=pattern, tokenizer=tokenizer, label_ids=label_ids,
+                     train_examples=train_examples, device=device, dtype=dtype, extra={"lr": hp["lr"]})
+
+    torch.manual_seed(train_seed)  # the new head's initialisation, dropout, LoRA init
+    with record.PeakMemory(device) as mem_load:
+        model = models.load_model(cfg.model, method.objective, len(task.labels), cfg.trust_remote_code, cfg.allow_unsafe_weights)
+        models.set_pad_token(model, tokenizer)
+        model.to(device)
+        model = method.prepare(ctx, model)
+    total_params = sum(p.numel() for p in model.parameters())
+
+    result = {"schema": SCHEMA_VERSION, "fewtune_version": __version__, "config": cfg.to_dict(),
+              "config_hash": cfg.hash(), "task": {"name": task.name, "version": task.version, "source": task.source,
+                                                  "pattern": pattern.template, "verbalizer": list(pattern.verbalizer),
+                                                  "labels": list(task.labels)},
+              "seeds": {"data_seed": cfg.seed, "train_seed": train_seed, "eval_subsample_seed": 0},
+              "train_indices": [ex.idx for ex in train_examples], "train_label_counts": label_counts(train_examples),
+              "hyperparameters": hp if method.trains else {}, "device": str(device), "dtype": dtype}
+
+    cost = {"load_seconds": None, "train_seconds": 0.0, "eval_seconds": 0.0, "train_peak_memory_mib": None,
+            "eval_peak_memory_mib": None, "trainable_params": 0, "total_params": total_params,
+            "train_tokens": 0, "eval_tokens": 0, "train_examples_per_s": None, "eval_examples_per_s": None}
+    cost["load_seconds"] = round(time.perf_counter() - t_start, 2)
+    training = None
+    if method.trains:
+        texts = [method.text(ctx, ex) for ex in train_examples]
+        seqs, truncated = engine.encode(tokenizer, texts, cfg.max_length)
+        with record.PeakMemory(device) as mem:
+            items = method.train_items(ctx, model, seqs, train_examples)
+            settings = engine.TrainSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], lr=hp["lr"],
+                                            weight_decay=hp["weight_decay"], warmup_ratio=hp["warmup_ratio"],
+                                            micro_batch_size=hp.get("micro_batch_size"), max_grad_norm=cfg.max_grad_norm,
+                                            seed=train_seed, dtype=dtype)
+            cost["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            tr = engine.train(model, items, method.loss(ctx), settings, device, method.param_groups(ctx, model),
+                              pad_id=tokenizer.pad_token_id, progress=progress)
+            method.after_train(ctx)
+        cost.update(train_seconds=round(tr.seconds + ctx.extra.get("teacher_seconds", 0.0), 3),
+                    train_peak_memory_mib=mem.mib, train_tokens=tr.tokens,
+                    train_examples_per_s=round(tr.examples_seen / tr.seconds, 3) if tr.seconds else None)
+        training = {"steps": tr.steps, "epochs": hp["epochs"], "final_loss": tr.final_loss, "epoch_losses": tr.epoch_losses,
+                    "train_accuracy": tr.train_accuracy, "truncated_examples": truncated}
+
+    # evaluation
+    prefix_text = None
+    if cfg.method == "icl" and train_examples:
+        longest = max(len(s) for ex_list in eval_sets.values()
+                      for s in engine.encode(tokenizer, [method.text(ctx, ex) for ex in ex_list], with_bos=False)[0])
+        limit = getattr(model.config, "max_position_embeddings", None) or 2048
+        fit_demonstrations(method, ctx, longest, limit)
+        if ctx.extra["demonstrations_used"] == 0:
+            log.warning("No demonstration fits the model's context of %d tokens: scoring zero-shot.", limit)
+    prefix_text = method.eval_prefix(ctx)
+    prefix_ids = engine.encode(tokenizer, [prefix_text])[0][0] if prefix_text else None
+    evals = {}
+    eval_seconds = eval_tokens = eval_n = 0
+    with record.PeakMemory(device) as mem:
+        for name, examples in eval_sets.items():
+            texts = [method.text(ctx, ex) for ex in examples]
+            seqs, truncated = engine.encode(tokenizer, texts, None if prefix_ids else cfg.max_length, with_bos=prefix_ids is None)
+            out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids)
+            preds = out.logits.argmax(-1).tolist()
+            gold = [ex.label for ex in examples]
+            m = metrics.compute(gold, preds, task.labels, task.metrics, [ex.groups for ex in examples])
+            role = "in_domain" if name == task.in_domain else ("out_of_domain" if name in task.out_of_domain else "other")
+            evals[name] = {"role": role, **m, "truncated_examples": truncated, "seconds": round(out.seconds, 3)}
+            eval_seconds += out.seconds
+            eval_tokens += out.tokens
+            eval_n += len(examples)
+    cost.update(eval_seconds=round(eval_seconds, 3), eval_peak_memory_mib=mem.mib, eval_tokens=eval_tokens,
+                eval_examples_per_s=round(eval_n / eval_seconds, 3) if eval_seconds else None)
+    cost["peak_memory_mib"] = max(x for x in (mem_load.mib, cost["train_peak_memory_mib"], mem.mib) if x is not None)
+    result.update(evals=evals, cost=cost, training=training,
+                  method_info={k: v for k, v in ctx.extra.items() if k not in ("demonstrations", "lr")},
+                  versions=record.versions(), git=record.git_commit(), machine=record.machine(),
+                  started_at=started, finished_at=record.now(), wall_seconds=round(time.perf_counter() - t_start, 2))
+    if save_model:
+        from .saving import save
+        save(save_model, model, tokenizer, cfg, task, pattern, method, result)
+        result["saved_model"] = str(save_model)
+    return result
+
+
+def summary_line(result: dict) -> str:
+    parts = []
+    for name, e in result["evals"].items():
+        s = f"{name}: acc {e['accuracy']:.3f}"
+        if "mcc" in e:
+            s += f" mcc {e['mcc']:.3f}"
+        parts.append(s + f" (n={e['n']})")
+    c = result["cost"]
+    return (f"{result['config']['method']} on {result['config']['task']}, {result['config']['shots']} shots, seed "
+            f"{result['config']['seed']}: " + "; ".join(parts) +
+            f" | train {c['train_seconds']:.1f}s eval {c['eval_seconds']:.1f}s peak {c['peak_memory_mib']:.0f} MiB")
+
+
+def json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    return str(o)

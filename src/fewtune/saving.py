@@ -1,0 +1,79 @@
+"""Keeping what was trained: the model or adapter (safetensors) with its task's pattern and verbalizer,
+and using it on new text (`fewtune predict`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import engine, models
+from .errors import FewtuneError
+
+MANIFEST = "fewtune.json"
+
+
+def save(directory, model, tokenizer, cfg, task, pattern, method, result) -> None:
+    out = Path(directory)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FewtuneError(f"--save-model {out}: cannot create the folder ({e.strerror}).") from None
+    is_adapter = hasattr(model, "peft_config")
+    model.save_pretrained(out, safe_serialization=True)  # peft: adapter + modules_to_save (the ft head)
+    tokenizer.save_pretrained(out)
+    manifest = {
+        "format": 1, "method": cfg.method, "objective": method.objective, "adapter": is_adapter,
+        "base_model": cfg.model if is_adapter else None,
+        "task": {"name": task.name, "version": task.version, "labels": list(task.labels), "fields": list(task.fields),
+                 "raw_separator": task.raw_separator, "pattern": pattern.template, "verbalizer": list(pattern.verbalizer)},
+        "max_length": cfg.max_length, "config": cfg.to_dict(), "config_hash": result.get("config_hash"),
+        "evals": {k: {m: v.get(m) for m in ("n", "accuracy", "mcc")} for k, v in result.get("evals", {}).items()},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def load(directory, device="cpu"):
+    """(model, tokenizer, manifest) from a folder written by `save`."""
+    folder = Path(directory)
+    path = folder / MANIFEST
+    if not path.exists():
+        raise FewtuneError(f"{folder} is not a fewtune model folder (no {MANIFEST}); write one with `fewtune run --save-model DIR`.")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise FewtuneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    n_labels = len(manifest["task"]["labels"])
+    tokenizer = models.prepare_tokenizer(__import__("transformers").AutoTokenizer.from_pretrained(str(folder)))
+    if manifest["adapter"]:
+        from peft import PeftModel
+        base = models.load_model(manifest["base_model"], manifest["objective"], n_labels)
+        models.set_pad_token(base, tokenizer)
+        model = PeftModel.from_pretrained(base, str(folder))
+    else:
+        model = models.load_model(str(folder), manifest["objective"], n_labels)
+        models.set_pad_token(model, tokenizer)
+    model.to(device).eval()
+    return model, tokenizer, manifest
+
+
+def predict(directory, rows: list[dict], device="auto", batch_size: int = 16) -> list[dict]:
+    """Predictions for rows of text fields (dicts keyed by the task's field names)."""
+    dev = engine.pick_device(device)
+    model, tokenizer, manifest = load(directory, dev)
+    t = manifest["task"]
+    for n, row in enumerate(rows, 1):
+        missing = [f for f in t["fields"] if f not in row]
+        if missing:
+            raise FewtuneError(f"input row {n}: missing field(s) {missing}; this model expects {t['fields']}.")
+    if manifest["objective"] == "lm":
+        texts = [t["pattern"].format(**{f: str(r[f]) for f in t["fields"]}) for r in rows]
+        label_ids = models.verbalizer_token_ids(tokenizer, t["verbalizer"])
+    else:
+        texts = [t["raw_separator"].join(str(r[f]) for f in t["fields"]) for r in rows]
+        label_ids = None
+    seqs, _ = engine.encode(tokenizer, texts, manifest["max_length"])
+    out = engine.score(model, tokenizer, seqs, label_ids, dev, "fp32", batch_size)
+    probs = torch.softmax(torch.tensor(out.logits), -1).numpy()
+    return [{"label": t["labels"][int(p.argmax())], "probabilities": dict(zip(t["labels"], map(float, p)))} for p in probs]
