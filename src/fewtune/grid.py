@@ -1,0 +1,388 @@
+"""The experiment grid: expand a spec into runs, run each once, record every outcome in the store.
+
+Each cell runs in its own child process (`python -m fewtune.grid --worker ...`), for three reasons:
+a crash, an out-of-memory kill or a hung native library ends that cell only; the child's memory
+(model, optimizer, CUDA context) goes back to the system when it exits, so cell 40 runs in the same
+memory as cell 1; and the child's stdout/stderr, including what C extensions print, go to the cell's
+log file at the file-descriptor level. The cost is ~3-6 s of imports and model loading per cell,
+small next to a training run. `--in-process` runs cells in the grid's process instead (debugging).
+
+The child watches its parent and exits if the grid dies (kill -9), so no orphan keeps computing.
+The parent alone writes to the database; a cell killed with the grid stays `running` with a dead
+owner, and the next grid claims it again (store.Store.claim): re-run, never duplicated.
+Spec format and resume semantics: docs/grid.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .config import RunConfig
+from .errors import FewtuneError, did_you_mean, unknown
+from .store import Store, dumps, now, this_process
+
+log = logging.getLogger("fewtune")
+RUNNER_ENV = "FEWTUNE_GRID_RUNNER"  # "module:function" replacing fewtune.runner.run in the cells (tests, plug-ins)
+GRID_KEYS = ("name", "description", "models", "tasks", "shots", "seeds", "methods")
+METHOD_KEYS = ("method", "label", "method_options", "shots")
+PER_CELL = ("model", "task", "seed", "method", "method_options")  # set by the grid's axes, not as shared fields
+TERMINATE_GRACE_S = 10
+
+
+@dataclass
+class Cell:
+    config: RunConfig
+    label: str
+
+    @property
+    def key(self) -> str:
+        return self.config.hash()
+
+    def describe(self) -> str:
+        c = self.config
+        return f"{self.label} {c.task} {c.model} shots={c.shots} seed={c.seed}"
+
+
+@dataclass
+class Grid:
+    name: str
+    source: str
+    description: str = ""
+    cells: list[Cell] = field(default_factory=list)
+
+
+# --- the spec
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("fewtune.presets").iterdir() if p.name.endswith(".toml"))
+
+
+def load_grid(spec: str, validate: bool = True) -> Grid:
+    """A grid from a spec file path, or from the name of a spec shipped in fewtune/presets (paper, cpu, demo)."""
+    path = Path(spec)
+    if path.is_file():
+        text, source = read_text(path), str(path)
+    elif path.suffix == "" and "/" not in spec and spec in preset_names():
+        text, source = (resources.files("fewtune.presets") / f"{spec}.toml").read_text(encoding="utf-8"), f"preset {spec}"
+    elif path.suffix or "/" in spec:
+        raise FewtuneError(f"Grid spec file {path} does not exist.")
+    else:
+        raise unknown("grid preset", spec, preset_names())
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise FewtuneError(f"Grid spec {source} is not valid TOML: {e}.") from None
+    default_name = spec if source.startswith("preset") else path.stem
+    return expand(data, source, default_name, validate)
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise FewtuneError(f"Grid spec {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
+
+
+def as_list(value, key: str, where: str, kind) -> list:
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise FewtuneError(f"{where}: '{key}' is empty.")
+    for v in values:
+        if not isinstance(v, kind) or isinstance(v, bool):
+            raise FewtuneError(f"{where}: '{key}' must hold {kind.__name__} values, got {v!r}.")
+    return values
+
+
+def default_label(method: str, options: dict) -> str:
+    if not options:
+        return method
+    return method + "(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")"
+
+
+def expand(data: dict, where: str = "grid", default_name: str = "grid", validate: bool = True) -> Grid:
+    """RunConfigs for every model x task x shots x method x seed, seed outermost: with one seed done,
+    the whole comparison exists once; more seeds then narrow its intervals."""
+    run_fields = set(RunConfig.__dataclass_fields__)
+    for key in data:
+        if key not in GRID_KEYS and key not in run_fields:
+            raise FewtuneError(f"{where}: unknown key '{key}'.{did_you_mean(key, list(GRID_KEYS) + sorted(run_fields))}")
+        if key in PER_CELL:
+            plural = {"model": "models", "task": "tasks", "seed": "seeds"}.get(key, "methods")
+            raise FewtuneError(f"{where}: '{key}' is an axis of the grid: write {plural} = [...] "
+                               f"({'[[methods]] tables' if plural == 'methods' else 'a list'}).")
+    for key in ("models", "tasks", "methods"):
+        if key not in data:
+            raise FewtuneError(f"{where}: missing '{key}'.")
+    models = as_list(data["models"], "models", where, str)
+    tasks = as_list(data["tasks"], "tasks", where, str)
+    shots = as_list(data.get("shots", 16), "shots", where, int)
+    seeds = as_list(data.get("seeds", 0), "seeds", where, int)
+    shared = {k: v for k, v in data.items() if k not in GRID_KEYS}
+    entries = data["methods"]
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise FewtuneError(f"{where}: 'methods' must be a list of tables ([[methods]] with method = \"...\").")
+
+    methods = []
+    for i, entry in enumerate(entries):
+        at = f"{where} methods[{i}]"
+        if "method" not in entry:
+            raise FewtuneError(f"{at}: missing 'method'.")
+        for key in entry:
+            if key not in METHOD_KEYS and (key not in run_fields or key in PER_CELL):
+                raise FewtuneError(f"{at}: unknown key '{key}'.{did_you_mean(key, list(METHOD_KEYS) + sorted(run_fields))}")
+        options = entry.get("method_options", {})
+        if not isinstance(options, dict):
+            raise FewtuneError(f"{at}: 'method_options' must be a table, e.g. {{context = \"few-shot\"}}.")
+        label = entry.get("label") or default_label(entry["method"], options)
+        if not isinstance(label, str):
+            raise FewtuneError(f"{at}: 'label' must be a string.")
+        if any(label == m[0] for m in methods):
+            raise FewtuneError(f"{at}: label '{label}' is used by two method entries; give each a distinct label.")
+        overrides = {k: v for k, v in entry.items() if k not in METHOD_KEYS}
+        entry_shots = as_list(entry["shots"], "shots", at, int) if "shots" in entry else shots
+        methods.append((label, entry["method"], options, overrides, entry_shots))
+        if validate:
+            from .methods import get_method
+            get_method(entry["method"], options)  # unknown method or option: fail now, not hours later
+    if validate:
+        from .tasks import load_task
+        for task in tasks:
+            load_task(task)
+
+    cells, seen = [], {}
+    for seed in seeds:
+        for model in models:
+            for task in tasks:
+                for label, method, options, overrides, method_shots in methods:
+                    for n in method_shots:
+                        fields = {**shared, **overrides, "model": model, "task": task, "shots": n, "seed": seed,
+                                  "method": method, "method_options": dict(options)}
+                        cell = Cell(RunConfig.from_dict(fields, where=f"{where} ({label})"), label)
+                        if cell.key in seen:
+                            raise FewtuneError(f"{where}: methods '{seen[cell.key]}' and '{label}' give the same run "
+                                               f"({cell.describe()}); remove one.")
+                        seen[cell.key] = label
+                        cells.append(cell)
+    cells.sort(key=lambda c: (seeds.index(c.config.seed), models.index(c.config.model), tasks.index(c.config.task),
+                              c.config.shots))  # stable: method order within a (seed, model, task, shots) block
+    name = data.get("name", default_name)
+    return Grid(name=str(name), source=where, description=str(data.get("description", "")), cells=cells)
+
+
+# --- running
+def resolve_runner():
+    """fewtune.runner.run, or the callable named by $FEWTUNE_GRID_RUNNER ("module:function")."""
+    spec = os.environ.get(RUNNER_ENV)
+    if not spec:
+        from .runner import run
+        return run
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr or "run")
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM reached the grid: the current cell is recorded as cancelled."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise():
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's stop) both raise Interrupted in the grid process."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def run_cell_child(cell: Cell, log_path: Path) -> tuple[str, dict | str]:
+    """Run one cell in a child process; ('success', result) or ('failed', one-line error)."""
+    result_path = log_path.with_name(f".{log_path.stem}.result-{os.getpid()}.json")
+    result_path.unlink(missing_ok=True)
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[1])  # the child imports this same fewtune
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    cmd = [sys.executable, "-m", "fewtune.grid", "--worker", json.dumps(cell.config.to_dict()), str(result_path)]
+    with open(log_path, "a", encoding="utf-8") as logf:
+        logf.write(f"\n=== {now()} fewtune grid: {cell.describe()} [{cell.key}], child process\n")
+        logf.flush()
+        # own session: a terminal's Ctrl-C reaches the grid only, which then stops the child and records it
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        try:
+            code = proc.wait()
+        except BaseException:
+            stop_child(proc)
+            raise
+    try:
+        if result_path.exists():
+            out = json.loads(result_path.read_text())
+            return ("success", out["result"]) if out.get("ok") else ("failed", out["error"])
+    finally:
+        result_path.unlink(missing_ok=True)
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    return "failed", f"worker process {how} without a result (out of memory?); see {log_path}"
+
+
+def stop_child(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(TERMINATE_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_cell_inline(cell: Cell, log_path: Path, runner) -> tuple[str, dict | str]:
+    """Run one cell in this process, its prints and log records going to its log file."""
+    with open(log_path, "a", encoding="utf-8") as logf:
+        logf.write(f"\n=== {now()} fewtune grid: {cell.describe()} [{cell.key}], in process\n")
+        handler = logging.StreamHandler(logf)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        try:
+            with contextlib.redirect_stdout(logf), contextlib.redirect_stderr(logf):
+                return "success", runner(cell.config, progress=False)
+        except (KeyboardInterrupt, Interrupted):
+            raise
+        except Exception as e:
+            traceback.print_exc(file=logf)
+            return "failed", f"{type(e).__name__}: {e}"
+        finally:
+            root.removeHandler(handler)
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    done_before: int = 0
+    success: int = 0
+    failed: int = 0
+    busy: int = 0
+    failures: list = field(default_factory=list)
+
+
+def run_grid(grid: Grid, store: Store, log_dir: Path, runner=None, in_process: bool = False,
+             reclaim: bool = False, progress: bool = True, echo=print) -> Summary:
+    """Run every cell that has not succeeded yet. A failed cell is recorded and the grid goes on;
+    Interrupted (Ctrl-C, SIGTERM) records the current cell as cancelled and propagates."""
+    from tqdm import tqdm
+    log_dir.mkdir(parents=True, exist_ok=True)
+    owner = this_process()
+    status = store.statuses()
+    summary = Summary(total=len(grid.cells))
+    summary.done_before = sum(status.get(c.key) == "success" for c in grid.cells)
+    if in_process and runner is None:
+        runner = resolve_runner()
+    bar = tqdm(total=len(grid.cells), initial=summary.done_before, unit="run", desc=f"grid {grid.name}",
+               disable=not progress, dynamic_ncols=True)
+    write = bar.write if progress else echo
+    try:
+        for cell in grid.cells:
+            if status.get(cell.key) == "success":
+                continue
+            log_path = log_dir / f"{cell.key}.log"
+            claim = store.claim(cell.config, cell.label, grid.name, str(log_path), owner, reclaim)
+            if claim != "claimed":
+                summary.busy += claim == "busy"
+                summary.done_before += claim == "done"
+                bar.update(1)
+                if claim == "busy":
+                    write(f"- {cell.describe()}: running in another process, skipped")
+                continue
+            bar.set_postfix_str(cell.describe())
+            t0 = time.perf_counter()
+            try:
+                outcome, payload = (run_cell_inline(cell, log_path, runner) if in_process
+                                    else run_cell_child(cell, log_path))
+                if outcome == "success":
+                    store.finish(cell.key, payload, owner)
+                else:
+                    store.fail(cell.key, payload, owner)
+            except (KeyboardInterrupt, Interrupted) as e:
+                why = e if isinstance(e, Interrupted) else "SIGINT"
+                if store.cancel(cell.key, f"cancelled by {why} after {time.perf_counter() - t0:.0f} s", owner):
+                    write(f"x {cell.describe()}: cancelled [{cell.key}]")
+                raise
+            seconds = time.perf_counter() - t0
+            if outcome == "success":
+                summary.success += 1
+                write(f"ok {cell.describe()}: {brief(payload)} ({seconds:.0f} s)")
+            else:
+                summary.failed += 1
+                summary.failures.append((cell, payload))
+                write(f"FAILED {cell.describe()}: {payload} [log: {log_path}]")
+            bar.update(1)
+    finally:
+        bar.close()
+    return summary
+
+
+def brief(result: dict) -> str:
+    parts = []
+    for name, e in (result.get("evals") or {}).items():
+        if isinstance(e, dict) and isinstance(e.get("accuracy"), (int, float)):
+            parts.append(f"{name} acc {e['accuracy']:.3f}")
+    return ", ".join(parts) or "done"
+
+
+# --- the child process
+def watch_parent(interval_s: float = 1.0) -> None:
+    """Exit when the grid that started this child is gone (it was killed: nobody would record our result)."""
+    parent = os.getppid()
+
+    def loop():
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent:
+                os._exit(137)
+    threading.Thread(target=loop, daemon=True, name="watch-parent").start()
+
+
+def worker_main(config_json: str, result_path: str) -> int:
+    watch_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
+    for noisy in ("transformers", "huggingface_hub", "datasets", "peft", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    out_path = Path(result_path)
+    try:
+        cfg = RunConfig.from_dict(json.loads(config_json))
+        result = resolve_runner()(cfg, progress=False)
+        out = {"ok": True, "result": result}
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        traceback.print_exc()
+        out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(dumps(out))
+    os.replace(tmp, out_path)  # the parent sees the whole record or none
+    return 0 if out["ok"] else 1
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(sys.argv[2], sys.argv[3]))
+    sys.exit("usage: python -m fewtune.grid --worker CONFIG_JSON RESULT_PATH (started by `fewtune grid`)")

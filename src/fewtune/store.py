@@ -1,0 +1,284 @@
+"""The results database: one SQLite file, one row per run, keyed by `RunConfig.hash()`.
+
+Several processes may write at once (two grids on the same file, a grid and a report): WAL mode, a
+busy timeout, and every state change in one `BEGIN IMMEDIATE` transaction. A run is *claimed* before
+it starts (status `running`, owner = host, pid and process start time); a claim whose owner is dead is
+stale and the run is claimed again, so a killed grid leaves no run stuck and none duplicated.
+
+A file that is not SQLite, is corrupt, or carries another schema version is never written: opening it
+raises a one-line `FewtuneError` that names the file. Schema: docs/grid.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+from .errors import FewtuneError
+
+SCHEMA_VERSION = 1
+STATUSES = ("running", "success", "failed", "cancelled")
+SQLITE_HEADER = b"SQLite format 3\x00"
+BUSY_TIMEOUT_S = 60.0  # a writer holds the lock for milliseconds; 60 s only matters on a stalled disk
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    config_hash TEXT PRIMARY KEY,
+    status      TEXT NOT NULL CHECK (status IN ('running', 'success', 'failed', 'cancelled')),
+    label       TEXT,               -- the grid's name for the method entry (e.g. cd-fewshot)
+    grid        TEXT,               -- the grid spec that last ran it
+    model TEXT, task TEXT, method TEXT, shots INTEGER, seed INTEGER,  -- copied from config, for queries
+    config      TEXT NOT NULL,      -- RunConfig.to_dict(), JSON
+    metrics     TEXT,               -- result['evals'], JSON
+    cost        TEXT,               -- result['cost'], JSON
+    versions    TEXT,               -- result['versions'], JSON
+    result      TEXT,               -- the full result record, JSON
+    error       TEXT,               -- one line, for failed / cancelled runs
+    owner       TEXT,               -- JSON {host, pid, started}: the process that claimed the run
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    log_path    TEXT,
+    created_at  TEXT NOT NULL,
+    started_at  TEXT,
+    finished_at TEXT,
+    updated_at  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
+"""
+COLUMNS = ("config_hash", "status", "label", "grid", "model", "task", "method", "shots", "seed", "config", "metrics",
+           "cost", "versions", "result", "error", "owner", "attempts", "log_path", "created_at", "started_at",
+           "finished_at", "updated_at")
+JSON_COLUMNS = ("config", "metrics", "cost", "versions", "result", "owner")
+
+
+def default_path() -> Path:
+    """$FEWTUNE_DB, else results/fewtune.db in the current directory."""
+    return Path(os.environ.get("FEWTUNE_DB") or Path("results") / "fewtune.db")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def this_process() -> dict:
+    """Identity of the calling process that survives PID reuse: host, pid and its start time."""
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "started": round(psutil.Process(pid).create_time(), 2)}
+
+
+def owner_alive(owner: dict | None) -> bool:
+    """Whether the process that claimed a run still runs. Another host's process is assumed alive
+    (it cannot be checked from here); `fewtune grid --reclaim` takes such runs over."""
+    if not owner:
+        return False
+    if owner.get("host") != socket.gethostname():
+        return True
+    try:
+        return abs(psutil.Process(owner["pid"]).create_time() - owner["started"]) < 1.0
+    except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, TypeError):
+        return False
+
+
+class Store:
+    """The results database at `path`. `readonly=True` never creates or changes the file."""
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = False):
+        self.path = Path(path)
+        self.readonly = readonly
+        self._check_file()
+        try:
+            if readonly:
+                self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                            timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self.conn.row_factory = sqlite3.Row
+            self._check_schema()
+            if not readonly:
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+                self._create()
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
+        except OSError as e:
+            raise FewtuneError(f"Results database {self.path}: {e.strerror or e}.") from None
+
+    # --- opening
+    def _check_file(self):
+        if self.path.is_dir():
+            raise FewtuneError(f"Results database {self.path} is a folder; give a file path (--db results/fewtune.db).")
+        if not self.path.exists():
+            if self.readonly:
+                raise FewtuneError(f"No results database at {self.path} (run `fewtune grid SPEC --db {self.path}` first).")
+            return
+        with open(self.path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+        if head and head != SQLITE_HEADER:  # checked before sqlite3 touches it: nothing is written to a foreign file
+            raise FewtuneError(f"{self.path} is not a fewtune results database (not an SQLite file); "
+                               "give another --db or move the file away.")
+
+    def _check_schema(self):
+        tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            if self.readonly:
+                raise FewtuneError(f"{self.path} is an empty database with no fewtune results.")
+            return
+        if "meta" not in tables or "runs" not in tables:
+            raise FewtuneError(f"{self.path} is an SQLite database but not a fewtune results database "
+                               f"(tables: {', '.join(sorted(tables))}); give another --db.")
+        row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        found = row[0] if row else None
+        if str(found) != str(SCHEMA_VERSION):
+            raise FewtuneError(f"{self.path} holds fewtune results schema version {found}, this fewtune reads version "
+                               f"{SCHEMA_VERSION}; use the matching fewtune version or a new --db (the file is left as is).")
+
+    def _create(self):
+        with self.transaction():
+            for statement in SCHEMA.split(";"):  # not executescript(): it would COMMIT the open transaction
+                if statement.strip():
+                    self.conn.execute(statement)
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            from . import __version__
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_by', ?)", (f"fewtune {__version__}",))
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_at', ?)", (now(),))
+
+    def _error(self, e: Exception) -> FewtuneError:
+        return FewtuneError(f"Results database {self.path} cannot be used: {e} (corrupt, or not a fewtune database; "
+                            "the file is left as is).")
+
+    @contextmanager
+    def transaction(self):
+        """One write transaction; IMMEDIATE takes the write lock up front, so read-then-write is atomic."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def close(self):
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    # --- the run life cycle: claim -> finish | fail | cancel
+    def claim(self, cfg, label: str | None = None, grid: str | None = None, log_path: str | None = None,
+              owner: dict | None = None, reclaim: bool = False) -> str:
+        """Mark a run `running` for `owner` (default: this process) unless it need not or cannot run.
+
+        Returns 'claimed', 'done' (already succeeded), or 'busy' (claimed by a process that is alive).
+        Failed, cancelled and stale running rows are claimed again (same row, attempts + 1).
+        """
+        owner = owner or this_process()
+        key, d, t = cfg.hash(), cfg.to_dict(), now()
+        with self.transaction() as c:
+            row = c.execute("SELECT status, owner FROM runs WHERE config_hash=?", (key,)).fetchone()
+            if row and row["status"] == "success":
+                return "done"
+            if row and row["status"] == "running" and not reclaim:
+                current = json.loads(row["owner"]) if row["owner"] else None
+                if current != owner and owner_alive(current):
+                    return "busy"
+            if row is None:
+                c.execute("INSERT INTO runs (config_hash, status, label, grid, model, task, method, shots, seed, config, "
+                          "owner, attempts, log_path, created_at, started_at, updated_at) "
+                          "VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                          (key, label, grid, d["model"], d["task"], d["method"], d["shots"], d["seed"],
+                           dumps(d), dumps(owner), log_path, t, t, t))
+            else:
+                c.execute("UPDATE runs SET status='running', label=COALESCE(?, label), grid=COALESCE(?, grid), "
+                          "owner=?, attempts=attempts+1, error=NULL, log_path=?, started_at=?, finished_at=NULL, "
+                          "updated_at=? WHERE config_hash=?", (label, grid, dumps(owner), log_path, t, t, key))
+        return "claimed"
+
+    def finish(self, key: str, result: dict, owner: dict | None = None) -> bool:
+        """Record a successful run. False (nothing written) when the claim was taken over meanwhile."""
+        return self._close_run(key, "success", None, owner, result)
+
+    def fail(self, key: str, error: str, owner: dict | None = None, result: dict | None = None) -> bool:
+        return self._close_run(key, "failed", error, owner, result)
+
+    def cancel(self, key: str, error: str = "cancelled (interrupted)", owner: dict | None = None) -> bool:
+        return self._close_run(key, "cancelled", error, owner, None)
+
+    def _close_run(self, key, status, error, owner, result) -> bool:
+        owner = owner or this_process()
+        t = now()
+        error = " ".join(str(error).split()) if error else None  # one line
+        with self.transaction() as c:
+            row = c.execute("SELECT status, owner FROM runs WHERE config_hash=?", (key,)).fetchone()
+            if row is None or row["status"] != "running" or (row["owner"] and json.loads(row["owner"]) != owner):
+                return False
+            if result is None:
+                c.execute("UPDATE runs SET status=?, error=?, finished_at=?, updated_at=? WHERE config_hash=?",
+                          (status, error, t, t, key))
+            else:
+                c.execute("UPDATE runs SET status=?, error=?, metrics=?, cost=?, versions=?, result=?, finished_at=?, "
+                          "updated_at=? WHERE config_hash=?",
+                          (status, error, dumps(result.get("evals")), dumps(result.get("cost")),
+                           dumps(result.get("versions")), dumps(result), t, t, key))
+        return True
+
+    # --- reading
+    def get(self, key: str) -> dict | None:
+        rows = self.rows(where="config_hash=?", params=(key,))
+        return rows[0] if rows else None
+
+    def rows(self, statuses=None, where: str | None = None, params=()) -> list[dict]:
+        """Rows as dicts, JSON columns decoded, in insertion order."""
+        sql, args = "SELECT * FROM runs", list(params)
+        clauses = [where] if where else []
+        if statuses:
+            clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
+            args += list(statuses)
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        try:
+            out = []
+            for r in self.conn.execute(sql + " ORDER BY rowid", args):
+                d = dict(r)
+                for col in JSON_COLUMNS:
+                    if d.get(col) is not None:
+                        d[col] = json.loads(d[col])
+                out.append(d)
+            return out
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
+
+    def statuses(self) -> dict[str, str]:
+        """config_hash -> status, for every row."""
+        return {k: s for k, s in self.conn.execute("SELECT config_hash, status FROM runs")}
+
+    def meta(self) -> dict[str, str]:
+        return {k: v for k, v in self.conn.execute("SELECT key, value FROM meta")}
+
+
+def dumps(obj) -> str | None:
+    if obj is None:
+        return None
+    return json.dumps(obj, sort_keys=True, default=json_default)
+
+
+def json_default(o):
+    """numpy scalars as Python numbers (without importing numpy); anything else as its string."""
+    if hasattr(o, "item") and callable(o.item):
+        return o.item()
+    return str(o)
