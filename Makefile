@@ -27,3 +27,7 @@ demo: install
 
 clean:
 	rm -rf $(VENV) results
+
+# Speed and memory of every method and of each speed technique on this machine (not part of the tests).
+bench: install
+	$(PY) benchmarks/bench.py --output results/bench.json
