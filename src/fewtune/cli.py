@@ -240,6 +240,8 @@ def cmd_predict(args) -> int:
 
 COMMANDS = {"run": cmd_run, "ls": cmd_ls, "predict": cmd_predict}
 
+from . import cli_grid; EXTENSIONS.append(cli_grid)  # noqa: E402,E702  grid, results, report
+
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")

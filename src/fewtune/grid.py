@@ -67,7 +67,7 @@ class Grid:
 
 # --- the spec
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("fewtune.presets").iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name[:-5] for p in (resources.files("fewtune") / "presets").iterdir() if p.name.endswith(".toml"))
 
 
 def load_grid(spec: str, validate: bool = True) -> Grid:
@@ -76,7 +76,7 @@ def load_grid(spec: str, validate: bool = True) -> Grid:
     if path.is_file():
         text, source = read_text(path), str(path)
     elif path.suffix == "" and "/" not in spec and spec in preset_names():
-        text, source = (resources.files("fewtune.presets") / f"{spec}.toml").read_text(encoding="utf-8"), f"preset {spec}"
+        text, source = (resources.files("fewtune") / "presets" / f"{spec}.toml").read_text(encoding="utf-8"), f"preset {spec}"
     elif path.suffix or "/" in spec:
         raise FewtuneError(f"Grid spec file {path} does not exist.")
     else:
@@ -232,7 +232,9 @@ def run_cell_child(cell: Cell, log_path: Path) -> tuple[str, dict | str]:
             code = proc.wait()
         except BaseException:
             stop_child(proc)
+            logf.write(f"\n=== {now()} stopped by the grid (interrupted)\n")
             raise
+        logf.write(f"\n=== {now()} child process exit code {code}\n")
     try:
         if result_path.exists():
             out = json.loads(result_path.read_text())
@@ -365,6 +367,9 @@ def worker_main(config_json: str, result_path: str) -> int:
     for noisy in ("transformers", "huggingface_hub", "datasets", "peft", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.environ.get(RUNNER_ENV):  # the real runner: keep transformers' per-load progress bars out of the log
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     out_path = Path(result_path)
     try:

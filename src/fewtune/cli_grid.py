@@ -1,0 +1,162 @@
+"""`fewtune grid`, `fewtune results`, `fewtune report`: the study in one command, its database, its report.
+
+Registered in cli.py through EXTENSIONS; see docs/grid.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .errors import FewtuneError
+from .store import STATUSES, default_path
+
+RESULT_COLUMNS = ("config_hash", "status", "label", "task", "model", "shots", "seed", "id_accuracy", "ood_accuracy",
+                  "train_seconds", "peak_memory_mib", "error")
+
+
+def add_parser(sub) -> None:
+    db_help = "results database [$FEWTUNE_DB or results/fewtune.db]"
+    g = sub.add_parser("grid", help="run every cell of an experiment grid (spec file or preset: demo, cpu, paper)")
+    g.add_argument("spec", help="grid spec (TOML file) or the name of a shipped one: demo, cpu, paper")
+    g.add_argument("--db", help=db_help)
+    g.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
+    g.add_argument("--in-process", action="store_true",
+                   help="run cells in this process, not one child process each (debugging; a crash ends the grid)")
+    g.add_argument("--reclaim", action="store_true",
+                   help="also re-run cells marked running by a live process or another host (it must be gone)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar; one line per cell")
+
+    r = sub.add_parser("results", help="list or export the runs in the results database")
+    r.add_argument("--db", help=db_help)
+    r.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"])
+    r.add_argument("--output", "-o", help="write here [stdout; required for parquet]")
+    r.add_argument("--status", help=f"comma-separated statuses to keep ({', '.join(STATUSES)}) [all]")
+
+    p = sub.add_parser("report", help="write report.md and a self-contained report.html from the results database")
+    p.add_argument("--db", help=db_help)
+    p.add_argument("--out", help="output folder [report/ next to the database: results/report]")
+
+
+def db_path(args) -> Path:
+    return Path(args.db) if args.db else default_path()
+
+
+def cmd_grid(args) -> int:
+    from .grid import Interrupted, load_grid, run_grid, signals_raise
+    from .store import Store
+    grid = load_grid(args.spec)
+    path = db_path(args)
+    if args.dry_run:
+        status = {}
+        if path.exists():
+            with Store(path, readonly=True) as store:
+                status = store.statuses()
+        for cell in grid.cells:
+            print(f"{cell.key}  {status.get(cell.key, 'new'):9s}  {cell.describe()}")
+        todo = sum(status.get(c.key) != "success" for c in grid.cells)
+        print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells, {todo} to run, database {path}")
+        return 0
+    with Store(path) as store:
+        print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells; database {path}; "
+              f"logs {path.parent / 'logs'}", file=sys.stderr)
+        try:
+            with signals_raise():
+                s = run_grid(grid, store, path.parent / "logs", in_process=args.in_process, reclaim=args.reclaim,
+                             progress=not args.quiet and sys.stderr.isatty(),
+                             echo=lambda line: print(line, file=sys.stderr, flush=True))
+        except Interrupted as e:
+            print(f"fewtune: grid interrupted ({e}); rerun the same command to resume", file=sys.stderr)
+            return 128 + e.signum
+    print(f"grid {grid.name}: {s.total} cells: {s.done_before} done before, {s.success} succeeded now, "
+          f"{s.failed} failed" + (f", {s.busy} running elsewhere" if s.busy else "")
+          + (f" (see `fewtune results --status failed --db {path}`)" if s.failed else ""))
+    return 1 if s.failed else 0
+
+
+def cmd_results(args) -> int:
+    from .report.data import flat_row
+    from .store import Store
+    statuses = None
+    if args.status:
+        statuses = [s.strip() for s in args.status.split(",") if s.strip()]
+        for s in statuses:
+            if s not in STATUSES:
+                raise FewtuneError(f"--status {s}: unknown status; use {', '.join(STATUSES)}.")
+    if args.format == "parquet" and not args.output:
+        raise FewtuneError("--format parquet needs --output FILE (parquet is binary).")
+    out = None
+    if args.output:
+        from .cli import check_writable
+        out = check_writable(args.output, "--output")
+    with Store(db_path(args), readonly=True) as store:
+        rows = store.rows(statuses)
+    if args.format == "json":
+        from .store import json_default
+        text = json.dumps(rows, indent=2, default=json_default) + "\n"
+    elif args.format == "csv":
+        import csv
+        import io
+        flat = [flat_row(r) for r in rows]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(flat[0]) if flat else ["config_hash"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(flat)
+        text = buf.getvalue()
+    elif args.format == "parquet":
+        try:
+            import pandas as pd
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise FewtuneError("--format parquet needs pandas and pyarrow: pip install pandas pyarrow.") from None
+        pd.DataFrame([flat_row(r) for r in rows]).to_parquet(out, index=False)
+        print(f"{len(rows)} runs written to {out}")
+        return 0
+    else:
+        text = results_table([flat_row(r) for r in rows])
+    if out:
+        out.write_text(text, encoding="utf-8")
+        print(f"{len(rows)} runs written to {out}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def results_table(flat: list[dict]) -> str:
+    from .report.data import mib, pct, seconds
+
+    def cell(key, value):
+        if key in ("id_accuracy", "ood_accuracy"):
+            return pct(value, 2)
+        if key == "train_seconds":
+            return seconds(value)
+        if key == "peak_memory_mib":
+            return mib(value)
+        if value is None:
+            return ""
+        return str(value)[:60]
+    rows = [[cell(k, f[k]) for k in RESULT_COLUMNS] for f in flat]
+    headers = ["hash", "status", "method", "task", "model", "shots", "seed", "ID acc %", "OOD acc %", "train s",
+               "peak MiB", "error"]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append(f"({len(rows)} runs)")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+    from .cli import check_writable
+    out = Path(args.out) if args.out else db_path(args).parent / "report"
+    if out.exists() and not out.is_dir():
+        raise FewtuneError(f"--out {out} is a file; give a folder.")
+    if not out.exists():
+        check_writable(str(out), "--out")
+    paths = write_report(db_path(args), out)
+    print(f"report written to {paths['markdown']} and {paths['html']} (figures in {paths['figures']})")
+    return 0
+
+
+COMMANDS = {"grid": cmd_grid, "results": cmd_results, "report": cmd_report}

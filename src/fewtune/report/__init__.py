@@ -1,0 +1,32 @@
+"""`fewtune report`: tables, figures and a budget reading of the results database, as report.md and a
+self-contained report.html. Numbers come from the database only (report.data), never from models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..store import Store
+
+
+def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write <out>/report.md, <out>/report.html and <out>/figures/*.{png,svg}; return their paths."""
+    from .build import build
+    from .render import to_html, to_markdown
+
+    out = Path(out_dir)
+    with Store(db_path, readonly=True) as store:
+        rows = store.rows()
+    fig_dir = out / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    doc = build(rows, Path(db_path), fig_dir)
+    paths = {"markdown": out / "report.md", "html": out / "report.html", "figures": fig_dir}
+    write_atomic(paths["markdown"], to_markdown(doc))
+    write_atomic(paths["html"], to_html(doc, "fewtune report", fig_dir))
+    return paths
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,167 @@
+"""The report's figures, drawn with matplotlib's Agg backend from the grouped numbers (report.data).
+
+Each figure is written as PNG and SVG under <out>/figures; the HTML report embeds the SVG.
+Error bars and bands are the 95% bootstrap intervals over seeds (none with a single seed).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .budget import pareto_front  # noqa: E402
+
+plt.rcParams.update({"svg.hashsalt": "fewtune", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
+MARKERS = "osD^v<>PX*"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+
+
+def colors(labels) -> dict[str, tuple]:
+    """One colour per method label, the same in every figure of a report."""
+    labels = sorted(set(labels))
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+
+
+def save(fig, out: Path, name: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / f"{name}.png", dpi=130, bbox_inches="tight")
+    fig.savefig(out / f"{name}.svg", bbox_inches="tight")
+    plt.close(fig)
+    return name
+
+
+def finite(*xs) -> bool:
+    return all(x is not None and not math.isnan(x) for x in xs)
+
+
+def accuracy_vs_shots(groups: list[dict], task: str, model: str, out: Path, color: dict) -> str | None:
+    gs = [g for g in groups if g["task"] == task and g["model"] == model]
+    if not gs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, metric, title in ((axes[0], "id_accuracy", "in-domain"), (axes[1], "ood_accuracy", "out-of-domain")):
+        for label in sorted({g["label"] for g in gs}):
+            line = sorted((g for g in gs if g["label"] == label and finite(g[metric]["mean"])), key=lambda g: g["shots"])
+            if not line:
+                continue
+            x = [g["shots"] for g in line]
+            y = [100 * g[metric]["mean"] for g in line]
+            ax.plot(x, y, marker="o", ms=4, color=color[label], label=label)
+            band = [(g["shots"], 100 * g[metric]["lo"], 100 * g[metric]["hi"]) for g in line if finite(g[metric]["lo"])]
+            if band:
+                ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
+                                color=color[label], alpha=0.15, lw=0)
+        shots = sorted({g["shots"] for g in gs})
+        if shots and min(shots) > 0:
+            ax.set_xscale("log", base=2)
+        ax.set_xticks(shots, [str(s) for s in shots])
+        ax.set_title(f"{title} ({gs[0]['id_split' if metric == 'id_accuracy' else 'ood_split']})")
+        ax.set_xlabel("training examples (shots)")
+    axes[0].set_ylabel("accuracy %")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{task} / {model}: accuracy vs sample size (band: 95% CI over seeds)")
+    return save(fig, out, f"acc-vs-shots-{slug(task)}-{slug(model)}")
+
+
+def id_vs_ood(groups: list[dict], task: str, out: Path, color: dict) -> str | None:
+    gs = [g for g in groups if g["task"] == task and finite(g["id_accuracy"]["mean"], g["ood_accuracy"]["mean"])]
+    if not gs:
+        return None
+    models = sorted({g["model"] for g in gs})
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for g in gs:
+        x, y = 100 * g["id_accuracy"]["mean"], 100 * g["ood_accuracy"]["mean"]
+        xerr = yerr = None
+        if finite(g["id_accuracy"]["lo"], g["ood_accuracy"]["lo"]):
+            xerr = [[x - 100 * g["id_accuracy"]["lo"]], [100 * g["id_accuracy"]["hi"] - x]]
+            yerr = [[y - 100 * g["ood_accuracy"]["lo"]], [100 * g["ood_accuracy"]["hi"] - y]]
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=MARKERS[models.index(g["model"]) % len(MARKERS)],
+                    color=color[g["label"]], ms=5, elinewidth=0.6)
+        ax.annotate(str(g["shots"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
+    lo = min(ax.get_xlim()[0], ax.get_ylim()[0])
+    hi = max(ax.get_xlim()[1], ax.get_ylim()[1])
+    ax.plot([lo, hi], [lo, hi], ls="--", color="grey", lw=0.8)
+    for label in sorted({g["label"] for g in gs}):
+        ax.plot([], [], "o", color=color[label], label=label)
+    for i, m in enumerate(models):
+        ax.plot([], [], MARKERS[i % len(MARKERS)], color="black", mfc="none", label=m)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel(f"in-domain accuracy % ({gs[0]['id_split']})")
+    ax.set_ylabel(f"out-of-domain accuracy % ({gs[0]['ood_split']})")
+    ax.set_title(f"{task}: in-domain vs out-of-domain (numbers: shots; dashed: equal)")
+    return save(fig, out, f"id-vs-ood-{slug(task)}")
+
+
+def accuracy_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabel: str, out: Path,
+                     color: dict) -> str | None:
+    gs = [g for g in groups if g["task"] == task and g["model"] == model and finite(g.get(cost))]
+    if not gs:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, metric, title in ((axes[0], "id_accuracy", "in-domain"), (axes[1], "ood_accuracy", "out-of-domain")):
+        for g in gs:
+            if finite(g[metric]["mean"]):
+                ax.scatter(g[cost], 100 * g[metric]["mean"], color=color[g["label"]], s=18, zorder=3)
+        front = pareto_front(gs, cost, metric)
+        if front:
+            ax.step([g[cost] for g in front], [100 * g[metric]["mean"] for g in front], where="post",
+                    color="black", lw=1, zorder=2)
+            ax.scatter([g[cost] for g in front], [100 * g[metric]["mean"] for g in front], s=70,
+                       facecolors="none", edgecolors="black", zorder=4, label="Pareto front")
+            for g in front:
+                ax.annotate(f"{g['label']} ({g['shots']})", (g[cost], 100 * g[metric]["mean"]),
+                            textcoords="offset points", xytext=(5, -9), fontsize=6)
+        if cost == "train_seconds" and min(g[cost] for g in gs) <= 0:
+            ax.set_xscale("symlog", linthresh=1.0)  # icl trains for 0 s
+        elif max(g[cost] for g in gs) > 10 * max(min(g[cost] for g in gs), 1e-9):
+            ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+    axes[0].set_ylabel("accuracy %")
+    for label in sorted({g["label"] for g in gs}):
+        axes[1].scatter([], [], color=color[label], s=18, label=label)
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{task} / {model}: accuracy vs {xlabel} (ringed: Pareto front)")
+    return save(fig, out, f"acc-vs-{slug(cost)}-{slug(task)}-{slug(model)}")
+
+
+def hans_bars(runs: list[dict], model: str, out: Path, color: dict) -> str | None:
+    """Per heuristic x gold label accuracy on HANS, mean over seeds, one panel per sample size.
+    `runs`: successful database rows whose metrics have hans.by_heuristic."""
+    rows = [r for r in runs if r["model"] == model]
+    if not rows:
+        return None
+    keys = sorted({k for r in rows for k in r["metrics"]["hans"]["by_heuristic"] if "/" in k})
+    shots = sorted({r["shots"] for r in rows})
+    labels = sorted({r["label"] for r in rows})
+    fig, axes = plt.subplots(len(shots), 1, figsize=(10, 2.6 * len(shots)), squeeze=False, sharey=True)
+    width = 0.8 / max(len(labels), 1)
+    for ax, n in zip(axes[:, 0], shots):
+        for j, label in enumerate(labels):
+            sel = [r for r in rows if r["shots"] == n and r["label"] == label]
+            if not sel:
+                continue
+            heights = []
+            for k in keys:
+                vals = [r["metrics"]["hans"]["by_heuristic"].get(k, {}).get("accuracy") for r in sel]
+                vals = [v for v in vals if v is not None]
+                heights.append(100 * sum(vals) / len(vals) if vals else 0.0)
+            ax.bar([i + j * width - 0.4 + width / 2 for i in range(len(keys))], heights, width,
+                   color=color[label], label=label)
+        ax.axhline(50, color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(keys)), [k.replace("/", "\n") for k in keys], fontsize=7)
+        ax.set_ylabel(f"{n} shots\naccuracy %")
+        ax.set_ylim(0, 100)
+    axes[0, 0].legend(fontsize=7, ncol=min(len(labels), 4), loc="upper right")
+    fig.suptitle(f"HANS / {model}: accuracy per heuristic and gold label (mean over seeds; dashed: chance)")
+    return save(fig, out, f"hans-{slug(model)}")
