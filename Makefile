@@ -22,8 +22,12 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
+# The demo comparison: every method on CoLA and MNLI with the bundled model (~15 min on 2 CPU cores), then
+# the report. Rerunning resumes: finished runs are kept in results/fewtune.db and skipped.
 demo: install
-	$(FEWTUNE) run --method icl --task mnli --shots 16 --eval-limit 200 --output results/demo-icl.json
+	$(FEWTUNE) grid demo
+	$(FEWTUNE) report
+	@echo "report: $(CURDIR)/results/report/report.html (and report.md)"
 
 clean:
 	rm -rf $(VENV) results
