@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 @dataclass(frozen=True)
 class Example:
-    idx: int                 # row number in the split (after dropping nothing: the raw data row)
+    idx: int                 # data row number in the split file (0-based, blank lines skipped, before any label is dropped)
     fields: dict             # text fields by the task's field names
     label: int               # class id (index into task.labels)
     groups: dict = field(default_factory=dict)  # e.g. {"heuristic": "lexical_overlap"} for HANS breakdowns
@@ -38,6 +39,12 @@ def load_split(task: Task, split_name: str, root: Path | str | None = None, sour
         raise FewtuneError(f"Unknown data source '{source}': use auto, local or hub.")
     root_path = data_root(root) if source != "hub" else None
     local_file = (Path(root_path) / split.local["path"]) if (root_path and split.local) else None
+    # A data folder the user named (--data-root, $FEWTUNE_DATA) is meant to be read: a file missing there is
+    # an error, not a silent download (only the auto-found ../shared/data falls back to the Hub).
+    named_root = root is not None or bool(os.environ.get("FEWTUNE_DATA"))
+    if source == "auto" and named_root and local_file is not None and not local_file.exists():
+        raise FewtuneError(f"Data file {local_file} does not exist (task '{task.name}', split '{split_name}'); "
+                           f"fix --data-root/$FEWTUNE_DATA, or use --data-source hub to download the split.")
     if source == "local" or (source == "auto" and (local_file is not None and local_file.exists() or split.hub is None)):
         if split.local is None:
             raise FewtuneError(f"Task '{task.name}' split '{split_name}' has no local file; use --data-source hub.")

@@ -14,7 +14,7 @@ from .data import eval_subsample, label_counts, load_split, sample_train
 from .errors import FewtuneError
 from .methods import RunContext, get_method
 from .methods.icl import fit_demonstrations
-from .presets import preset_values
+from .run_presets import preset_values
 from .tasks import load_task
 
 log = logging.getLogger("fewtune")

@@ -21,11 +21,14 @@ def save(directory, model, tokenizer, cfg, task, pattern, method, result) -> Non
     except OSError as e:
         raise FewtuneError(f"--save-model {out}: cannot create the folder ({e.strerror}).") from None
     is_adapter = hasattr(model, "peft_config")
+    base = cfg.model
+    if is_adapter and Path(base).expanduser().exists():
+        base = str(Path(base).expanduser().resolve())  # a relative folder would not resolve from elsewhere
     model.save_pretrained(out, safe_serialization=True)  # peft: adapter + modules_to_save (the ft head)
     tokenizer.save_pretrained(out)
     manifest = {
         "format": 1, "method": cfg.method, "objective": method.objective, "adapter": is_adapter,
-        "base_model": cfg.model if is_adapter else None,
+        "base_model": base if is_adapter else None,
         "task": {"name": task.name, "version": task.version, "labels": list(task.labels), "fields": list(task.fields),
                  "raw_separator": task.raw_separator, "pattern": pattern.template, "verbalizer": list(pattern.verbalizer)},
         "max_length": cfg.max_length, "config": cfg.to_dict(), "config_hash": result.get("config_hash"),

@@ -1,0 +1,209 @@
+"""The shared scorer and training loop, on tiny random Llamas around the real tokenizer (no files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SHARP, make_tiny_classifier, make_tiny_lm, toy_rows
+
+from fewtune import engine
+from fewtune.errors import FewtuneError
+
+CPU = torch.device("cpu")
+# Lengths from 3 to ~40 tokens, so a batch of 8 is mostly padding for its short rows.
+TEXTS = ["Yes.", "The cat sat on the mat, and then it slept for a very long time in the afternoon sun.",
+         "Is this grammatical? Answer:", "Colorless green ideas sleep furiously.", "A", "Question: who? Answer:",
+         *[text for text, _ in toy_rows(6)],
+         "The president advised the doctor because the doctor had asked the president for advice about a law."]
+WORDS = [" Yes", " No", " True", " False", " maybe"]
+
+
+def word_ids(tokenizer):
+    ids = [tokenizer(w, add_special_tokens=False).input_ids for w in WORDS]
+    assert all(len(i) == 1 for i in ids)
+    return [i[0] for i in ids]
+
+
+def plain_last_logits(model, seq, label_ids=None):
+    """One example, no padding, no attention mask, no position ids: the reference forward pass."""
+    with torch.no_grad():
+        logits = model(torch.tensor([seq])).logits
+    return (logits[0, -1, label_ids] if label_ids is not None else logits[0]).numpy()
+
+
+# ----------------------------------------------------------------------------- scoring
+# llama: the bundled model's architecture (RoPE); gpt2: learned absolute positions, where left padding
+# without the right position ids changes the outputs.
+ARCHS = ["llama", "gpt2"]
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def lm(request, tokenizer):
+    return make_tiny_lm(tokenizer, arch=request.param, **SHARP)
+
+
+def test_padded_batch_scores_like_one_at_a_time(lm, tokenizer):
+    seqs, _ = engine.encode(tokenizer, TEXTS)
+    assert len({len(s) for s in seqs}) > 5  # really padded
+    label_ids = word_ids(tokenizer)
+    batched = engine.score(lm, tokenizer, seqs, label_ids, CPU, "fp32", batch_size=8)
+    single = engine.score(lm, tokenizer, seqs, label_ids, CPU, "fp32", batch_size=1)
+    assert batched.logits.shape == (len(TEXTS), len(WORDS))
+    assert np.abs(batched.logits - single.logits).max() <= 1e-4
+    assert np.abs(batched.logits).max() > 0.1
+
+
+def test_label_word_scores_equal_a_plain_forward_pass(lm, tokenizer):
+    seqs, _ = engine.encode(tokenizer, TEXTS)
+    label_ids = word_ids(tokenizer)
+    got = engine.score(lm, tokenizer, seqs, label_ids, CPU, "fp32", batch_size=8).logits
+    want = np.stack([plain_last_logits(lm, s, label_ids) for s in seqs])
+    assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_classifier_head_padded_batch_scores_like_a_plain_forward_pass(tokenizer, arch):
+    model = make_tiny_classifier(tokenizer, arch=arch, **SHARP)
+    seqs, _ = engine.encode(tokenizer, TEXTS)
+    batched = engine.score(model, tokenizer, seqs, None, CPU, "fp32", batch_size=8).logits
+    single = engine.score(model, tokenizer, seqs, None, CPU, "fp32", batch_size=1).logits
+    want = np.stack([plain_last_logits(model, s) for s in seqs])
+    assert batched.shape == (len(TEXTS), 2)
+    assert np.abs(batched - single).max() <= 1e-4
+    assert np.abs(batched - want).max() <= 1e-4
+
+
+def test_prefix_cache_scores_like_the_full_prompt(lm, tokenizer):
+    assert engine.supports_prefix_cache(lm)
+    prefix = "".join(f"{t}\nAnswer: {' Yes' if i % 2 else ' No'}\n\n" for i, t in enumerate(TEXTS[:4]))
+    prefix_ids = engine.encode(tokenizer, [prefix])[0][0]
+    queries, _ = engine.encode(tokenizer, TEXTS, with_bos=False)
+    label_ids = word_ids(tokenizer)
+    cached = engine.score(lm, tokenizer, queries, label_ids, CPU, "fp32", 8, prefix_ids=prefix_ids, reuse_prefix=True)
+    full = engine.score(lm, tokenizer, queries, label_ids, CPU, "fp32", 8, prefix_ids=prefix_ids, reuse_prefix=False)
+    assert cached.tokens < full.tokens  # the cache was really used: the prefix ran once
+    assert np.abs(cached.logits - full.logits).max() <= 1e-3
+    assert (cached.logits.argmax(-1) == full.logits.argmax(-1)).all()
+    want = np.stack([plain_last_logits(lm, prefix_ids + q, label_ids) for q in queries])
+    assert np.abs(full.logits - want).max() <= 1e-4
+    alone = engine.score(lm, tokenizer, engine.encode(tokenizer, TEXTS)[0], label_ids, CPU, "fp32", 8).logits
+    assert np.abs(alone - full.logits).max() > 1e-2  # the prefix matters, so the comparison above means something
+
+
+def test_prefix_cache_is_not_modified_by_scoring(tiny_lm, tokenizer):
+    prefix_ids = engine.encode(tokenizer, ["Some shared context.\n\n"])[0][0]
+    cache = engine.PrefixCache(tiny_lm, prefix_ids, CPU, "fp32")
+    before = [(k.clone(), v.clone()) for k, v in cache.layers]
+    batch = engine.collate([[5, 6, 7], [8, 9]], tokenizer.pad_token_id, prefix_len=cache.length)
+    with torch.no_grad():
+        engine.class_logits(tiny_lm, batch, [1, 2], past_key_values=cache.expand(2))
+    assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(cache.layers, before))
+
+
+def test_bf16_autocast_stays_close_to_fp32(tiny_lm, tokenizer):
+    seqs, _ = engine.encode(tokenizer, TEXTS[:6])
+    label_ids = word_ids(tokenizer)
+    fp32 = engine.score(tiny_lm, tokenizer, seqs, label_ids, CPU, "fp32", 8).logits
+    bf16 = engine.score(tiny_lm, tokenizer, seqs, label_ids, CPU, "bf16", 8).logits
+    assert np.abs(fp32 - bf16).max() < 0.1 * max(1.0, np.abs(fp32).max())
+    assert all(p.dtype == torch.float32 for p in tiny_lm.parameters())  # autocast never casts the weights
+
+
+# ----------------------------------------------------------------------------- encoding and batches
+def test_collate_left_pads_with_positions_from_the_first_real_token():
+    batch = engine.collate([[11, 12, 13], [21]], pad_id=0)
+    assert batch["input_ids"].tolist() == [[11, 12, 13], [0, 0, 21]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    with_prefix = engine.collate([[11, 12, 13], [21]], pad_id=0, prefix_len=4)
+    assert with_prefix["attention_mask"].tolist() == [[1] * 7, [1, 1, 1, 1, 0, 0, 1]]
+    assert with_prefix["position_ids"].tolist() == [[4, 5, 6], [4, 4, 4]]
+
+
+def test_encode_truncates_from_the_left_and_adds_no_eos(tokenizer):
+    text = "one two three four five six seven eight nine ten eleven twelve"
+    full = engine.encode(tokenizer, [text])[0][0]
+    (cut,), truncated = engine.encode(tokenizer, [text], max_length=5)
+    assert truncated == 1 and len(cut) == 5 and cut == full[-5:]  # the end (the answer slot) is kept
+    assert tokenizer.eos_token_id not in full
+    assert engine.encode(tokenizer, [text], max_length=500)[1] == 0
+
+
+def test_length_batches_cover_every_index_once():
+    lengths = [5, 1, 9, 3, 3, 7, 2]
+    batches = engine.length_batches(lengths, 3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 3 for b in batches)
+    assert [lengths[i] for i in batches[0]] == [9, 7, 5]
+
+
+def test_leading_special_ids_of_smollm2_is_empty(tokenizer):
+    assert engine.leading_special_ids(tokenizer) == []
+
+
+# ----------------------------------------------------------------------------- training
+def _items(tokenizer, n=8):
+    rows = toy_rows(n)
+    seqs, _ = engine.encode(tokenizer, [t for t, _ in rows])
+    return [{"ids": s, "label": int(y)} for s, (_, y) in zip(seqs, rows)]
+
+
+def _lm_loss(label_ids):
+    def loss_fn(model, chunk, batch):
+        logits = engine.class_logits(model, batch, label_ids)
+        labels = torch.tensor([it["label"] for it in chunk])
+        return torch.nn.functional.cross_entropy(logits.float(), labels), logits
+    return loss_fn
+
+
+def test_micro_batches_give_the_same_update_as_one_batch(tokenizer):
+    """Gradient accumulation: 4 micro-batches of 2 then one step == one step on the batch of 8."""
+    label_ids = word_ids(tokenizer)[:2]
+    weights = []
+    for micro in (None, 2):
+        model = make_tiny_lm(tokenizer, seed=1)
+        settings = engine.TrainSettings(epochs=2, batch_size=8, lr=1e-3, warmup_ratio=0.0, micro_batch_size=micro)
+        result = engine.train(model, _items(tokenizer), _lm_loss(label_ids), settings, CPU, pad_id=tokenizer.pad_token_id, progress=False)
+        assert result.steps == 2 and result.examples_seen == 16
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    start = dict(make_tiny_lm(tokenizer, seed=1).named_parameters())
+    assert any(not torch.equal(weights[0][n], start[n]) for n in start)
+    assert max(float((weights[0][n] - weights[1][n]).abs().max()) for n in start) <= 1e-5
+
+
+def test_train_leaves_frozen_parameters_alone_and_returns_eval_mode(tokenizer):
+    model = make_tiny_lm(tokenizer, seed=2)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("model.layers.3."))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = engine.TrainSettings(epochs=3, batch_size=4, lr=1e-3, warmup_ratio=0.0)
+    out = engine.train(model, _items(tokenizer), _lm_loss(word_ids(tokenizer)[:2]), settings, CPU,
+                       pad_id=tokenizer.pad_token_id, progress=False)
+    assert not model.training and out.steps == 6 and len(out.epoch_losses) == 3
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != p.requires_grad, name
+
+
+def test_train_refuses_nothing_to_train(tokenizer):
+    model = make_tiny_lm(tokenizer)
+    settings = engine.TrainSettings(epochs=1, batch_size=4, lr=1e-3)
+    with pytest.raises(FewtuneError, match="empty"):
+        engine.train(model, [], _lm_loss([1, 2]), settings, CPU, progress=False)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(FewtuneError, match="no trainable parameter"):
+        engine.train(model, _items(tokenizer, 2), _lm_loss([1, 2]), settings, CPU, progress=False)
+
+
+# ----------------------------------------------------------------------------- device and precision
+def test_dtype_auto_is_bf16_only_where_the_cpu_runs_it_fast():
+    assert engine.resolve_dtype("auto", CPU) == ("bf16" if engine.cpu_has_bf16() else "fp32")
+    assert engine.resolve_dtype("fp32", CPU) == "fp32"
+
+
+def test_bad_device_is_a_fewtune_error():
+    assert engine.pick_device("cpu") == CPU
+    with pytest.raises(FewtuneError, match="not a device"):
+        engine.pick_device("gpu0")

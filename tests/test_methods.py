@@ -1,0 +1,260 @@
+"""Invariants of every method, on the tiny random Llama and the synthetic task (see conftest.py).
+
+A new method (or option set) is tested by adding one line to CASES; its expected trainable parameters
+are one predicate in TRAINABLE.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_DEPTH, Case
+
+from fewtune import engine, saving
+from fewtune.data import load_split
+from fewtune.errors import FewtuneError
+from fewtune.methods import REGISTRY, get_method
+from fewtune.tasks import load_task
+
+TOP = 2  # adaptive's train_layers in these cases
+
+
+def _block(name: str) -> int | None:
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def everything(name):
+    return True
+
+
+def top_blocks_and_norm(name):
+    block = _block(name)
+    return (block is not None and block >= TINY_DEPTH - TOP) or name.endswith("model.norm.weight")
+
+
+def top_blocks_norm_and_head(name):
+    return top_blocks_and_norm(name) or name.startswith("score.")
+
+
+def lora_only(name):
+    return "lora_" in name
+
+
+def lora_and_head(name):
+    return "lora_" in name or ".score.modules_to_save." in name
+
+
+CASES = [
+    # id             method      options                                              trainable
+    (Case("icl", "icl", {}), None),
+    (Case("ft", "ft", {}), everything),
+    (Case("pbft", "pbft", {}), everything),
+    (Case("adaptive", "adaptive", {"train_layers": TOP}), top_blocks_and_norm),
+    (Case("adaptive-ft", "adaptive", {"train_layers": TOP, "objective": "ft"}), top_blocks_norm_and_head),
+    (Case("lora", "lora", {}, lr=1e-2), lora_only),
+    (Case("lora-ft", "lora", {"objective": "ft"}, lr=1e-2), lora_and_head),
+    (Case("cd", "cd", {}), everything),
+    (Case("cd-fewshot", "cd", {"context": "few-shot", "context_shots": 4}), everything),
+    (Case("cd-lora", "cd", {"student": "lora"}, lr=1e-2), lora_only),
+]
+TRAINABLE = {case.id: pred for case, pred in CASES}
+ALL = [case for case, _ in CASES]
+TRAINED = [case for case in ALL if case.method != "icl"]
+FULL = [case for case in TRAINED if TRAINABLE[case.id] is everything]
+ADAPTER = [case for case in TRAINED if TRAINABLE[case.id] in (lora_only, lora_and_head)]
+
+
+def ids(cases):
+    return [c.id for c in cases]
+
+
+def test_every_registered_method_has_a_case():
+    assert set(REGISTRY) == {c.method for c in ALL}
+
+
+@pytest.mark.parametrize("case", TRAINED, ids=ids(TRAINED))
+def test_trainable_parameters(recorded, case):
+    run = recorded(case)
+    trainable = {n for n, t in run.trainable.items() if t}
+    expected = {n for n in run.trainable if TRAINABLE[case.id](n)}
+    assert trainable, "nothing trained"
+    assert trainable == expected, f"unexpected: {sorted(trainable - expected)[:5]}; missing: {sorted(expected - trainable)[:5]}"
+    assert run.result["cost"]["trainable_params"] == sum(run.before[n].numel() for n in trainable)
+    heads = {n for n in trainable if "score." in n}
+    assert bool(heads) == (run.method.objective == "head")  # objective ft: a new head, and it trains
+    assert run.result["cost"]["total_params"] >= run.result["cost"]["trainable_params"]
+
+
+@pytest.mark.parametrize("case", [c for c in TRAINED if c.method == "adaptive"], ids=lambda c: c.id)
+def test_adaptive_freezes_embeddings_and_lower_blocks(recorded, case):
+    run = recorded(case)
+    for name, trains in run.trainable.items():
+        if "embed_tokens" in name or (_block(name) is not None and _block(name) < TINY_DEPTH - TOP):
+            assert not trains, name
+            assert torch.equal(run.before[name], run.after[name]), f"frozen {name} changed"
+    if run.method.opts.objective == "ft":
+        assert any(n.startswith("score.") and t for n, t in run.trainable.items())
+
+
+@pytest.mark.parametrize("case", [c for c in TRAINED if c.method == "adaptive"], ids=lambda c: c.id)
+def test_adaptive_layerwise_learning_rates(recorded, case):
+    run = recorded(case)
+    base_lr, decay = run.result["hyperparameters"]["lr"], run.method.opts.lr_decay
+    assert decay < 1
+    seen = set()
+    for lr, names in run.group_lrs:
+        for name in names:
+            block = _block(name)
+            distance = TINY_DEPTH - 1 - block if block is not None else 0  # norm and head: the top's lr
+            assert lr == pytest.approx(base_lr * decay ** distance), name
+            seen.add(name)
+    assert seen == {n for n, t in run.trainable.items() if t}
+    assert len({lr for lr, _ in run.group_lrs}) == TOP
+
+
+@pytest.mark.parametrize("case", FULL, ids=ids(FULL))
+def test_every_trainable_weight_changes(recorded, case):
+    run = recorded(case)
+    unchanged = [n for n, t in run.trainable.items() if t and torch.equal(run.before[n], run.after[n])]
+    assert not unchanged
+
+
+@pytest.mark.parametrize("case", ADAPTER, ids=ids(ADAPTER))
+def test_adapters_train_and_base_weights_do_not(recorded, case):
+    run = recorded(case)
+    lora = [n for n in run.trainable if "lora_" in n]
+    assert lora and all(not torch.equal(run.before[n], run.after[n]) for n in lora)
+    base = [n for n, t in run.trainable.items() if not t]
+    assert base and all(torch.equal(run.before[n], run.after[n]) for n in base)
+
+
+@pytest.mark.parametrize("case", TRAINED, ids=ids(TRAINED))
+def test_loss_falls_when_overfitting_8_examples(recorded, case):
+    training = recorded(case).result["training"]
+    losses = training["epoch_losses"]
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert training["final_loss"] == losses[-1]
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert 0.0 <= training["train_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("case", TRAINED, ids=ids(TRAINED))
+def test_trained_model_is_scored_without_gradients_in_eval_mode(recorded, case):
+    run = recorded(case)
+    assert not run.model.training
+    assert True in run.grad_enabled and False in run.grad_enabled  # trained with, scored without
+
+
+def test_icl_computes_no_gradients(recorded):
+    run = recorded(Case("icl", "icl", {}))
+    assert run.grad_enabled and not any(run.grad_enabled)
+    assert all(p.grad is None for p in run.model.parameters())
+    assert not run.model.training
+    assert run.result["cost"]["trainable_params"] == 0
+    assert run.result["training"] is None and run.result["hyperparameters"] == {}
+    assert run.result["method_info"]["demonstrations_used"] == 8
+
+
+@pytest.mark.parametrize("case", [c for c in TRAINED if c.method == "cd"], ids=lambda c: c.id)
+def test_cd_teacher_once_per_example_and_distillation_nonzero(recorded, case):
+    run = recorded(case)
+    shots = run.result["config"]["shots"]
+    assert run.method.teacher_calls == shots
+    assert run.result["method_info"]["teacher_examples"] == shots
+    assert run.result["method_info"]["distill_loss_sum"] > 0
+    # The teacher (with its context) disagrees with the student (without it) before the first update: the
+    # distillation term is non-zero from the start, not only once training has moved the student.
+    teacher = torch.stack([it["teacher"] for it in run.items]).float()
+    assert teacher.shape == run.start_logits.shape == (shots, 2)
+    assert (teacher - run.start_logits).abs().max() > 1e-3
+    if case.options.get("context") == "few-shot":
+        demos = run.result["method_info"]["context_demonstration_indices"]
+        assert len(demos) == case.options["context_shots"] and set(demos) <= set(run.result["train_indices"])
+
+
+@pytest.mark.parametrize("case", TRAINED, ids=ids(TRAINED))
+def test_saved_model_reloads_with_identical_predictions(recorded, toy, case):
+    """`--save-model DIR` then `saving.load` / `saving.predict` gives the in-memory model's logits."""
+    run = recorded(case)
+    model, tokenizer, manifest = saving.load(run.saved, "cpu")
+    assert manifest["adapter"] == (case in ADAPTER)
+    task = load_task(str(toy.task_file))
+    examples = load_split(task, "dev", toy.root)[:12]
+    pattern = task.patterns[0]
+    lm = manifest["objective"] == "lm"
+    texts = [task.format(pattern, ex) if lm else task.raw_text(ex) for ex in examples]
+    seqs, _ = engine.encode(tokenizer, texts, manifest["max_length"])
+    label_ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in pattern.verbalizer] if lm else None
+    device = torch.device("cpu")
+    reloaded = engine.score(model, tokenizer, seqs, label_ids, device, "fp32", 4).logits
+    original = engine.score(run.model, tokenizer, seqs, label_ids, device, "fp32", 4).logits
+    assert np.abs(reloaded - original).max() <= 1e-5
+    assert np.abs(original).max() > 0
+
+    preds = saving.predict(run.saved, [ex.fields for ex in examples], "cpu")
+    probs = torch.softmax(torch.tensor(original), -1).numpy()
+    assert [p["label"] for p in preds] == [task.labels[i] for i in original.argmax(-1)]
+    got = np.array([[p["probabilities"][label] for label in task.labels] for p in preds])
+    assert np.abs(got - probs).max() <= 1e-5
+
+
+def test_training_is_deterministic(recorded, toy, tiny_model_dir):
+    """The same config twice: the same losses, the same weights, the same metrics."""
+    from conftest import record_run, tiny_run_config
+    case = Case("pbft", "pbft", {})
+    first = recorded(case)
+    again = record_run(tiny_run_config(case, toy, tiny_model_dir, epochs=3))
+    short = record_run(tiny_run_config(case, toy, tiny_model_dir, epochs=3))
+    assert again.result["training"]["epoch_losses"] == short.result["training"]["epoch_losses"]
+    assert all(torch.equal(again.after[n], short.after[n]) for n in again.after)
+    strip = lambda evals: {k: {m: v for m, v in e.items() if m != "seconds"} for k, e in evals.items()}  # noqa: E731
+    assert strip(again.result["evals"]) == strip(short.result["evals"])
+    assert first.result["train_indices"] == again.result["train_indices"]
+
+
+# ----------------------------------------------------------------------------- options
+@pytest.mark.parametrize("method, options, words", [
+    ("adaptive", {"train_layers": 0}, "train_layers"),
+    ("adaptive", {"lr_decay": 1.5}, "lr_decay"),
+    ("adaptive", {"objective": "mlm"}, "objective"),
+    ("lora", {"r": 0}, "r must"),
+    ("lora", {"dropout": 1.0}, "dropout"),
+    ("lora", {"rank": 8}, "no option 'rank'"),
+    ("cd", {"context": "instruction", "context_shots": 2}, "--context-shots"),
+    ("cd", {"alpha": 2}, "alpha"),
+    ("cd", {"student": "adapter"}, "student"),
+    ("icl", {"seperator": "\n"}, "Did you mean: separator"),
+])
+def test_bad_method_options_name_the_field(method, options, words):
+    with pytest.raises(FewtuneError, match=words):
+        get_method(method, options)
+
+
+def test_method_registry_names_are_lower_case():
+    assert all(name == name.lower() and name.isidentifier() for name in REGISTRY)
+    from fewtune.config import METHODS
+    assert set(METHODS) == set(REGISTRY)
+
+
+# ----------------------------------------------------------------------------- adaptive's frozen-block cache
+def test_adaptive_frozen_block_cache_trains_like_the_full_forward(recorded, toy, tiny_model_dir):
+    """Training the top blocks on cached lower-block states gives the same run as the full forward pass."""
+    from conftest import record_run, tiny_run_config
+    case = Case("adaptive", "adaptive", {"train_layers": TOP})
+    cached = recorded(case)
+    assert cached.result["method_info"]["frozen_cache"] is True
+    assert cached.result["method_info"]["frozen_cache_check_max_diff"] <= 1e-3
+    full = record_run(tiny_run_config(Case("adaptive-nocache", "adaptive", {"train_layers": TOP, "frozen_cache": False}),
+                                      toy, tiny_model_dir))
+    assert full.result["method_info"]["frozen_cache"] is False
+    np.testing.assert_allclose(cached.result["training"]["epoch_losses"], full.result["training"]["epoch_losses"], rtol=1e-4)
+    assert max(float((cached.after[n] - full.after[n]).abs().max()) for n in full.after) <= 1e-4
+    # the lower blocks are back in place after training (the saved model holds them)
+    from fewtune.methods.adaptive import PassThrough
+    assert not any(isinstance(m, PassThrough) for m in cached.model.modules())

@@ -1,0 +1,39 @@
+"""Metrics against values worked out by hand, and the per-group breakdown used for HANS."""
+
+import math
+
+import pytest
+
+from fewtune import metrics
+
+GOLD = [1, 1, 1, 0, 0]
+PRED = [1, 1, 0, 0, 1]   # TP 2, FN 1, TN 1, FP 1
+
+
+def test_accuracy_mcc_macro_f1_by_hand():
+    assert metrics.accuracy(GOLD, PRED) == pytest.approx(3 / 5)
+    # (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = (2 - 1) / sqrt(3*3*2*2)
+    assert metrics.mcc(GOLD, PRED, 2) == pytest.approx(1 / 6)
+    # F1(yes) = 2*2 / (2*2 + 1 + 1) = 2/3; F1(no) = 2*1 / (2*1 + 1 + 1) = 1/2
+    assert metrics.macro_f1(GOLD, PRED, 2) == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert metrics.confusion(GOLD, PRED, 2).tolist() == [[1, 1], [1, 2]]
+
+
+@pytest.mark.parametrize("pred, expected", [(GOLD, 1.0), ([1 - g for g in GOLD], -1.0), ([1] * 5, 0.0), ([0] * 5, 0.0)])
+def test_mcc_extremes(pred, expected):
+    assert metrics.mcc(GOLD, pred, 2) == pytest.approx(expected)
+
+
+def test_compute_breaks_down_by_group_and_label():
+    groups = [{"heuristic": h} for h in ("a", "a", "b", "b", "b")]
+    out = metrics.compute(GOLD, PRED, ("no", "yes"), ("accuracy", "mcc"), groups)
+    assert out["n"] == 5 and "macro_f1" not in out
+    assert out["by_label"] == {"no": {"n": 2, "accuracy": 0.5}, "yes": {"n": 3, "accuracy": pytest.approx(2 / 3)}}
+    by = out["by_heuristic"]
+    assert by["a"] == {"n": 2, "accuracy": 1.0} and by["b"]["n"] == 3 and by["b"]["accuracy"] == pytest.approx(1 / 3)
+    assert by["b/no"] == {"n": 2, "accuracy": 0.5} and by["b/yes"] == {"n": 1, "accuracy": 0.0}
+    assert "by_heuristic" not in metrics.compute(GOLD, PRED, ("no", "yes"), groups=[{}] * 5)
+
+
+def test_empty_accuracy_is_nan():
+    assert math.isnan(metrics.accuracy([], []))
