@@ -138,7 +138,7 @@ def test_shipped_presets():
         assert {c.config.task for c in grid.cells} == {"cola", "mnli"}
     assert {c.config.model for c in demo.cells} == {"smollm2-135m"}
     assert all(c.config.eval_limit is not None and c.config.preset == "quick" for c in demo.cells)
-    assert len(demo.cells) == 12
+    assert len(demo.cells) == 14
     assert {c.config.model for c in paper.cells} == {"facebook/opt-125m", "facebook/opt-350m"}
     assert {c.config.shots for c in paper.cells} == {16, 32, 64, 128}
     assert {c.config.seed for c in paper.cells} == {0, 1, 2, 3, 4}
