@@ -137,6 +137,8 @@ def main(argv=None):
     flops_per_example = {"ft": 3 * fwd_flops, "pbft": 3 * fwd_flops, "cd": 3 * fwd_flops, "lora": 2 * fwd_flops,
                          "adaptive": 3 * 2 * (n_ne / lm_depth(args.model)) * 2 * TOKENS}
     out["train"] = {}
+    # warm-up: the first training run in a process pays one-off costs (kernel selection, allocator growth)
+    train_speed(args.model, task, pattern, tokenizer, "pbft", {}, seqs[:8], labels[:8], fast, device, epochs=1)
     dtypes = [fast] if fast == "fp32" else [fast, "fp32"]
     for label, (name, opts) in runs.items():
         for dt in dtypes if name in ("pbft",) else [fast]:

@@ -105,9 +105,18 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     where = resolve(spec)
     try:
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise FewtuneError(f"Could not load the tokenizer of '{spec}': {str(e).splitlines()[0][:200]}") from None
+    except (OSError, ValueError) as e:  # ValueError: a corrupt config.json, custom code not trusted, unknown model type
+        raise FewtuneError(f"Could not load the tokenizer of '{spec}': {load_error(e)}") from None
     return prepare_tokenizer(tok)
+
+
+def load_error(e: Exception, limit: int = 240) -> str:
+    """One line for an exception from `from_pretrained`, with what the user can do about remote code."""
+    text = " ".join(str(e).split())
+    if "trust_remote_code" in text:
+        return ("it contains its own Python code (auto_map in config.json), which fewtune runs only when asked: "
+                "--trust-remote-code, or trust_remote_code = true in a config or grid spec, once you have read that code")
+    return text[:limit] if text else type(e).__name__
 
 
 def prepare_tokenizer(tok):
@@ -130,13 +139,16 @@ def load_model(spec: str, objective: str = "lm", num_labels: int = 2, trust_remo
     if not allow_unsafe_weights:
         kwargs["use_safetensors"] = True  # never unpickle weights unless the user opts in
     t0 = time.perf_counter()
+    from transformers.utils import logging as hf_logging
+    # The new head's weights are missing from the checkpoint by design: transformers' load report says so.
+    hf_logging.set_verbosity_error()
     try:
         if objective == "head":
             model = AutoModelForSequenceClassification.from_pretrained(where, num_labels=num_labels, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as e:
-        first = str(e).splitlines()[0][:240] if str(e) else type(e).__name__
+        first = load_error(e)
         hint = " (weights are loaded from safetensors only; --allow-unsafe-weights to load pickled .bin files)" if "safetensors" in first.lower() else ""
         raise FewtuneError(f"Could not load model '{spec}': {first}{hint}") from None
     log.info("loaded %s in %.1f s", spec, time.perf_counter() - t0)
