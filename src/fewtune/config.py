@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 
 from .errors import FewtuneError, did_you_mean
 
 METHODS = ("icl", "ft", "pbft", "adaptive", "lora", "cd")
 DTYPES = ("auto", "fp32", "bf16")
+MAX_COUNT = 10**9        # shots, epochs, sizes: more is a typo, and would overflow SQLite/numpy/torch integers later
+MAX_SEED = 2**32 - 1     # numpy and torch both take seeds in [0, 2**32)
 
 
 @dataclass
@@ -51,22 +54,41 @@ class RunConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise FewtuneError(f"Unknown method '{self.method}'.{did_you_mean(self.method, METHODS)} Known: {', '.join(METHODS)}.")
+        for name in ("task", "model", "method", "data_source", "dtype", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise FewtuneError(f"Config field '{name}' must be a string, got {getattr(self, name)!r:.60}.")
+        for name in ("data_root", "preset"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise FewtuneError(f"Config field '{name}' must be a string, got {getattr(self, name)!r:.60}.")
+        for name in ("balanced", "trust_remote_code", "allow_unsafe_weights"):  # "false" is truthy: only true/false
+            if not isinstance(getattr(self, name), bool):
+                raise FewtuneError(f"Config field '{name}' must be true or false, got {getattr(self, name)!r:.60}.")
         for name in ("shots", "seed", "pattern", "max_length", "eval_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise FewtuneError(f"Config field '{name}' must be an integer, got {value!r}.")
+                raise FewtuneError(f"Config field '{name}' must be an integer, got {value!r:.60}.")
+        for name in ("seed", "train_seed"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_SEED):
+                raise FewtuneError(f"Config field '{name}' must be an integer ≥ 0 and at most {MAX_SEED}, got {value!r:.60}.")
         if self.shots < 0:
             raise FewtuneError(f"Config field 'shots' must be ≥ 0, got {self.shots}.")
+        for name in ("shots", "pattern", "max_length", "eval_batch_size"):
+            if getattr(self, name) > MAX_COUNT:
+                raise FewtuneError(f"Config field '{name}' must be at most {MAX_COUNT}, got {getattr(self, name)}.")
+        if self.pattern < 0:
+            raise FewtuneError(f"Config field 'pattern' must be ≥ 0, got {self.pattern}.")
         if self.shots == 0 and self.method != "icl":
             raise FewtuneError(f"Method '{self.method}' trains and needs --shots ≥ 1 (only icl runs zero-shot).")
         for name in ("epochs", "batch_size", "micro_batch_size", "eval_limit"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise FewtuneError(f"Config field '{name}' must be a positive integer, got {value!r}.")
-        for name in ("lr", "weight_decay", "warmup_ratio"):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_COUNT):
+                raise FewtuneError(f"Config field '{name}' must be a positive integer, at most {MAX_COUNT}, got {value!r:.60}.")
+        for name in ("lr", "weight_decay", "warmup_ratio", "max_grad_norm"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
-                raise FewtuneError(f"Config field '{name}' must be a non-negative number, got {value!r}.")
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not math.isfinite(value) or value < 0):
+                raise FewtuneError(f"Config field '{name}' must be a non-negative number, got {value!r:.60}.")
         if self.warmup_ratio is not None and self.warmup_ratio > 1:
             raise FewtuneError(f"Config field 'warmup_ratio' must be in [0, 1], got {self.warmup_ratio}.")
         if self.max_length < 8:
@@ -77,6 +99,9 @@ class RunConfig:
             raise FewtuneError(f"Config field 'data_source' must be auto, local or hub, got {self.data_source!r}.")
         if not isinstance(self.method_options, dict):
             raise FewtuneError("Config field 'method_options' must be a table/dict.")
+        if self.eval_splits is not None and (not isinstance(self.eval_splits, list)
+                                             or not all(isinstance(x, str) for x in self.eval_splits)):
+            raise FewtuneError(f"Config field 'eval_splits' must be a list of split names, got {self.eval_splits!r:.60}.")
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":

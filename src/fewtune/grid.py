@@ -37,7 +37,10 @@ from .store import Store, dumps, now, this_process
 
 log = logging.getLogger("fewtune")
 RUNNER_ENV = "FEWTUNE_GRID_RUNNER"  # "module:function" replacing fewtune.runner.run in the cells (tests, plug-ins)
-GRID_KEYS = ("name", "description", "models", "tasks", "shots", "seeds", "methods")
+GRID_KEYS = ("name", "description", "models", "tasks", "shots", "seeds", "methods", "resources", "max_retries")
+# [resources]: what one cell asks of a Ray cluster (the local backend runs one cell at a time and ignores it)
+RESOURCE_KEYS = {"num_cpus": 1.0, "num_gpus": 0.0, "memory_gib": None}
+MAX_RESOURCE = {"num_cpus": 1024, "num_gpus": 1024, "memory_gib": 65536}  # per cell: more is a typo, not a node
 METHOD_KEYS = ("method", "label", "method_options", "shots")
 PER_CELL = ("model", "task", "seed", "method", "method_options")  # set by the grid's axes, not as shared fields
 TERMINATE_GRACE_S = 10
@@ -63,6 +66,8 @@ class Grid:
     source: str
     description: str = ""
     cells: list[Cell] = field(default_factory=list)
+    resources: dict = field(default_factory=lambda: dict(RESOURCE_KEYS))  # per cell, for the Ray backend
+    max_retries: int | None = None  # Ray backend: re-runs of a cell whose worker died [ray_backend.MAX_RETRIES]
 
 
 # --- the spec
@@ -156,7 +161,10 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
         methods.append((label, entry["method"], options, overrides, entry_shots))
         if validate:
             from .methods import get_method
-            get_method(entry["method"], options)  # unknown method or option: fail now, not hours later
+            try:
+                get_method(entry["method"], options)  # unknown method or option: fail now, not hours later
+            except FewtuneError as e:
+                raise FewtuneError(f"{at}: {e}") from None
     if validate:
         from .tasks import load_task
         for task in tasks:
@@ -170,7 +178,12 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
                     for n in method_shots:
                         fields = {**shared, **overrides, "model": model, "task": task, "shots": n, "seed": seed,
                                   "method": method, "method_options": dict(options)}
-                        cell = Cell(RunConfig.from_dict(fields, where=f"{where} ({label})"), label)
+                        try:
+                            cell = Cell(RunConfig.from_dict(fields, where=f"{where} ({label})"), label)
+                        except FewtuneError as e:
+                            if str(e).startswith(where):
+                                raise
+                            raise FewtuneError(f"{where} ({label}): {e}") from None
                         if cell.key in seen:
                             raise FewtuneError(f"{where}: methods '{seen[cell.key]}' and '{label}' give the same run "
                                                f"({cell.describe()}); remove one.")
@@ -179,7 +192,35 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
     cells.sort(key=lambda c: (seeds.index(c.config.seed), models.index(c.config.model), tasks.index(c.config.task),
                               c.config.shots))  # stable: method order within a (seed, model, task, shots) block
     name = data.get("name", default_name)
-    return Grid(name=str(name), source=where, description=str(data.get("description", "")), cells=cells)
+    return Grid(name=str(name), source=where, description=str(data.get("description", "")), cells=cells,
+                resources=parse_resources(data.get("resources", {}), where),
+                max_retries=check_max_retries(data["max_retries"], where) if "max_retries" in data else None)
+
+
+def parse_resources(table, where: str) -> dict:
+    """The [resources] table: num_cpus, num_gpus, memory_gib per cell, each a number in range."""
+    if not isinstance(table, dict):
+        raise FewtuneError(f"{where}: 'resources' must be a table, e.g. [resources] num_cpus = 2.")
+    out = dict(RESOURCE_KEYS)
+    for key, value in table.items():
+        if key not in RESOURCE_KEYS:
+            raise FewtuneError(f"{where}: unknown key 'resources.{key}'.{did_you_mean(key, list(RESOURCE_KEYS))} "
+                               f"Known: {', '.join(RESOURCE_KEYS)}.")
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise FewtuneError(f"{where}: 'resources.{key}' must be a number, got {value!r:.60}.")
+        low_ok = value >= 0 if key == "num_gpus" else value > 0
+        if not low_ok or not value <= MAX_RESOURCE[key]:  # `not <=` also catches nan
+            bound = "≥ 0" if key == "num_gpus" else "> 0"
+            raise FewtuneError(f"{where}: 'resources.{key}' must be {bound} and at most {MAX_RESOURCE[key]}, "
+                               f"got {value!r}.")
+        out[key] = float(value)
+    return out
+
+
+def check_max_retries(value, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 100:
+        raise FewtuneError(f"{where}: 'max_retries' must be an integer from 0 to 100, got {value!r:.60}.")
+    return value
 
 
 # --- running
@@ -284,57 +325,80 @@ class Summary:
     failures: list = field(default_factory=list)
 
 
-def run_grid(grid: Grid, store: Store, log_dir: Path, runner=None, in_process: bool = False,
-             reclaim: bool = False, progress: bool = True, echo=print) -> Summary:
-    """Run every cell that has not succeeded yet. A failed cell is recorded and the grid goes on;
-    Interrupted (Ctrl-C, SIGTERM) records the current cell as cancelled and propagates."""
+def start(grid: Grid, store: Store, log_dir: Path, progress: bool, echo):
+    """What every backend does first: the log folder, this process's identity, the summary and the
+    progress bar (`write` prints a line without breaking the bar)."""
     from tqdm import tqdm
     log_dir.mkdir(parents=True, exist_ok=True)
-    owner = this_process()
     status = store.statuses()
     summary = Summary(total=len(grid.cells))
     summary.done_before = sum(status.get(c.key) == "success" for c in grid.cells)
-    if in_process and runner is None:
-        runner = resolve_runner()
     bar = tqdm(total=len(grid.cells), initial=summary.done_before, unit="run", desc=f"grid {grid.name}",
                disable=not progress, dynamic_ncols=True)
-    write = bar.write if progress else echo
+    todo = [c for c in grid.cells if status.get(c.key) != "success"]
+    return this_process(), summary, bar, (bar.write if progress else echo), todo
+
+
+def claim_cell(cell: Cell, grid: Grid, store: Store, log_dir: Path, owner: dict, reclaim: bool, summary: Summary,
+               bar, write) -> Path | None:
+    """Claim a cell for `owner` (the grid process, the only writer): its log path, or None when it is done or
+    running in another live process (counted in the summary)."""
+    log_path = log_dir / f"{cell.key}.log"
+    claim = store.claim(cell.config, cell.label, grid.name, str(log_path), owner, reclaim)
+    if claim == "claimed":
+        return log_path
+    summary.busy += claim == "busy"
+    summary.done_before += claim == "done"
+    bar.update(1)
+    if claim == "busy":
+        write(f"- {cell.describe()}: running in another process, skipped")
+    return None
+
+
+def record_outcome(cell: Cell, store: Store, outcome: str, payload, owner: dict, seconds: float, log_path: Path,
+                   summary: Summary, bar, write) -> None:
+    """Write a finished cell to the database ('success' + result record, or 'failed' + one-line error)."""
+    if outcome == "success":
+        store.finish(cell.key, payload, owner)
+        summary.success += 1
+        write(f"ok {cell.describe()}: {brief(payload)} ({seconds:.0f} s)")
+    else:
+        store.fail(cell.key, payload, owner)
+        summary.failed += 1
+        summary.failures.append((cell, payload))
+        write(f"FAILED {cell.describe()}: {payload} [log: {log_path}]")
+    bar.update(1)
+
+
+def cancel_cell(cell: Cell, store: Store, why, seconds: float, owner: dict, write) -> None:
+    if store.cancel(cell.key, f"cancelled by {why} after {seconds:.0f} s", owner):
+        write(f"x {cell.describe()}: cancelled [{cell.key}]")
+
+
+def run_grid(grid: Grid, store: Store, log_dir: Path, runner=None, in_process: bool = False,
+             reclaim: bool = False, progress: bool = True, echo=print) -> Summary:
+    """Run every cell that has not succeeded yet, one after the other on this machine. A failed cell is
+    recorded and the grid goes on; Interrupted (Ctrl-C, SIGTERM) records the current cell as cancelled
+    and propagates. The Ray backend (ray_backend.py) shares start/claim_cell/record_outcome/cancel_cell."""
+    owner, summary, bar, write, todo = start(grid, store, log_dir, progress, echo)
+    if in_process and runner is None:
+        runner = resolve_runner()
     try:
-        for cell in grid.cells:
-            if status.get(cell.key) == "success":
-                continue
-            log_path = log_dir / f"{cell.key}.log"
-            claim = store.claim(cell.config, cell.label, grid.name, str(log_path), owner, reclaim)
-            if claim != "claimed":
-                summary.busy += claim == "busy"
-                summary.done_before += claim == "done"
-                bar.update(1)
-                if claim == "busy":
-                    write(f"- {cell.describe()}: running in another process, skipped")
+        for cell in todo:
+            log_path = claim_cell(cell, grid, store, log_dir, owner, reclaim, summary, bar, write)
+            if log_path is None:
                 continue
             bar.set_postfix_str(cell.describe())
             t0 = time.perf_counter()
             try:
                 outcome, payload = (run_cell_inline(cell, log_path, runner) if in_process
                                     else run_cell_child(cell, log_path))
-                if outcome == "success":
-                    store.finish(cell.key, payload, owner)
-                else:
-                    store.fail(cell.key, payload, owner)
+                record_outcome(cell, store, outcome, payload, owner, time.perf_counter() - t0, log_path,
+                               summary, bar, write)
             except (KeyboardInterrupt, Interrupted) as e:
-                why = e if isinstance(e, Interrupted) else "SIGINT"
-                if store.cancel(cell.key, f"cancelled by {why} after {time.perf_counter() - t0:.0f} s", owner):
-                    write(f"x {cell.describe()}: cancelled [{cell.key}]")
+                cancel_cell(cell, store, e if isinstance(e, Interrupted) else "SIGINT", time.perf_counter() - t0,
+                            owner, write)
                 raise
-            seconds = time.perf_counter() - t0
-            if outcome == "success":
-                summary.success += 1
-                write(f"ok {cell.describe()}: {brief(payload)} ({seconds:.0f} s)")
-            else:
-                summary.failed += 1
-                summary.failures.append((cell, payload))
-                write(f"FAILED {cell.describe()}: {payload} [log: {log_path}]")
-            bar.update(1)
     finally:
         bar.close()
     return summary
@@ -361,8 +425,8 @@ def watch_parent(interval_s: float = 1.0) -> None:
     threading.Thread(target=loop, daemon=True, name="watch-parent").start()
 
 
-def worker_main(config_json: str, result_path: str) -> int:
-    watch_parent()
+def configure_cell_process() -> None:
+    """Logging and quiet libraries in a process that runs one cell (a child process or a Ray worker)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", force=True)
     for noisy in ("transformers", "huggingface_hub", "datasets", "peft", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -370,17 +434,28 @@ def worker_main(config_json: str, result_path: str) -> int:
     if not os.environ.get(RUNNER_ENV):  # the real runner: keep transformers' per-load progress bars out of the log
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
+
+
+def run_config(config_json: str) -> dict:
+    """Run one cell's config with the grid's runner: {"ok": True, "result": ...} or {"ok": False, "error": one line}.
+    Any exception is a failed cell (its traceback goes to the log); KeyboardInterrupt propagates."""
+    try:
+        cfg = RunConfig.from_dict(json.loads(config_json))
+        return {"ok": True, "result": resolve_runner()(cfg, progress=False)}
+    except Exception as e:
+        traceback.print_exc()
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
+def worker_main(config_json: str, result_path: str) -> int:
+    watch_parent()
+    configure_cell_process()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     out_path = Path(result_path)
     try:
-        cfg = RunConfig.from_dict(json.loads(config_json))
-        result = resolve_runner()(cfg, progress=False)
-        out = {"ok": True, "result": result}
+        out = run_config(config_json)
     except KeyboardInterrupt:
         return 130
-    except Exception as e:
-        traceback.print_exc()
-        out = {"ok": False, "error": f"{type(e).__name__}: {e}"}
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.write_text(dumps(out))
     os.replace(tmp, out_path)  # the parent sees the whole record or none

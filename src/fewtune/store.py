@@ -115,6 +115,11 @@ class Store:
     def _check_file(self):
         if self.path.is_dir():
             raise FewtuneError(f"Results database {self.path} is a folder; give a file path (--db results/fewtune.db).")
+        for parent in self.path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise FewtuneError(f"Results database {self.path}: {parent} is a file, not a folder.")
+                break
         if not self.path.exists():
             if self.readonly:
                 raise FewtuneError(f"No results database at {self.path} (run `fewtune grid SPEC --db {self.path}` first).")
@@ -151,6 +156,12 @@ class Store:
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_at', ?)", (now(),))
 
     def _error(self, e: Exception) -> FewtuneError:
+        if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
+            return FewtuneError(f"Results database {self.path} is locked by another process (waited "
+                                f"{BUSY_TIMEOUT_S:g} s): {e}; try again once it is done (the file is left as is).")
+        if isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e):
+            return FewtuneError(f"Results database {self.path} cannot be created or opened there ({e}); "
+                                "give a --db in a folder you can write.")
         return FewtuneError(f"Results database {self.path} cannot be used: {e} (corrupt, or not a fewtune database; "
                             "the file is left as is).")
 

@@ -83,6 +83,8 @@ def load_task(name_or_path: str) -> Task:
     """A built-in task by name (`cola`, `mnli`) or a task file by path (`path/to/mytask.toml`)."""
     path = Path(name_or_path)
     if path.suffix == ".toml" or path.exists():
+        if path.is_dir():
+            raise FewtuneError(f"Task file {path} is a folder; give the task's .toml file.")
         if not path.is_file():
             raise FewtuneError(f"Task file {path} does not exist.")
         return parse_task_file(path)

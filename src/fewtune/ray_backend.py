@@ -1,0 +1,233 @@
+"""`fewtune grid SPEC --backend ray`: the same grid, each cell a Ray task somewhere on a cluster.
+
+The driver (the `fewtune grid` process) is still the only writer of the results database: it claims a
+cell, submits it as a task with the spec's `[resources]` (num_cpus, num_gpus, memory_gib), and records
+what comes back, through the same `claim_cell` / `record_outcome` / `cancel_cell` as the local backend.
+A task runs `grid.run_config` in a fresh Ray worker process (`max_calls=1`: its memory and CUDA context go
+back when the cell ends, as with the local backend's child processes) and returns the result record and the
+cell's log as JSON text; the driver appends the log to `<db folder>/logs/<hash>.log`.
+
+An exception inside a cell is a failed cell, never retried (it would fail again). A worker process or node
+that dies is retried by the driver, `max_retries` times (`--max-retries`, spec key `max_retries`), each try
+counted in the row's `attempts`; then the cell is recorded failed with the error. See docs/grid.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import FewtuneError
+from .grid import (Cell, Grid, Interrupted, Summary, cancel_cell, claim_cell, configure_cell_process, record_outcome,
+                   run_config, start)
+from .store import Store, dumps, now
+
+log = logging.getLogger("fewtune")
+MAX_RETRIES = 2     # re-runs of a cell whose worker died (a node lost, an out-of-memory kill), not of one that raised
+LOG_LIMIT = 2 << 20  # bytes of a cell's log sent back to the driver (the end is kept: that is where errors are)
+INSTALL_HINT = "pip install 'fewtune[ray]'"
+WAIT_S = 1.0         # the driver wakes this often to notice Ctrl-C / SIGTERM
+CONNECT_TIMEOUT_S = 10.0
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise FewtuneError(f"--backend ray needs Ray, which is not installed: {INSTALL_HINT} "
+                           "(or pip install -e '.[ray]' in a checkout).") from None
+    return ray
+
+
+# --- in the Ray worker
+@contextlib.contextmanager
+def output_to(path: Path):
+    """Send this process's stdout and stderr (file descriptors 1 and 2: C libraries too) to `path`."""
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+
+
+def run_cell_task(config_json: str, env: dict) -> str:
+    """The Ray task: one cell in this (fresh, dedicated) worker process. Returns JSON text:
+    {"ok", "result" | "error", "log", "host", "pid"} (JSON, like the local child's hand-over, not a pickle)."""
+    os.environ.update(env)  # the driver's FEWTUNE_* settings: runner, data folder, cache
+    with tempfile.TemporaryDirectory(prefix="fewtune-cell-") as tmp:
+        log_file = Path(tmp) / "cell.log"
+        with output_to(log_file):
+            configure_cell_process()
+            out = run_config(config_json)
+        with open(log_file, "rb") as f:
+            f.seek(max(0, log_file.stat().st_size - LOG_LIMIT))
+            text = f.read().decode("utf-8", errors="replace")
+    return dumps({**out, "log": text, "host": socket.gethostname(), "pid": os.getpid()})
+
+
+# --- in the driver
+def check_address(address: str | None) -> None:
+    """A HOST:PORT address must be well-formed and reachable: ray.init retries an unreachable one for ever."""
+    if address and address not in ("auto", "local"):
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise FewtuneError(f"--address {address}: expected auto or HOST:PORT, e.g. 127.0.0.1:6379.")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except OSError as e:
+            raise FewtuneError(f"Cannot connect to the Ray cluster at {address}: {e.strerror or e} (is `ray start "
+                               f"--head --port {port}` running there?).") from None
+
+
+def connect(ray, address: str | None) -> None:
+    """Join the cluster at `address` ('auto', 'HOST:PORT'); None: $RAY_ADDRESS, a running local Ray, or a new one."""
+    check_address(address)
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False,
+                 configure_logging=True)
+    except Exception as e:  # ConnectionError, ValueError, RuntimeError, depending on what is wrong
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:240]
+        raise FewtuneError(f"Cannot connect to the Ray cluster at {address or 'the default address'}: {first}") from None
+
+
+def task_options(resources: dict) -> dict:
+    opts = {"num_cpus": resources["num_cpus"], "num_gpus": resources["num_gpus"]}
+    if resources.get("memory_gib"):
+        opts["memory"] = int(resources["memory_gib"] * 2**30)
+    return opts
+
+
+def cells_that_fit(ray, resources: dict) -> int:
+    """How many cells the live nodes can run at once; a FewtuneError if no node can run one (Ray would
+    otherwise wait forever for an infeasible task)."""
+    need = {"CPU": resources["num_cpus"], "GPU": resources["num_gpus"],
+            "memory": (resources.get("memory_gib") or 0) * 2**30}
+    total, largest = 0, {}
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        fits = min(int(have.get(k, 0) // v) for k, v in need.items() if v > 0) if any(need.values()) else 1
+        total += fits
+        for k in need:
+            largest[k] = max(largest.get(k, 0), have.get(k, 0))
+    if total == 0:
+        asked = ", ".join(f"{k}={v:g}" for k, v in (("num_cpus", need["CPU"]), ("num_gpus", need["GPU"]),
+                                                    ("memory_gib", need["memory"] / 2**30)) if v)
+        biggest = (f"CPU {largest.get('CPU', 0):g}, GPU {largest.get('GPU', 0):g}, "
+                   f"memory {largest.get('memory', 0) / 2**30:.1f} GiB")
+        raise FewtuneError(f"No node of the Ray cluster can run a cell asking for [resources] {asked} "
+                           f"(the largest node has {biggest}); lower the grid spec's [resources].")
+    return total
+
+
+def one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def run_grid_ray(grid: Grid, store: Store, log_dir: Path, address: str | None = None, max_retries: int | None = None,
+                 reclaim: bool = False, progress: bool = True, echo=print) -> Summary:
+    """Run every cell that has not succeeded yet as a Ray task; record each outcome (only here, in the driver).
+    Interrupted (Ctrl-C, SIGTERM) cancels the tasks in flight, records their cells as cancelled and propagates."""
+    ray = import_ray()
+    retries = max_retries if max_retries is not None else (grid.max_retries if grid.max_retries is not None
+                                                           else MAX_RETRIES)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    connect(ray, address)
+    # ray.init installs its own SIGTERM handler (sys.exit), and an exception raised by a handler while Ray's C++
+    # code waits comes out as a SystemError: note the signal, and raise Interrupted between two waits instead
+    received = []
+    for s in handlers:
+        signal.signal(s, lambda signum, frame: received.append(signum))
+    try:
+        window = cells_that_fit(ray, grid.resources)
+        remote = ray.remote(max_calls=1, max_retries=0)(run_cell_task).options(**task_options(grid.resources))
+        env = {k: v for k, v in os.environ.items() if k.startswith("FEWTUNE_")}
+        owner, summary, bar, write, todo = start(grid, store, log_dir, progress, echo)
+        todo.reverse()  # popped from the end: grid order
+        pending: dict = {}  # ObjectRef -> [cell, log_path, try number, start time]
+
+        def submit(cell: Cell, log_path: Path, attempt: int, t0: float):
+            with open(log_path, "a", encoding="utf-8") as logf:
+                logf.write(f"\n=== {now()} fewtune grid: {cell.describe()} [{cell.key}], Ray task, try {attempt}\n")
+            pending[remote.remote(json.dumps(cell.config.to_dict()), env)] = [cell, log_path, attempt, t0]
+
+        try:
+            while todo or pending:
+                while todo and len(pending) < window:  # claim only what the cluster can start now
+                    cell = todo.pop()
+                    log_path = claim_cell(cell, grid, store, log_dir, owner, reclaim, summary, bar, write)
+                    if log_path is not None:
+                        submit(cell, log_path, 1, time.perf_counter())
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S) if pending else ([], [])
+                if received:
+                    raise Interrupted(received[0])
+                for ref in ready:
+                    cell, log_path, attempt, t0 = pending.pop(ref)
+                    outcome, payload = collect(ray, ref, log_path)
+                    if outcome == "died" and attempt <= retries:
+                        write(f"! {cell.describe()}: {payload}; retry {attempt}/{retries}")
+                        # the same row, attempts + 1 (claim succeeds: the row is ours)
+                        if claim_cell(cell, grid, store, log_dir, owner, False, summary, bar, write) is not None:
+                            submit(cell, log_path, attempt + 1, t0)
+                        continue
+                    if outcome == "died":
+                        payload = f"Ray worker died on each of {attempt} tries; last: {payload}; see {log_path}"
+                        outcome = "failed"
+                    record_outcome(cell, store, outcome, payload, owner, time.perf_counter() - t0, log_path,
+                                   summary, bar, write)
+        except (KeyboardInterrupt, Interrupted) as e:
+            why = e if isinstance(e, Interrupted) else "SIGINT"
+            for ref, (cell, log_path, _, t0) in pending.items():
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref, force=True)
+                cancel_cell(cell, store, why, time.perf_counter() - t0, owner, write)
+            raise
+        finally:
+            bar.close()
+        return summary
+    finally:
+        ray.shutdown()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def collect(ray, ref, log_path: Path) -> tuple[str, dict | str]:
+    """('success', result), ('failed', error) or ('died', error) for a finished task; appends its log."""
+    from ray.exceptions import RayTaskError
+    try:
+        out = json.loads(ray.get(ref))
+    except RayTaskError as e:  # raised outside run_config (e.g. fewtune missing on that node): would fail again
+        error = one_line(e.cause) if getattr(e, "cause", None) else one_line(e)
+        append_log(log_path, f"=== {now()} Ray task failed: {e}\n")
+        return "failed", error
+    except ray.exceptions.RayError as e:  # the worker or its node died, the task was lost: worth another try
+        append_log(log_path, f"=== {now()} Ray worker died: {e}\n")
+        return "died", one_line(e)
+    append_log(log_path, out.get("log", "") + f"\n=== {now()} on {out.get('host')} pid {out.get('pid')}: "
+                                              f"{'success' if out.get('ok') else 'failed'}\n")
+    return ("success", out["result"]) if out.get("ok") else ("failed", out["error"])
+
+
+def append_log(path: Path, text: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)

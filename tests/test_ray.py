@@ -1,0 +1,381 @@
+"""The Ray backend on a real local cluster (a head node and a second worker node, 1 CPU each, 127.0.0.1),
+and determinism: the same config and seed give the same metrics run after run and backend after backend.
+
+Cells run a fake runner (fast, no model) named by $FEWTUNE_GRID_RUNNER, except one real pbft cell on the tiny
+model folder. The fake runner reads what to do (hang once, crash) from a control file next to it, since the
+Ray workers do not see the test's environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from fewtune.cli import main
+from fewtune.store import Store
+
+FAKE_RUNNER = textwrap.dedent('''
+    """A stand-in for fewtune.runner.run; control.json next to this file says what to do."""
+    import json, os, signal, time
+    from pathlib import Path
+
+    HERE = Path(__file__).parent
+
+    def run(cfg, progress=False):
+        control = json.loads((HERE / "control.json").read_text())
+        print("fake runner stdout", cfg.hash(), flush=True)
+        if control.get("real") and Path(cfg.model).is_dir() and cfg.method == "pbft" and cfg.seed == 0:
+            from fewtune.runner import run as real_run
+            return real_run(cfg, progress=progress)
+        if cfg.method in control.get("crash", []):
+            os.kill(os.getpid(), signal.SIGKILL)       # the worker dies: no exception, no result
+        if cfg.method in control.get("slow", []):
+            (HERE / "marks").mkdir(exist_ok=True)
+            (HERE / "marks" / (cfg.hash() + ".pid")).write_text(str(os.getpid()))
+            time.sleep(120)
+        if cfg.method in control.get("hang_once", []) and cfg.seed == 0:
+            mark = HERE / "marks" / (cfg.hash() + ".pid")
+            if not mark.exists():                      # the first try waits to be killed by the test
+                mark.parent.mkdir(exist_ok=True)
+                mark.write_text(str(os.getpid()))
+                time.sleep(120)
+        acc = 0.5 + (int(cfg.hash()[:4], 16) % 40) / 100
+        return {"schema": 1, "config": cfg.to_dict(), "config_hash": cfg.hash(),
+                "evals": {"dev": {"role": "in_domain", "n": 10, "accuracy": acc, "mcc": 0.1},
+                          "ood": {"role": "out_of_domain", "n": 10, "accuracy": acc - 0.05, "mcc": 0.0}},
+                "cost": {"train_seconds": 1.0, "eval_seconds": 0.5, "peak_memory_mib": 50.0, "trainable_params": 3},
+                "versions": {"fewtune": "test"}}
+''')
+
+FAKE_SPEC = textwrap.dedent('''
+    name = "ray-tiny"
+    models = ["fake-model"]
+    tasks = ["cola"]
+    shots = [2]
+    seeds = [0, 1]
+    eval_limit = 10
+
+    [[methods]]
+    method = "icl"
+
+    [[methods]]
+    method = "pbft"
+
+    [[methods]]
+    method = "lora"
+''')
+
+
+@dataclass
+class Cluster:
+    address: str
+    code: Path   # holds fake_runner.py and control.json, on the cluster's PYTHONPATH
+
+    def control(self, **what) -> None:
+        shutil.rmtree(self.code / "marks", ignore_errors=True)
+        (self.code / "control.json").write_text(json.dumps(what))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_node(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+    """`ray start ... --block` in its own process group: every process of the node is stopped with the group."""
+    ray_cli = Path(sys.executable).parent / "ray"
+    with open(log, "w") as f:
+        return subprocess.Popen([str(ray_cli), "start", *args, "--num-cpus", "1", "--object-store-memory", "100000000",
+                                 "--disable-usage-stats", "--block"], stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+def stop_nodes(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        with_group(p, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        with_group(p, signal.SIGKILL)  # raylet and GCS may outlive `ray start`'s SIGTERM: end the whole group
+        p.wait()
+
+
+def with_group(p: subprocess.Popen, sig) -> None:
+    try:
+        os.killpg(p.pid, sig)  # the group started by start_node (start_new_session: pgid == pid)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for_nodes(address: str, n: int, timeout: float = 90) -> None:
+    import ray
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        deadline = time.monotonic() + timeout
+        while sum(node["Alive"] for node in ray.nodes()) < n:
+            assert time.monotonic() < deadline, f"the Ray cluster did not reach {n} nodes in {timeout} s"
+            time.sleep(0.5)
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local two-node Ray cluster for this module; stopped (every process of it) even when a test fails."""
+    pytest.importorskip("ray")
+    import socket
+    others = [name for _, name in socket.if_nameindex() if name != "lo"]
+    if others:  # Ray would bind its nodes to these interfaces' addresses, not to 127.0.0.1
+        pytest.skip(f"Ray cluster tests run only in a loopback-only network namespace (this one has {others}): "
+                    "`make test` runs them through scripts/loopback_netns.sh")
+    base = Path(tempfile.mkdtemp(prefix="fewtune-ray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    code = base / "code"
+    code.mkdir()
+    (code / "fake_runner.py").write_text(FAKE_RUNNER)
+    (code / "control.json").write_text("{}")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")])),
+           "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    procs = []
+    try:
+        procs.append(start_node(["--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
+                                 "--include-dashboard", "false", "--temp-dir", str(base / "tmp")], base / "head.log", env))
+        procs.append(start_node(["--address", address, "--node-ip-address", "127.0.0.1"], base / "worker.log", env))
+        wait_for_nodes(address, 2)
+        yield Cluster(address, code)
+    finally:
+        stop_nodes(procs)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def on_cluster(ray_cluster, monkeypatch, tmp_path):
+    """The fake runner importable here too (the local backend's child processes) and named for every cell."""
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ray_cluster.code), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("FEWTUNE_GRID_RUNNER", "fake_runner:run")
+    ray_cluster.control()
+    return ray_cluster
+
+
+def rows_by_hash(db: Path) -> dict:
+    with Store(db, readonly=True) as store:
+        rows = store.rows()
+    assert len({r["config_hash"] for r in rows}) == len(rows)
+    return {r["config_hash"]: r for r in rows}
+
+
+def measured(evals: dict) -> dict:
+    """The metrics of each split, without its timing (`seconds` is the only field that may differ)."""
+    return {split: {k: v for k, v in e.items() if k != "seconds"} for split, e in evals.items()}
+
+
+def parity_spec(tmp_path: Path, toy, model_dir: Path) -> Path:
+    spec = tmp_path / "parity.toml"
+    spec.write_text(textwrap.dedent(f'''
+        name = "parity"
+        models = ["{model_dir}"]
+        tasks = ["{toy.task_file}"]
+        shots = [8]
+        seeds = [0, 1]
+        data_root = "{toy.root}"
+        eval_limit = 8
+        max_length = 64
+        dtype = "fp32"
+        device = "cpu"
+        epochs = 2
+        batch_size = 4
+        lr = 1e-3
+
+        [[methods]]
+        method = "icl"
+
+        [[methods]]
+        method = "pbft"
+    '''))
+    return spec
+
+
+# --- the same grid, both backends
+def test_ray_backend_gives_the_local_backends_metrics(on_cluster, tmp_path, toy, tiny_model_dir, capsys):
+    on_cluster.control(real=True)
+    spec = parity_spec(tmp_path, toy, tiny_model_dir)
+    local_db, ray_db = tmp_path / "local" / "r.db", tmp_path / "ray" / "r.db"
+    assert main(["grid", str(spec), "--db", str(local_db), "--quiet"]) == 0
+    assert main(["grid", str(spec), "--db", str(ray_db), "--quiet", "--backend", "ray",
+                 "--address", on_cluster.address]) == 0
+    assert "4 succeeded now, 0 failed" in capsys.readouterr().out
+    local, ray = rows_by_hash(local_db), rows_by_hash(ray_db)
+    assert local.keys() == ray.keys() and len(ray) == 4
+    for key, row in ray.items():
+        assert row["status"] == local[key]["status"] == "success"
+        assert measured(row["metrics"]) == measured(local[key]["metrics"]), row["label"]
+        assert row["attempts"] == 1 and row["grid"] == "parity"
+        log = (ray_db.parent / "logs" / f"{key}.log").read_text()
+        assert f"fake runner stdout {key}" in log and "Ray task, try 1" in log  # the worker's output came back
+    real = [r for r in ray.values() if r["result"].get("training")]
+    assert len(real) == 1 and real[0]["method"] == "pbft"
+    on_ray, here = real[0]["result"], local[real[0]["config_hash"]]["result"]
+    assert on_ray["training"]["steps"] == here["training"]["steps"] == 4
+    assert on_ray["train_indices"] == here["train_indices"]
+    # the losses too, up to float summation order (Ray gives a 1-CPU task one thread, a local child takes all)
+    assert on_ray["training"]["epoch_losses"] == pytest.approx(here["training"]["epoch_losses"], rel=1e-5)
+    # a second run resumes: nothing to do, nothing duplicated
+    assert main(["grid", str(spec), "--db", str(ray_db), "--quiet", "--backend", "ray",
+                 "--address", on_cluster.address]) == 0
+    assert "4 done before, 0 succeeded now" in capsys.readouterr().out
+    assert rows_by_hash(ray_db).keys() == ray.keys()
+
+
+def test_killed_worker_is_retried_then_recorded_nothing_lost(on_cluster, tmp_path, capsys):
+    """One worker is killed from outside mid-cell (retried, succeeds); lora's workers kill themselves on every
+    try (failed after 1 + max_retries tries). Every cell ends done or failed, once."""
+    on_cluster.control(hang_once=["pbft"], crash=["lora"])
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(FAKE_SPEC)
+    db = tmp_path / "r.db"
+    killed = []
+
+    def killer():  # kill the hanging worker as soon as it has said who it is
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            for mark in (on_cluster.code / "marks").glob("*.pid"):
+                pid = int(mark.read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append((mark.stem, pid))
+            time.sleep(0.1)
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    code = main(["grid", str(spec), "--db", str(db), "--quiet", "--backend", "ray", "--address", on_cluster.address,
+                 "--max-retries", "1"])
+    thread.join(1)
+    out = capsys.readouterr()
+    assert code == 1 and "4 succeeded now, 2 failed" in out.out
+    assert len(killed) == 1
+    rows = rows_by_hash(db)
+    assert len(rows) == 6
+    hung = rows[killed[0][0]]
+    assert (hung["method"], hung["status"], hung["attempts"]) == ("pbft", "success", 2)
+    assert "retry 1/1" in out.err
+    for r in rows.values():
+        if r["method"] == "lora":
+            assert r["status"] == "failed" and r["attempts"] == 2
+            assert r["error"].startswith("Ray worker died on each of 2 tries") and "\n" not in r["error"]
+        else:
+            assert r["status"] == "success" and r["error"] is None
+    assert all(r["attempts"] == 1 for r in rows.values() if r["method"] == "icl")
+
+    on_cluster.control()  # the crash is fixed: a rerun runs exactly the two failed cells again, in their rows
+    assert main(["grid", str(spec), "--db", str(db), "--quiet", "--backend", "ray", "--address", on_cluster.address]) == 0
+    assert "4 done before, 2 succeeded now, 0 failed" in capsys.readouterr().out
+    after = rows_by_hash(db)
+    assert after.keys() == rows.keys() and {r["status"] for r in after.values()} == {"success"}
+    assert sorted(r["attempts"] for r in after.values() if r["method"] == "lora") == [3, 3]
+
+
+def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_path):
+    """SIGINT to a `fewtune grid --backend ray` process: the running tasks are cancelled, their cells recorded
+    cancelled, exit 130; the next run finishes them in the same rows."""
+    on_cluster.control(slow=["pbft"])
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(FAKE_SPEC)
+    db = tmp_path / "r.db"
+    cmd = [sys.executable, "-m", "fewtune", "grid", str(spec), "--db", str(db), "--quiet", "--backend", "ray",
+           "--address", on_cluster.address]
+    grid = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((on_cluster.code / "marks").glob("*.pid")):
+            assert time.monotonic() < deadline and grid.poll() is None, "no slow cell started"
+            time.sleep(0.2)
+        grid.send_signal(signal.SIGINT)
+        out, err = grid.communicate(timeout=60)
+    finally:
+        if grid.poll() is None:
+            grid.kill()
+            grid.wait()
+    assert grid.returncode == 130, err
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    rows = rows_by_hash(db)
+    assert {r["status"] for r in rows.values() if r["method"] == "pbft"} == {"cancelled"}
+    assert all("cancelled by SIGINT" in r["error"] for r in rows.values() if r["method"] == "pbft")
+    assert "running" not in {r["status"] for r in rows.values()}
+
+    on_cluster.control()
+    assert main(["grid", str(spec), "--db", str(db), "--quiet", "--backend", "ray", "--address", on_cluster.address]) == 0
+    from fewtune.grid import load_grid
+    after = rows_by_hash(db)
+    assert after.keys() == {c.key for c in load_grid(str(spec)).cells}
+    assert {r["status"] for r in after.values()} == {"success"}
+    assert all(after[k]["attempts"] == 2 for k, r in rows.items() if r["method"] == "pbft")  # the same rows
+
+
+def test_resources_no_node_can_satisfy_is_one_line(on_cluster, tmp_path, capsys):
+    spec = tmp_path / "gpu.toml"
+    spec.write_text(FAKE_SPEC.replace('eval_limit = 10', 'eval_limit = 10\n[resources]\nnum_gpus = 1\nmemory_gib = 0.5\n'))
+    code = main(["grid", str(spec), "--db", str(tmp_path / "r.db"), "--backend", "ray", "--address", on_cluster.address])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the grid's banner line
+    assert code == 2 and err.startswith("fewtune: error: ")
+    assert "No node of the Ray cluster can run a cell asking for [resources] num_cpus=1, num_gpus=1" in err
+    with Store(tmp_path / "r.db", readonly=True) as store:
+        assert store.rows() == []  # nothing claimed
+
+
+# --- without a cluster
+def test_ray_not_installed_says_how_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(FAKE_SPEC)
+    assert main(["grid", str(spec), "--db", str(tmp_path / "r.db"), "--backend", "ray"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("fewtune: error: --backend ray needs Ray, which is not installed: pip install 'fewtune[ray]' "
+                   "(or pip install -e '.[ray]' in a checkout).")
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_spec_resources_and_retries_are_read(tmp_path):
+    from fewtune.grid import load_grid
+    spec = tmp_path / "g.toml"
+    spec.write_text(FAKE_SPEC.replace('eval_limit = 10', 'eval_limit = 10\nmax_retries = 4\n'
+                                      '[resources]\nnum_cpus = 2\nnum_gpus = 0.5\nmemory_gib = 12\n'))
+    grid = load_grid(str(spec))
+    assert grid.resources == {"num_cpus": 2.0, "num_gpus": 0.5, "memory_gib": 12.0} and grid.max_retries == 4
+    from fewtune.ray_backend import task_options
+    assert task_options(grid.resources) == {"num_cpus": 2.0, "num_gpus": 0.5, "memory": 12 * 2**30}
+    # how a cell runs is not what it computes: the same cells as without [resources]
+    plain = tmp_path / "plain.toml"
+    plain.write_text(FAKE_SPEC)
+    assert [c.key for c in load_grid(str(plain)).cells] == [c.key for c in grid.cells]
+
+
+# --- determinism
+def test_same_config_and_seed_give_identical_results(toy, tiny_model_dir):
+    """Two real pbft runs of one config in one process: the same sample, losses and metrics, to the bit."""
+    from fewtune.config import RunConfig
+    from fewtune.runner import run
+    cfg = RunConfig(task=str(toy.task_file), data_root=str(toy.root), model=str(tiny_model_dir), method="pbft",
+                    shots=8, seed=3, epochs=2, batch_size=4, lr=1e-3, eval_limit=8, max_length=64, dtype="fp32",
+                    device="cpu")
+    a, b = run(cfg, progress=False), run(cfg, progress=False)
+    assert a["train_indices"] == b["train_indices"]
+    assert a["training"]["epoch_losses"] == b["training"]["epoch_losses"]
+    assert measured(a["evals"]) == measured(b["evals"])
+    other_seed = run(RunConfig(**{**cfg.to_dict(), "seed": 4}), progress=False)
+    assert other_seed["train_indices"] != a["train_indices"]  # the seed is not ignored
