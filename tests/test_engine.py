@@ -207,3 +207,29 @@ def test_bad_device_is_a_fewtune_error():
     assert engine.pick_device("cpu") == CPU
     with pytest.raises(FewtuneError, match="not a device"):
         engine.pick_device("gpu0")
+
+
+def test_fused_optimizer_trains_like_the_plain_one(tokenizer, monkeypatch):
+    """$FEWTUNE_NO_SPEEDUPS switches the fused AdamW off; both give the same weights within float tolerance."""
+    label_ids = word_ids(tokenizer)[:2]
+    weights = []
+    for off in ("", "1"):
+        monkeypatch.setenv("FEWTUNE_NO_SPEEDUPS", off)
+        assert engine.speedups_enabled() == (off == "")
+        model = make_tiny_lm(tokenizer, seed=3)
+        settings = engine.TrainSettings(epochs=2, batch_size=4, lr=1e-3, warmup_ratio=0.0)
+        engine.train(model, _items(tokenizer), _lm_loss(label_ids), settings, CPU, pad_id=tokenizer.pad_token_id, progress=False)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    start = dict(make_tiny_lm(tokenizer, seed=3).named_parameters())
+    assert any(not torch.equal(weights[0][n], start[n]) for n in start)
+    assert max(float((weights[0][n] - weights[1][n]).abs().max()) for n in start) <= 1e-5
+
+
+def test_no_speedups_scores_the_full_prompt(tiny_lm, tokenizer, monkeypatch):
+    prefix_ids = engine.encode(tokenizer, ["Some shared context.\n\n"])[0][0]
+    queries, _ = engine.encode(tokenizer, TEXTS, with_bos=False)
+    on = engine.score(tiny_lm, tokenizer, queries, [1, 2], CPU, "fp32", 8, prefix_ids=prefix_ids)
+    monkeypatch.setenv("FEWTUNE_NO_SPEEDUPS", "1")
+    off = engine.score(tiny_lm, tokenizer, queries, [1, 2], CPU, "fp32", 8, prefix_ids=prefix_ids)
+    assert off.tokens == on.tokens + len(prefix_ids) * (len(queries) - 1)  # the prefix ran with every query
+    assert np.abs(on.logits - off.logits).max() <= 1e-3

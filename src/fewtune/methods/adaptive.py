@@ -96,7 +96,8 @@ class Adaptive(Method):
     def train_items(self, ctx, model, seqs, examples):
         items = super().train_items(ctx, model, seqs, examples)
         ctx.extra["frozen_cache"] = False
-        if not self.opts.frozen_cache or has_dropout(model):
+        from ..engine import speedups_enabled
+        if not self.opts.frozen_cache or not speedups_enabled() or has_dropout(model):
             return items
         from ..engine import autocast, collate
         k = self._depth - self.opts.train_layers
