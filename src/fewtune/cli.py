@@ -170,7 +170,9 @@ def cmd_run(args) -> int:
     get_method(cfg.method, cfg.method_options)  # validate options before any loading
     out = check_writable(args.output, "--output") if args.output else None
     if args.save_model:
-        check_writable(str(Path(args.save_model) / "x"), "--save-model") if Path(args.save_model).exists() else check_writable(args.save_model, "--save-model")
+        target = Path(args.save_model)
+        # an existing folder must be writable itself; a new one needs a writable parent
+        check_writable(str(target / "fewtune.json") if target.is_dir() else str(target), "--save-model")
     result = run(cfg, progress=not args.quiet and sys.stderr.isatty(), save_model=args.save_model)
     if out:
         write_json_atomic(out, result)

@@ -103,7 +103,6 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
                     "train_accuracy": tr.train_accuracy, "truncated_examples": truncated}
 
     # evaluation
-    prefix_text = None
     if cfg.method == "icl" and train_examples:
         longest = max(len(s) for ex_list in eval_sets.values()
                       for s in engine.encode(tokenizer, [method.text(ctx, ex) for ex in ex_list], with_bos=False)[0])
