@@ -156,8 +156,15 @@ def run_grid_ray(grid: Grid, store: Store, log_dir: Path, address: str | None = 
     # ray.init installs its own SIGTERM handler (sys.exit), and an exception raised by a handler while Ray's C++
     # code waits comes out as a SystemError: note the signal, and raise Interrupted between two waits instead
     received = []
-    for s in handlers:
-        signal.signal(s, lambda signum, frame: received.append(signum))
+
+    def note(signum, frame):
+        received.append(signum)
+
+    def own_signals():  # Ray may install handlers of its own after connecting: keep ours in place
+        for s in handlers:
+            if signal.getsignal(s) is not note:
+                signal.signal(s, note)
+    own_signals()
     try:
         window = cells_that_fit(ray, grid.resources)
         remote = ray.remote(max_calls=1, max_retries=0)(run_cell_task).options(**task_options(grid.resources))
@@ -178,6 +185,7 @@ def run_grid_ray(grid: Grid, store: Store, log_dir: Path, address: str | None = 
                     log_path = claim_cell(cell, grid, store, log_dir, owner, reclaim, summary, bar, write)
                     if log_path is not None:
                         submit(cell, log_path, 1, time.perf_counter())
+                own_signals()
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S) if pending else ([], [])
                 if received:
                     raise Interrupted(received[0])
