@@ -205,9 +205,10 @@ def run_grid_ray(grid: Grid, store: Store, log_dir: Path, address: str | None = 
                                    summary, bar, write)
         except (KeyboardInterrupt, Interrupted) as e:
             why = e if isinstance(e, Interrupted) else "SIGINT"
+            # Record first, then let the driver's disconnect (ray.shutdown below) end the job: Ray kills a job's
+            # workers when its driver leaves. `ray.cancel(force=True)` here sometimes aborted the driver inside
+            # Ray (ray 2.60: "Tried to complete task that was not pending"), losing the exit code.
             for ref, (cell, log_path, _, t0) in pending.items():
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
                 cancel_cell(cell, store, why, time.perf_counter() - t0, owner, write)
             raise
         finally:
