@@ -156,13 +156,6 @@ def check_writable(path: str, flag: str) -> Path:
     return p
 
 
-def write_json_atomic(path: Path, data) -> None:
-    from .runner import json_default
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=json_default))
-    os.replace(tmp, path)
-
-
 def cmd_run(args) -> int:
     from .methods import get_method
     from .runner import run, summary_line
@@ -175,7 +168,8 @@ def cmd_run(args) -> int:
         check_writable(str(target / "fewtune.json") if target.is_dir() else str(target), "--save-model")
     result = run(cfg, progress=not args.quiet and sys.stderr.isatty(), save_model=args.save_model)
     if out:
-        write_json_atomic(out, result)
+        from .store import json_default, write_atomic
+        write_atomic(out, json.dumps(result, indent=2, default=json_default))
     print(summary_line(result))
     if out:
         print(f"result written to {out}")

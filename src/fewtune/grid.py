@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .errors import FewtuneError, did_you_mean, unknown
-from .store import Store, dumps, now, this_process
+from .store import Store, dumps, now, this_process, write_atomic
 
 log = logging.getLogger("fewtune")
 RUNNER_ENV = "FEWTUNE_GRID_RUNNER"  # "module:function" replacing fewtune.runner.run in the cells (tests, plug-ins)
@@ -456,9 +456,7 @@ def worker_main(config_json: str, result_path: str) -> int:
         out = run_config(config_json)
     except KeyboardInterrupt:
         return 130
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_text(dumps(out))
-    os.replace(tmp, out_path)  # the parent sees the whole record or none
+    write_atomic(out_path, dumps(out))  # the parent sees the whole record or none
     return 0 if out["ok"] else 1
 
 

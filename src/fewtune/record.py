@@ -7,7 +7,6 @@ import os
 import platform
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -90,6 +89,3 @@ class PeakMemory:
     def mib(self) -> float:
         return round(self.peak_bytes / 2**20, 1)
 
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 import torch
 
 from . import __version__, engine, metrics, models, record
@@ -15,6 +14,7 @@ from .errors import FewtuneError
 from .methods import RunContext, get_method
 from .methods.icl import fit_demonstrations
 from .run_presets import preset_values
+from .store import now
 from .tasks import load_task
 
 log = logging.getLogger("fewtune")
@@ -34,7 +34,7 @@ def hyperparameters(cfg: RunConfig, method) -> dict:
 
 def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) -> dict:
     """Run one configuration and return its result record (see docs/results.md)."""
-    started = record.now()
+    started = now()
     t_start = time.perf_counter()
     task = load_task(cfg.task)
     pattern = task.pattern(cfg.pattern)
@@ -133,7 +133,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     result.update(evals=evals, cost=cost, training=training,
                   method_info={k: v for k, v in ctx.extra.items() if k not in ("demonstrations", "lr")},
                   versions=record.versions(), git=record.git_commit(), machine=record.machine(),
-                  started_at=started, finished_at=record.now(), wall_seconds=round(time.perf_counter() - t_start, 2))
+                  started_at=started, finished_at=now(), wall_seconds=round(time.perf_counter() - t_start, 2))
     if save_model:
         from .saving import save
         save(save_model, model, tokenizer, cfg, task, pattern, method, result)
@@ -153,10 +153,3 @@ def summary_line(result: dict) -> str:
             f"{result['config']['seed']}: " + "; ".join(parts) +
             f" | train {c['train_seconds']:.1f}s eval {c['eval_seconds']:.1f}s peak {c['peak_memory_mib']:.0f} MiB")
 
-
-def json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    return str(o)

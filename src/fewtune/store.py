@@ -288,6 +288,13 @@ def dumps(obj) -> str | None:
     return json.dumps(obj, sort_keys=True, default=json_default)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a reader sees the whole file or the old one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def json_default(o):
     """numpy scalars as Python numbers (without importing numpy); anything else as its string."""
     if hasattr(o, "item") and callable(o.item):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..store import Store
+from ..store import Store, write_atomic
 
 
 def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -25,8 +25,3 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict
     write_atomic(paths["html"], to_html(doc, "fewtune report", fig_dir))
     return paths
 
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
