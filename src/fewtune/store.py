@@ -95,8 +95,7 @@ class Store:
         self._check_file()
         try:
             if readonly:
-                self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                            timeout=BUSY_TIMEOUT_S, isolation_level=None)
+                self.conn = self._connect_readonly()
             else:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
@@ -112,6 +111,23 @@ class Store:
             raise FewtuneError(f"Results database {self.path}: {e.strerror or e}.") from None
 
     # --- opening
+    def _connect_readonly(self, tries: int = 4):
+        """A read-only connection whose schema has been read. Just after the last writer closes, a read-only
+        connection (which may not create or reset the WAL index) has been seen to fail once with 'database
+        disk image is malformed' on a sound file (integrity_check ok a moment later): retry briefly before
+        calling the file corrupt."""
+        for attempt in range(tries):
+            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
+                                   timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            try:
+                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                return conn
+            except sqlite3.DatabaseError:
+                conn.close()
+                if attempt == tries - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
     def _check_file(self):
         if self.path.is_dir():
             raise FewtuneError(f"Results database {self.path} is a folder; give a file path (--db results/fewtune.db).")
