@@ -141,7 +141,9 @@ def _to_examples(task, split, rows, label_map, columns, where) -> list[Example]:
 def _read_hub(task: Task, split: Split) -> list[Example]:
     hub = split.hub
     if hub is None:
-        raise FewtuneError(f"Task '{task.name}' split '{split.name}' has no Hub source and its local file was not found.")
+        why = f" ({split.hub_note})" if split.hub_note else ""
+        raise FewtuneError(f"Task '{task.name}' split '{split.name}' has no Hub source{why}; "
+                           f"use the local files (--data-source local, --data-root or $FEWTUNE_DATA).")
     try:
         import datasets
         ds = datasets.load_dataset(hub["path"], hub.get("name"), split=hub["split"], revision=hub.get("revision"))
@@ -218,3 +220,38 @@ def eval_subsample(examples: list[Example], limit: int | None, seed: int = 0) ->
 
 def label_counts(examples) -> dict:
     return dict(sorted(Counter(ex.label for ex in examples).items()))
+
+
+# ----------------------------------------------------------------------------- provenance (run identity)
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, cached by (path, size, mtime) so a grid of many cells reads each file once."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        import hashlib
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def provenance(task: Task, split_name: str, root: Path | str | None = None, source: str = "auto") -> dict:
+    """Where a split's data comes from, as `load_split` would read it: {"local": relative path, "sha256": ...} or
+    {"hub": dataset, "name", "split", "revision"}. Part of a run's identity: the same content read from another
+    folder is the same experiment; other content, or the Hub instead of a local file, is not."""
+    if split_name not in task.splits:
+        raise FewtuneError(f"Task '{task.name}' has no split '{split_name}' (splits: {', '.join(task.splits)}).")
+    split = task.splits[split_name]
+    root_path = data_root(root) if source != "hub" else None
+    local_file = (Path(root_path) / split.local["path"]) if (root_path and split.local) else None
+    if source == "local" or (source == "auto" and ((local_file is not None and local_file.exists()) or split.hub is None)):
+        if local_file is None or not local_file.is_file():
+            return {"local": split.local["path"] if split.local else None, "sha256": None}  # load_split will say why
+        return {"local": split.local["path"], "sha256": file_sha256(local_file)}
+    hub = split.hub or {}
+    return {"hub": hub.get("path"), "name": hub.get("name"), "split": hub.get("split"), "revision": hub.get("revision")}

@@ -18,7 +18,7 @@ from .store import now
 from .tasks import load_task
 
 log = logging.getLogger("fewtune")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: identity, data provenance, per-example predictions, calibration, baselines
 
 
 def hyperparameters(cfg: RunConfig, method) -> dict:
@@ -68,10 +68,13 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
         model = method.prepare(ctx, model)
     total_params = sum(p.numel() for p in model.parameters())
 
+    identity = cfg.identity()
     result = {"schema": SCHEMA_VERSION, "fewtune_version": __version__, "config": cfg.to_dict(),
-              "config_hash": cfg.hash(), "task": {"name": task.name, "version": task.version, "source": task.source,
-                                                  "pattern": pattern.template, "verbalizer": list(pattern.verbalizer),
-                                                  "labels": list(task.labels)},
+              "config_hash": cfg.hash(), "identity": identity,
+              "task": {"name": task.name, "version": task.version, "source": task.source, "sha256": task.sha256,
+                       "primary_metric": task.primary_metric, "metrics": list(task.metrics),
+                       "pattern": pattern.template, "verbalizer": list(pattern.verbalizer), "labels": list(task.labels)},
+              "data": identity["data"],
               "seeds": {"data_seed": cfg.seed, "train_seed": train_seed, "eval_subsample_seed": 0},
               "train_indices": [ex.idx for ex in train_examples], "train_label_counts": label_counts(train_examples),
               "hyperparameters": hp if method.trains else {}, "device": str(device), "dtype": dtype}
@@ -112,7 +115,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
             log.warning("No demonstration fits the model's context of %d tokens: scoring zero-shot.", limit)
     prefix_text = method.eval_prefix(ctx)
     prefix_ids = engine.encode(tokenizer, [prefix_text])[0][0] if prefix_text else None
-    evals = {}
+    evals, predictions = {}, {}
     eval_seconds = eval_tokens = eval_n = 0
     with record.PeakMemory(device) as mem:
         for name, examples in eval_sets.items():
@@ -121,22 +124,30 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
             out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids)
             preds = out.logits.argmax(-1).tolist()
             gold = [ex.label for ex in examples]
-            m = metrics.compute(gold, preds, task.labels, task.metrics, [ex.groups for ex in examples])
+            logprobs = torch.log_softmax(torch.as_tensor(out.logits, dtype=torch.float64), -1).numpy()
+            m = metrics.evaluation(gold, preds, logprobs, task.labels, task.metrics, [ex.groups for ex in examples])
             role = "in_domain" if name == task.in_domain else ("out_of_domain" if name in task.out_of_domain else "other")
             evals[name] = {"role": role, **m, "truncated_examples": truncated, "seconds": round(out.seconds, 3)}
+            # per example, in the split's data order: what the paired statistics and calibration are computed from
+            predictions[name] = {"idx": [ex.idx for ex in examples], "gold": gold, "pred": preds,
+                                 "logprobs": logprobs.astype("float32").tolist(),
+                                 "groups": [ex.groups for ex in examples] if any(ex.groups for ex in examples) else None}
             eval_seconds += out.seconds
             eval_tokens += out.tokens
             eval_n += len(examples)
     cost.update(eval_seconds=round(eval_seconds, 3), eval_peak_memory_mib=mem.mib, eval_tokens=eval_tokens,
                 eval_examples_per_s=round(eval_n / eval_seconds, 3) if eval_seconds else None)
+    # labelled examples the run used: icl may have dropped demonstrations to fit the context (the
+    # "labelled examples" budget and the report use this, not the asked-for shots)
+    result["examples_used"] = ctx.extra.get("demonstrations_used", len(train_examples)) if not method.trains else len(train_examples)
     cost["peak_memory_mib"] = max(x for x in (mem_load.mib, cost["train_peak_memory_mib"], mem.mib) if x is not None)
-    result.update(evals=evals, cost=cost, training=training,
+    result.update(evals=evals, predictions=predictions, cost=cost, training=training,
                   method_info={k: v for k, v in ctx.extra.items() if k not in ("demonstrations", "lr")},
                   versions=record.versions(), git=record.git_commit(), machine=record.machine(),
                   started_at=started, finished_at=now(), wall_seconds=round(time.perf_counter() - t_start, 2))
     if save_model:
         from .saving import save
-        save(save_model, model, tokenizer, cfg, task, pattern, method, result)
+        save(save_model, model, tokenizer, cfg, task, pattern, method, result, prefix=prefix_text)
         result["saved_model"] = str(save_model)
     return result
 

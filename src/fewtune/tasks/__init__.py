@@ -6,6 +6,8 @@ same shape (see docs/tasks.md). Files are parsed with `tomllib` (no code is exec
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,9 @@ from ..errors import FewtuneError, did_you_mean, unknown
 BUILTIN_DIR = Path(__file__).parent
 DROP = "__drop__"  # label_map value: leave the row out (MNLI's neutral in the binary task)
 
-_TOP_KEYS = {"name", "version", "description", "labels", "fields", "metrics", "instruction", "raw_separator",
-             "train", "in_domain", "out_of_domain", "patterns", "splits"}
-_SPLIT_KEYS = {"local", "columns", "label_map", "hub", "hub_columns", "hub_label_map", "group_by"}
+_TOP_KEYS = {"name", "version", "description", "labels", "fields", "metrics", "primary_metric", "instruction",
+             "raw_separator", "train", "in_domain", "out_of_domain", "patterns", "splits"}
+_SPLIT_KEYS = {"local", "columns", "label_map", "hub", "hub_columns", "hub_label_map", "hub_note", "group_by"}
 _LOCAL_KEYS = {"path", "format", "header", "delimiter"}
 _HUB_KEYS = {"path", "name", "split", "revision"}
 _METRICS = {"accuracy", "mcc", "macro_f1"}
@@ -39,6 +41,7 @@ class Split:
     hub_columns: dict | None = None
     hub_label_map: dict | None = None
     group_by: tuple[str, ...] = ()
+    hub_note: str = ""  # why the split has no Hub source (said when --data-source hub asks for it)
 
 
 @dataclass(frozen=True)
@@ -53,10 +56,12 @@ class Task:
     in_domain: str
     out_of_domain: tuple[str, ...]
     metrics: tuple[str, ...] = ("accuracy", "macro_f1", "mcc")
+    primary_metric: str = "accuracy"  # what rankings, Pareto fronts and "which method" use (CoLA: mcc)
     description: str = ""
     instruction: str = ""
     raw_separator: str = "\n"
     source: str = ""  # the file it was read from
+    sha256: str = ""  # of the task's content as loaded (canonical JSON of the parsed file): part of a run's identity
     eval_splits: tuple[str, ...] = field(init=False)
 
     def __post_init__(self):
@@ -103,6 +108,11 @@ def parse_task_file(path: Path) -> Task:
     except OSError as e:
         raise FewtuneError(f"Task file {path} cannot be read: {e.strerror}.") from None
     return task_from_dict(raw, where=str(path))
+
+
+def content_sha256(raw: dict) -> str:
+    """Hash of a task's parsed content: comments and layout do not change it, any key or value does."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _check_keys(d: dict, allowed: set, where: str):
@@ -166,12 +176,18 @@ def task_from_dict(raw: dict, where: str = "<task>") -> Task:
     for role, sname in [("train", train), ("in_domain", in_domain)] + [("out_of_domain", s) for s in ood]:
         if sname not in splits:
             raise FewtuneError(f"{where}: {role} split '{sname}' is not declared under [splits].{did_you_mean(sname, list(splits))}")
+    primary = raw.get("primary_metric", "accuracy")
+    if not isinstance(primary, str) or primary not in _METRICS:
+        raise FewtuneError(f"{where}: primary_metric {primary!r:.60} is not a metric fewtune computes "
+                           f"({', '.join(sorted(_METRICS))}).{did_you_mean(str(primary), sorted(_METRICS))}")
+    if primary not in metrics:
+        metrics = (*metrics, primary)
     version = raw.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool):
         raise FewtuneError(f"{where}: 'version' must be an integer.")
     return Task(name=name, version=version, labels=labels, fields=fields, patterns=tuple(patterns), splits=splits,
-                train=train, in_domain=in_domain, out_of_domain=ood, metrics=metrics,
-                description=raw.get("description", ""), instruction=raw.get("instruction", ""),
+                train=train, in_domain=in_domain, out_of_domain=ood, metrics=metrics, primary_metric=primary,
+                sha256=content_sha256(raw), description=raw.get("description", ""), instruction=raw.get("instruction", ""),
                 raw_separator=raw.get("raw_separator", "\n"), source=where)
 
 
@@ -220,10 +236,13 @@ def _parse_split(name: str, s, fields, labels, where: str) -> Split:
             raise FewtuneError(f"{where}.columns.{key}: must be a column name or a 0-based column number.")
     label_map = {str(k): v for k, v in _need(s, "label_map", dict, where).items()}
     hub_label_map = s.get("hub_label_map")
+    hub_note = s.get("hub_note", "")
+    if not isinstance(hub_note, str):
+        raise FewtuneError(f"{where}.hub_note: must be a string (why the split has no Hub source).")
     for mname, m in (("label_map", label_map), ("hub_label_map", hub_label_map or {})):
         for raw_label, target in m.items():
             if target != DROP and target not in labels:
                 raise FewtuneError(f"{where}.{mname}: '{raw_label}' maps to '{target}', which is not one of the labels {list(labels)} (or \"{DROP}\").")
     return Split(name=name, local=local, columns=columns, label_map=label_map, hub=hub,
                  hub_columns=s.get("hub_columns"), hub_label_map={str(k): v for k, v in hub_label_map.items()} if hub_label_map else None,
-                 group_by=group_by)
+                 group_by=group_by, hub_note=hub_note)
