@@ -15,20 +15,20 @@ from pathlib import Path
 
 from .errors import FewtuneError
 
-# flag -> (option name, methods that take it)
+# flag -> {method: its option name} (--lora-r is lora's `r` but cd's `lora_r`, for a LoRA student)
 METHOD_FLAGS = {
-    "train_layers": ("train_layers", {"adaptive"}),
-    "lr_decay": ("lr_decay", {"adaptive"}),
-    "objective": ("objective", {"adaptive", "lora"}),
-    "lora_r": ("r", {"lora"}),
-    "lora_alpha": ("alpha", {"lora"}),
-    "lora_dropout": ("dropout", {"lora"}),
-    "lora_targets": ("target_modules", {"lora"}),
-    "context": ("context", {"cd"}),
-    "context_shots": ("context_shots", {"cd"}),
-    "alpha": ("alpha", {"cd"}),
-    "temperature": ("temperature", {"cd"}),
-    "student": ("student", {"cd"}),
+    "train_layers": {"adaptive": "train_layers"},
+    "lr_decay": {"adaptive": "lr_decay"},
+    "objective": {"adaptive": "objective", "lora": "objective"},
+    "lora_r": {"lora": "r", "cd": "lora_r"},
+    "lora_alpha": {"lora": "alpha", "cd": "lora_alpha"},
+    "lora_dropout": {"lora": "dropout"},
+    "lora_targets": {"lora": "target_modules"},
+    "context": {"cd": "context"},
+    "context_shots": {"cd": "context_shots"},
+    "alpha": {"cd": "alpha"},
+    "temperature": {"cd": "temperature"},
+    "student": {"cd": "student"},
 }
 RUN_FIELDS = ("task", "method", "model", "shots", "seed", "train_seed", "pattern", "eval_limit", "data_root",
               "data_source", "epochs", "batch_size", "micro_batch_size", "lr", "weight_decay", "warmup_ratio",
@@ -69,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-layers", type=int, help="adaptive: top blocks that train [2]")
     g.add_argument("--lr-decay", type=float, help="adaptive: per-block learning-rate decay from the top [0.8]")
     g.add_argument("--objective", help="adaptive, lora: pbft or ft [pbft]")
-    g.add_argument("--lora-r", type=int, help="lora: rank [8]")
-    g.add_argument("--lora-alpha", type=int, help="lora: alpha [16]")
+    g.add_argument("--lora-r", type=int, help="lora, cd with --student lora: rank [8]")
+    g.add_argument("--lora-alpha", type=int, help="lora, cd with --student lora: alpha [16]")
     g.add_argument("--lora-dropout", type=float, help="lora: dropout [0.05]")
     g.add_argument("--lora-targets", help="lora: comma-separated module names [attention projections]")
     g.add_argument("--context", help="cd: instruction or few-shot [instruction]")
@@ -131,7 +131,7 @@ def config_from_args(args) -> "RunConfig":
         fields["allow_unsafe_weights"] = True
     method = fields.get("method", "icl")
     options = dict(fields.get("method_options", {}))
-    for flag, (option, methods) in METHOD_FLAGS.items():
+    for flag, methods in METHOD_FLAGS.items():
         value = getattr(args, flag)
         if value is None:
             continue
@@ -139,7 +139,7 @@ def config_from_args(args) -> "RunConfig":
             raise FewtuneError(f"--{flag.replace('_', '-')} applies to method(s) {', '.join(sorted(methods))}, not '{method}'.")
         if flag == "lora_targets":
             value = [v.strip() for v in value.split(",") if v.strip()]
-        options[option] = value
+        options[methods[method]] = value
     fields["method_options"] = options
     return RunConfig.from_dict(fields, where=str(args.config or "flags"))
 

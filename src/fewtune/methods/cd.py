@@ -28,8 +28,8 @@ class CdOptions(Options):
     alpha: float = 0.5             # weight of the distillation term (1 = distillation only)
     temperature: float = 2.0
     student: str = "full"          # full | lora
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int | None = None      # student lora: rank (default 8)
+    lora_alpha: int | None = None  # student lora: alpha (default 16)
 
     def __post_init__(self):
         if self.context not in ("instruction", "few-shot"):
@@ -47,6 +47,10 @@ class CdOptions(Options):
             raise FewtuneError(f"cd: temperature must be positive, got {self.temperature!r}.")
         if self.student not in ("full", "lora"):
             raise FewtuneError(f"cd: student must be full or lora, got {self.student!r}.")
+        if self.student == "full" and (self.lora_r is not None or self.lora_alpha is not None):
+            raise FewtuneError("cd: --lora-r/--lora-alpha (lora_r/lora_alpha) apply only with --student lora.")
+        if self.student == "lora":  # validated here, before any loading, by LoraOptions' own checks
+            LoraOptions(r=8 if self.lora_r is None else self.lora_r, alpha=16 if self.lora_alpha is None else self.lora_alpha)
 
 
 @register
@@ -78,7 +82,9 @@ class ContextDistillation(Method):
 
     def prepare(self, ctx, model):
         if self.opts.student == "lora":
-            return wrap(model, LoraOptions(r=self.opts.lora_r, alpha=self.opts.lora_alpha), "lm")
+            r = 8 if self.opts.lora_r is None else self.opts.lora_r
+            alpha = 16 if self.opts.lora_alpha is None else self.opts.lora_alpha
+            return wrap(model, LoraOptions(r=r, alpha=alpha), "lm")
         return model
 
     def train_items(self, ctx, model, seqs, examples):
