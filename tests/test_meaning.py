@@ -44,3 +44,18 @@ def test_cd_lora_flags_bad(capsys, argv, words):
     line = one_line_error(capsys, argv)
     for w in words:
         assert w in line, line
+
+
+# ----------------------------------------------------------------------------- 11: the console line shows the task's metrics
+def _result(metrics: dict) -> dict:
+    return {"evals": {"dev": {"role": "in_domain", **metrics, "n": 10, "confusion": [[5, 0], [0, 5]]}},
+            "config": {"method": "icl", "task": "toy", "shots": 4, "seed": 0},
+            "cost": {"train_seconds": 0.0, "eval_seconds": 1.0, "peak_memory_mib": 100.0}}
+
+
+def test_summary_line_shows_every_listed_metric():
+    from fewtune.runner import summary_line
+    line = summary_line(_result({"accuracy": 0.5, "macro_f1": 0.4, "mcc": 0.1}))
+    assert "acc 0.500" in line and "macro-F1 0.400" in line and "mcc 0.100" in line
+    line = summary_line(_result({"macro_f1": 0.25}))  # a task that lists macro-F1 only
+    assert "macro-F1 0.250" in line and "acc" not in line.split("|")[0].split(":", 1)[1]

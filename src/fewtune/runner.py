@@ -143,11 +143,11 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
 
 def summary_line(result: dict) -> str:
     parts = []
+    short = {"accuracy": "acc", "mcc": "mcc", "macro_f1": "macro-F1"}
     for name, e in result["evals"].items():
-        s = f"{name}: acc {e['accuracy']:.3f}"
-        if "mcc" in e:
-            s += f" mcc {e['mcc']:.3f}"
-        parts.append(s + f" (n={e['n']})")
+        # every metric the task lists, in its order (an eval holds exactly those; see metrics.compute)
+        shown = " ".join(f"{short[k]} {v:.3f}" for k, v in e.items() if k in short)
+        parts.append(f"{name}: {shown} (n={e['n']})")
     c = result["cost"]
     return (f"{result['config']['method']} on {result['config']['task']}, {result['config']['shots']} shots, seed "
             f"{result['config']['seed']}: " + "; ".join(parts) +
