@@ -59,3 +59,78 @@ def test_summary_line_shows_every_listed_metric():
     assert "acc 0.500" in line and "macro-F1 0.400" in line and "mcc 0.100" in line
     line = summary_line(_result({"macro_f1": 0.25}))  # a task that lists macro-F1 only
     assert "macro-F1 0.250" in line and "acc" not in line.split("|")[0].split(":", 1)[1]
+
+
+# ----------------------------------------------------------------------------- 12-15: data and task files
+def _task(tmp_path, splits: dict, **top):
+    from fewtune.tasks import task_from_dict
+    raw = {"name": "t", "labels": ["no", "yes"], "fields": ["text"], "train": "train", "in_domain": "train",
+           "patterns": [{"template": "{text}?", "verbalizer": [" No", " Yes"]}], "splits": splits, **top}
+    return task_from_dict(raw, where=str(tmp_path / "t.toml"))
+
+
+def _local(path="t/train.tsv", fmt="tsv", header=True, **extra):
+    return {"local": {"path": path, "format": fmt, "header": header}, "columns": {"text": "text", "label": "label"}, **extra}
+
+
+def test_missing_file_without_hub_entry_does_not_advise_the_hub(tmp_path):
+    from fewtune.data import load_split
+    task = _task(tmp_path, {"train": _local(label_map={"0": "no", "1": "yes"})})
+    with pytest.raises(FewtuneError) as e:
+        load_split(task, "train", tmp_path)
+    assert "does not exist" in str(e.value) and "--data-source hub" not in str(e.value)
+    assert "no Hub source" in str(e.value)
+    with pytest.raises(FewtuneError, match=r"has no Hub source .* use --data-source local or auto"):
+        load_split(task, "train", tmp_path, source="hub")
+    # with a Hub entry the advice stays
+    hub = _task(tmp_path, {"train": _local(label_map={"0": "no", "1": "yes"}, hub={"path": "x/y", "split": "train"})})
+    with pytest.raises(FewtuneError, match="--data-source hub"):
+        load_split(hub, "train", tmp_path)
+
+
+@pytest.mark.parametrize("fmt, header, content, words", [
+    ("jsonl", False, "", ["train.jsonl is empty", "0 bytes"]),
+    ("tsv", False, "", ["train.tsv is empty", "0 bytes"]),
+    ("tsv", True, "", ["train.tsv is empty", "expected a header row"]),
+    ("csv", True, "\n\n", ["train.csv is empty", "only blank lines"]),
+    ("tsv", True, "text\tlabel\n", ["split 'train' is empty", "header row but no data rows"]),
+])
+def test_empty_data_file_says_the_file_is_empty(tmp_path, fmt, header, content, words):
+    from fewtune.data import load_split
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / f"train.{fmt}").write_text(content)
+    task = _task(tmp_path, {"train": _local(f"t/train.{fmt}", fmt, header, label_map={"0": "no", "1": "yes"})})
+    with pytest.raises(FewtuneError) as e:
+        load_split(task, "train", tmp_path)
+    assert "after label mapping" not in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+@pytest.mark.parametrize("name, suggestion", [("f1", "macro_f1"), ("macro-f1", "macro_f1"), ("acc", "accuracy"), ("mcc_", "mcc")])
+def test_unknown_metric_names_file_key_and_suggests(tmp_path, name, suggestion):
+    with pytest.raises(FewtuneError) as e:
+        _task(tmp_path, {"train": _local(label_map={"0": "no", "1": "yes"})}, metrics=["accuracy", name])
+    msg = str(e.value)
+    assert str(tmp_path / "t.toml") in msg and "'metrics'" in msg and f"'{name}'" in msg
+    assert f"Did you mean: {suggestion}?" in msg
+
+
+def test_label_map_is_optional_identity(tmp_path):
+    from fewtune.data import load_split
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "train.tsv").write_text("text\tlabel\na\tyes\nb\tno\nc\tmaybe\n")
+    task = _task(tmp_path, {"train": _local()})
+    assert task.splits["train"].label_map == {"no": "no", "yes": "yes"}
+    with pytest.raises(FewtuneError, match=r"line 4: label 'maybe' is not in the task's label_map"):
+        load_split(task, "train", tmp_path)
+    (tmp_path / "t" / "train.tsv").write_text("text\tlabel\na\tyes\nb\tno\n")
+    assert [ex.label for ex in load_split(task, "train", tmp_path)] == [1, 0]
+
+
+def test_out_of_domain_may_be_empty_or_left_out_but_not_a_string(tmp_path):
+    splits = {"train": _local(label_map={"0": "no", "1": "yes"})}
+    assert _task(tmp_path, splits).eval_splits == ("train",)
+    assert _task(tmp_path, splits, out_of_domain=[]).out_of_domain == ()
+    with pytest.raises(FewtuneError, match="'out_of_domain' must be a list of split names"):
+        _task(tmp_path, splits, out_of_domain="train")
