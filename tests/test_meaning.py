@@ -134,3 +134,43 @@ def test_out_of_domain_may_be_empty_or_left_out_but_not_a_string(tmp_path):
     assert _task(tmp_path, splits, out_of_domain=[]).out_of_domain == ()
     with pytest.raises(FewtuneError, match="'out_of_domain' must be a list of split names"):
         _task(tmp_path, splits, out_of_domain="train")
+
+
+# ----------------------------------------------------------------------------- 1: the label word is the token the model sees
+@pytest.mark.parametrize("prompt, words, ok, message", [
+    ("The film was good.\\nAnswer:", [" No", " Yes"], True, None),
+    ("The film was good.\\nAnswer:\\n", ["No", "Yes"], True, None),       # a newline then the word: as the model reads it
+    ("The film was good. ?", [" No", " Yes"], True, None),
+    ("The film was good.\\nAnswer:", ["No", "Yes"], False, r"with no space.*Answer:No' = \['Answer', ':', 'No'\].*Answer: No' = \['Answer', ':', 'ĠNo'\].*leading space"),
+    ("The film was good.\\nAnswer: ", ["No", "Yes"], False, r"tokenizes as \['Answer', ':', 'ĠNo'\] \(the prompt alone: \['Answer', ':', 'Ġ'\]\).*move the trailing whitespace"),
+    ("The film was good.\\nAnswer: ", [" No", " Yes"], True, None),  # two spaces, but the tokens are what the model reads
+])
+def test_verbalizer_checked_against_the_prompt(tokenizer, prompt, words, ok, message):
+    from fewtune.models import verbalizer_token_ids
+    prompt = prompt.replace("\\n", "\n")
+    plain = verbalizer_token_ids(tokenizer, words, "m")  # one token each: the old check passes every case
+    if ok:
+        assert verbalizer_token_ids(tokenizer, words, "m", [prompt]) == plain
+    else:
+        with pytest.raises(FewtuneError, match=message):
+            verbalizer_token_ids(tokenizer, words, "m", [prompt])
+
+
+def test_run_refuses_glued_verbalizer(tmp_path, toy, tiny_model_dir, capsys):
+    text = toy.task_file.read_text().replace('verbalizer = [" No", " Yes"]', 'verbalizer = ["No", "Yes"]', 1)
+    task = tmp_path / "glued.toml"
+    task.write_text(text)
+    line = one_line_error(capsys, ["run", "--task", str(task), "--data-root", str(toy.root), "--model", str(tiny_model_dir),
+                                   "--shots", "2", "--eval-limit", "4", "--device", "cpu", "-q"])
+    assert "Verbalizer word 'No' follows the prompt" in line and "leading space" in line
+
+
+@pytest.mark.parametrize("name", ["cola", "mnli"])
+def test_builtin_patterns_pass_the_answer_slot_check(tokenizer, name, data_dir):
+    from fewtune.data import load_split
+    from fewtune.models import verbalizer_token_ids
+    from fewtune.tasks import load_task
+    task = load_task(name)
+    examples = load_split(task, task.in_domain, data_dir)[:5]
+    for pattern in task.patterns:
+        verbalizer_token_ids(tokenizer, pattern.verbalizer, "smollm2-135m", [task.format(pattern, ex) for ex in examples])

@@ -56,7 +56,9 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     eval_sets = {name: eval_subsample(load_split(task, name, cfg.data_root, cfg.data_source), eval_limit) for name in eval_names}
 
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer, cfg.model) if method.objective == "lm" else None
+    # the answer slot is checked on real queries (a template ending in a field ends differently per example)
+    prompts = [task.format(pattern, ex) for ex in (train_examples or next(iter(eval_sets.values()), []))[:4]]
+    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer, cfg.model, prompts) if method.objective == "lm" else None
     ctx = RunContext(config=cfg, task=task, pattern=pattern, tokenizer=tokenizer, label_ids=label_ids,
                      train_examples=train_examples, device=device, dtype=dtype, extra={"lr": hp["lr"]})
 
