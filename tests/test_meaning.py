@@ -174,3 +174,49 @@ def test_builtin_patterns_pass_the_answer_slot_check(tokenizer, name, data_dir):
     examples = load_split(task, task.in_domain, data_dir)[:5]
     for pattern in task.patterns:
         verbalizer_token_ids(tokenizer, pattern.verbalizer, "smollm2-135m", [task.format(pattern, ex) for ex in examples])
+
+
+# ----------------------------------------------------------------------------- 4: adaptive trains what follows the blocks
+def _tiny(arch: str, head: bool = False):
+    import torch
+    import transformers as tf
+    torch.manual_seed(0)
+    V = 64
+    cfgs = {
+        "llama": (tf.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                 num_key_value_heads=1, pad_token_id=0), "LlamaFor"),
+        "gpt2": (tf.GPT2Config(vocab_size=V, n_embd=16, n_layer=3, n_head=2, n_positions=32, pad_token_id=0), "GPT2"),
+        "opt": (tf.OPTConfig(vocab_size=V, hidden_size=16, word_embed_proj_dim=8, num_hidden_layers=3, ffn_dim=32,
+                             num_attention_heads=2, max_position_embeddings=32, pad_token_id=0), "OPTFor"),
+        "bloom": (tf.BloomConfig(vocab_size=V, hidden_size=16, n_layer=3, n_head=2, pad_token_id=0), "BloomFor"),
+        "falcon": (tf.FalconConfig(vocab_size=V, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, pad_token_id=0), "FalconFor"),
+    }
+    cfg, _ = cfgs[arch]
+    cls = getattr(tf, {"llama": "Llama", "gpt2": "GPT2", "opt": "OPT", "bloom": "Bloom", "falcon": "Falcon"}[arch]
+                  + ("ForSequenceClassification" if head else ("LMHeadModel" if arch == "gpt2" else "ForCausalLM")))
+    if head:
+        cfg.num_labels = 2
+    return cls(cfg).eval()
+
+
+@pytest.mark.parametrize("arch, after", [
+    ("llama", {"model.norm.weight"}),
+    ("gpt2", {"transformer.ln_f.weight", "transformer.ln_f.bias"}),
+    ("opt", {"model.decoder.final_layer_norm.weight", "model.decoder.final_layer_norm.bias", "model.decoder.project_out.weight"}),
+    ("bloom", {"transformer.ln_f.weight", "transformer.ln_f.bias"}),
+    ("falcon", {"transformer.ln_f.weight", "transformer.ln_f.bias"}),
+])
+@pytest.mark.parametrize("objective", ["pbft", "ft"])
+def test_adaptive_trains_everything_between_last_block_and_head(arch, after, objective):
+    model = _tiny(arch, head=objective == "ft")
+    method = get_method("adaptive", {"train_layers": 1, "objective": objective})
+    method.prepare(None, model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    top = {n for n in trainable if ".2." in n}
+    heads = {n for n in trainable if n.split(".")[0] in ("score", "classifier")}
+    assert top and trainable - top - heads == after
+    assert (objective == "ft") == bool(heads)
+    emb = model.get_input_embeddings().weight
+    assert not emb.requires_grad  # embeddings (and the tied LM head) stay frozen
+    if arch == "opt":
+        assert not model.get_decoder().project_in.weight.requires_grad  # before the blocks: frozen
