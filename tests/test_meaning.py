@@ -220,3 +220,17 @@ def test_adaptive_trains_everything_between_last_block_and_head(arch, after, obj
     assert not emb.requires_grad  # embeddings (and the tied LM head) stay frozen
     if arch == "opt":
         assert not model.get_decoder().project_in.weight.requires_grad  # before the blocks: frozen
+
+
+# ----------------------------------------------------------------------------- 5: one truncation rule for icl
+def test_icl_truncates_queries_to_max_length_with_or_without_demonstrations(toy, tiny_model_dir):
+    from conftest import Case, tiny_run_config
+    from fewtune.runner import run
+    counts = {}
+    for shots in (0, 2):
+        cfg = tiny_run_config(Case("icl", "icl", {}), toy, tiny_model_dir, shots=shots, max_length=8, eval_limit=4)
+        result = run(cfg, progress=False)
+        counts[shots] = {name: e["truncated_examples"] for name, e in result["evals"].items()}
+        if shots:
+            assert result["method_info"]["demonstrations_used"] == 2  # the demonstrations are not cut
+    assert counts[0] == counts[2] == {"dev": 4, "ood": 4}  # every toy query is longer than 8 tokens

@@ -107,7 +107,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     # evaluation
     if cfg.method == "icl" and train_examples:
         longest = max(len(s) for ex_list in eval_sets.values()
-                      for s in engine.encode(tokenizer, [method.text(ctx, ex) for ex in ex_list], with_bos=False)[0])
+                      for s in engine.encode(tokenizer, [method.text(ctx, ex) for ex in ex_list], cfg.max_length, with_bos=False)[0])
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         fit_demonstrations(method, ctx, longest, limit)
         if ctx.extra["demonstrations_used"] == 0:
@@ -119,7 +119,8 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     with record.PeakMemory(device) as mem:
         for name, examples in eval_sets.items():
             texts = [method.text(ctx, ex) for ex in examples]
-            seqs, truncated = engine.encode(tokenizer, texts, None if prefix_ids else cfg.max_length, with_bos=prefix_ids is None)
+            # one rule with or without demonstrations: the query is cut to max_length, the demonstrations fitted to the context
+            seqs, truncated = engine.encode(tokenizer, texts, cfg.max_length, with_bos=prefix_ids is None)
             out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids)
             preds = out.logits.argmax(-1).tolist()
             gold = [ex.label for ex in examples]
