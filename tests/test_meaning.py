@@ -234,3 +234,35 @@ def test_icl_truncates_queries_to_max_length_with_or_without_demonstrations(toy,
         if shots:
             assert result["method_info"]["demonstrations_used"] == 2  # the demonstrations are not cut
     assert counts[0] == counts[2] == {"dev": 4, "ood": 4}  # every toy query is longer than 8 tokens
+
+
+# ----------------------------------------------------------------------------- 2: the cd teacher's context fits the model
+@pytest.fixture(scope="module")
+def short_model_dir(tokenizer, tmp_path_factory):
+    """A tiny Llama with 64 positions: four toy demonstrations (~20 tokens each) and a query do not fit."""
+    folder = tmp_path_factory.mktemp("tiny-64")
+    make_tiny_lm(tokenizer, max_position_embeddings=64).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cd_teacher_context_drops_demonstrations_to_fit(toy, short_model_dir):
+    from conftest import Case, tiny_run_config
+    from fewtune.runner import run
+    cfg = tiny_run_config(Case("cd", "cd", {"context": "few-shot", "context_shots": 4}), toy, short_model_dir,
+                          shots=4, epochs=1, eval_limit=2)
+    info = run(cfg, progress=False)["method_info"]
+    used, dropped = info["context_demonstrations_used"], info["context_demonstrations_dropped"]
+    assert 1 <= used < 4 and used + dropped == 4 and len(info["context_demonstration_indices"]) == used
+    assert info["teacher_context_limit"] == 64 and info["teacher_context_tokens"] < 64
+
+
+def test_cd_teacher_context_that_cannot_fit_is_refused(tmp_path, toy, short_model_dir, capsys):
+    text = toy.task_file.read_text().replace('instruction = "Decide whether each review is positive."',
+                                             'instruction = "' + "Decide whether each review is positive. " * 8 + '"')
+    task = tmp_path / "long.toml"
+    task.write_text(text)
+    line = one_line_error(capsys, ["run", "--task", str(task), "--data-root", str(toy.root), "--model", str(short_model_dir),
+                                   "--method", "cd", "--shots", "4", "--epochs", "1", "--eval-limit", "2", "--device", "cpu",
+                                   "--dtype", "fp32", "-q"])
+    assert "cd: the teacher's context" in line and "exceed the model's 64 positions" in line
