@@ -266,3 +266,33 @@ def test_cd_teacher_context_that_cannot_fit_is_refused(tmp_path, toy, short_mode
                                    "--method", "cd", "--shots", "4", "--epochs", "1", "--eval-limit", "2", "--device", "cpu",
                                    "--dtype", "fp32", "-q"])
     assert "cd: the teacher's context" in line and "exceed the model's 64 positions" in line
+
+
+# ----------------------------------------------------------------------------- 3: evaluating on the training split
+@pytest.mark.parametrize("how", ["eval-splits", "in_domain"])
+def test_eval_on_training_split_leaves_the_sample_out(tmp_path, toy, tiny_model_dir, how):
+    from conftest import Case, tiny_run_config
+    from fewtune.runner import run
+    if how == "eval-splits":
+        cfg = tiny_run_config(Case("icl", "icl", {}), toy, tiny_model_dir, shots=6, eval_limit=None, eval_splits=["train", "dev"])
+    else:  # a task whose in-domain split is its training split
+        task = tmp_path / "selfeval.toml"
+        task.write_text(toy.task_file.read_text().replace('in_domain = "dev"', 'in_domain = "train"'))
+        cfg = tiny_run_config(Case("icl", "icl", {}), toy, tiny_model_dir, shots=6, eval_limit=None, task=str(task))
+    result = run(cfg, progress=False)
+    train = result["evals"]["train"]
+    assert train["excluded_train_examples"] == 6 and train["n"] == 40 - 6
+    assert "excluded_train_examples" not in result["evals"]["ood"] if how == "in_domain" else "excluded_train_examples" not in result["evals"]["dev"]
+    assert len(result["method_info"]["demonstration_indices"]) == 6
+
+
+def test_exclusion_uses_row_ids_and_refuses_an_empty_remainder(toy):
+    from fewtune.data import exclude_training, load_split
+    from fewtune.tasks import load_task
+    task = load_task(str(toy.task_file))
+    train = load_split(task, "train", toy.root)
+    kept, n = exclude_training(task, "train", train[:10], train[5:8])
+    assert n == 3 and [ex.idx for ex in kept] == [0, 1, 2, 3, 4, 8, 9]
+    assert exclude_training(task, "dev", train[:10], train[5:8]) == (train[:10], 0)
+    with pytest.raises(FewtuneError, match="nothing is left"):
+        exclude_training(task, "train", train[:3], train[:3])

@@ -230,5 +230,29 @@ def eval_subsample(examples: list[Example], limit: int | None, seed: int = 0) ->
     return [examples[p] for p in sorted(chosen)]
 
 
+def shares_training_data(task: Task, split_name: str) -> bool:
+    """True when `split_name` reads the same rows as the task's training split (the same split, or the same source)."""
+    if split_name == task.train:
+        return True
+    a, b = task.splits[split_name], task.splits[task.train]
+    return (a.local, a.hub, a.columns, a.label_map) == (b.local, b.hub, b.columns, b.label_map)
+
+
+def exclude_training(task: Task, split_name: str, examples: list[Example], train_examples: list[Example]) -> tuple[list[Example], int]:
+    """(examples, how many removed): an evaluation on the training data leaves out the run's few-shot sample
+    (which holds the ICL and CD demonstrations); other splits are returned unchanged.
+
+    Applied after the fixed-seed subsample, so every run is scored on a subset of the same examples.
+    """
+    if not shares_training_data(task, split_name):
+        return examples, 0
+    seen = {ex.idx for ex in train_examples}
+    kept = [ex for ex in examples if ex.idx not in seen]
+    if not kept:
+        raise FewtuneError(f"Task '{task.name}' evaluation split '{split_name}' is the training data, and nothing is left of it "
+                           f"once the {len(seen)} training examples are left out; evaluate on another split or raise --eval-limit.")
+    return kept, len(examples) - len(kept)
+
+
 def label_counts(examples) -> dict:
     return dict(sorted(Counter(ex.label for ex in examples).items()))

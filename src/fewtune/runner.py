@@ -9,7 +9,7 @@ import torch
 
 from . import __version__, engine, metrics, models, record
 from .config import RunConfig
-from .data import eval_subsample, label_counts, load_split, sample_train
+from .data import eval_subsample, exclude_training, label_counts, load_split, sample_train, shares_training_data
 from .errors import FewtuneError
 from .methods import RunContext, get_method
 from .methods.icl import fit_demonstrations
@@ -54,6 +54,11 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
         if name not in task.splits:
             raise FewtuneError(f"Task '{task.name}' has no split '{name}' (splits: {', '.join(task.splits)}).")
     eval_sets = {name: eval_subsample(load_split(task, name, cfg.data_root, cfg.data_source), eval_limit) for name in eval_names}
+    excluded = {}  # an evaluation on the training data leaves the few-shot sample (and so every demonstration) out
+    for name in eval_names:
+        eval_sets[name], n_out = exclude_training(task, name, eval_sets[name], train_examples)
+        if shares_training_data(task, name):
+            excluded[name] = n_out
 
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
     # the answer slot is checked on real queries (a template ending in a field ends differently per example)
@@ -127,6 +132,8 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
             m = metrics.compute(gold, preds, task.labels, task.metrics, [ex.groups for ex in examples])
             role = "in_domain" if name == task.in_domain else ("out_of_domain" if name in task.out_of_domain else "other")
             evals[name] = {"role": role, **m, "truncated_examples": truncated, "seconds": round(out.seconds, 3)}
+            if name in excluded:
+                evals[name]["excluded_train_examples"] = excluded[name]
             eval_seconds += out.seconds
             eval_tokens += out.tokens
             eval_n += len(examples)
