@@ -296,3 +296,28 @@ def test_exclusion_uses_row_ids_and_refuses_an_empty_remainder(toy):
     assert exclude_training(task, "dev", train[:10], train[5:8]) == (train[:10], 0)
     with pytest.raises(FewtuneError, match="nothing is left"):
         exclude_training(task, "train", train[:3], train[:3])
+
+
+# ----------------------------------------------------------------------------- 6: a result another grid took over
+def test_grid_reports_a_result_it_could_not_record(tmp_path):
+    from fewtune.grid import expand, run_grid
+    from fewtune.store import Store
+    grid = expand({"models": ["fake-model"], "tasks": ["cola"], "shots": [2], "seeds": [0, 1], "eval_limit": 10,
+                   "methods": [{"method": "icl"}]}, default_name="two")
+    db = tmp_path / "r.db"
+    other = {"host": "elsewhere", "pid": 1, "started": 0.0}  # another grid that --reclaim'ed the first cell
+
+    def runner(cfg, progress=False):
+        if cfg.hash() == grid.cells[0].key:
+            with Store(db) as s2:
+                assert s2.claim(cfg, owner=other, reclaim=True) == "claimed"
+        return {"config": cfg.to_dict(), "evals": {"dev": {"accuracy": 0.5, "n": 10}}, "cost": {}, "versions": {}}
+
+    lines = []
+    with Store(db) as store:
+        s = run_grid(grid, store, tmp_path / "logs", runner=runner, in_process=True, progress=False, echo=lines.append)
+        rows = {r["config_hash"]: r for r in store.rows()}
+    assert (s.success, s.lost, s.failed) == (1, 1, 0)
+    assert any(line.startswith("NOT RECORDED") and "another grid took this cell over" in line for line in lines)
+    assert not any(line.startswith("ok") and grid.cells[0].describe() in line for line in lines)
+    assert rows[grid.cells[0].key]["status"] == "running" and rows[grid.cells[1].key]["status"] == "success"

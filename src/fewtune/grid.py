@@ -322,6 +322,7 @@ class Summary:
     success: int = 0
     failed: int = 0
     busy: int = 0
+    lost: int = 0   # finished here but not recorded: another grid took the cell over meanwhile (--reclaim)
     failures: list = field(default_factory=list)
 
 
@@ -358,12 +359,16 @@ def claim_cell(cell: Cell, grid: Grid, store: Store, log_dir: Path, owner: dict,
 def record_outcome(cell: Cell, store: Store, outcome: str, payload, owner: dict, seconds: float, log_path: Path,
                    summary: Summary, bar, write) -> None:
     """Write a finished cell to the database ('success' + result record, or 'failed' + one-line error)."""
-    if outcome == "success":
-        store.finish(cell.key, payload, owner)
+    recorded = store.finish(cell.key, payload, owner) if outcome == "success" else store.fail(cell.key, payload, owner)
+    if not recorded:  # the row is no longer ours: say so, never "ok"
+        summary.lost += 1
+        what = f"succeeded ({brief(payload)})" if outcome == "success" else f"failed ({payload})"
+        write(f"NOT RECORDED {cell.describe()}: {what} after {seconds:.0f} s, but another grid took this cell over "
+              f"meanwhile (--reclaim), so the row is that grid's [{cell.key}; log: {log_path}]")
+    elif outcome == "success":
         summary.success += 1
         write(f"ok {cell.describe()}: {brief(payload)} ({seconds:.0f} s)")
     else:
-        store.fail(cell.key, payload, owner)
         summary.failed += 1
         summary.failures.append((cell, payload))
         write(f"FAILED {cell.describe()}: {payload} [log: {log_path}]")
