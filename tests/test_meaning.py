@@ -321,3 +321,47 @@ def test_grid_reports_a_result_it_could_not_record(tmp_path):
     assert any(line.startswith("NOT RECORDED") and "another grid took this cell over" in line for line in lines)
     assert not any(line.startswith("ok") and grid.cells[0].describe() in line for line in lines)
     assert rows[grid.cells[0].key]["status"] == "running" and rows[grid.cells[1].key]["status"] == "success"
+
+
+# ----------------------------------------------------------------------------- 17: --shots-per-class
+def _cfg(*argv):
+    return config_from_args(build_parser().parse_args(["run", *argv]))
+
+
+def test_shots_per_class_is_recorded_as_the_total(toy, tmp_path):
+    per_class = _cfg("--task", "cola", "--method", "icl", "--shots-per-class", "8")
+    total = _cfg("--task", "cola", "--method", "icl", "--shots", "16")
+    assert per_class.shots == 16 and per_class.hash() == total.hash() and per_class.to_dict() == total.to_dict()
+    three = tmp_path / "three.toml"  # a three-label task: 3 x 4
+    three.write_text(toy.task_file.read_text().replace('labels = ["negative", "positive"]', 'labels = ["negative", "positive", "mixed"]')
+                     .replace('verbalizer = [" No", " Yes"]', 'verbalizer = [" No", " Yes", " Maybe"]'))
+    assert _cfg("--task", str(three), "--shots-per-class", "4").shots == 12
+    conf = tmp_path / "c.toml"
+    conf.write_text('task = "mnli"\nshots_per_class = 2\n')
+    assert _cfg("--config", str(conf)).shots == 4
+    assert _cfg("--config", str(conf), "--shots", "6").shots == 6  # a flag overrides the file
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["run", "--shots", "4", "--shots-per-class", "2"], ["--shots and --shots-per-class both given", "total"]),
+    (["run", "--shots-per-class", "-1"], ["--shots-per-class must be an integer ≥ 0"]),
+])
+def test_shots_per_class_bad(capsys, argv, words):
+    line = one_line_error(capsys, argv)
+    for w in words:
+        assert w in line, line
+
+
+def test_grid_shots_per_class(tmp_path):
+    from fewtune.grid import expand
+    spec = {"models": ["m"], "tasks": ["cola"], "seeds": [0], "shots_per_class": [2, 8],
+            "methods": [{"method": "icl"}, {"method": "pbft", "label": "pbft-total", "shots": [4]},
+                        {"method": "lora", "shots_per_class": [1]}]}
+    cells = expand(spec, validate=False).cells
+    got = sorted((c.label, c.config.shots) for c in cells)
+    assert got == [("icl", 4), ("icl", 16), ("lora", 2), ("pbft-total", 4)]
+    total = {k: v for k, v in spec.items() if k != "shots_per_class"} | {"shots": [4, 16], "methods": [{"method": "icl"}]}
+    same = expand(total, validate=False)
+    assert {c.key for c in same.cells} == {c.key for c in cells if c.label == "icl"}
+    with pytest.raises(FewtuneError, match="'shots' and 'shots_per_class' both given"):
+        expand({**spec, "shots": [4]}, validate=False)

@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--task", help="built-in task (cola, mnli) or path to a task file [mnli]")
     r.add_argument("--method", help="icl, ft, pbft, adaptive, lora, cd [icl]")
     r.add_argument("--model", help="bundled name (smollm2-135m), local folder or Hub id [smollm2-135m]")
-    r.add_argument("--shots", type=int, help="few-shot training examples / ICL demonstrations [16]")
+    r.add_argument("--shots", type=int, help="few-shot training examples in total, all classes together (icl: demonstrations) [16]")
+    r.add_argument("--shots-per-class", type=int, metavar="K",
+                   help="K examples per class instead: recorded as --shots K x (number of labels), the same run")
     r.add_argument("--seed", type=int, help="data seed: which examples, in which order [0]")
     r.add_argument("--train-seed", type=int, help="initialisation and shuffling seed [= --seed]")
     r.add_argument("--pattern", type=int, help="index of the task's pattern [0]")
@@ -117,10 +119,20 @@ def config_from_args(args) -> "RunConfig":
             raise FewtuneError(f"Config file {path} is not valid TOML: {e}.") from None
         except OSError as e:  # a folder, no permission
             raise FewtuneError(f"Config file {path} cannot be read: {e.strerror or e}.") from None
+    file_per_class = fields.pop("shots_per_class", None)
+    if file_per_class is not None and "shots" in fields:
+        raise FewtuneError(f"{args.config}: shots and shots_per_class both given: shots is the total over all classes; give one of them.")
     for name in RUN_FIELDS:
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
+    # --shots-per-class K (or shots_per_class in the config file) becomes shots = K x labels: the same run as that total
+    if args.shots is not None and args.shots_per_class is not None:
+        raise FewtuneError("--shots and --shots-per-class both given: --shots is the total over all classes; give one of them.")
+    if args.shots_per_class is not None:
+        fields["shots"] = shots_for_per_class(args.shots_per_class, fields, "--shots-per-class")
+    elif file_per_class is not None and args.shots is None:
+        fields["shots"] = shots_for_per_class(file_per_class, fields, f"{args.config}: shots_per_class")
     if args.uniform:
         fields["balanced"] = False
     if args.eval_splits:
@@ -142,6 +154,17 @@ def config_from_args(args) -> "RunConfig":
         options[methods[method]] = value
     fields["method_options"] = options
     return RunConfig.from_dict(fields, where=str(args.config or "flags"))
+
+
+def shots_for_per_class(k, fields: dict, what: str) -> int:
+    """The total that K examples per class implies for the task in `fields` (LM-BFF's "16 per class")."""
+    from .tasks import load_task
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise FewtuneError(f"{what} must be an integer ≥ 0, got {k!r:.60}.")
+    task = fields.get("task", "mnli")
+    if not isinstance(task, str):
+        raise FewtuneError(f"Config field 'task' must be a string, got {task!r:.60}.")
+    return k * len(load_task(task).labels)
 
 
 def check_writable(path: str, flag: str) -> Path:
