@@ -365,3 +365,43 @@ def test_grid_shots_per_class(tmp_path):
     assert {c.key for c in same.cells} == {c.key for c in cells if c.label == "icl"}
     with pytest.raises(FewtuneError, match="'shots' and 'shots_per_class' both given"):
         expand({**spec, "shots": [4]}, validate=False)
+
+
+# ----------------------------------------------------------------------------- 16: fewtune check, fewtune ls tasks
+def test_check_validates_a_task_file_without_running(toy, tiny_model_dir, capsys):
+    assert main(["check", str(toy.task_file), "--data-root", str(toy.root), "--model", str(tiny_model_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "task 'toy' v1" in out and "2 labels ['negative', 'positive']" in out
+    assert "split train" in out and "40 examples (negative 20, positive 20)" in out
+    assert "split dev" in out and "24 examples" in out and "out-of-domain" in out
+    assert "up to 20 per class" in out and "pattern 1:" in out and "'ĠYes'" in out
+    assert out.strip().endswith("is a valid task")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (('verbalizer = [" No", " Yes"]', 'verbalizer = ["No", "Yes"]'), ["Verbalizer word 'No' follows the prompt"]),
+    (('columns = { text = "text", label = "label" }', 'columns = { text = "review", label = "label" }'),
+     ["column 'review' (for 'text') is not in the header"]),
+    (('toy/ood.tsv', 'toy/nope.tsv'), ["nope.tsv does not exist"]),
+])
+def test_check_reports_the_first_problem(tmp_path, toy, tiny_model_dir, capsys, edit, words):
+    task = tmp_path / "bad.toml"
+    task.write_text(toy.task_file.read_text().replace(*edit, 1))
+    line = one_line_error(capsys, ["check", str(task), "--data-root", str(toy.root), "--model", str(tiny_model_dir)])
+    for w in words:
+        assert w in line, line
+
+
+def test_ls_tasks_lists_task_files_in_a_folder(tmp_path, toy, capsys, monkeypatch):
+    (tmp_path / "sst2.toml").write_text(toy.task_file.read_text().replace('name = "toy"', 'name = "sst2"'))
+    (tmp_path / "broken.toml").write_text(toy.task_file.read_text().replace("labels =", "lables ="))
+    (tmp_path / "grid.toml").write_text('models = ["m"]\ntasks = ["cola"]\n')  # not a task file: not listed
+    assert main(["ls", "tasks", "--dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    first = [line.split()[0] for line in lines if line and not line.startswith("(")]
+    assert first == ["cola", "mnli", str(tmp_path / "broken.toml"), str(tmp_path / "sst2.toml")]
+    assert any("'sst2'" in line and "in-domain=dev" in line for line in lines)
+    assert any("broken.toml" in line and "unknown key 'lables'" in line for line in lines)
+    monkeypatch.chdir(tmp_path)  # without --dir: the current folder
+    assert main(["ls", "tasks"]) == 0
+    assert "sst2.toml" in capsys.readouterr().out

@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list tasks, methods or models")
     ls.add_argument("what", choices=["tasks", "methods", "models"])
+    ls.add_argument("--dir", help="tasks: also list the task files in this folder [the current folder]")
+
+    ck = sub.add_parser("check", help="load and validate a task file: data, columns, label words, sizes; runs nothing")
+    ck.add_argument("task", help="path to a task file (or a built-in task name)")
+    ck.add_argument("--model", default=None, help="check the label words against this model's tokenizer [smollm2-135m]")
+    ck.add_argument("--data-root", help="folder the task's local paths are relative to [$FEWTUNE_DATA or ../shared/data]")
+    ck.add_argument("--data-source", default="auto", help="auto | local | hub [auto]")
+    ck.add_argument("--trust-remote-code", action="store_true", help="allow the model's own tokenizer code to run")
 
     pr = sub.add_parser("predict", help="use a model saved with --save-model on new text")
     pr.add_argument("--model-dir", required=True)
@@ -205,7 +213,16 @@ def cmd_ls(args) -> int:
         for name in builtin_names():
             t = load_task(name)
             print(f"{name:10s} v{t.version}  {t.description}  [train={t.train}; in-domain={t.in_domain}; ood={','.join(t.out_of_domain)}]")
-        print("(your own task: --task path/to/task.toml, see docs/tasks.md)")
+        folder = Path(args.dir) if args.dir else Path(".")
+        if args.dir and not folder.is_dir():
+            raise FewtuneError(f"--dir {folder} is not a folder.")
+        for path, t, error in task_files(folder):
+            if t is not None:
+                print(f"{str(path):10s} v{t.version}  '{t.name}': {t.description}  [train={t.train}; in-domain={t.in_domain}; "
+                      f"ood={','.join(t.out_of_domain) or '-'}]")
+            else:
+                print(f"{str(path):10s} (not valid: {error})")
+        print(f"(your own task: --task path/to/task.toml, see docs/tasks.md; task files listed from {folder.resolve()})")
     elif args.what == "methods":
         from .methods import REGISTRY
         for name, cls in REGISTRY.items():
@@ -216,6 +233,68 @@ def cmd_ls(args) -> int:
         for m in list_models():
             print(f"{m['name']:14s} {m['status']:34s} {m['description']}")
         print("(also: any Hugging Face causal LM by Hub id, e.g. facebook/opt-125m, or a local model folder)")
+    return 0
+
+
+def task_files(folder: Path):
+    """(path, Task or None, error) for each *.toml in `folder` that is a task file: one that parses as a task, or
+    one with task keys (patterns, splits) that does not (grid specs, configs and pyproject.toml are left out)."""
+    from .tasks import parse_task_file
+    out = []
+    for path in sorted(folder.glob("*.toml")):
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+        if not isinstance(raw.get("patterns"), list) and not isinstance(raw.get("splits"), dict):
+            continue
+        try:
+            out.append((path, parse_task_file(path), None))
+        except FewtuneError as e:
+            out.append((path, None, str(e)))
+    return out
+
+
+def cmd_check(args) -> int:
+    """Validate a task file end to end without loading a model or running anything."""
+    from collections import Counter
+
+    from . import models
+    from .data import load_split
+    from .tasks import load_task
+    task = load_task(args.task)
+    model = args.model or models.DEFAULT_MODEL
+    print(f"task '{task.name}' v{task.version} ({task.source}): {len(task.labels)} labels {list(task.labels)}, "
+          f"fields {list(task.fields)}, {len(task.patterns)} pattern(s), metrics {', '.join(task.metrics)}")
+    roles = {task.train: "train", task.in_domain: "in-domain", **{s: "out-of-domain" for s in task.out_of_domain}}
+    loaded = {}
+    width = max(len(n) for n in task.splits)
+    for name in task.splits:
+        examples = loaded[name] = load_split(task, name, args.data_root, args.data_source)
+        counts = Counter(ex.label for ex in examples)
+        per_label = ", ".join(f"{label} {counts.get(i, 0)}" for i, label in enumerate(task.labels))
+        groups = f"; groups {', '.join(task.splits[name].group_by)}" if task.splits[name].group_by else ""
+        print(f"  split {name:{width}s}  {roles.get(name, 'unused'):13s} {len(examples):7d} examples ({per_label}){groups}")
+    train = loaded[task.train]
+    missing = [task.labels[i] for i in range(len(task.labels)) if not any(ex.label == i for ex in train)]
+    if missing:
+        raise FewtuneError(f"{task.source}: the train split '{task.train}' has no example of label(s) {missing}; "
+                           f"no balanced sample can be drawn.")
+    smallest = min(Counter(ex.label for ex in train).values())
+    print(f"  balanced samples up to {smallest} per class (--shots-per-class {smallest}, --shots {smallest * len(task.labels)})")
+    tokenizer = models.load_tokenizer(model, args.trust_remote_code)
+    for i, pattern in enumerate(task.patterns):
+        prompts = []
+        for ex in train[:4] + loaded[task.in_domain][:4]:
+            try:
+                prompts.append(task.format(pattern, ex))
+            except (ValueError, KeyError, IndexError, AttributeError) as e:
+                raise FewtuneError(f"{task.source} patterns[{i}]: the template cannot format split '{task.train}' row "
+                                   f"{ex.idx}: {type(e).__name__}: {e}.") from None
+        ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer, model, prompts)
+        words = ", ".join(f"{w!r}→{tokenizer.convert_ids_to_tokens([t])[0]!r}" for w, t in zip(pattern.verbalizer, ids))
+        print(f"  pattern {i}: label words one token each and as the model reads them after the prompt, for {model}: {words}")
+    print(f"ok: {task.source} is a valid task")
     return 0
 
 
@@ -267,7 +346,7 @@ def cmd_predict(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "ls": cmd_ls, "predict": cmd_predict}
+COMMANDS = {"run": cmd_run, "ls": cmd_ls, "predict": cmd_predict, "check": cmd_check}
 
 from . import cli_grid; EXTENSIONS.append(cli_grid)  # noqa: E402,E702  grid, results, report
 
