@@ -38,7 +38,7 @@ def test_lora_flags_still_map_to_lora_options():
 @pytest.mark.parametrize("argv, words", [
     (["run", "--method", "cd", "--lora-r", "4"], ["only with --student lora"]),
     (["run", "--method", "cd", "--student", "lora", "--lora-r", "0"], ["lora: r must be a positive integer"]),
-    (["run", "--method", "pbft", "--lora-r", "4"], ["--lora-r applies to method(s) cd, lora, not 'pbft'"]),
+    (["run", "--method", "pbft", "--lora-r", "4"], ["--lora-r applies to method(s) lora, cd, not 'pbft'"]),
 ])
 def test_cd_lora_flags_bad(capsys, argv, words):
     line = one_line_error(capsys, argv)

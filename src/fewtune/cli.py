@@ -156,7 +156,7 @@ def config_from_args(args) -> "RunConfig":
         if value is None:
             continue
         if method not in methods:
-            raise FewtuneError(f"--{flag.replace('_', '-')} applies to method(s) {', '.join(sorted(methods))}, not '{method}'.")
+            raise FewtuneError(f"--{flag.replace('_', '-')} applies to method(s) {', '.join(methods)}, not '{method}'.")
         if flag == "lora_targets":
             value = [v.strip() for v in value.split(",") if v.strip()]
         options[methods[method]] = value
