@@ -405,3 +405,24 @@ def test_ls_tasks_lists_task_files_in_a_folder(tmp_path, toy, capsys, monkeypatc
     monkeypatch.chdir(tmp_path)  # without --dir: the current folder
     assert main(["ls", "tasks"]) == 0
     assert "sst2.toml" in capsys.readouterr().out
+
+
+def test_grid_command_says_not_recorded_and_exits_1(tmp_path, monkeypatch, capsys):
+    (tmp_path / "reclaiming_runner.py").write_text(
+        "import os\nfrom fewtune.store import Store\n"
+        "def run(cfg, progress=False):\n"
+        "    if cfg.seed == 0:  # meanwhile another grid --reclaim's this cell\n"
+        "        with Store(os.environ['RECLAIM_DB']) as s:\n"
+        "            s.claim(cfg, owner={'host': 'elsewhere', 'pid': 1, 'started': 0.0}, reclaim=True)\n"
+        "    return {'config': cfg.to_dict(), 'evals': {'dev': {'accuracy': 0.5, 'n': 4}}, 'cost': {}, 'versions': {}}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FEWTUNE_GRID_RUNNER", "reclaiming_runner:run")
+    db = tmp_path / "r.db"
+    monkeypatch.setenv("RECLAIM_DB", str(db))
+    spec = tmp_path / "g.toml"
+    spec.write_text('models = ["m"]\ntasks = ["cola"]\nshots = [2]\nseeds = [0, 1]\n[[methods]]\nmethod = "icl"\n')
+    rc = main(["grid", str(spec), "--db", str(db), "--in-process", "-q"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "1 succeeded now, 0 failed, 1 finished but not recorded" in captured.out
+    assert "NOT RECORDED" in captured.err
