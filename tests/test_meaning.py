@@ -405,6 +405,8 @@ def test_ls_tasks_lists_task_files_in_a_folder(tmp_path, toy, capsys, monkeypatc
     monkeypatch.chdir(tmp_path)  # without --dir: the current folder
     assert main(["ls", "tasks"]) == 0
     assert "sst2.toml" in capsys.readouterr().out
+    assert "--dir lists task files" in one_line_error(capsys, ["ls", "models", "--dir", str(tmp_path)])
+    assert "is not a folder" in one_line_error(capsys, ["ls", "tasks", "--dir", str(tmp_path / "nope")])
 
 
 def test_grid_command_says_not_recorded_and_exits_1(tmp_path, monkeypatch, capsys):

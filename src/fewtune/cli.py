@@ -208,6 +208,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_ls(args) -> int:
+    if args.dir and args.what != "tasks":
+        raise FewtuneError(f"--dir lists task files: it goes with `fewtune ls tasks`, not `ls {args.what}`.")
     if args.what == "tasks":
         from .tasks import builtin_names, load_task
         for name in builtin_names():
