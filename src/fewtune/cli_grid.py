@@ -100,8 +100,9 @@ def cmd_grid(args) -> int:
             return 128 + e.signum
     print(f"grid {grid.name}: {s.total} cells: {s.done_before} done before, {s.success} succeeded now, "
           f"{s.failed} failed" + (f", {s.busy} running elsewhere" if s.busy else "")
+          + (f", {s.lost} finished but not recorded (taken over by another grid)" if s.lost else "")
           + (f" (see `fewtune results --status failed --db {path}`)" if s.failed else ""))
-    return 1 if s.failed else 0
+    return 1 if s.failed or s.lost else 0
 
 
 def cmd_results(args) -> int:

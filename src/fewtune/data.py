@@ -43,8 +43,14 @@ def load_split(task: Task, split_name: str, root: Path | str | None = None, sour
     # an error, not a silent download (only the auto-found ../shared/data falls back to the Hub).
     named_root = root is not None or bool(os.environ.get("FEWTUNE_DATA"))
     if source == "auto" and named_root and local_file is not None and not local_file.exists():
+        # advise the Hub only where the task has a Hub entry for this split (else it fails a second time)
+        hub = ", or use --data-source hub to download the split" if split.hub is not None else \
+            f" (the task file {task.source} declares no Hub source for this split, so the file is needed)"
         raise FewtuneError(f"Data file {local_file} does not exist (task '{task.name}', split '{split_name}'); "
-                           f"fix --data-root/$FEWTUNE_DATA, or use --data-source hub to download the split.")
+                           f"fix --data-root/$FEWTUNE_DATA{hub}.")
+    if source == "hub" and split.hub is None:
+        raise FewtuneError(f"Task '{task.name}' split '{split_name}' has no Hub source ({task.source} gives only a local file); "
+                           f"use --data-source local or auto, with --data-root/$FEWTUNE_DATA.")
     if source == "local" or (source == "auto" and (local_file is not None and local_file.exists() or split.hub is None)):
         if split.local is None:
             raise FewtuneError(f"Task '{task.name}' split '{split_name}' has no local file; use --data-source hub.")
@@ -64,7 +70,8 @@ def _where(split: Split, local_file) -> str:
 
 def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
     if not path.exists():
-        raise FewtuneError(f"Data file {path} does not exist (task '{task.name}', split '{split.name}'); set $FEWTUNE_DATA or --data-root.")
+        hub = " (or --data-source hub)" if split.hub is not None else ""
+        raise FewtuneError(f"Data file {path} does not exist (task '{task.name}', split '{split.name}'); set $FEWTUNE_DATA or --data-root{hub}.")
     fmt = split.local.get("format", "tsv")
     try:
         text = path.read_text(encoding="utf-8")
@@ -72,6 +79,11 @@ def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
         raise FewtuneError(f"Data file {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
     except OSError as e:
         raise FewtuneError(f"Data file {path} cannot be read: {e.strerror}.") from None
+    has_header = fmt != "jsonl" and split.local.get("header", True)
+    if not text.strip():
+        what = "0 bytes" if not text else "only blank lines"
+        expected = "expected a header row" if has_header else "expected one example per line"
+        raise FewtuneError(f"Data file {path} is empty ({expected}): the file has {what} (task '{task.name}', split '{split.name}').")
     if fmt == "jsonl":
         rows, header = [], None
         for n, line in enumerate(text.splitlines(), 1):
@@ -107,6 +119,8 @@ def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
             for key, col in split.columns.items():
                 if isinstance(col, str) and col not in header:
                     raise FewtuneError(f"{path}: column '{col}' (for '{key}') is not in the header {header}.")
+    if not rows:  # not "empty after label mapping": there was nothing to map
+        raise FewtuneError(f"Task '{task.name}' split '{split.name}' is empty: data file {path} has a header row but no data rows.")
     return _to_examples(task, split, rows, split.label_map, split.columns, str(path))
 
 
@@ -216,6 +230,30 @@ def eval_subsample(examples: list[Example], limit: int | None, seed: int = 0) ->
         perm = rng.permutation(len(strata[k]))[: alloc[k]]
         chosen += [strata[k][int(j)] for j in perm]
     return [examples[p] for p in sorted(chosen)]
+
+
+def shares_training_data(task: Task, split_name: str) -> bool:
+    """True when `split_name` reads the same rows as the task's training split (the same split, or the same source)."""
+    if split_name == task.train:
+        return True
+    a, b = task.splits[split_name], task.splits[task.train]
+    return (a.local, a.hub, a.columns, a.label_map) == (b.local, b.hub, b.columns, b.label_map)
+
+
+def exclude_training(task: Task, split_name: str, examples: list[Example], train_examples: list[Example]) -> tuple[list[Example], int]:
+    """(examples, how many removed): an evaluation on the training data leaves out the run's few-shot sample
+    (which holds the ICL and CD demonstrations); other splits are returned unchanged.
+
+    Applied after the fixed-seed subsample, so every run is scored on a subset of the same examples.
+    """
+    if not shares_training_data(task, split_name):
+        return examples, 0
+    seen = {ex.idx for ex in train_examples}
+    kept = [ex for ex in examples if ex.idx not in seen]
+    if not kept:
+        raise FewtuneError(f"Task '{task.name}' evaluation split '{split_name}' is the training data, and nothing is left of it "
+                           f"once the {len(seen)} training examples are left out; evaluate on another split or raise --eval-limit.")
+    return kept, len(examples) - len(kept)
 
 
 def label_counts(examples) -> dict:

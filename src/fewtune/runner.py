@@ -9,7 +9,7 @@ import torch
 
 from . import __version__, engine, metrics, models, record
 from .config import RunConfig
-from .data import eval_subsample, label_counts, load_split, sample_train
+from .data import eval_subsample, exclude_training, label_counts, load_split, sample_train, shares_training_data
 from .errors import FewtuneError
 from .methods import RunContext, get_method
 from .methods.icl import fit_demonstrations
@@ -54,9 +54,16 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
         if name not in task.splits:
             raise FewtuneError(f"Task '{task.name}' has no split '{name}' (splits: {', '.join(task.splits)}).")
     eval_sets = {name: eval_subsample(load_split(task, name, cfg.data_root, cfg.data_source), eval_limit) for name in eval_names}
+    excluded = {}  # an evaluation on the training data leaves the few-shot sample (and so every demonstration) out
+    for name in eval_names:
+        eval_sets[name], n_out = exclude_training(task, name, eval_sets[name], train_examples)
+        if shares_training_data(task, name):
+            excluded[name] = n_out
 
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer, cfg.model) if method.objective == "lm" else None
+    # the answer slot is checked on real queries (a template ending in a field ends differently per example)
+    prompts = [task.format(pattern, ex) for ex in (train_examples or next(iter(eval_sets.values()), []))[:4]]
+    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer, cfg.model, prompts) if method.objective == "lm" else None
     ctx = RunContext(config=cfg, task=task, pattern=pattern, tokenizer=tokenizer, label_ids=label_ids,
                      train_examples=train_examples, device=device, dtype=dtype, extra={"lr": hp["lr"]})
 
@@ -108,7 +115,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     # evaluation
     if cfg.method == "icl" and train_examples:
         longest = max(len(s) for ex_list in eval_sets.values()
-                      for s in engine.encode(tokenizer, [method.text(ctx, ex) for ex in ex_list], with_bos=False)[0])
+                      for s in engine.encode(tokenizer, [method.text(ctx, ex) for ex in ex_list], cfg.max_length, with_bos=False)[0])
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         fit_demonstrations(method, ctx, longest, limit)
         if ctx.extra["demonstrations_used"] == 0:
@@ -120,7 +127,8 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     with record.PeakMemory(device) as mem:
         for name, examples in eval_sets.items():
             texts = [method.text(ctx, ex) for ex in examples]
-            seqs, truncated = engine.encode(tokenizer, texts, None if prefix_ids else cfg.max_length, with_bos=prefix_ids is None)
+            # one rule with or without demonstrations: the query is cut to max_length, the demonstrations fitted to the context
+            seqs, truncated = engine.encode(tokenizer, texts, cfg.max_length, with_bos=prefix_ids is None)
             out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids)
             preds = out.logits.argmax(-1).tolist()
             gold = [ex.label for ex in examples]
@@ -132,6 +140,8 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
             predictions[name] = {"idx": [ex.idx for ex in examples], "gold": gold, "pred": preds,
                                  "logprobs": logprobs.astype("float32").tolist(),
                                  "groups": [ex.groups for ex in examples] if any(ex.groups for ex in examples) else None}
+            if name in excluded:
+                evals[name]["excluded_train_examples"] = excluded[name]
             eval_seconds += out.seconds
             eval_tokens += out.tokens
             eval_n += len(examples)
@@ -154,11 +164,11 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
 
 def summary_line(result: dict) -> str:
     parts = []
+    short = {"accuracy": "acc", "mcc": "mcc", "macro_f1": "macro-F1"}
     for name, e in result["evals"].items():
-        s = f"{name}: acc {e['accuracy']:.3f}"
-        if "mcc" in e:
-            s += f" mcc {e['mcc']:.3f}"
-        parts.append(s + f" (n={e['n']})")
+        # every metric the task lists, in its order (an eval holds exactly those; see metrics.compute)
+        shown = " ".join(f"{short[k]} {v:.3f}" for k, v in e.items() if k in short)
+        parts.append(f"{name}: {shown} (n={e['n']})")
     c = result["cost"]
     return (f"{result['config']['method']} on {result['config']['task']}, {result['config']['shots']} shots, seed "
             f"{result['config']['seed']}: " + "; ".join(parts) +

@@ -86,8 +86,8 @@ def predict(directory, rows: list[dict], device="auto", batch_size: int = 16) ->
         label_ids = None
     prefix = manifest.get("prefix")
     prefix_ids = engine.encode(tokenizer, [prefix])[0][0] if prefix else None
-    # as in the run: with demonstrations, the BOS goes once before the prefix and queries are not cut
-    seqs, _ = engine.encode(tokenizer, texts, None if prefix_ids else manifest["max_length"], with_bos=prefix_ids is None)
+    # as in the run: with demonstrations the BOS goes once before the prefix; the query is cut to max_length either way
+    seqs, _ = engine.encode(tokenizer, texts, manifest["max_length"], with_bos=prefix_ids is None)
     out = engine.score(model, tokenizer, seqs, label_ids, dev, "fp32", batch_size, prefix_ids=prefix_ids)
     probs = torch.softmax(torch.tensor(out.logits), -1).numpy()
     return [{"label": t["labels"][int(p.argmax())], "probabilities": dict(zip(t["labels"], map(float, p)))} for p in probs]

@@ -23,6 +23,9 @@ _SPLIT_KEYS = {"local", "columns", "label_map", "hub", "hub_columns", "hub_label
 _LOCAL_KEYS = {"path", "format", "header", "delimiter"}
 _HUB_KEYS = {"path", "name", "split", "revision"}
 _METRICS = {"accuracy", "mcc", "macro_f1"}
+# names other tools use for the same metrics, too far from ours for difflib to suggest
+_METRIC_ALIASES = {"f1": "macro_f1", "macro-f1": "macro_f1", "f1_macro": "macro_f1", "macrof1": "macro_f1",
+                   "acc": "accuracy", "matthews": "mcc", "matthews_correlation": "mcc"}
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,9 @@ def task_from_dict(raw: dict, where: str = "<task>") -> Task:
     metrics = _str_list(raw, "metrics", where, default=("accuracy", "macro_f1", "mcc"))
     for m in metrics:
         if m not in _METRICS:
-            raise unknown("metric", m, _METRICS)
+            alias = _METRIC_ALIASES.get(m.lower())
+            hint = f" Did you mean: {alias}?" if alias else did_you_mean(m, sorted(_METRICS))
+            raise FewtuneError(f"{where}: Unknown metric '{m}' in 'metrics'.{hint} Known: {', '.join(sorted(_METRICS))}.")
     patterns = []
     for i, p in enumerate(_need(raw, "patterns", list, where)):
         pwhere = f"{where} patterns[{i}]"
@@ -172,7 +177,10 @@ def task_from_dict(raw: dict, where: str = "<task>") -> Task:
         splits[sname] = _parse_split(sname, s, fields, labels, f"{where} splits.{sname}")
     train = _need(raw, "train", str, where)
     in_domain = _need(raw, "in_domain", str, where)
-    ood = tuple(raw.get("out_of_domain", ()))
+    ood = raw.get("out_of_domain", [])  # may be empty or left out: in-domain evaluation only
+    if not isinstance(ood, list) or not all(isinstance(x, str) and x for x in ood):
+        raise FewtuneError(f"{where}: 'out_of_domain' must be a list of split names (possibly empty), got {ood!r:.60}.")
+    ood = tuple(ood)
     for role, sname in [("train", train), ("in_domain", in_domain)] + [("out_of_domain", s) for s in ood]:
         if sname not in splits:
             raise FewtuneError(f"{where}: {role} split '{sname}' is not declared under [splits].{did_you_mean(sname, list(splits))}")
@@ -234,7 +242,8 @@ def _parse_split(name: str, s, fields, labels, where: str) -> Split:
     for key, col in columns.items():
         if not isinstance(col, (str, int)) or isinstance(col, bool):
             raise FewtuneError(f"{where}.columns.{key}: must be a column name or a 0-based column number.")
-    label_map = {str(k): v for k, v in _need(s, "label_map", dict, where).items()}
+    # No label_map: identity, each raw label is the label of the same name (a file whose labels are the words).
+    label_map = {str(k): v for k, v in _need(s, "label_map", dict, where).items()} if "label_map" in s else {l: l for l in labels}
     hub_label_map = s.get("hub_label_map")
     hub_note = s.get("hub_note", "")
     if not isinstance(hub_note, str):
