@@ -135,10 +135,13 @@ def test_shipped_presets():
     methods = {"icl", "ft", "pbft", "adaptive", "lora", "cd"}
     for grid in (demo, cpu, paper):
         assert {c.config.method for c in grid.cells} == methods
+    for grid in (cpu, paper):
         assert {c.config.task for c in grid.cells} == {"cola", "mnli"}
+    # the demo: one task done properly, by --until-resolved (options x up to 4 seeds, zero-shot included)
+    assert {c.config.task for c in demo.cells} == {"cola"} and {c.config.seed for c in demo.cells} == {0, 1, 2, 3}
     assert {c.config.model for c in demo.cells} == {"smollm2-135m"}
     assert all(c.config.eval_limit is not None and c.config.preset == "quick" for c in demo.cells)
-    assert len(demo.cells) == 14
+    assert len(demo.cells) == 8 * 4 and {c.config.shots for c in demo.cells} == {0, 32}
     assert {c.config.model for c in paper.cells} == {"facebook/opt-125m", "facebook/opt-350m"}
     assert {c.config.shots for c in paper.cells} == {16, 32, 64, 128}
     assert {c.config.seed for c in paper.cells} == {0, 1, 2, 3, 4}
@@ -161,7 +164,7 @@ def test_dry_run_lists_cells_and_creates_nothing(fake, tmp_path, capsys):
     db = tmp_path / "out" / "r.db"
     assert main(["grid", "demo", "--dry-run", "--db", str(db)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 15 and "14 cells, 14 to run" in out[-1]
+    assert len(out) == 33 and "32 cells, 32 to run" in out[-1]
     assert not db.parent.exists()
 
 

@@ -22,6 +22,7 @@ of the 95% intervals cover it at 1, 2, 3 and 5 seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -115,7 +116,19 @@ def estimate(gold, preds_a, preds_b=None, n_classes: int = 2, metric: str = "acc
         example_var = _anova_example_var(gold, a, b)
     else:
         example_var = _bootstrap_example_var(gold, a, b, n_classes, metric, samples, seed)
-    return _interval(value, seed_var, example_var, n, big_n)
+    return clip(_interval(value, seed_var, example_var, n, big_n), metric, difference=b is not None)
+
+
+RANGES = {"accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "mcc": (-1.0, 1.0)}
+
+
+def clip(est: Estimate, metric: str, difference: bool) -> Estimate:
+    """Bounds cut to what the metric can be (a wide 2-seed interval for MCC would reach past ±1): the parameter
+    lies in that range, so cutting there loses no coverage."""
+    lo, hi = RANGES.get(metric, (-math.inf, math.inf))
+    if difference:
+        lo, hi = -(hi - lo), hi - lo
+    return dataclasses.replace(est, lo=max(est.lo, lo), hi=min(est.hi, hi))
 
 
 def _anova_example_var(gold, a, b) -> float:
