@@ -33,6 +33,7 @@ def add_parser(sub) -> None:
     g.add_argument("--address", help="ray: the cluster, auto or HOST:PORT [$RAY_ADDRESS, a running local Ray, "
                                      "else a new local one]")
     g.add_argument("--max-retries", type=int, help="ray: re-runs of a cell whose worker died [spec max_retries, 2]")
+    g.add_argument("--max-cells", type=int, help="refuse a spec that expands to more cells than this [10000]")
 
     r = sub.add_parser("results", help="list or export the runs in the results database")
     r.add_argument("--db", help=db_help)
@@ -50,9 +51,11 @@ def db_path(args) -> Path:
 
 
 def cmd_grid(args) -> int:
-    from .grid import Interrupted, load_grid, run_grid, signals_raise
+    from .grid import MAX_CELLS, Interrupted, load_grid, run_grid, signals_raise
     from .store import Store
-    grid = load_grid(args.spec)
+    if args.max_cells is not None and args.max_cells < 1:
+        raise FewtuneError(f"--max-cells must be ≥ 1, got {args.max_cells}.")
+    grid = load_grid(args.spec, max_cells=args.max_cells or MAX_CELLS)
     path = db_path(args)
     if args.backend == "ray":
         if args.in_process:
@@ -70,7 +73,8 @@ def cmd_grid(args) -> int:
                 raise FewtuneError(f"--{flag.replace('_', '-')} applies to --backend ray only.")
     if args.dry_run:
         status = {}
-        if path.exists():
+        # a 0-byte file is a new database here as in a real run (which creates the tables in it)
+        if path.exists() and not (path.is_file() and path.stat().st_size == 0):
             with Store(path, readonly=True) as store:
                 status = store.statuses()
         for cell in grid.cells:

@@ -12,10 +12,51 @@ from . import engine, models
 from .errors import FewtuneError
 
 MANIFEST = "fewtune.json"
+FORMAT = 1  # the manifest's format version; a folder of another version is refused, never half-read
+
+
+def check_save_folder(directory) -> None:
+    """--save-model writes into a new or empty folder, or over an earlier fewtune save (it has a fewtune.json).
+    Any other non-empty folder is refused: saving writes config.json, README.md, tokenizer files and weights,
+    and would overwrite the user's own files of those names."""
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise FewtuneError(f"--save-model {out} is a file; give a folder.")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise FewtuneError(f"--save-model {out} is a folder with other files in it (not an earlier fewtune save, no "
+                           f"{MANIFEST}); saving would overwrite files such as README.md or config.json: give a new "
+                           "or empty folder.")
+
+
+def check_format(manifest, path) -> None:
+    """A manifest this fewtune can read: an object whose `format` is FORMAT."""
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise FewtuneError(f"{path} has format {found!r:.40}; this fewtune reads format {FORMAT} (a model saved by "
+                           "another fewtune version: use that version, or save the model again with --save-model).")
+
+
+def check_weights(folder: Path, adapter: bool) -> None:
+    """The saved weights are there and whole, checked before loading: transformers would otherwise take a folder
+    without weights for a Hub id and go to the network, and fail on a truncated file with a library traceback."""
+    from safetensors import safe_open
+    stem = "adapter_model" if adapter else "model"
+    files = sorted(folder.glob(f"{stem}*.safetensors"))
+    if not files:
+        raise FewtuneError(f"{folder}: the saved weights ({stem}.safetensors) are missing; save the model again "
+                           "with --save-model.")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):  # checks that the header's tensors cover the file exactly
+                pass
+        except Exception as e:  # SafetensorError, OSError: one line
+            raise FewtuneError(f"{f} is damaged or truncated ({' '.join(str(e).split())[:160]}); save the model "
+                               "again with --save-model.") from None
 
 
 def save(directory, model, tokenizer, cfg, task, pattern, method, result) -> None:
     out = Path(directory)
+    check_save_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -27,7 +68,7 @@ def save(directory, model, tokenizer, cfg, task, pattern, method, result) -> Non
     model.save_pretrained(out, safe_serialization=True)  # peft: adapter + modules_to_save (the ft head)
     tokenizer.save_pretrained(out)
     manifest = {
-        "format": 1, "method": cfg.method, "objective": method.objective, "adapter": is_adapter,
+        "format": FORMAT, "method": cfg.method, "objective": method.objective, "adapter": is_adapter,
         "base_model": base if is_adapter else None,
         "task": {"name": task.name, "version": task.version, "labels": list(task.labels), "fields": list(task.fields),
                  "raw_separator": task.raw_separator, "pattern": pattern.template, "verbalizer": list(pattern.verbalizer)},
@@ -47,8 +88,15 @@ def load(directory, device="cpu"):
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise FewtuneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    check_format(manifest, path)
     n_labels = len(manifest["task"]["labels"])
-    tokenizer = models.prepare_tokenizer(__import__("transformers").AutoTokenizer.from_pretrained(str(folder)))
+    check_weights(folder, bool(manifest["adapter"]))
+    try:  # local_files_only: a saved folder is read from disk, never looked up on the Hub
+        tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise FewtuneError(f"{folder}: the saved tokenizer cannot be loaded ({models.load_error(e)}); save the model "
+                           "again with --save-model.") from None
+    tokenizer = models.prepare_tokenizer(tokenizer)
     if manifest["adapter"]:
         from peft import PeftModel
         base = models.load_model(manifest["base_model"], manifest["objective"], n_labels)

@@ -6,6 +6,7 @@ Error bars and bands are the 95% bootstrap intervals over seeds (none with a sin
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -21,8 +22,18 @@ plt.rcParams.update({"svg.hashsalt": "fewtune", "font.size": 9, "axes.grid": Tru
 MARKERS = "osD^v<>PX*"
 
 
+SLUG_MAX = 60  # characters per name part: a figure file name (kind + task + model) stays far below 255 bytes
+
+
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+    """A file-name part for `text`, distinct for distinct texts: where the plain form loses something (case,
+    `_` vs `-`, a path's `/`) or is cut to SLUG_MAX, a short hash of the full text is appended, so `my_task`
+    and `my-task` never share (and overwrite) a figure file."""
+    plain = re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+    if plain == text and len(plain) <= SLUG_MAX:
+        return plain
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{plain[:SLUG_MAX].rstrip('-.')}-{digest}".lstrip("-")
 
 
 def colors(labels) -> dict[str, tuple]:
@@ -132,7 +143,7 @@ def accuracy_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabe
         axes[1].scatter([], [], color=color[label], s=18, label=label)
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{task} / {model}: accuracy vs {xlabel} (ringed: Pareto front)")
-    return save(fig, out, f"acc-vs-{slug(cost)}-{slug(task)}-{slug(model)}")
+    return save(fig, out, f"acc-vs-{cost.replace('_', '-')}-{slug(task)}-{slug(model)}")
 
 
 def hans_bars(runs: list[dict], model: str, out: Path, color: dict) -> str | None:
