@@ -16,6 +16,7 @@ Spec format and resume semantics: docs/grid.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -52,8 +53,8 @@ class Cell:
     config: RunConfig
     label: str
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # computed once: hashing is most of the cost of expanding a large grid
         return self.config.hash()
 
     def describe(self) -> str:
