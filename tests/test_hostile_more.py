@@ -148,17 +148,38 @@ def test_save_model_leaves_a_users_folder_alone(env, capsys):
         check_save_folder(env.write("plain", "x"))
 
 
+def saved_adapter(env: Env) -> Path:
+    """A folder as `--save-model` writes it for a LoRA adapter over the tiny model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    folder = env.root / "adapter"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(env.model), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(env.model / name, folder / name)
+    (folder / "fewtune.json").write_text(json.dumps({**MANIFEST, "method": "lora", "adapter": True,
+                                                     "base_model": str(env.model)}))
+    return folder
+
+
 def test_predict_never_goes_to_the_hub_for_a_model_dir(env, monkeypatch, capsys):
-    """A saved folder whose weights are missing is an error about that folder, with no network look-up."""
+    """A saved adapter folder whose weights are missing is an error about that folder: peft would take the
+    folder's path for a Hub repository id and look it up."""
     import huggingface_hub
+    import peft.utils.save_and_load
 
     def no_network(*args, **kwargs):
         raise AssertionError("predict went to the Hub for a --model-dir")
-    for name in ("hf_hub_download", "snapshot_download", "model_info"):
-        monkeypatch.setattr(huggingface_hub, name, no_network)
-    monkeypatch.setattr(huggingface_hub.file_download, "hf_hub_download", no_network)
-    code = main(predict(env, without_weights(env)))
-    assert_one_line_error(code, capsys.readouterr().err, ["model.safetensors", "missing"])
+    for module in (huggingface_hub, huggingface_hub.file_download, peft.utils.save_and_load):
+        for name in ("hf_hub_download", "file_exists"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, no_network)
+    folder = saved_adapter(env)
+    assert main(predict(env, folder)) == 0  # whole, it works
+    capsys.readouterr()
+    (folder / "adapter_model.safetensors").unlink()
+    code = main(predict(env, folder))
+    assert_one_line_error(code, capsys.readouterr().err, ["adapter", "adapter_model.safetensors", "missing"])
 
 
 def test_grid_dry_run_checks_every_cell_and_max_cells_raises_the_limit(env, capsys):
