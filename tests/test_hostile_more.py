@@ -235,6 +235,7 @@ def read_unprivileged(argv: list[str]) -> tuple[int, str]:
         code = 99
         try:
             os.close(read)
+            os.setgroups([])
             os.setgid(65534)
             os.setuid(65534)
             sys.stdout, sys.stderr = open(os.devnull, "w"), os.fdopen(write, "w")
@@ -371,6 +372,14 @@ def test_errors_do_not_echo_file_contents(env, capsys):
     task = env.task_with('path = "toy/dev.tsv"', f'path = "{secret}"')
     assert main(env.run(task=task)) == 2
     line = assert_one_line_error(2, capsys.readouterr().err, ["secret.tsv", "column 'text'", "1 column)"])
+    assert "TOPSECRET" not in line
+    no_header = env.task_with('local = { path = "toy/dev.tsv", format = "tsv", header = true }',
+                              f'local = {{ path = "{secret}", format = "tsv", header = false }}', name="nh.toml")
+    no_header.write_text(no_header.read_text().replace('columns = { text = "text", label = "label" }\nlabel_map = { "0" = "negative", "1" = "positive" }\n\n[splits.ood]',
+                                                       'columns = { text = 0, label = 0 }\nlabel_map = { "0" = "negative", "1" = "positive" }\n\n[splits.ood]'))
+    assert 'text = 0, label = 0' in no_header.read_text()
+    assert main(env.run(task=no_header)) == 2
+    line = assert_one_line_error(2, capsys.readouterr().err, ["secret.tsv line 1", "the label is not in"])
     assert "TOPSECRET" not in line
 
     long_header = "\t".join(["text", "label"] + [f"c{i}-" + "x" * 100 for i in range(20)])

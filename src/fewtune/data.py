@@ -131,10 +131,12 @@ def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
                     names = "" if os.path.isabs(split.local["path"]) else f": {_names(header)}"
                     raise FewtuneError(f"{path}: column '{col}' (for '{key}') is not in the header row "
                                        f"({len(header)} column{'s' if len(header) != 1 else ''}{names}).")
-    return _to_examples(task, split, rows, split.label_map, split.columns, str(path))
+    return _to_examples(task, split, rows, split.label_map, split.columns, str(path),
+                        show_values=not os.path.isabs(split.local["path"]))
 
 
-def _to_examples(task, split, rows, label_map, columns, where) -> list[Example]:
+def _to_examples(task, split, rows, label_map, columns, where, show_values: bool = True) -> list[Example]:
+    """`show_values`: whether an error may quote a cell (not for a file an absolute path reached)."""
     label_ids = {name: i for i, name in enumerate(task.labels)}
     out = []
     for i, (line_no, row) in enumerate(rows):
@@ -148,7 +150,8 @@ def _to_examples(task, split, rows, label_map, columns, where) -> list[Example]:
         raw_label = str(get("label")).strip()
         if raw_label not in label_map:
             shown = raw_label if len(raw_label) <= 24 else raw_label[:24] + "…"  # a cell, never a whole line
-            raise FewtuneError(f"{where} line {line_no}: label '{shown}' is not in the task's label_map {sorted(label_map)}.")
+            shown = f"label '{shown}'" if show_values else "the label"
+            raise FewtuneError(f"{where} line {line_no}: {shown} is not in the task's label_map {sorted(label_map)}.")
         target = label_map[raw_label]
         if target == DROP:
             continue
