@@ -37,8 +37,9 @@ def check_format(manifest, path) -> None:
 
 
 def check_weights(folder: Path, adapter: bool) -> None:
-    """The saved weights are there and whole, checked before loading: transformers would otherwise take a folder
-    without weights for a Hub id and go to the network, and fail on a truncated file with a library traceback."""
+    """The saved weights are there and whole, checked before loading: peft would otherwise take an adapter folder
+    without its weights for a Hub repository id and go to the network, and a truncated file would fail inside
+    the libraries with a traceback."""
     from safetensors import safe_open
     stem = "adapter_model" if adapter else "model"
     files = sorted(folder.glob(f"{stem}*.safetensors"))
