@@ -12,7 +12,7 @@ from . import engine, models
 from .errors import FewtuneError
 
 MANIFEST = "fewtune.json"
-FORMAT = 1  # the manifest's format version; a folder of another version is refused, never half-read
+FORMAT = 1  # the manifest's "format" as `save` writes it; a folder of another format is refused, never half-read
 
 
 def check_save_folder(directory) -> None:
@@ -69,7 +69,7 @@ def save(directory, model, tokenizer, cfg, task, pattern, method, result) -> Non
     model.save_pretrained(out, safe_serialization=True)  # peft: adapter + modules_to_save (the ft head)
     tokenizer.save_pretrained(out)
     manifest = {
-        "format": FORMAT, "method": cfg.method, "objective": method.objective, "adapter": is_adapter,
+        "format": 1, "method": cfg.method, "objective": method.objective, "adapter": is_adapter,
         "base_model": base if is_adapter else None,
         "task": {"name": task.name, "version": task.version, "labels": list(task.labels), "fields": list(task.fields),
                  "raw_separator": task.raw_separator, "pattern": pattern.template, "verbalizer": list(pattern.verbalizer)},
@@ -90,14 +90,10 @@ def load(directory, device="cpu"):
     except json.JSONDecodeError as e:
         raise FewtuneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
     check_format(manifest, path)
+    if manifest.get("weights") is not False:  # a save that names its base model instead carries no weights
+        check_weights(folder, bool(manifest["adapter"]))
     n_labels = len(manifest["task"]["labels"])
-    check_weights(folder, bool(manifest["adapter"]))
-    try:  # local_files_only: a saved folder is read from disk, never looked up on the Hub
-        tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise FewtuneError(f"{folder}: the saved tokenizer cannot be loaded ({models.load_error(e)}); save the model "
-                           "again with --save-model.") from None
-    tokenizer = models.prepare_tokenizer(tokenizer)
+    tokenizer = models.prepare_tokenizer(__import__("transformers").AutoTokenizer.from_pretrained(str(folder)))
     if manifest["adapter"]:
         from peft import PeftModel
         base = models.load_model(manifest["base_model"], manifest["objective"], n_labels)

@@ -24,7 +24,6 @@ import psutil
 
 from .errors import FewtuneError
 
-log = logging.getLogger("fewtune")
 SCHEMA_VERSION = 1
 STATUSES = ("running", "success", "failed", "cancelled")
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -323,8 +322,9 @@ class Store:
                     elif isinstance(value, bytes):
                         d[col] = value.decode("utf-8", errors="replace")
                 if damaged:  # one damaged row is named and left out; the others are still read
-                    log.warning("fewtune: warning: results database %s: row %s has damaged JSON in column '%s' "
-                                "(%s); left out (the file is left as is).", self.path, d.get("config_hash"), *damaged)
+                    logging.getLogger("fewtune").warning(
+                        "fewtune: warning: results database %s: row %s has damaged JSON in column '%s' (%s); left "
+                        "out (the file is left as is).", self.path, d.get("config_hash"), *damaged)
                     continue
                 out.append(d)
             return out
