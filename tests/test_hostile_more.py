@@ -353,15 +353,16 @@ def test_figure_names_are_distinct_and_short():
 def test_figures_of_long_and_near_identical_task_names_are_written(tmp_path):
     """Two tasks whose names differ only in `-`/`_` get two figure files; a very long task path still fits a
     file name (255 bytes)."""
+    import matplotlib.pyplot as plt
     from fewtune.report import figures
-    stat = {"mean": 0.6, "lo": 0.5, "hi": 0.7}
     names = []
     for task in ("sst_2", "sst-2", "/tmp/" + "deep-folder/" * 30 + "task.toml"):
-        group = {"task": task, "model": "m", "label": "icl", "shots": 4, "id_accuracy": stat, "ood_accuracy": stat,
-                 "id_split": "dev", "ood_split": "ood"}
-        names.append(figures.id_vs_ood([group], task, tmp_path, {"icl": (0, 0, 1, 1)}))
+        fig, ax = plt.subplots()
+        ax.plot([0, 1], [0, 1])
+        names.append(figures.save(fig, tmp_path, f"accuracy-vs-{figures.key_slug('train_seconds')}-"
+                                                 f"{figures.slug(task)}-{figures.slug('facebook/opt-125m')}"))
     assert len(set(names)) == 3
-    assert all((tmp_path / f"{n}.png").is_file() for n in names)
+    assert all((tmp_path / f"{n}.png").is_file() and (tmp_path / f"{n}.svg").is_file() for n in names)
 
 
 # ----------------------------------------------------------------------------- 23: no file contents in errors

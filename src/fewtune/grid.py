@@ -202,6 +202,7 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
                                   "method": method, "method_options": dict(options)}
                         try:
                             cell = Cell(RunConfig.from_dict(fields, where=f"{where} ({label})"), label)
+                            cell.key  # the run's identity, computed once here: its errors name the entry too
                         except FewtuneError as e:
                             if str(e).startswith(where):
                                 raise

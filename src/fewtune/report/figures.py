@@ -25,11 +25,17 @@ MARKERS = "osD^v<>PX*"
 SLUG_MAX = 60  # characters per name part: a figure file name (kind + task + model) stays far below 255 bytes
 
 
+def key_slug(text: str) -> str:
+    """The plain file-name form of a name fewtune itself chooses (a metric or cost key: `train_seconds` ->
+    `train-seconds`). Not for names a user gives (tasks, models): it maps different names to one."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+
+
 def slug(text: str) -> str:
-    """A file-name part for `text`, distinct for distinct texts: where the plain form loses something (case,
-    `_` vs `-`, a path's `/`) or is cut to SLUG_MAX, a short hash of the full text is appended, so `my_task`
-    and `my-task` never share (and overwrite) a figure file."""
-    plain = re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+    """A file-name part for a user's name (task, model), distinct for distinct texts: where the plain form loses
+    something (case, `_` vs `-`, a path's `/`) or is cut to SLUG_MAX, a short hash of the full text is appended,
+    so `my_task` and `my-task` never share (and overwrite) a figure file."""
+    plain = key_slug(text)
     if plain == text and len(plain) <= SLUG_MAX:
         return plain
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
@@ -143,7 +149,7 @@ def accuracy_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabe
         axes[1].scatter([], [], color=color[label], s=18, label=label)
     axes[1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{task} / {model}: accuracy vs {xlabel} (ringed: Pareto front)")
-    return save(fig, out, f"acc-vs-{cost.replace('_', '-')}-{slug(task)}-{slug(model)}")
+    return save(fig, out, f"acc-vs-{key_slug(cost)}-{slug(task)}-{slug(model)}")
 
 
 def hans_bars(runs: list[dict], model: str, out: Path, color: dict) -> str | None:
