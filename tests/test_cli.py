@@ -117,11 +117,29 @@ def test_config_file_with_flag_override(toy, tiny_model_dir, tmp_path, capsys):
     assert "result written to" in capsys.readouterr().out
 
 
-def test_config_hash_ignores_where_it_runs():
-    a = RunConfig(method="pbft", shots=16)
-    assert a.hash() == RunConfig(method="pbft", shots=16, device="cpu", data_root="/x", eval_batch_size=3).hash()
-    assert a.hash() != RunConfig(method="pbft", shots=32).hash()
-    assert a.hash() != RunConfig(method="pbft", shots=16, method_options={"x": 1}).hash()
+def test_config_hash_is_the_runs_identity(toy, tmp_path):
+    """Where and how a run executes is not part of its identity; the data's content, the task's content and the
+    normalised method options are; the task file's path is not."""
+    import shutil
+    base = dict(task=str(toy.task_file), data_root=str(toy.root), method="pbft", shots=4)
+    a = RunConfig(**base)
+    copy = tmp_path / "copy"
+    shutil.copytree(toy.root, copy)
+    assert a.hash() == RunConfig(**{**base, "data_root": str(copy)}, device="cpu", eval_batch_size=3).hash()
+    assert a.hash() == RunConfig(**{**base, "data_source": "local"}).hash()
+    assert a.hash() != RunConfig(**{**base, "shots": 8}).hash()
+    with open(copy / "toy" / "dev.tsv", "a") as f:
+        f.write("an extra line\t1\n")
+    assert a.hash() != RunConfig(**{**base, "data_root": str(copy)}).hash()  # other data, another experiment
+    moved = tmp_path / "elsewhere" / "same-task.toml"
+    moved.parent.mkdir()
+    moved.write_text(toy.task_file.read_text() + "\n# a comment changes nothing\n")
+    assert a.hash() == RunConfig(**{**base, "task": str(moved)}).hash()
+    moved.write_text(toy.task_file.read_text().replace('"{text} ?"', '"{text} !"'))
+    assert a.hash() != RunConfig(**{**base, "task": str(moved)}).hash()  # an edited pattern is another experiment
+    cd = dict(base, method="cd")
+    assert RunConfig(**cd).hash() == RunConfig(**cd, method_options={"context": "instruction", "alpha": 0.5}).hash()
+    assert RunConfig(**cd).hash() != RunConfig(**cd, method_options={"alpha": 0.7}).hash()
 
 
 def test_predict_uses_a_saved_model(recorded, tmp_path, capsys):
@@ -223,3 +241,22 @@ def test_bad_input_is_one_line_error(case, tmp_path, toy, tiny_model_dir, capsys
     line = one_line_error(capsys, build(tmp_path, toy, tiny_model_dir))
     for w in words:
         assert w in line, f"{w!r} not in {line!r}"
+
+
+def test_icl_save_model_keeps_the_demonstrations(toy, tiny_model_dir, tmp_path):
+    """icl --save-model saves its demonstrations and the base model's name (no copy of the weights); predict scores
+    new text after them exactly as the run scored its evaluation examples."""
+    import numpy as np
+    saved, out = tmp_path / "icl-model", tmp_path / "r.json"
+    assert main(tiny_args(toy, tiny_model_dir, "--method", "icl", "--save-model", str(saved), "-o", str(out))) == 0
+    manifest = json.loads((saved / "fewtune.json").read_text())
+    assert manifest["weights"] is False and manifest["prefix"].count("Answer:") == 4 and manifest["base_model"]
+    assert not list(saved.glob("*.safetensors"))
+    result = json.loads(out.read_text())
+    from fewtune import saving
+    dev = load_split(load_task(str(toy.task_file)), "dev", toy.root)
+    stored = result["predictions"]["dev"]
+    rows = [{"text": dev[i].fields["text"]} for i in stored["idx"]]
+    preds = saving.predict(saved, rows, "cpu")
+    probs = np.array([[p["probabilities"][k] for k in ("negative", "positive")] for p in preds])
+    assert np.allclose(probs, np.exp(np.array(stored["logprobs"])), atol=1e-4)

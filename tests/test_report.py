@@ -1,44 +1,70 @@
-"""The report: built from a database of synthetic results, its numbers must be the database's numbers."""
+"""The report: built from a database of synthetic results with per-example predictions, its numbers must be the
+database's numbers, its statistics those of fewtune.stats on the stored predictions, and its sentences must follow
+from the intervals."""
 
 import math
 import re
+import warnings
 
 import numpy as np
 import pytest
 
+from conftest import TOY_TASK
+
+from fewtune import metrics, stats
 from fewtune.cli import main
 from fewtune.config import RunConfig
 from fewtune.report import write_report
-from fewtune.report.budget import best_under, overlaps, pareto_front
-from fewtune.report.data import bootstrap_ci, mean_sd
+from fewtune.report.budget import pareto_front
 from fewtune.store import Store
 
 LABELS = {  # label -> (method, options, base accuracy, peak MiB, train s per shot)
     "icl": ("icl", {}, 0.60, 500.0, 0.0),
-    "pbft": ("pbft", {}, 0.80, 2000.0, 5.0),
+    "pbft": ("pbft", {}, 0.86, 2000.0, 5.0),
     "cd-fewshot": ("cd", {"context": "few-shot", "context_shots": 2}, 0.70, 2100.0, 6.0),
-    "lora": ("lora", {}, 0.78, 900.0, 3.0),
+    "lora": ("lora", {}, 0.845, 900.0, 3.0),
 }
 SPLITS = {"cola": ("in_domain_dev", "out_of_domain_dev"), "mnli": ("dev_matched", "hans")}
+PRIMARY = {"cola": "mcc", "mnli": "accuracy"}
 MODELS = ("tiny-a", "tiny-b")
 SHOTS = (4, 8)
 SEEDS = (0, 1, 2)
-HANS_KEYS = [f"{h}/{lab}" for h in ("constituent", "lexical_overlap", "subsequence")
-             for lab in ("entailment", "non-entailment")]
+N = 200
+HEURISTICS = ("constituent", "lexical_overlap", "subsequence")
+HANS_KEYS = [f"{h}/{lab}" for h in HEURISTICS for lab in ("entailment", "non-entailment")]
+
+
+def gold_of(task: str, split: str) -> np.ndarray:
+    rng = np.random.default_rng(len(task) * 31 + len(split))
+    positive = 0.69 if task == "cola" else 0.5
+    return (rng.random(N) < positive).astype(int)
 
 
 def synthetic_result(cfg: RunConfig, label: str, rng) -> dict:
+    """A result as the runner writes it, from synthetic predictions: per example, right with the option's accuracy
+    (examples share a difficulty, so options are paired), confidence from a logit."""
     method, _, base, mem, per_shot = LABELS[label]
-    ind, ood = SPLITS[cfg.task]
-    acc = float(np.clip(base + 0.02 * SHOTS.index(cfg.shots) + rng.normal(0, 0.02), 0, 1))
-    acc = round(acc * 200) / 200  # a whole number of the 200 examples
-    ood_acc = round((acc - 0.1 + rng.normal(0, 0.01)) * 200) / 200
-    evals = {ind: {"role": "in_domain", "n": 200, "accuracy": acc, "mcc": round(2 * acc - 1, 4), "macro_f1": acc},
-             ood: {"role": "out_of_domain", "n": 200, "accuracy": ood_acc, "mcc": round(2 * ood_acc - 1, 4),
-                   "macro_f1": ood_acc}}
-    if ood == "hans":
-        evals[ood]["by_heuristic"] = {k: {"n": 20, "accuracy": round(float(rng.uniform(0.3, 0.9)), 2)} for k in HANS_KEYS}
-    return {"schema": 1, "config": cfg.to_dict(), "config_hash": cfg.hash(), "evals": evals,
+    task_labels = ["unacceptable", "acceptable"] if cfg.task == "cola" else ["entailment", "non-entailment"]
+    evals, predictions = {}, {}
+    for role, split in zip(("in_domain", "out_of_domain"), SPLITS[cfg.task]):
+        gold = gold_of(cfg.task, split)
+        ease = np.random.default_rng(len(split)).normal(0, 1.0, N)
+        acc = base + 0.02 * SHOTS.index(cfg.shots) - (0.1 if role == "out_of_domain" else 0) + rng.normal(0, 0.01)
+        p = 1 / (1 + np.exp(-(np.log(acc / (1 - acc)) + 1.2 * ease)))
+        correct = rng.random(N) < p
+        pred = np.where(correct, gold, 1 - gold)
+        conf = np.clip(0.5 + 0.4 * rng.random(N), 0.5, 0.99)
+        probs = np.where(np.arange(2)[None, :] == pred[:, None], conf[:, None], 1 - conf[:, None])
+        logprobs = np.log(probs)
+        groups = [{"heuristic": HEURISTICS[i % 3]} for i in range(N)] if split == "hans" else None
+        evals[split] = {"role": role, **metrics.evaluation(gold.tolist(), pred.tolist(), logprobs, task_labels,
+                                                          ("accuracy", "mcc", "macro_f1"), groups)}
+        predictions[split] = {"idx": list(range(0, 2 * N, 2)), "gold": gold.tolist(), "pred": pred.tolist(),
+                              "logprobs": logprobs.tolist(), "groups": groups}
+    return {"schema": 2, "config": cfg.to_dict(), "config_hash": cfg.hash(), "identity": cfg.identity(),
+            "task": {"name": cfg.task, "primary_metric": PRIMARY[cfg.task], "labels": task_labels,
+                     "metrics": ["accuracy", "mcc", "macro_f1"]},
+            "evals": evals, "predictions": predictions, "examples_used": cfg.shots,
             "cost": {"train_seconds": round(per_shot * cfg.shots + rng.uniform(0, 1), 3) if per_shot else 0.0,
                      "eval_seconds": round(float(rng.uniform(5, 6)), 3), "peak_memory_mib": mem + cfg.shots,
                      "trainable_params": 0 if method == "icl" else (421_000 if method == "lora" else 134_515_008),
@@ -57,9 +83,9 @@ def db(tmp_path_factory):
                     for shots in SHOTS:
                         for label, (method, options, *_rest) in LABELS.items():
                             cfg = RunConfig(task=task, model=model, method=method, method_options=options,
-                                            shots=shots, seed=seed, eval_limit=200)
+                                            shots=shots, seed=seed, eval_limit=N)
                             store.claim(cfg, label=label, grid="synthetic")
-                            store.finish(cfg.hash(), synthetic_result(cfg, label, rng))
+                            assert store.finish(cfg.hash(), synthetic_result(cfg, label, rng))
         broken = RunConfig(task="cola", model="tiny-a", method="ft", shots=4, seed=0)
         store.claim(broken, label="ft", grid="synthetic")
         store.fail(broken.hash(), "FewtuneError: synthetic failure")
@@ -92,18 +118,29 @@ def md_tables_after(md: str, heading: str) -> list[list[list[str]]]:
     return tables
 
 
-def fmt(values, scale=100.0, digits=1) -> str:
-    mean, sd = float(np.mean(values)), float(np.std(values, ddof=1))
-    return f"{scale * mean:.{digits}f} ± {scale * sd:.{digits}f}"
+def stored(db, task, model, label, shots, split):
+    """(gold, preds [seeds, N]) from the database for one option."""
+    with Store(db, readonly=True) as store:
+        runs = sorted((r for r in store.rows(["success"])
+                       if (r["task"], r["model"], r["label"], r["shots"]) == (task, model, label, shots)),
+                      key=lambda r: r["seed"])
+        preds = [store.predictions(r["config_hash"])[split] for r in runs]
+    return preds[0]["gold"], np.stack([p["pred"] for p in preds])
+
+
+def fmt(est, metric):
+    f = (lambda x: f"{100 * x:.1f}") if metric == "accuracy" else (lambda x: f"{x:.3f}")
+    return f"{f(est.value)} [{f(est.lo)}, {f(est.hi)}]"
 
 
 def test_files_exist_and_html_is_self_contained(report):
     out, md, html = report
     figures = sorted(p.name for p in (out / "figures").iterdir())
     for model in MODELS:
-        for task in SPLITS:
-            for kind in ("acc-vs-shots", "acc-vs-train-seconds", "acc-vs-peak-memory-mib"):
-                assert f"{kind}-{task}-{model}.png" in figures and f"{kind}-{task}-{model}.svg" in figures
+        for task, metric in (("cola", "mcc"), ("mnli", "accuracy")):
+            for kind in ("vs-shots", "vs-train-seconds", "vs-peak-memory-mib"):
+                name = f"{metric}-{kind}-{task}-{model}"
+                assert f"{name}.png" in figures and f"{name}.svg" in figures, (name, figures)
         assert f"hans-{model}.png" in figures
     assert "id-vs-ood-cola.svg" in figures and "id-vs-ood-mnli.svg" in figures
     assert all((out / "figures" / f).stat().st_size > 1000 for f in figures)
@@ -114,34 +151,52 @@ def test_files_exist_and_html_is_self_contained(report):
     assert "<script" not in html and "<link" not in html
 
 
-def test_accuracy_tables_equal_the_database(db, report):
+def test_score_tables_are_the_paired_statistics_of_the_stored_predictions(db, report):
     _, md, _ = report
-    with Store(db, readonly=True) as store:
-        rows = store.rows(["success"])
     checked = 0
     for task, (ind, ood) in SPLITS.items():
+        metric = PRIMARY[task]
+        name = "MCC" if metric == "mcc" else "accuracy"
         for model in MODELS:
-            table, mcc = md_tables_after(md, f"### {task} / {model}")[:2]
-            assert table[0][:5] == ["method", "shots", "seeds", "ID acc % mean ± sd", "ID 95% CI"]
+            section = md[md.index(f"### {task} / {model}\n"):]
+            assert f"Ranked by {name}, {task}'s primary metric" in section.split("\n\n")[1]
+            table = md_tables_after(md, f"### {task} / {model}")[0]
+            assert table[0][:4] == ["method", "shots", "seeds", f"ID {name} [95% CI]"]
             assert len(table) == 2 + len(LABELS) * len(SHOTS)
+            best_line = next(line for line in table[2:] if line[4] == "best")
+            best = (best_line[0], int(best_line[1]))
             for line in table[2:]:
                 label, shots = line[0], int(line[1])
-                runs = [r for r in rows if (r["task"], r["model"], r["label"], r["shots"]) == (task, model, label, shots)]
-                assert len(runs) == len(SEEDS) and line[2] == str(len(SEEDS))
-                id_acc = [r["metrics"][ind]["accuracy"] for r in runs]
-                ood_acc = [r["metrics"][ood]["accuracy"] for r in runs]
-                assert line[3] == fmt(id_acc)
-                assert line[5] == fmt(ood_acc)
-                lo, hi = (float(x) for x in line[4].strip("[]").split(", "))
-                assert 100 * min(id_acc) - 0.05 <= lo <= 100 * np.mean(id_acc) <= hi <= 100 * max(id_acc) + 0.05
-                train = np.mean([r["cost"]["train_seconds"] for r in runs])
-                assert line[7] == (f"{train:.1f}" if train < 100 else f"{train:.0f}")
-                assert line[9] == f"{np.mean([r['cost']['peak_memory_mib'] for r in runs]):.0f}"
+                assert line[2] == str(len(SEEDS))
+                gold, preds = stored(db, task, model, label, shots, ind)
+                assert line[3] == fmt(stats.estimate(gold, preds, None, 2, metric), metric)
+                if (label, shots) != best:
+                    _, best_preds = stored(db, task, model, *best, ind)
+                    d = stats.estimate(gold, best_preds, preds, 2, metric)
+                    assert d.value >= 0
+                    assert line[5] == f"{d.p_positive:.2f}"
+                majority = np.full_like(preds, np.bincount(gold).argmax())
+                vm = stats.estimate(gold, preds, majority, 2, metric)
+                assert line[6] == ("yes" if vm.lo > 0 else ("no (worse)" if vm.hi < 0 else "no"))
+                ogold, opreds = stored(db, task, model, label, shots, ood)
+                assert line[7 + 2] == fmt(stats.estimate(ogold, opreds, None, 2, metric), metric)
                 checked += 1
-            mcc_line = next(line for line in mcc[2:] if line[0] == "pbft" and line[1] == "8")
-            runs = [r for r in rows if (r["task"], r["model"], r["label"], r["shots"]) == (task, model, "pbft", 8)]
-            assert mcc_line[3] == fmt([r["metrics"][ind]["mcc"] for r in runs], scale=1.0, digits=3)
     assert checked == len(SPLITS) * len(MODELS) * len(LABELS) * len(SHOTS)
+
+
+def test_floor_and_calibration_come_from_the_database(db, report):
+    _, md, _ = report
+    section = md[md.index("### cola / tiny-a\n"):]
+    gold = gold_of("cola", "in_domain_dev")
+    share = np.bincount(gold).max() / len(gold)
+    assert f"in_domain_dev: majority class MCC 0.000 (accuracy {100 * share:.1f} %)" in section
+    costs = md_tables_after(md, "### cola / tiny-a")[1]
+    assert costs[0][3:5] == ["ID ECE %", "ID Brier"]
+    with Store(db, readonly=True) as store:
+        runs = [r for r in store.rows(["success"]) if (r["task"], r["model"], r["label"], r["shots"]) == ("cola", "tiny-a", "pbft", 8)]
+    line = next(x for x in costs[2:] if x[:2] == ["pbft", "8"])
+    assert line[3] == f"{100 * np.mean([r['metrics']['in_domain_dev']['ece'] for r in runs]):.1f}"
+    assert line[4] == f"{np.mean([r['metrics']['in_domain_dev']['brier'] for r in runs]):.3f}"
 
 
 def test_appendix_lists_every_run_with_its_stored_numbers(db, report):
@@ -155,9 +210,11 @@ def test_appendix_lists_every_run_with_its_stored_numbers(db, report):
             continue
         line = by_hash[r["config_hash"]]
         ind, ood = SPLITS[r["task"]]
-        assert line[6] == f"{100 * r['metrics'][ind]['accuracy']:.2f}"
-        assert line[7] == f"{100 * r['metrics'][ood]['accuracy']:.2f}"
-        assert line[8] == f"{r['metrics'][ind]['mcc']:.4f}"
+        assert line[6] == ("MCC" if r["task"] == "cola" else "accuracy")
+        assert line[9] == f"{100 * r['metrics'][ind]['accuracy']:.2f}"
+        assert line[10] == f"{100 * r['metrics'][ood]['accuracy']:.2f}"
+        if r["task"] == "cola":
+            assert line[7] == f"{r['metrics'][ind]['mcc']:.3f}"
         assert r["config_hash"] in html
     assert len(by_hash) == sum(r["status"] == "success" for r in rows)
     assert "synthetic failure" in md and "## Runs without a result" in md
@@ -175,41 +232,113 @@ def test_hans_table_equals_the_database(db, report):
         assert cell == f"{100 * np.mean([r['metrics']['hans']['by_heuristic'][key]['accuracy'] for r in runs]):.1f}"
 
 
-def test_budget_section_reads_the_front(report):
+def test_budget_section_follows_the_paired_intervals(report):
     _, md, _ = report
     section = md[md.index("## Which method for which budget"):]
-    assert "cola / tiny-a, in-domain: the best option is pbft (8 shots)" in section
-    memory = next(t for t in md_tables_after(section, "### cola / tiny-a") if t[2][0].endswith("MiB"))
+    line = next(x for x in section.splitlines() if x.startswith("- mnli / tiny-a, in-domain"))
+    # pbft (86%) and lora (84.5%) are too close to tell apart at 3 seeds x 200 examples; icl (60%) is clearly worse
+    assert "the best mean is pbft (8 shots)" in line
+    assert "cannot be told apart from" in line and "lora (8 shots)" in line.split("cannot be told apart from")[1]
+    assert "icl (4 shots)" in line.split("it is better than")[1].split(";")[0]
+    memory = next(t for t in md_tables_after(section, "### mnli / tiny-a") if t[2][0].endswith("MiB"))
     # the lowest memory level is icl's (500 MiB + shots in the synthetic data), and only icl fits in it
     assert memory[2][:2] == ["≤ 504 MiB", "icl (4 shots)"]
-    assert memory[2][3] == "none: better than every other option"
-    assert memory[-1][1] == "pbft (8 shots)" and "lora (4 shots)" in memory[-1][3]
+    assert memory[2][3] == "no other option"
 
 
-def test_budget_logic_on_hand_made_groups():
-    def g(label, acc, lo, hi, mem, shots=8, t=1.0):
-        s = {"mean": acc, "sd": 0.01, "lo": lo, "hi": hi, "n": 3}
-        return {"label": label, "shots": shots, "id_accuracy": s, "ood_accuracy": s, "peak_memory_mib": mem,
-                "train_seconds": t}
-    a, b, c = g("a", 0.60, 0.58, 0.62, 100), g("b", 0.80, 0.78, 0.82, 1000), g("c", 0.79, 0.77, 0.81, 3000)
-    assert [x["label"] for x in pareto_front([c, b, a], "peak_memory_mib", "id_accuracy")] == ["a", "b"]
-    best, same, known = best_under([a, b, c], "peak_memory_mib", 500, "id_accuracy")
-    assert best is a and same == [] and known
-    best, same, known = best_under([a, b, c], "peak_memory_mib", 5000, "id_accuracy")
-    assert best is b and same == [c] and known
-    single = g("d", 0.9, math.nan, math.nan, 50)
-    assert overlaps(single["id_accuracy"], a["id_accuracy"]) is None
-    best, same, known = best_under([a, single], "peak_memory_mib", 5000, "id_accuracy")
-    assert best is single and not known
+def test_no_option_beating_the_majority_is_the_answer(tmp_path):
+    """CoLA at a tiny budget: every option at chance. The conclusion says the majority baseline is as good."""
+    path = tmp_path / "floor.db"
+    rng = np.random.default_rng(1)
+    with Store(path) as store:
+        for seed in (0, 1):
+            for label in ("icl", "pbft"):
+                cfg = RunConfig(task="cola", model="m", method=label, shots=8, seed=seed, eval_limit=N)
+                r = synthetic_result(cfg, label, rng)
+                split = "in_domain_dev"
+                gold = np.asarray(r["predictions"][split]["gold"])
+                pred = np.where(rng.random(N) < 0.9, np.bincount(gold).argmax(), 1 - np.bincount(gold).argmax())
+                r["predictions"][split]["pred"] = pred.tolist()
+                r["evals"][split] = {"role": "in_domain", **metrics.evaluation(
+                    gold.tolist(), pred.tolist(), np.log(np.full((N, 2), 0.5)), ["unacceptable", "acceptable"],
+                    ("accuracy", "mcc", "macro_f1"))}
+                store.claim(cfg, label=label)
+                store.finish(cfg.hash(), r)
+    paths = write_report(path, tmp_path / "rep")
+    md = paths["markdown"].read_text()
+    line = next(x for x in md.splitlines() if x.startswith("- cola / m, in-domain"))
+    assert "No option beats the majority-class baseline" in line and "'acceptable'" in line
 
 
-def test_statistics():
-    assert mean_sd([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02)))
-    assert math.isnan(mean_sd([0.5])[1])
-    assert all(math.isnan(x) for x in bootstrap_ci([0.5]))
-    lo, hi = bootstrap_ci([0.5, 0.6, 0.7, 0.8])
-    assert 0.5 <= lo < 0.65 < hi <= 0.8
-    assert bootstrap_ci([0.5, 0.6, 0.7, 0.8]) == (lo, hi)  # fixed seed: the same report twice
+USER_TASK = TOY_TASK.replace('name = "toy"', 'name = "sst2-like"').split("[splits.ood]")[0].replace(
+    'out_of_domain = ["ood"]\n', "")
+
+
+def test_user_task_without_ood_split(tmp_path, toy):
+    """A user's task file (no out-of-domain split, given by path): headings carry the task's name, no 'None',
+    one panel per figure with its legend, and no matplotlib warning about a legend without artists."""
+    task_file = tmp_path / "tasks" / "sst2.toml"
+    task_file.parent.mkdir()
+    task_file.write_text(USER_TASK)
+    path = tmp_path / "user.db"
+    rng = np.random.default_rng(2)
+    with Store(path) as store:
+        for seed in (0, 1):
+            for label in ("icl", "lora"):
+                cfg = RunConfig(task=str(task_file), data_root=str(toy.root), model="m", method=label, shots=4,
+                                seed=seed, eval_limit=8)
+                gold = np.array([0, 1] * 4)
+                pred = np.where(rng.random(8) < (0.6 if label == "icl" else 0.9), gold, 1 - gold)
+                logprobs = np.log(np.full((8, 2), 0.5))
+                r = {"config": cfg.to_dict(), "identity": cfg.identity(), "examples_used": 4,
+                     "task": {"name": "sst2-like", "primary_metric": "accuracy", "labels": ["negative", "positive"]},
+                     "evals": {"dev": {"role": "in_domain", **metrics.evaluation(
+                         gold.tolist(), pred.tolist(), logprobs, ["negative", "positive"], ("accuracy", "mcc", "macro_f1"))}},
+                     "predictions": {"dev": {"idx": list(range(8)), "gold": gold.tolist(), "pred": pred.tolist(),
+                                             "logprobs": logprobs.tolist()}},
+                     "cost": {"train_seconds": 1.0, "peak_memory_mib": 100.0}}
+                store.claim(cfg, label=label)
+                store.finish(cfg.hash(), r)
+        assert {r["task"] for r in store.rows()} == {"sst2-like"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "No artists with labels found to put in legend" would fail here
+        paths = write_report(path, tmp_path / "rep")
+    md = paths["markdown"].read_text()
+    assert "None" not in md and str(task_file) not in md
+    assert "### sst2-like / m" in md and "no out-of-domain split" in md
+    table = md_tables_after(md, "### sst2-like / m")[0]
+    assert not any(h.startswith("OOD") for h in table[0])
+    assert "macro-F1" in " ".join(table[0])  # the task lists it: it is shown
+
+
+def test_runs_of_another_identity_are_not_pooled(tmp_path, toy):
+    """The same label and shots on an edited task file (another pattern) is another option, never averaged in."""
+    task_file = tmp_path / "t.toml"
+    path = tmp_path / "id.db"
+    with Store(path) as store:
+        for version, template in enumerate(("{text} ?", "{text} !")):
+            task_file.write_text(TOY_TASK.replace('"{text} ?"', f'"{template}"'))
+            cfg = RunConfig(task=str(task_file), data_root=str(toy.root), model="m", method="icl", shots=4, seed=0)
+            gold = [0, 1, 0, 1]
+            r = {"config": cfg.to_dict(), "identity": cfg.identity(),
+                 "task": {"name": "toy", "primary_metric": "accuracy", "labels": ["negative", "positive"]},
+                 "evals": {"dev": {"role": "in_domain", **metrics.evaluation(gold, gold, np.log(np.full((4, 2), .5)),
+                                                                            ["negative", "positive"], ("accuracy",))}},
+                 "predictions": {"dev": {"idx": [0, 1, 2, 3], "gold": gold, "pred": gold,
+                                         "logprobs": np.log(np.full((4, 2), .5)).tolist()}}, "cost": {}}
+            assert store.claim(cfg, label="icl") == "claimed"  # an edited task file is a new cell
+            store.finish(cfg.hash(), r)
+    md = write_report(path, tmp_path / "rep")["markdown"].read_text()
+    table = md_tables_after(md, "### toy / m")[0]
+    assert len(table) == 4 and all(re.match(r"icl \[[0-9a-f]{8}\]", line[0]) for line in table[2:])
+
+
+def test_pareto_front_on_hand_made_options():
+    def g(label, value, mem):
+        return {"label": label, "id_primary": stats.Estimate(value, value, value, 0, 2, 3, 100, 0, 0, 0.5),
+                "peak_memory_mib": mem}
+    a, b, c = g("a", 0.60, 100), g("b", 0.80, 1000), g("c", 0.79, 3000)
+    assert [x["label"] for x in pareto_front([c, b, a], "peak_memory_mib", "id")] == ["a", "b"]
 
 
 def test_report_cli_and_empty_database(tmp_path, capsys):
@@ -224,3 +353,18 @@ def test_report_cli_and_empty_database(tmp_path, capsys):
     assert "No successful runs yet" in md and "nothing worked" in md
     assert main(["report", "--db", str(tmp_path / "missing.db"), "--out", str(tmp_path / "rep2")]) == 2
     assert "No results database" in capsys.readouterr().err
+
+
+def test_one_seed_is_flagged(tmp_path):
+    path = tmp_path / "one.db"
+    rng = np.random.default_rng(3)
+    with Store(path) as store:
+        for label in ("icl", "pbft"):
+            cfg = RunConfig(task="mnli", model="m", method=label, shots=8, seed=0, eval_limit=N)
+            store.claim(cfg, label=label)
+            store.finish(cfg.hash(), synthetic_result(cfg, label, rng))
+    md = write_report(path, tmp_path / "rep")["markdown"].read_text()
+    assert "†" in md_tables_after(md, "### mnli / m")[0][2][3]
+    line = next(x for x in md.splitlines() if x.startswith("- mnli / m, in-domain"))
+    assert "covers the evaluation-sample noise only, not training instability" in line
+    assert not math.isnan(0.0)

@@ -137,3 +137,35 @@ def test_user_task_file_round_trip(toy):
     task = load_task(str(toy.task_file))
     assert task.name == "toy" and task.source == str(toy.task_file)
     assert task.out_of_domain == ("ood",) and len(task.patterns) == 2
+
+
+def test_primary_metric_is_the_tasks_own(toy, tmp_path):
+    assert load_task("cola").primary_metric == "mcc" and load_task("mnli").primary_metric == "accuracy"
+    assert load_task(str(toy.task_file)).primary_metric == "accuracy"  # the default
+    text = toy.task_file.read_text()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace('metrics = [', 'primary_metric = "f1"\nmetrics = ['))
+    with pytest.raises(FewtuneError, match=r"bad.toml: primary_metric 'f1' is not a metric .*Did you mean: mcc|macro_f1"):
+        load_task(str(bad))
+    ok = tmp_path / "ok.toml"
+    ok.write_text(text.replace('metrics = ["accuracy", "mcc", "macro_f1"]', 'metrics = ["accuracy"]\nprimary_metric = "mcc"'))
+    assert load_task(str(ok)).metrics == ("accuracy", "mcc")  # the primary metric is always computed
+
+
+def test_task_content_hash_ignores_layout_not_content(toy, tmp_path):
+    text = toy.task_file.read_text()
+    a = tmp_path / "a.toml"
+    a.write_text("# a comment\n" + text)
+    b = tmp_path / "b.toml"
+    b.write_text(text.replace("Is this review positive?", "Is this review good?"))
+    assert load_task(str(a)).sha256 == load_task(str(toy.task_file)).sha256 != load_task(str(b)).sha256
+
+
+def test_hub_cola_has_no_in_domain_split():
+    """GLUE's CoLA validation split mixes in-domain and out-of-domain dev: the task must not call it in_domain_dev."""
+    from fewtune.data import load_split
+    task = load_task("cola")
+    assert task.splits["in_domain_dev"].hub is None and task.splits["out_of_domain_dev"].hub is None
+    for split in ("in_domain_dev", "out_of_domain_dev"):
+        with pytest.raises(FewtuneError, match=r"no Hub source \(.*(mixes in-domain and out-of-domain dev|mixes it with in-domain dev).*local files"):
+            load_split(task, split, source="hub")

@@ -15,20 +15,20 @@ from pathlib import Path
 
 from .errors import FewtuneError
 
-# flag -> (option name, methods that take it)
+# flag -> {method: its option name} (--lora-r is lora's `r` but cd's `lora_r`, for a LoRA student)
 METHOD_FLAGS = {
-    "train_layers": ("train_layers", {"adaptive"}),
-    "lr_decay": ("lr_decay", {"adaptive"}),
-    "objective": ("objective", {"adaptive", "lora"}),
-    "lora_r": ("r", {"lora"}),
-    "lora_alpha": ("alpha", {"lora"}),
-    "lora_dropout": ("dropout", {"lora"}),
-    "lora_targets": ("target_modules", {"lora"}),
-    "context": ("context", {"cd"}),
-    "context_shots": ("context_shots", {"cd"}),
-    "alpha": ("alpha", {"cd"}),
-    "temperature": ("temperature", {"cd"}),
-    "student": ("student", {"cd"}),
+    "train_layers": {"adaptive": "train_layers"},
+    "lr_decay": {"adaptive": "lr_decay"},
+    "objective": {"adaptive": "objective", "lora": "objective"},
+    "lora_r": {"lora": "r", "cd": "lora_r"},
+    "lora_alpha": {"lora": "alpha", "cd": "lora_alpha"},
+    "lora_dropout": {"lora": "dropout"},
+    "lora_targets": {"lora": "target_modules"},
+    "context": {"cd": "context"},
+    "context_shots": {"cd": "context_shots"},
+    "alpha": {"cd": "alpha"},
+    "temperature": {"cd": "temperature"},
+    "student": {"cd": "student"},
 }
 RUN_FIELDS = ("task", "method", "model", "shots", "seed", "train_seed", "pattern", "eval_limit", "data_root",
               "data_source", "epochs", "batch_size", "micro_batch_size", "lr", "weight_decay", "warmup_ratio",
@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--task", help="built-in task (cola, mnli) or path to a task file [mnli]")
     r.add_argument("--method", help="icl, ft, pbft, adaptive, lora, cd [icl]")
     r.add_argument("--model", help="bundled name (smollm2-135m), local folder or Hub id [smollm2-135m]")
-    r.add_argument("--shots", type=int, help="few-shot training examples / ICL demonstrations [16]")
+    r.add_argument("--shots", type=int, help="few-shot training examples in total, all classes together (icl: demonstrations) [16]")
+    r.add_argument("--shots-per-class", type=int, metavar="K",
+                   help="K examples per class instead: recorded as --shots K x (number of labels), the same run")
     r.add_argument("--seed", type=int, help="data seed: which examples, in which order [0]")
     r.add_argument("--train-seed", type=int, help="initialisation and shuffling seed [= --seed]")
     r.add_argument("--pattern", type=int, help="index of the task's pattern [0]")
@@ -69,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-layers", type=int, help="adaptive: top blocks that train [2]")
     g.add_argument("--lr-decay", type=float, help="adaptive: per-block learning-rate decay from the top [0.8]")
     g.add_argument("--objective", help="adaptive, lora: pbft or ft [pbft]")
-    g.add_argument("--lora-r", type=int, help="lora: rank [8]")
-    g.add_argument("--lora-alpha", type=int, help="lora: alpha [16]")
+    g.add_argument("--lora-r", type=int, help="lora, cd with --student lora: rank [8]")
+    g.add_argument("--lora-alpha", type=int, help="lora, cd with --student lora: alpha [16]")
     g.add_argument("--lora-dropout", type=float, help="lora: dropout [0.05]")
     g.add_argument("--lora-targets", help="lora: comma-separated module names [attention projections]")
     g.add_argument("--context", help="cd: instruction or few-shot [instruction]")
@@ -86,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list tasks, methods or models")
     ls.add_argument("what", choices=["tasks", "methods", "models"])
+    ls.add_argument("--dir", help="tasks: also list the task files in this folder [the current folder]")
+
+    ck = sub.add_parser("check", help="load and validate a task file: data, columns, label words, sizes; runs nothing")
+    ck.add_argument("task", help="path to a task file (or a built-in task name)")
+    ck.add_argument("--model", default=None, help="check the label words against this model's tokenizer [smollm2-135m]")
+    ck.add_argument("--data-root", help="folder the task's local paths are relative to [$FEWTUNE_DATA or ../shared/data]")
+    ck.add_argument("--data-source", default="auto", help="auto | local | hub [auto]")
+    ck.add_argument("--trust-remote-code", action="store_true", help="allow the model's own tokenizer code to run")
 
     pr = sub.add_parser("predict", help="use a model saved with --save-model on new text")
     pr.add_argument("--model-dir", required=True)
@@ -117,10 +127,20 @@ def config_from_args(args) -> "RunConfig":
             raise FewtuneError(f"Config file {path} is not valid TOML: {e}.") from None
         except OSError as e:  # a folder, no permission
             raise FewtuneError(f"Config file {path} cannot be read: {e.strerror or e}.") from None
+    file_per_class = fields.pop("shots_per_class", None)
+    if file_per_class is not None and "shots" in fields:
+        raise FewtuneError(f"{args.config}: shots and shots_per_class both given: shots is the total over all classes; give one of them.")
     for name in RUN_FIELDS:
         value = getattr(args, name, None)
         if value is not None:
             fields[name] = value
+    # --shots-per-class K (or shots_per_class in the config file) becomes shots = K x labels: the same run as that total
+    if args.shots is not None and args.shots_per_class is not None:
+        raise FewtuneError("--shots and --shots-per-class both given: --shots is the total over all classes; give one of them.")
+    if args.shots_per_class is not None:
+        fields["shots"] = shots_for_per_class(args.shots_per_class, fields, "--shots-per-class")
+    elif file_per_class is not None and args.shots is None:
+        fields["shots"] = shots_for_per_class(file_per_class, fields, f"{args.config}: shots_per_class")
     if args.uniform:
         fields["balanced"] = False
     if args.eval_splits:
@@ -131,17 +151,28 @@ def config_from_args(args) -> "RunConfig":
         fields["allow_unsafe_weights"] = True
     method = fields.get("method", "icl")
     options = dict(fields.get("method_options", {}))
-    for flag, (option, methods) in METHOD_FLAGS.items():
+    for flag, methods in METHOD_FLAGS.items():
         value = getattr(args, flag)
         if value is None:
             continue
         if method not in methods:
-            raise FewtuneError(f"--{flag.replace('_', '-')} applies to method(s) {', '.join(sorted(methods))}, not '{method}'.")
+            raise FewtuneError(f"--{flag.replace('_', '-')} applies to method(s) {', '.join(methods)}, not '{method}'.")
         if flag == "lora_targets":
             value = [v.strip() for v in value.split(",") if v.strip()]
-        options[option] = value
+        options[methods[method]] = value
     fields["method_options"] = options
     return RunConfig.from_dict(fields, where=str(args.config or "flags"))
+
+
+def shots_for_per_class(k, fields: dict, what: str) -> int:
+    """The total that K examples per class implies for the task in `fields` (LM-BFF's "16 per class")."""
+    from .tasks import load_task
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise FewtuneError(f"{what} must be an integer ≥ 0, got {k!r:.60}.")
+    task = fields.get("task", "mnli")
+    if not isinstance(task, str):
+        raise FewtuneError(f"Config field 'task' must be a string, got {task!r:.60}.")
+    return k * len(load_task(task).labels)
 
 
 def check_writable(path: str, flag: str) -> Path:
@@ -181,12 +212,23 @@ def cmd_run(args) -> int:
 
 
 def cmd_ls(args) -> int:
+    if args.dir and args.what != "tasks":
+        raise FewtuneError(f"--dir lists task files: it goes with `fewtune ls tasks`, not `ls {args.what}`.")
     if args.what == "tasks":
         from .tasks import builtin_names, load_task
         for name in builtin_names():
             t = load_task(name)
             print(f"{name:10s} v{t.version}  {t.description}  [train={t.train}; in-domain={t.in_domain}; ood={','.join(t.out_of_domain)}]")
-        print("(your own task: --task path/to/task.toml, see docs/tasks.md)")
+        folder = Path(args.dir) if args.dir else Path(".")
+        if args.dir and not folder.is_dir():
+            raise FewtuneError(f"--dir {folder} is not a folder.")
+        for path, t, error in task_files(folder):
+            if t is not None:
+                print(f"{str(path):10s} v{t.version}  '{t.name}': {t.description}  [train={t.train}; in-domain={t.in_domain}; "
+                      f"ood={','.join(t.out_of_domain) or '-'}]")
+            else:
+                print(f"{str(path):10s} (not valid: {error})")
+        print(f"(your own task: --task path/to/task.toml, see docs/tasks.md; task files listed from {folder.resolve()})")
     elif args.what == "methods":
         from .methods import REGISTRY
         for name, cls in REGISTRY.items():
@@ -197,6 +239,68 @@ def cmd_ls(args) -> int:
         for m in list_models():
             print(f"{m['name']:14s} {m['status']:34s} {m['description']}")
         print("(also: any Hugging Face causal LM by Hub id, e.g. facebook/opt-125m, or a local model folder)")
+    return 0
+
+
+def task_files(folder: Path):
+    """(path, Task or None, error) for each *.toml in `folder` that is a task file: one that parses as a task, or
+    one with task keys (patterns, splits) that does not (grid specs, configs and pyproject.toml are left out)."""
+    from .tasks import parse_task_file
+    out = []
+    for path in sorted(folder.glob("*.toml")):
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+        if not isinstance(raw.get("patterns"), list) and not isinstance(raw.get("splits"), dict):
+            continue
+        try:
+            out.append((path, parse_task_file(path), None))
+        except FewtuneError as e:
+            out.append((path, None, str(e)))
+    return out
+
+
+def cmd_check(args) -> int:
+    """Validate a task file end to end without loading a model or running anything."""
+    from collections import Counter
+
+    from . import models
+    from .data import load_split
+    from .tasks import load_task
+    task = load_task(args.task)
+    model = args.model or models.DEFAULT_MODEL
+    print(f"task '{task.name}' v{task.version} ({task.source}): {len(task.labels)} labels {list(task.labels)}, "
+          f"fields {list(task.fields)}, {len(task.patterns)} pattern(s), metrics {', '.join(task.metrics)}")
+    roles = {task.train: "train", task.in_domain: "in-domain", **{s: "out-of-domain" for s in task.out_of_domain}}
+    loaded = {}
+    width = max(len(n) for n in task.splits)
+    for name in task.splits:
+        examples = loaded[name] = load_split(task, name, args.data_root, args.data_source)
+        counts = Counter(ex.label for ex in examples)
+        per_label = ", ".join(f"{label} {counts.get(i, 0)}" for i, label in enumerate(task.labels))
+        groups = f"; groups {', '.join(task.splits[name].group_by)}" if task.splits[name].group_by else ""
+        print(f"  split {name:{width}s}  {roles.get(name, 'unused'):13s} {len(examples):7d} examples ({per_label}){groups}")
+    train = loaded[task.train]
+    missing = [task.labels[i] for i in range(len(task.labels)) if not any(ex.label == i for ex in train)]
+    if missing:
+        raise FewtuneError(f"{task.source}: the train split '{task.train}' has no example of label(s) {missing}; "
+                           f"no balanced sample can be drawn.")
+    smallest = min(Counter(ex.label for ex in train).values())
+    print(f"  balanced samples up to {smallest} per class (--shots-per-class {smallest}, --shots {smallest * len(task.labels)})")
+    tokenizer = models.load_tokenizer(model, args.trust_remote_code)
+    for i, pattern in enumerate(task.patterns):
+        prompts = []
+        for ex in train[:4] + loaded[task.in_domain][:4]:
+            try:
+                prompts.append(task.format(pattern, ex))
+            except (ValueError, KeyError, IndexError, AttributeError) as e:
+                raise FewtuneError(f"{task.source} patterns[{i}]: the template cannot format split '{task.train}' row "
+                                   f"{ex.idx}: {type(e).__name__}: {e}.") from None
+        ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer, model, prompts)
+        words = ", ".join(f"{w!r}→{tokenizer.convert_ids_to_tokens([t])[0]!r}" for w, t in zip(pattern.verbalizer, ids))
+        print(f"  pattern {i}: label words one token each and as the model reads them after the prompt, for {model}: {words}")
+    print(f"ok: {task.source} is a valid task")
     return 0
 
 
@@ -252,7 +356,7 @@ def cmd_predict(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "ls": cmd_ls, "predict": cmd_predict}
+COMMANDS = {"run": cmd_run, "ls": cmd_ls, "predict": cmd_predict, "check": cmd_check}
 
 from . import cli_grid; EXTENSIONS.append(cli_grid)  # noqa: E402,E702  grid, results, report
 

@@ -37,9 +37,12 @@ def add_parser(sub) -> None:
 
     r = sub.add_parser("results", help="list or export the runs in the results database")
     r.add_argument("--db", help=db_help)
-    r.add_argument("--format", default="table", choices=["table", "csv", "json", "parquet"])
+    r.add_argument("--format", choices=["table", "csv", "json", "jsonl", "parquet"],
+                   help="table, csv, json, parquet for runs [table]; jsonl, csv, parquet with --predictions [jsonl]")
     r.add_argument("--output", "-o", help="write here [stdout; required for parquet]")
     r.add_argument("--status", help=f"comma-separated statuses to keep ({', '.join(STATUSES)}) [all]")
+    r.add_argument("--predictions", action="store_true",
+                   help="export the per-example predictions instead: one row per run x evaluation example")
 
     p = sub.add_parser("report", help="write report.md and a self-contained report.html from the results database")
     p.add_argument("--db", help=db_help)
@@ -101,8 +104,9 @@ def cmd_grid(args) -> int:
             return 128 + e.signum
     print(f"grid {grid.name}: {s.total} cells: {s.done_before} done before, {s.success} succeeded now, "
           f"{s.failed} failed" + (f", {s.busy} running elsewhere" if s.busy else "")
+          + (f", {s.lost} finished but not recorded (taken over by another grid)" if s.lost else "")
           + (f" (see `fewtune results --status failed --db {path}`)" if s.failed else ""))
-    return 1 if s.failed else 0
+    return 1 if s.failed or s.lost else 0
 
 
 def cmd_results(args) -> int:
@@ -114,12 +118,22 @@ def cmd_results(args) -> int:
         for s in statuses:
             if s not in STATUSES:
                 raise FewtuneError(f"--status {s}: unknown status; use {', '.join(STATUSES)}.")
+    if args.predictions:
+        args.format = args.format or "jsonl"
+        if args.format not in ("jsonl", "csv", "parquet"):
+            raise FewtuneError(f"--predictions exports jsonl, csv or parquet, not --format {args.format}.")
+    else:
+        args.format = args.format or "table"
+        if args.format == "jsonl":
+            raise FewtuneError("--format jsonl is for --predictions; runs export as table, csv, json or parquet.")
     if args.format == "parquet" and not args.output:
         raise FewtuneError("--format parquet needs --output FILE (parquet is binary).")
     out = None
     if args.output:
         from .cli import check_writable
         out = check_writable(args.output, "--output")
+    if args.predictions:
+        return export_predictions(db_path(args), statuses, args.format, out)
     with Store(db_path(args), readonly=True) as store:
         rows = store.rows(statuses)
     if args.format == "json":
@@ -150,6 +164,78 @@ def cmd_results(args) -> int:
         print(f"{len(rows)} runs written to {out}")
     else:
         sys.stdout.write(text)
+    return 0
+
+
+def prediction_rows(row: dict, preds: dict):
+    """One dict per evaluation example of one run: the run's identity columns, the example and its scores."""
+    result = row.get("result") or {}
+    labels = list((result.get("task") or {}).get("labels") or [])
+    evals = row.get("metrics") or {}
+    for split, p in preds.items():
+        names = labels if len(labels) == p["logprobs"].shape[1] else [str(k) for k in range(p["logprobs"].shape[1])]
+        role = (evals.get(split) or {}).get("role")
+        for i in range(len(p["idx"])):
+            gold, pred = int(p["gold"][i]), int(p["pred"][i])
+            d = {"config_hash": row["config_hash"], "label": row.get("label"), "method": row.get("method"),
+                 "model": row.get("model"), "task": row.get("task"), "shots": row.get("shots"), "seed": row.get("seed"),
+                 "split": split, "role": role, "idx": int(p["idx"][i]), "gold": gold, "gold_label": names[gold],
+                 "pred": pred, "pred_label": names[pred], "correct": gold == pred}
+            for k, name in enumerate(names):
+                d[f"logprob_{name}"] = float(p["logprobs"][i, k])
+            for key, value in ((p.get("groups") or [None] * len(p["idx"]))[i] or {}).items():
+                d[key] = value
+            yield d
+
+
+def export_predictions(path, statuses, fmt: str, out) -> int:
+    """`fewtune results --predictions`: every stored per-example prediction, one row per run x example."""
+    import csv
+    import io
+    from .store import Store
+    with Store(path, readonly=True) as store:
+        rows = [r for r in store.rows(statuses) if r["status"] == "success"]
+        preds = {r["config_hash"]: store.predictions(r["config_hash"]) for r in rows}
+    missing = [r["config_hash"] for r in rows if not preds[r["config_hash"]]]
+    if rows and len(missing) == len(rows):
+        raise FewtuneError(f"{path}: none of its {len(rows)} successful runs has per-example predictions (they were "
+                           "recorded before fewtune stored them); rerun them to get predictions.")
+    if not rows:
+        raise FewtuneError(f"{path}: no successful runs, so no predictions to export.")
+    if missing:
+        print(f"fewtune: {len(missing)} of {len(rows)} runs have no per-example predictions (recorded before fewtune "
+              f"stored them; rerun them): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
+    records = (d for r in rows for d in prediction_rows(r, preds[r["config_hash"]]))
+    n = 0
+    if fmt == "parquet":
+        try:
+            import pandas as pd
+        except ImportError:
+            raise FewtuneError("--format parquet needs pandas and pyarrow: pip install pandas pyarrow.") from None
+        frame = pd.DataFrame(list(records))
+        n = len(frame)
+        frame.to_parquet(out, index=False)
+    else:
+        stream = open(out, "w", encoding="utf-8", newline="") if out else sys.stdout
+        try:
+            if fmt == "jsonl":
+                for d in records:
+                    stream.write(json.dumps(d) + "\n")
+                    n += 1
+            else:  # csv: the columns of all rows (label names and group keys differ between tasks)
+                items = list(records)
+                fields = list(dict.fromkeys(k for d in items for k in d))
+                buf = io.StringIO()
+                writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+                writer.writeheader()
+                writer.writerows(items)
+                stream.write(buf.getvalue())
+                n = len(items)
+        finally:
+            if out:
+                stream.close()
+    if out:
+        print(f"{n} predictions of {len(rows) - len(missing)} runs written to {out}")
     return 0
 
 

@@ -7,8 +7,6 @@ A run is fully described by a `RunConfig`; its `hash()` identifies the run in th
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -122,9 +120,13 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def identity(self) -> dict:
+        """Everything that changes the run's result (fewtune.identity): normalised options, the task's content,
+        the data's provenance; not where it runs."""
+        from .identity import identity
+        return identity(self)
+
     def hash(self) -> str:
-        """Stable id of what the run computes (sorted JSON, sha256, 16 hex digits)."""
-        d = self.to_dict()
-        for volatile in ("data_root", "device", "eval_batch_size"):  # where/how it runs, not what it computes
-            d.pop(volatile, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """Stable id of what the run computes: sha256 of `identity()` (sorted JSON), 16 hex digits."""
+        from .identity import run_hash
+        return run_hash(self)

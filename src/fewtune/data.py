@@ -45,8 +45,14 @@ def load_split(task: Task, split_name: str, root: Path | str | None = None, sour
     # an error, not a silent download (only the auto-found ../shared/data falls back to the Hub).
     named_root = root is not None or bool(os.environ.get("FEWTUNE_DATA"))
     if source == "auto" and named_root and local_file is not None and not local_file.exists():
+        # advise the Hub only where the task has a Hub entry for this split (else it fails a second time)
+        hub = ", or use --data-source hub to download the split" if split.hub is not None else \
+            f" (the task file {task.source} declares no Hub source for this split, so the file is needed)"
         raise FewtuneError(f"Data file {local_file} does not exist (task '{task.name}', split '{split_name}'); "
-                           f"fix --data-root/$FEWTUNE_DATA, or use --data-source hub to download the split.")
+                           f"fix --data-root/$FEWTUNE_DATA{hub}.")
+    if source == "hub" and split.hub is None:
+        raise FewtuneError(f"Task '{task.name}' split '{split_name}' has no Hub source ({task.source} gives only a local file); "
+                           f"use --data-source local or auto, with --data-root/$FEWTUNE_DATA.")
     if source == "local" or (source == "auto" and (local_file is not None and local_file.exists() or split.hub is None)):
         if split.local is None:
             raise FewtuneError(f"Task '{task.name}' split '{split_name}' has no local file; use --data-source hub.")
@@ -85,7 +91,8 @@ def _where(split: Split, local_file) -> str:
 
 def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
     if not path.exists():
-        raise FewtuneError(f"Data file {path} does not exist (task '{task.name}', split '{split.name}'); set $FEWTUNE_DATA or --data-root.")
+        hub = " (or --data-source hub)" if split.hub is not None else ""
+        raise FewtuneError(f"Data file {path} does not exist (task '{task.name}', split '{split.name}'); set $FEWTUNE_DATA or --data-root{hub}.")
     fmt = split.local.get("format", "tsv")
     try:  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
         text = path.read_text(encoding="utf-8-sig")
@@ -93,6 +100,11 @@ def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
         raise FewtuneError(f"Data file {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
     except OSError as e:
         raise FewtuneError(f"Data file {path} cannot be read: {e.strerror}.") from None
+    has_header = fmt != "jsonl" and split.local.get("header", True)
+    if not text.strip():
+        what = "0 bytes" if not text else "only blank lines"
+        expected = "expected a header row" if has_header else "expected one example per line"
+        raise FewtuneError(f"Data file {path} is empty ({expected}): the file has {what} (task '{task.name}', split '{split.name}').")
     if fmt == "jsonl":
         rows, header = [], None
         for n, line in enumerate(text.splitlines(), 1):
@@ -131,6 +143,8 @@ def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
                     names = "" if os.path.isabs(split.local["path"]) else f": {_names(header)}"
                     raise FewtuneError(f"{path}: column '{col}' (for '{key}') is not in the header row "
                                        f"({len(header)} column{'s' if len(header) != 1 else ''}{names}).")
+    if not rows:  # not "empty after label mapping": there was nothing to map
+        raise FewtuneError(f"Task '{task.name}' split '{split.name}' is empty: data file {path} has a header row but no data rows.")
     return _to_examples(task, split, rows, split.label_map, split.columns, str(path),
                         show_values=not os.path.isabs(split.local["path"]))
 
@@ -169,7 +183,9 @@ def _to_examples(task, split, rows, label_map, columns, where, show_values: bool
 def _read_hub(task: Task, split: Split) -> list[Example]:
     hub = split.hub
     if hub is None:
-        raise FewtuneError(f"Task '{task.name}' split '{split.name}' has no Hub source and its local file was not found.")
+        why = f" ({split.hub_note})" if split.hub_note else ""
+        raise FewtuneError(f"Task '{task.name}' split '{split.name}' has no Hub source{why}; "
+                           f"use the local files (--data-source local, --data-root or $FEWTUNE_DATA).")
     try:
         import datasets
         ds = datasets.load_dataset(hub["path"], hub.get("name"), split=hub["split"], revision=hub.get("revision"))
@@ -244,5 +260,64 @@ def eval_subsample(examples: list[Example], limit: int | None, seed: int = 0) ->
     return [examples[p] for p in sorted(chosen)]
 
 
+def shares_training_data(task: Task, split_name: str) -> bool:
+    """True when `split_name` reads the same rows as the task's training split (the same split, or the same source)."""
+    if split_name == task.train:
+        return True
+    a, b = task.splits[split_name], task.splits[task.train]
+    return (a.local, a.hub, a.columns, a.label_map) == (b.local, b.hub, b.columns, b.label_map)
+
+
+def exclude_training(task: Task, split_name: str, examples: list[Example], train_examples: list[Example]) -> tuple[list[Example], int]:
+    """(examples, how many removed): an evaluation on the training data leaves out the run's few-shot sample
+    (which holds the ICL and CD demonstrations); other splits are returned unchanged.
+
+    Applied after the fixed-seed subsample, so every run is scored on a subset of the same examples.
+    """
+    if not shares_training_data(task, split_name):
+        return examples, 0
+    seen = {ex.idx for ex in train_examples}
+    kept = [ex for ex in examples if ex.idx not in seen]
+    if not kept:
+        raise FewtuneError(f"Task '{task.name}' evaluation split '{split_name}' is the training data, and nothing is left of it "
+                           f"once the {len(seen)} training examples are left out; evaluate on another split or raise --eval-limit.")
+    return kept, len(examples) - len(kept)
+
+
 def label_counts(examples) -> dict:
     return dict(sorted(Counter(ex.label for ex in examples).items()))
+
+
+# ----------------------------------------------------------------------------- provenance (run identity)
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, cached by (path, size, mtime) so a grid of many cells reads each file once."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        import hashlib
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def provenance(task: Task, split_name: str, root: Path | str | None = None, source: str = "auto") -> dict:
+    """Where a split's data comes from, as `load_split` would read it: {"local": relative path, "sha256": ...} or
+    {"hub": dataset, "name", "split", "revision"}. Part of a run's identity: the same content read from another
+    folder is the same experiment; other content, or the Hub instead of a local file, is not."""
+    if split_name not in task.splits:
+        raise FewtuneError(f"Task '{task.name}' has no split '{split_name}' (splits: {', '.join(task.splits)}).")
+    split = task.splits[split_name]
+    root_path = data_root(root) if source != "hub" else None
+    local_file = (Path(root_path) / split.local["path"]) if (root_path and split.local) else None
+    if source == "local" or (source == "auto" and ((local_file is not None and local_file.exists()) or split.hub is None)):
+        if local_file is None or not local_file.is_file():
+            return {"local": split.local["path"] if split.local else None, "sha256": None}  # load_split will say why
+        return {"local": split.local["path"], "sha256": file_sha256(local_file)}
+    hub = split.hub or {}
+    return {"hub": hub.get("path"), "name": hub.get("name"), "split": hub.get("split"), "revision": hub.get("revision")}

@@ -38,11 +38,11 @@ from .store import Store, dumps, now, this_process, write_atomic
 
 log = logging.getLogger("fewtune")
 RUNNER_ENV = "FEWTUNE_GRID_RUNNER"  # "module:function" replacing fewtune.runner.run in the cells (tests, plug-ins)
-GRID_KEYS = ("name", "description", "models", "tasks", "shots", "seeds", "methods", "resources", "max_retries")
+GRID_KEYS = ("name", "description", "models", "tasks", "shots", "shots_per_class", "seeds", "methods", "resources", "max_retries")
 # [resources]: what one cell asks of a Ray cluster (the local backend runs one cell at a time and ignores it)
 RESOURCE_KEYS = {"num_cpus": 1.0, "num_gpus": 0.0, "memory_gib": None}
 MAX_RESOURCE = {"num_cpus": 1024, "num_gpus": 1024, "memory_gib": 65536}  # per cell: more is a typo, not a node
-METHOD_KEYS = ("method", "label", "method_options", "shots")
+METHOD_KEYS = ("method", "label", "method_options", "shots", "shots_per_class")
 PER_CELL = ("model", "task", "seed", "method", "method_options")  # set by the grid's axes, not as shared fields
 TERMINATE_GRACE_S = 10
 MAX_CELLS = 10_000  # a spec that expands to more is almost surely a typo (seeds = 1000000); --max-cells raises it
@@ -149,7 +149,7 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
             raise FewtuneError(f"{where}: missing '{key}'.")
     models = as_list(data["models"], "models", where, str)
     tasks = as_list(data["tasks"], "tasks", where, str)
-    shots = as_list(data.get("shots", 16), "shots", where, int)
+    shots = grid_shots(data, where, ("total", as_list(data.get("shots", 16), "shots", where, int)))
     seeds = as_list(data.get("seeds", [0]), "seeds", where, int)
     shared = {k: v for k, v in data.items() if k not in GRID_KEYS}
     entries = data["methods"]
@@ -173,7 +173,7 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
         if any(label == m[0] for m in methods):
             raise FewtuneError(f"{at}: label '{label}' is used by two method entries; give each a distinct label.")
         overrides = {k: v for k, v in entry.items() if k not in METHOD_KEYS}
-        entry_shots = as_list(entry["shots"], "shots", at, int) if "shots" in entry else shots
+        entry_shots = grid_shots(entry, at, shots)
         methods.append((label, entry["method"], options, overrides, entry_shots))
         if validate:
             from .methods import get_method
@@ -186,18 +186,22 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
         from .tasks import load_task
         for task in tasks:
             loaded[task] = load_task(task)
-    total = len(seeds) * len(models) * len(tasks) * sum(len(m[4]) for m in methods)
+    pairs = sum(len(m[4][1]) for m in methods)  # (method entry, sample size) pairs
+    total = len(seeds) * len(models) * len(tasks) * pairs
     if total > max_cells:  # counted before a single cell is built: a typo must not take hours to report
         raise FewtuneError(f"{where}: expands to {total:,} cells ({len(models)} models × {len(tasks)} tasks × "
-                           f"{sum(len(m[4]) for m in methods)} method/shots pairs × {len(seeds)} seeds), more than "
+                           f"{pairs} method/shots pairs × {len(seeds)} seeds), more than "
                            f"the limit of {max_cells:,}; check the axes, or pass --max-cells {total} to run it anyway.")
 
     cells, seen = [], {}
     for seed in seeds:
         for model in models:
             for task in tasks:
-                for label, method, options, overrides, method_shots in methods:
+                for label, method, options, overrides, (kind, method_shots) in methods:
                     for n in method_shots:
+                        if kind == "per_class":  # recorded as the total: the same cell as shots = K x labels
+                            from .tasks import load_task
+                            n *= len((loaded.get(task) or load_task(task)).labels)
                         fields = {**shared, **overrides, "model": model, "task": task, "shots": n, "seed": seed,
                                   "method": method, "method_options": dict(options)}
                         try:
@@ -235,6 +239,20 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
     return Grid(name=str(name), source=where, description=str(data.get("description", "")), cells=cells,
                 resources=parse_resources(data.get("resources", {}), where),
                 max_retries=check_max_retries(data["max_retries"], where) if "max_retries" in data else None)
+
+
+def grid_shots(table: dict, where: str, default):
+    """('total', [n, ...]) from `shots`, ('per_class', [k, ...]) from `shots_per_class`, else `default`."""
+    if "shots" in table and "shots_per_class" in table:
+        raise FewtuneError(f"{where}: 'shots' and 'shots_per_class' both given: 'shots' is the total over all classes; give one.")
+    if "shots_per_class" in table:
+        values = as_list(table["shots_per_class"], "shots_per_class", where, int)
+        if any(v < 0 for v in values):
+            raise FewtuneError(f"{where}: 'shots_per_class' must hold integers ≥ 0, got {values}.")
+        return "per_class", values
+    if "shots" in table:
+        return "total", as_list(table["shots"], "shots", where, int)
+    return default
 
 
 def parse_resources(table, where: str) -> dict:
@@ -362,6 +380,7 @@ class Summary:
     success: int = 0
     failed: int = 0
     busy: int = 0
+    lost: int = 0   # finished here but not recorded: another grid took the cell over meanwhile (--reclaim)
     failures: list = field(default_factory=list)
 
 
@@ -398,12 +417,16 @@ def claim_cell(cell: Cell, grid: Grid, store: Store, log_dir: Path, owner: dict,
 def record_outcome(cell: Cell, store: Store, outcome: str, payload, owner: dict, seconds: float, log_path: Path,
                    summary: Summary, bar, write) -> None:
     """Write a finished cell to the database ('success' + result record, or 'failed' + one-line error)."""
-    if outcome == "success":
-        store.finish(cell.key, payload, owner)
+    recorded = store.finish(cell.key, payload, owner) if outcome == "success" else store.fail(cell.key, payload, owner)
+    if not recorded:  # the row is no longer ours: say so, never "ok"
+        summary.lost += 1
+        what = f"succeeded ({brief(payload)})" if outcome == "success" else f"failed ({payload})"
+        write(f"NOT RECORDED {cell.describe()}: {what} after {seconds:.0f} s, but another grid took this cell over "
+              f"meanwhile (--reclaim), so the row is that grid's [{cell.key}; log: {log_path}]")
+    elif outcome == "success":
         summary.success += 1
         write(f"ok {cell.describe()}: {brief(payload)} ({seconds:.0f} s)")
     else:
-        store.fail(cell.key, payload, owner)
         summary.failed += 1
         summary.failures.append((cell, payload))
         write(f"FAILED {cell.describe()}: {payload} [log: {log_path}]")

@@ -31,10 +31,9 @@ def macro_f1(gold, pred, n_labels: int) -> float:
 
 
 def confusion(gold, pred, n_labels: int) -> np.ndarray:
-    cm = np.zeros((n_labels, n_labels), dtype=np.int64)
-    for g, p in zip(gold, pred):
-        cm[g, p] += 1
-    return cm
+    """Counts [gold, predicted]."""
+    cells = np.asarray(gold, dtype=np.int64) * n_labels + np.asarray(pred, dtype=np.int64)
+    return np.bincount(cells, minlength=n_labels * n_labels).reshape(n_labels, n_labels)
 
 
 def compute(gold, pred, labels, metrics=("accuracy", "macro_f1", "mcc"), groups=None) -> dict:
@@ -58,3 +57,73 @@ def compute(gold, pred, labels, metrics=("accuracy", "macro_f1", "mcc"), groups=
             out[f"by_{key}"] = {name: {"n": len(v), "accuracy": accuracy([a for a, _ in v], [b for _, b in v])}
                                 for name, v in sorted(cells.items())}
     return out
+
+
+# ----------------------------------------------------------------------------- calibration
+ECE_BINS = 15
+
+
+def expected_calibration_error(gold, probs, bins: int = ECE_BINS) -> float:
+    """ECE of the top-class probability: |accuracy - confidence| averaged over `bins` equal-width confidence
+    bins, weighted by their share of examples (Guo et al. 2017). 0 = calibrated; always-50%-sure at 50% accuracy is 0."""
+    gold, probs = np.asarray(gold), np.asarray(probs, dtype=np.float64)
+    if len(gold) == 0:
+        return float("nan")
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == gold).astype(np.float64)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        sel = which == b
+        if sel.any():
+            ece += sel.mean() * abs(correct[sel].mean() - conf[sel].mean())
+    return float(ece)
+
+
+def brier(gold, probs) -> float:
+    """Multi-class Brier score: mean over examples of sum_k (p_k - [gold = k])^2; 0 is perfect, 0.5 is a
+    constant 50/50 on two classes."""
+    gold, probs = np.asarray(gold), np.asarray(probs, dtype=np.float64)
+    if len(gold) == 0:
+        return float("nan")
+    onehot = np.zeros_like(probs)
+    onehot[np.arange(len(gold)), gold] = 1.0
+    return float(((probs - onehot) ** 2).sum(1).mean())
+
+
+def calibration(gold, logprobs) -> dict:
+    probs = np.exp(np.asarray(logprobs, dtype=np.float64))
+    return {"ece": expected_calibration_error(gold, probs), "brier": brier(gold, probs)}
+
+
+# ----------------------------------------------------------------------------- baselines
+UNIFORM_DRAWS = 200  # random labellings averaged for the uniform-guess baseline (fixed seed: the same every time)
+
+
+def baselines(gold, labels, metrics) -> dict:
+    """The floor on these evaluation examples: `majority` predicts the evaluation set's most frequent class for
+    every example (the best constant guess: accuracy = its share, MCC = 0); `uniform` guesses uniformly at random
+    (the mean over UNIFORM_DRAWS seeded draws: accuracy ~ 1/C, MCC ~ 0)."""
+    gold = np.asarray(gold, dtype=np.int64)
+    n_labels = len(labels)
+    if len(gold) == 0:
+        return {}
+    majority = int(np.bincount(gold, minlength=n_labels).argmax())
+    out = {"majority": {"label": labels[majority], **_scores(gold, np.full_like(gold, majority), n_labels, metrics)}}
+    rng = np.random.default_rng(0)
+    draws = [_scores(gold, rng.integers(0, n_labels, len(gold)), n_labels, metrics) for _ in range(UNIFORM_DRAWS)]
+    out["uniform"] = {m: float(np.mean([d[m] for d in draws])) for m in metrics}
+    return out
+
+
+def _scores(gold, pred, n_labels, metrics) -> dict:
+    fns = {"accuracy": lambda: accuracy(gold, pred), "mcc": lambda: mcc(gold, pred, n_labels),
+           "macro_f1": lambda: macro_f1(gold, pred, n_labels)}
+    return {m: fns[m]() for m in metrics}
+
+
+def evaluation(gold, pred, logprobs, labels, metrics=("accuracy", "macro_f1", "mcc"), groups=None) -> dict:
+    """Everything stored for one evaluation split: the task's metrics (and per-group breakdown), calibration from
+    the class log-probabilities, and the baselines on the same examples."""
+    return {**compute(gold, pred, labels, metrics, groups), **calibration(gold, logprobs),
+            "baselines": baselines(gold, labels, metrics)}

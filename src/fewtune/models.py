@@ -160,17 +160,51 @@ def set_pad_token(model, tokenizer):
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def verbalizer_token_ids(tokenizer, words, model_name: str = "") -> list[int]:
-    """One token id per label word; a word that is not exactly one token is an error (never truncated)."""
+def verbalizer_token_ids(tokenizer, words, model_name: str = "", prompts=()) -> list[int]:
+    """One token id per label word; a word that is not exactly one token is an error (never truncated).
+
+    With `prompts` (formatted queries, as the model reads them before the answer slot), also checks the real
+    invariant: the word's token is the token the tokenizer produces for the prompt followed by the word. The
+    scorer reads the label-word logits after the prompt's own tokens, so if prompt + word tokenizes differently
+    (a trailing space in the template that the word's token would absorb), the scores are for a token sequence the
+    model never sees. A word glued to the prompt with no space ("Answer:" + "Yes") passes that check but scores
+    "Answer:Yes", the no-space token docs/footguns.md warns about: also an error.
+    """
+    name = model_name or tokenizer.name_or_path
     ids = []
     for w in words:
         toks = tokenizer(w, add_special_tokens=False).input_ids
         if len(toks) != 1:
             pieces = tokenizer.convert_ids_to_tokens(toks)
-            raise FewtuneError(f"Verbalizer word {w!r} is {len(toks)} tokens {pieces} for model '{model_name or tokenizer.name_or_path}'; "
+            raise FewtuneError(f"Verbalizer word {w!r} is {len(toks)} tokens {pieces} for model '{name}'; "
                                f"each label word must be one token (mind the leading space).")
         ids.append(toks[0])
+    for prompt in dict.fromkeys(prompts):  # distinct prompts, in order
+        for w, i in zip(words, ids):
+            _check_answer_slot(tokenizer, prompt, w, i, name)
     return ids
+
+
+def _check_answer_slot(tokenizer, prompt: str, word: str, token_id: int, model_name: str) -> None:
+    def pieces(text):
+        return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
+    alone, joint = pieces(prompt), pieces(prompt + word)
+    word_piece = tokenizer.convert_ids_to_tokens([token_id])[0]
+    tail = prompt[-20:]
+    k = 3  # the last tokens are enough to see the difference, and keep the error on one line
+    if joint != alone + [word_piece]:
+        stripped = prompt.rstrip()
+        fix = (f"move the trailing whitespace from the template into the words (template ending {stripped[-12:]!r}, "
+               f"word {prompt[len(stripped):] + word.lstrip()!r})" if stripped != prompt
+               else "end the template where a word starts (e.g. after ':'), and give each word a leading space")
+        raise FewtuneError(f"Verbalizer word {word!r} is token {word_piece!r}, but for model '{model_name}' the prompt "
+                           f"...{tail!r} followed by the word tokenizes as {joint[-k:]} (the prompt alone: {alone[-k:]}), "
+                           f"so the score would be for a token the model does not see there; likely fix: {fix}.")
+    if prompt and not prompt[-1].isspace() and prompt[-1] not in "([{<'\"/-" and word[:1].isascii() and word[:1].isalnum():
+        spaced = pieces(prompt + " " + word)
+        raise FewtuneError(f"Verbalizer word {word!r} follows the prompt ...{tail!r} with no space: for model '{model_name}' "
+                           f"it scores {prompt[-8:] + word!r} = {joint[-k:]}, not {prompt[-8:] + ' ' + word!r} = {spaced[-k:]}; "
+                           f"likely fix: a leading space in each word ({' ' + word!r}).")
 
 
 def list_models() -> list[dict]:

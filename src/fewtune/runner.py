@@ -9,7 +9,7 @@ import torch
 
 from . import __version__, engine, metrics, models, record
 from .config import RunConfig
-from .data import eval_subsample, label_counts, load_split, sample_train
+from .data import eval_subsample, exclude_training, label_counts, load_split, sample_train, shares_training_data
 from .errors import FewtuneError
 from .methods import RunContext, get_method
 from .methods.icl import fit_demonstrations
@@ -18,7 +18,7 @@ from .store import now
 from .tasks import load_task
 
 log = logging.getLogger("fewtune")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: identity, data provenance, per-example predictions, calibration, baselines
 
 
 def hyperparameters(cfg: RunConfig, method) -> dict:
@@ -54,9 +54,16 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
         if name not in task.splits:
             raise FewtuneError(f"Task '{task.name}' has no split '{name}' (splits: {', '.join(task.splits)}).")
     eval_sets = {name: eval_subsample(load_split(task, name, cfg.data_root, cfg.data_source), eval_limit) for name in eval_names}
+    excluded = {}  # an evaluation on the training data leaves the few-shot sample (and so every demonstration) out
+    for name in eval_names:
+        eval_sets[name], n_out = exclude_training(task, name, eval_sets[name], train_examples)
+        if shares_training_data(task, name):
+            excluded[name] = n_out
 
     tokenizer = models.load_tokenizer(cfg.model, cfg.trust_remote_code)
-    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer, cfg.model) if method.objective == "lm" else None
+    # the answer slot is checked on real queries (a template ending in a field ends differently per example)
+    prompts = [task.format(pattern, ex) for ex in (train_examples or next(iter(eval_sets.values()), []))[:4]]
+    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer, cfg.model, prompts) if method.objective == "lm" else None
     ctx = RunContext(config=cfg, task=task, pattern=pattern, tokenizer=tokenizer, label_ids=label_ids,
                      train_examples=train_examples, device=device, dtype=dtype, extra={"lr": hp["lr"]})
 
@@ -68,10 +75,13 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
         model = method.prepare(ctx, model)
     total_params = sum(p.numel() for p in model.parameters())
 
+    identity = cfg.identity()
     result = {"schema": SCHEMA_VERSION, "fewtune_version": __version__, "config": cfg.to_dict(),
-              "config_hash": cfg.hash(), "task": {"name": task.name, "version": task.version, "source": task.source,
-                                                  "pattern": pattern.template, "verbalizer": list(pattern.verbalizer),
-                                                  "labels": list(task.labels)},
+              "config_hash": cfg.hash(), "identity": identity,
+              "task": {"name": task.name, "version": task.version, "source": task.source, "sha256": task.sha256,
+                       "primary_metric": task.primary_metric, "metrics": list(task.metrics),
+                       "pattern": pattern.template, "verbalizer": list(pattern.verbalizer), "labels": list(task.labels)},
+              "data": identity["data"],
               "seeds": {"data_seed": cfg.seed, "train_seed": train_seed, "eval_subsample_seed": 0},
               "train_indices": [ex.idx for ex in train_examples], "train_label_counts": label_counts(train_examples),
               "hyperparameters": hp if method.trains else {}, "device": str(device), "dtype": dtype}
@@ -105,49 +115,60 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     # evaluation
     if cfg.method == "icl" and train_examples:
         longest = max(len(s) for ex_list in eval_sets.values()
-                      for s in engine.encode(tokenizer, [method.text(ctx, ex) for ex in ex_list], with_bos=False)[0])
+                      for s in engine.encode(tokenizer, [method.text(ctx, ex) for ex in ex_list], cfg.max_length, with_bos=False)[0])
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         fit_demonstrations(method, ctx, longest, limit)
         if ctx.extra["demonstrations_used"] == 0:
             log.warning("No demonstration fits the model's context of %d tokens: scoring zero-shot.", limit)
     prefix_text = method.eval_prefix(ctx)
     prefix_ids = engine.encode(tokenizer, [prefix_text])[0][0] if prefix_text else None
-    evals = {}
+    evals, predictions = {}, {}
     eval_seconds = eval_tokens = eval_n = 0
     with record.PeakMemory(device) as mem:
         for name, examples in eval_sets.items():
             texts = [method.text(ctx, ex) for ex in examples]
-            seqs, truncated = engine.encode(tokenizer, texts, None if prefix_ids else cfg.max_length, with_bos=prefix_ids is None)
+            # one rule with or without demonstrations: the query is cut to max_length, the demonstrations fitted to the context
+            seqs, truncated = engine.encode(tokenizer, texts, cfg.max_length, with_bos=prefix_ids is None)
             out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids)
             preds = out.logits.argmax(-1).tolist()
             gold = [ex.label for ex in examples]
-            m = metrics.compute(gold, preds, task.labels, task.metrics, [ex.groups for ex in examples])
+            logprobs = torch.log_softmax(torch.as_tensor(out.logits, dtype=torch.float64), -1).numpy()
+            m = metrics.evaluation(gold, preds, logprobs, task.labels, task.metrics, [ex.groups for ex in examples])
             role = "in_domain" if name == task.in_domain else ("out_of_domain" if name in task.out_of_domain else "other")
             evals[name] = {"role": role, **m, "truncated_examples": truncated, "seconds": round(out.seconds, 3)}
+            # per example, in the split's data order: what the paired statistics and calibration are computed from
+            predictions[name] = {"idx": [ex.idx for ex in examples], "gold": gold, "pred": preds,
+                                 "logprobs": logprobs.astype("float32").tolist(),
+                                 "groups": [ex.groups for ex in examples] if any(ex.groups for ex in examples) else None}
+            if name in excluded:
+                evals[name]["excluded_train_examples"] = excluded[name]
             eval_seconds += out.seconds
             eval_tokens += out.tokens
             eval_n += len(examples)
     cost.update(eval_seconds=round(eval_seconds, 3), eval_peak_memory_mib=mem.mib, eval_tokens=eval_tokens,
                 eval_examples_per_s=round(eval_n / eval_seconds, 3) if eval_seconds else None)
+    # labelled examples the run used: icl may have dropped demonstrations to fit the context (the
+    # "labelled examples" budget and the report use this, not the asked-for shots)
+    result["examples_used"] = ctx.extra.get("demonstrations_used", len(train_examples)) if not method.trains else len(train_examples)
     cost["peak_memory_mib"] = max(x for x in (mem_load.mib, cost["train_peak_memory_mib"], mem.mib) if x is not None)
-    result.update(evals=evals, cost=cost, training=training,
+    result.update(evals=evals, predictions=predictions, cost=cost, training=training,
                   method_info={k: v for k, v in ctx.extra.items() if k not in ("demonstrations", "lr")},
                   versions=record.versions(), git=record.git_commit(), machine=record.machine(),
                   started_at=started, finished_at=now(), wall_seconds=round(time.perf_counter() - t_start, 2))
     if save_model:
         from .saving import save
-        save(save_model, model, tokenizer, cfg, task, pattern, method, result)
+        save(save_model, model, tokenizer, cfg, task, pattern, method, result, prefix=prefix_text)
         result["saved_model"] = str(save_model)
     return result
 
 
 def summary_line(result: dict) -> str:
     parts = []
+    short = {"accuracy": "acc", "mcc": "mcc", "macro_f1": "macro-F1"}
     for name, e in result["evals"].items():
-        s = f"{name}: acc {e['accuracy']:.3f}"
-        if "mcc" in e:
-            s += f" mcc {e['mcc']:.3f}"
-        parts.append(s + f" (n={e['n']})")
+        # every metric the task lists, in its order (an eval holds exactly those; see metrics.compute)
+        shown = " ".join(f"{short[k]} {v:.3f}" for k, v in e.items() if k in short)
+        parts.append(f"{name}: {shown} (n={e['n']})")
     c = result["cost"]
     return (f"{result['config']['method']} on {result['config']['task']}, {result['config']['shots']} shots, seed "
             f"{result['config']['seed']}: " + "; ".join(parts) +

@@ -55,7 +55,9 @@ def check_weights(folder: Path, adapter: bool) -> None:
                                "again with --save-model.") from None
 
 
-def save(directory, model, tokenizer, cfg, task, pattern, method, result) -> None:
+def save(directory, model, tokenizer, cfg, task, pattern, method, result, prefix: str | None = None) -> None:
+    """Write what `predict` needs. icl trains nothing: it saves its demonstrations (`prefix`, the text scored before
+    every query) and the name of the base model, not a copy of the weights."""
     out = Path(directory)
     check_save_folder(out)
     try:
@@ -63,14 +65,17 @@ def save(directory, model, tokenizer, cfg, task, pattern, method, result) -> Non
     except OSError as e:
         raise FewtuneError(f"--save-model {out}: cannot create the folder ({e.strerror}).") from None
     is_adapter = hasattr(model, "peft_config")
+    by_reference = not method.trains  # icl: the base model is used as it is
     base = cfg.model
-    if is_adapter and Path(base).expanduser().exists():
+    if (is_adapter or by_reference) and Path(base).expanduser().exists():
         base = str(Path(base).expanduser().resolve())  # a relative folder would not resolve from elsewhere
-    model.save_pretrained(out, safe_serialization=True)  # peft: adapter + modules_to_save (the ft head)
+    if not by_reference:
+        model.save_pretrained(out, safe_serialization=True)  # peft: adapter + modules_to_save (the ft head)
     tokenizer.save_pretrained(out)
     manifest = {
         "format": 1, "method": cfg.method, "objective": method.objective, "adapter": is_adapter,
-        "base_model": base if is_adapter else None,
+        "base_model": base if (is_adapter or by_reference) else None, "weights": not by_reference,
+        "prefix": prefix if by_reference else None,
         "task": {"name": task.name, "version": task.version, "labels": list(task.labels), "fields": list(task.fields),
                  "raw_separator": task.raw_separator, "pattern": pattern.template, "verbalizer": list(pattern.verbalizer)},
         "max_length": cfg.max_length, "config": cfg.to_dict(), "config_hash": result.get("config_hash"),
@@ -94,7 +99,10 @@ def load(directory, device="cpu"):
         check_weights(folder, bool(manifest["adapter"]))
     n_labels = len(manifest["task"]["labels"])
     tokenizer = models.prepare_tokenizer(__import__("transformers").AutoTokenizer.from_pretrained(str(folder)))
-    if manifest["adapter"]:
+    if manifest.get("weights") is False:  # icl: the base model itself, with the saved demonstrations
+        model = models.load_model(manifest["base_model"], manifest["objective"], n_labels)
+        models.set_pad_token(model, tokenizer)
+    elif manifest["adapter"]:
         from peft import PeftModel
         base = models.load_model(manifest["base_model"], manifest["objective"], n_labels)
         models.set_pad_token(base, tokenizer)
@@ -121,7 +129,10 @@ def predict(directory, rows: list[dict], device="auto", batch_size: int = 16) ->
     else:
         texts = [t["raw_separator"].join(str(r[f]) for f in t["fields"]) for r in rows]
         label_ids = None
-    seqs, _ = engine.encode(tokenizer, texts, manifest["max_length"])
-    out = engine.score(model, tokenizer, seqs, label_ids, dev, "fp32", batch_size)
+    prefix = manifest.get("prefix")
+    prefix_ids = engine.encode(tokenizer, [prefix])[0][0] if prefix else None
+    # as in the run: with demonstrations the BOS goes once before the prefix; the query is cut to max_length either way
+    seqs, _ = engine.encode(tokenizer, texts, manifest["max_length"], with_bos=prefix_ids is None)
+    out = engine.score(model, tokenizer, seqs, label_ids, dev, "fp32", batch_size, prefix_ids=prefix_ids)
     probs = torch.softmax(torch.tensor(out.logits), -1).numpy()
     return [{"label": t["labels"][int(p.argmax())], "probabilities": dict(zip(t["labels"], map(float, p)))} for p in probs]

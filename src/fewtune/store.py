@@ -17,6 +17,7 @@ import os
 import socket
 import sqlite3
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,7 +25,8 @@ import psutil
 
 from .errors import FewtuneError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = ("1", "2")  # 1: before per-example predictions; opened for writing it is upgraded to 2 in place
 STATUSES = ("running", "success", "failed", "cancelled")
 SQLITE_HEADER = b"SQLite format 3\x00"
 BUSY_TIMEOUT_S = 60.0  # a writer holds the lock for milliseconds; 60 s only matters on a stalled disk
@@ -52,6 +54,15 @@ CREATE TABLE IF NOT EXISTS runs (
     updated_at  TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs (status);
+CREATE TABLE IF NOT EXISTS predictions (
+    config_hash TEXT NOT NULL,      -- the run (runs.config_hash)
+    split       TEXT NOT NULL,      -- the evaluation split
+    n           INTEGER NOT NULL,   -- examples
+    n_classes   INTEGER NOT NULL,
+    data        BLOB NOT NULL,      -- zlib(idx int32[n] | gold int16[n] | pred int16[n] | logprobs float32[n, n_classes]), little-endian
+    groups      TEXT,               -- JSON list of each example's groups (HANS heuristic), or NULL
+    PRIMARY KEY (config_hash, split)
+);
 """
 COLUMNS = ("config_hash", "status", "label", "grid", "model", "task", "method", "shots", "seed", "config", "metrics",
            "cost", "versions", "result", "error", "owner", "attempts", "log_path", "created_at", "started_at",
@@ -177,7 +188,7 @@ class Store:
                                f"(tables: {', '.join(sorted(tables))}); give another --db.")
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         found = row[0] if row else None
-        if str(found) != str(SCHEMA_VERSION):
+        if str(found) not in READABLE_VERSIONS:
             raise FewtuneError(f"{self.path} holds fewtune results schema version {found}, this fewtune reads version "
                                f"{SCHEMA_VERSION}; use the matching fewtune version or a new --db (the file is left as is).")
 
@@ -187,6 +198,8 @@ class Store:
                 if statement.strip():
                     self.conn.execute(statement)
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            # an older database gains the predictions table above; its old runs simply have no predictions
+            self.conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             from . import __version__
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_by', ?)", (f"fewtune {__version__}",))
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('created_at', ?)", (now(),))
@@ -240,6 +253,7 @@ class Store:
         """
         owner = owner or this_process()
         key, d, t = cfg.hash(), cfg.to_dict(), now()
+        d_task = cfg.identity()["task"]["name"]  # a task file's name, not its path
         with self.transaction() as c:
             row = c.execute("SELECT status, owner FROM runs WHERE config_hash=?", (key,)).fetchone()
             if row and row["status"] == "success":
@@ -252,7 +266,7 @@ class Store:
                 c.execute("INSERT INTO runs (config_hash, status, label, grid, model, task, method, shots, seed, config, "
                           "owner, attempts, log_path, created_at, started_at, updated_at) "
                           "VALUES (?, 'running', ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?, ?, ?)",
-                          (key, label, grid, d["model"], d["task"], d["method"], d["shots"], d["seed"],
+                          (key, label, grid, d["model"], d_task, d["method"], d["shots"], d["seed"],
                            dumps(d), dumps(owner), log_path, t, t, t))
             else:
                 c.execute("UPDATE runs SET status='running', label=COALESCE(?, label), grid=COALESCE(?, grid), "
@@ -282,6 +296,11 @@ class Store:
                 c.execute("UPDATE runs SET status=?, error=?, finished_at=?, updated_at=? WHERE config_hash=?",
                           (status, error, t, t, key))
             else:
+                predictions = result.get("predictions")
+                result = {k: v for k, v in result.items() if k != "predictions"}  # kept compactly, in their own table
+                c.execute("DELETE FROM predictions WHERE config_hash=?", (key,))
+                for split, p in (predictions or {}).items():
+                    c.execute("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?)", (key, split, *pack_predictions(p)))
                 c.execute("UPDATE runs SET status=?, error=?, metrics=?, cost=?, versions=?, result=?, finished_at=?, "
                           "updated_at=? WHERE config_hash=?",
                           (status, error, dumps(result.get("evals")), dumps(result.get("cost")),
@@ -333,12 +352,64 @@ class Store:
         finally:
             self.conn.text_factory = str
 
+    def has_predictions_table(self) -> bool:
+        return bool(self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='predictions'").fetchone())
+
+    def predictions(self, key: str) -> dict[str, dict]:
+        """split -> {"idx", "gold", "pred", "logprobs", "groups"} (numpy arrays) for one run; {} when it has none
+        (a failed run, or one recorded before fewtune stored predictions)."""
+        if not self.has_predictions_table():
+            return {}
+        try:
+            rows = self.conn.execute("SELECT split, n, n_classes, data, groups FROM predictions WHERE config_hash=? "
+                                     "ORDER BY rowid", (key,)).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise self._error(e) from None
+        out = {}
+        for r in rows:
+            try:
+                out[r["split"]] = unpack_predictions(r["n"], r["n_classes"], r["data"], r["groups"])
+            except (ValueError, zlib.error) as e:
+                raise FewtuneError(f"Results database {self.path}: the stored predictions of run {key} split "
+                                   f"{r['split']} are damaged ({e}); rerun that run.") from None
+        return out
+
     def statuses(self) -> dict[str, str]:
         """config_hash -> status, for every row."""
         return {k: s for k, s in self.conn.execute("SELECT config_hash, status FROM runs")}
 
     def meta(self) -> dict[str, str]:
         return {k: v for k, v in self.conn.execute("SELECT key, value FROM meta")}
+
+
+def pack_predictions(p: dict) -> tuple:
+    """(n, n_classes, blob, groups JSON) from {"idx", "gold", "pred", "logprobs"[, "groups"]}: HANS's 30,000
+    examples x 2 classes take about 250 kB before compression, instead of megabytes of JSON."""
+    import numpy as np
+    idx = np.asarray(p["idx"], dtype="<i4")
+    gold = np.asarray(p["gold"], dtype="<i2")
+    pred = np.asarray(p["pred"], dtype="<i2")
+    logprobs = np.asarray(p["logprobs"], dtype="<f4")
+    n = len(idx)
+    if not (len(gold) == len(pred) == n and logprobs.ndim == 2 and logprobs.shape[0] == n):
+        raise ValueError(f"predictions of inconsistent lengths: idx {n}, gold {len(gold)}, pred {len(pred)}, "
+                         f"logprobs {logprobs.shape}")
+    blob = zlib.compress(idx.tobytes() + gold.tobytes() + pred.tobytes() + logprobs.tobytes(), 6)
+    groups = p.get("groups")
+    return n, int(logprobs.shape[1]), blob, (json.dumps(groups) if groups and any(groups) else None)
+
+
+def unpack_predictions(n: int, n_classes: int, blob: bytes, groups: str | None) -> dict:
+    import numpy as np
+    raw = zlib.decompress(blob)
+    sizes = (4 * n, 2 * n, 2 * n, 4 * n * n_classes)
+    if len(raw) != sum(sizes):
+        raise ValueError(f"{len(raw)} bytes where {sum(sizes)} were expected")
+    a, b, c = sizes[0], sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2]
+    return {"idx": np.frombuffer(raw[:a], dtype="<i4"), "gold": np.frombuffer(raw[a:b], dtype="<i2"),
+            "pred": np.frombuffer(raw[b:c], dtype="<i2"),
+            "logprobs": np.frombuffer(raw[c:], dtype="<f4").reshape(n, n_classes),
+            "groups": json.loads(groups) if groups else None}
 
 
 def dumps(obj) -> str | None:

@@ -13,7 +13,7 @@ import torch
 from ..errors import FewtuneError
 from . import register
 from .base import Method, Options
-from .layers import find_blocks, head_names
+from .layers import find_blocks, head_names, params_after_blocks
 
 
 @dataclass
@@ -66,11 +66,13 @@ class Adaptive(Method):
             raise FewtuneError(f"--train-layers {n} is larger than the model's depth ({len(blocks)} blocks).")
         top = {f"{prefix}.{i}." for i in range(len(blocks) - n, len(blocks))}
         heads = head_names(model)
+        # what sits between the last block and the head (final norm, OPT's project_out) trains with the top block
+        after = set(params_after_blocks(model, blocks))
         for name, p in model.named_parameters():
             in_top = any(name.startswith(t) for t in top)
-            # the final norm sits after the last block: it trains with the top block
-            after_blocks = not name.startswith(prefix + ".") and "norm" in name and "embed" not in name
-            p.requires_grad_(in_top or name in heads or after_blocks)
+            p.requires_grad_(in_top or name in heads or name in after)
+        if ctx is not None:
+            ctx.extra["after_blocks_trained"] = sorted(after)
         self._prefix, self._depth, self._blocks = prefix, len(blocks), blocks
         return model
 

@@ -28,8 +28,8 @@ class CdOptions(Options):
     alpha: float = 0.5             # weight of the distillation term (1 = distillation only)
     temperature: float = 2.0
     student: str = "full"          # full | lora
-    lora_r: int = 8
-    lora_alpha: int = 16
+    lora_r: int | None = None      # student lora: rank (default 8)
+    lora_alpha: int | None = None  # student lora: alpha (default 16)
 
     def __post_init__(self):
         if self.context not in ("instruction", "few-shot"):
@@ -47,6 +47,10 @@ class CdOptions(Options):
             raise FewtuneError(f"cd: temperature must be positive, got {self.temperature!r}.")
         if self.student not in ("full", "lora"):
             raise FewtuneError(f"cd: student must be full or lora, got {self.student!r}.")
+        if self.student == "full" and (self.lora_r is not None or self.lora_alpha is not None):
+            raise FewtuneError("cd: --lora-r/--lora-alpha (lora_r/lora_alpha) apply only with --student lora.")
+        if self.student == "lora":  # validated here, before any loading, by LoraOptions' own checks
+            LoraOptions(r=8 if self.lora_r is None else self.lora_r, alpha=16 if self.lora_alpha is None else self.lora_alpha)
 
 
 @register
@@ -70,15 +74,50 @@ class ContextDistillation(Method):
             words = ctx.pattern.verbalizer
             # the first k of the seeded, class-balanced sample order: balanced as far as k allows
             demos = balanced_prefix(ctx.train_examples, k, len(ctx.task.labels))
+            instruction = text
+
+            def build(ds):
+                return instruction + "".join(ctx.task.format(ctx.pattern, ex) + words[ex.label] + "\n\n" for ex in ds)
+            demos, dropped = self._fit_context(ctx, demos, build)
             ctx.extra["context_demonstration_indices"] = [ex.idx for ex in demos]
-            text += "".join(ctx.task.format(ctx.pattern, ex) + words[ex.label] + "\n\n" for ex in demos)
+            ctx.extra["context_demonstrations_used"] = len(demos)
+            ctx.extra["context_demonstrations_dropped"] = dropped
+            text = build(demos)
         if not text:
             raise FewtuneError(f"cd: task '{ctx.task.name}' has no instruction, so --context instruction gives the teacher no context.")
+        self._fit_context(ctx, [], lambda _: text)  # the instruction alone must fit as well
         return text
 
+    def _fit_context(self, ctx, demos, build):
+        """ICL's policy for the teacher's context: drop demonstrations (methods/icl.drop_to_fit) until context +
+        the longest training query fit the model's positions; refuse when nothing (or no demonstration) fits."""
+        from ..engine import encode
+        from .icl import drop_to_fit
+        limit = getattr(self, "_context_limit", None) or 2048
+        queries = encode(ctx.tokenizer, [ctx.task.format(ctx.pattern, ex) for ex in ctx.train_examples],
+                         ctx.config.max_length, with_bos=False)[0]
+        longest = max(map(len, queries))
+
+        def length(ds):
+            return len(encode(ctx.tokenizer, [build(ds)])[0][0])
+        kept, dropped = drop_to_fit(demos, length, limit - longest)
+        n = length(kept)
+        ctx.extra["teacher_context_tokens"], ctx.extra["teacher_context_limit"] = n, limit
+        if demos and not kept:
+            raise FewtuneError(f"cd: not one of the {len(demos)} demonstrations of the teacher's context fits in the model's "
+                               f"{limit} positions beside the longest training query ({longest} tokens); lower --max-length, "
+                               f"or use --context instruction.")
+        if n + longest > limit:
+            raise FewtuneError(f"cd: the teacher's context ({n} tokens) + the longest training query ({longest}) exceed the "
+                               f"model's {limit} positions; shorten the task's instruction or lower --max-length.")
+        return kept, dropped
+
     def prepare(self, ctx, model):
+        self._context_limit = getattr(model.config, "max_position_embeddings", None)  # as icl: None -> 2048
         if self.opts.student == "lora":
-            return wrap(model, LoraOptions(r=self.opts.lora_r, alpha=self.opts.lora_alpha), "lm")
+            r = 8 if self.opts.lora_r is None else self.opts.lora_r
+            alpha = 16 if self.opts.lora_alpha is None else self.opts.lora_alpha
+            return wrap(model, LoraOptions(r=r, alpha=alpha), "lm")
         return model
 
     def train_items(self, ctx, model, seqs, examples):

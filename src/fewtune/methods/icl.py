@@ -31,21 +31,31 @@ class ICL(Method):
 
 
 def fit_demonstrations(method: ICL, ctx, longest_query: int, limit: int) -> None:
-    """Drop demonstrations until prefix + the longest query fit in `limit` tokens.
+    """Drop demonstrations until prefix + the longest query fit in `limit` tokens (policy: `drop_to_fit`).
+
+    Recorded in the result as `demonstrations_used`/`_dropped` and `demonstration_indices`.
+    """
+    from ..engine import encode
+
+    def length(demos):
+        ctx.extra["demonstrations"] = demos
+        return len(encode(ctx.tokenizer, [method.eval_prefix(ctx)])[0][0]) if demos else 0
+    demos, dropped = drop_to_fit(list(ctx.train_examples), length, limit - longest_query)
+    ctx.extra["demonstrations"] = demos
+    ctx.extra["demonstrations_used"] = len(demos)
+    ctx.extra["demonstrations_dropped"] = dropped
+    ctx.extra["demonstration_indices"] = [ex.idx for ex in demos]
+
+
+def drop_to_fit(demos: list, length, budget: int) -> tuple[list, int]:
+    """(the demonstrations kept, how many dropped) so that `length(kept) <= budget` (ICL's and CD's teacher's policy).
 
     Policy: drop one demonstration at a time from the class that has the most left (ties: the higher
     class id), taking the last one of that class in the shuffled order; so the set stays as balanced as
-    possible and the order of the rest is unchanged. Recorded in the result as `demonstrations_used`/`_dropped`.
+    possible and the order of the rest is unchanged. May return no demonstrations.
     """
-    from ..engine import encode
-    demos = list(ctx.train_examples)
-    dropped = 0
-    while demos:
-        ctx.extra["demonstrations"] = demos
-        prefix = method.eval_prefix(ctx)
-        n = len(encode(ctx.tokenizer, [prefix])[0][0])
-        if n + longest_query <= limit:
-            break
+    demos, dropped = list(demos), 0
+    while demos and length(demos) > budget:
         counts = {}
         for ex in demos:
             counts[ex.label] = counts.get(ex.label, 0) + 1
@@ -53,7 +63,4 @@ def fit_demonstrations(method: ICL, ctx, longest_query: int, limit: int) -> None
         last = max(i for i, ex in enumerate(demos) if ex.label == target)
         demos.pop(last)
         dropped += 1
-    ctx.extra["demonstrations"] = demos
-    ctx.extra["demonstrations_used"] = len(demos)
-    ctx.extra["demonstrations_dropped"] = dropped
-    ctx.extra["demonstration_indices"] = [ex.idx for ex in demos]
+    return demos, dropped

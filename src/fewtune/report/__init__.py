@@ -15,11 +15,17 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike) -> dict
     from .render import to_html, to_markdown
 
     out = Path(out_dir)
+    fig_dir = out / "figures"
     with Store(db_path, readonly=True) as store:
         rows = store.rows()
-    fig_dir = out / "figures"
-    out.mkdir(parents=True, exist_ok=True)
-    doc = build(rows, Path(db_path), fig_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        cache: dict[str, dict] = {}
+
+        def predictions(key: str) -> dict:  # per-example predictions, read once per run
+            if key not in cache:
+                cache[key] = store.predictions(key)
+            return cache[key]
+        doc = build(rows, Path(db_path), fig_dir, predictions)
     paths = {"markdown": out / "report.md", "html": out / "report.html", "figures": fig_dir}
     write_atomic(paths["markdown"], to_markdown(doc))
     write_atomic(paths["html"], to_html(doc, "fewtune report", fig_dir))

@@ -1,4 +1,5 @@
-"""The report's content: which tables, figures and sentences, in which order, from the database rows."""
+"""The report's content: which tables, figures and sentences, in which order, from the database rows and the
+stored per-example predictions."""
 
 from __future__ import annotations
 
@@ -7,32 +8,90 @@ from collections import Counter
 from pathlib import Path
 
 from . import budget, figures
-from .data import (BOOTSTRAP_SAMPLES, CONFIDENCE, flat_row, group_runs, interval, mean_pm_sd, mib, model_order, num,
-                   params, pct, seconds)
+from .data import (METRIC_NAMES, flat_row, group_runs, mib, model_order, num, paired, params, pct, scale_for,
+                   seconds, signed, versus_majority, with_interval)
 from .render import Doc
 
-RESULT_HEADERS = ["method", "shots", "seeds", "ID acc % mean ± sd", "ID 95% CI", "OOD acc % mean ± sd", "OOD 95% CI",
-                  "train s", "eval s", "peak MiB", "trainable params"]
+
+def prefixes_of(gs: list[dict]) -> tuple[str, ...]:
+    """'id', plus 'ood' when the task has an out-of-domain split with results."""
+    return ("id", "ood") if any(g.get("ood_split") for g in gs) else ("id",)
 
 
-def accuracy_table(gs: list[dict]) -> list[list[str]]:
-    return [[g["label"], str(g["shots"]), str(g["n_runs"]), mean_pm_sd(g["id_accuracy"]), interval(g["id_accuracy"]),
-             mean_pm_sd(g["ood_accuracy"]), interval(g["ood_accuracy"]), seconds(g["train_seconds"]),
-             seconds(g["eval_seconds"]), mib(g["peak_memory_mib"]), params(g["trainable_params"])] for g in gs]
+def shots_text(g: dict) -> str:
+    used = g.get("examples_used")
+    return str(g["shots"]) if used is None or used == g["shots"] else f"{g['shots']} ({used} used)"
 
 
-def mcc_table(gs: list[dict]) -> list[list[str]]:
-    def three(x):
-        return num(x, 3)
-    return [[g["label"], str(g["shots"]), str(g["n_runs"]), mean_pm_sd(g["id_mcc"], three), interval(g["id_mcc"], three),
-             mean_pm_sd(g["ood_mcc"], three), interval(g["ood_mcc"], three)] for g in gs]
+def score_table(gs: list[dict], prefixes) -> tuple[list[str], list[list[str]]]:
+    """Per option: the primary metric with its interval, the paired difference to the best option, whether it
+    beats the majority baseline, and the task's other metrics (means over seeds)."""
+    metric = gs[0]["primary_metric"]
+    mname = METRIC_NAMES[metric]
+    others = [m for m in gs[0]["metrics"] if m != metric]
+    headers = ["method", "shots", "seeds"]
+    bests = {p: budget.compare_to_best([g for g in gs if budget.finite(budget.mean_of(g, p))], p)["best"]
+             for p in prefixes if any(budget.finite(budget.mean_of(g, p)) for g in gs)}
+    for p in prefixes:
+        w = "ID" if p == "id" else "OOD"
+        headers += [f"{w} {mname} [95% CI]", f"{w} best − it", f"{w} P(best better)", f"{w} > majority?"]
+        headers += [f"{w} {METRIC_NAMES[m]}" for m in others]
+    rows = []
+    for g in gs:
+        row = [g["label"], shots_text(g), str(g["n_runs"])]
+        for p in prefixes:
+            best = bests.get(p)
+            d = None if best is None or best is g else paired(best, g, p, metric)
+            vm = versus_majority(g, p, metric)
+            row += [with_interval(g.get(f"{p}_primary"), metric),
+                    "best" if best is g else signed(d, metric),
+                    "–" if d is None or best is g else f"{d.p_positive:.2f}",
+                    "–" if vm is None else ("yes" if vm.lo > 0 else ("no (worse)" if vm.hi < 0 else "no"))]
+            row += [scale_for(m)(g[f"{p}_{m}"].value) if g.get(f"{p}_{m}") is not None else "–" for m in others]
+        rows.append(row)
+    return headers, rows
+
+
+def cost_table(gs: list[dict], prefixes) -> tuple[list[str], list[list[str]]]:
+    headers = ["method", "shots", "seeds"]
+    for p in prefixes:
+        w = "ID" if p == "id" else "OOD"
+        headers += [f"{w} ECE %", f"{w} Brier"]
+    headers += ["train s", "eval s", "peak MiB", "trainable params"]
+    rows = []
+    for g in gs:
+        row = [g["label"], shots_text(g), str(g["n_runs"])]
+        for p in prefixes:
+            row += [pct(g.get(f"{p}_ece")), num(g.get(f"{p}_brier"), 3)]
+        row += [seconds(g["train_seconds"]), seconds(g["eval_seconds"]), mib(g["peak_memory_mib"]),
+                params(g["trainable_params"])]
+        rows.append(row)
+    return headers, rows
+
+
+def floor_text(gs: list[dict], prefixes) -> str:
+    """The baselines on the same evaluation examples, read from the stored results."""
+    metric = gs[0]["primary_metric"]
+    f, mname = scale_for(metric), METRIC_NAMES[metric]
+    parts = []
+    for p in prefixes:
+        g = next((g for g in gs if g.get(f"{p}_majority") is not None), None)
+        if g is None:
+            continue
+        text = f"{g[f'{p}_split']}: majority class {mname} {f(g[f'{p}_majority'])}"
+        if metric != "accuracy" and g.get(f"{p}_majority_accuracy") is not None:
+            text += f" (accuracy {pct(g[f'{p}_majority_accuracy'])} %)"
+        if g.get(f"{p}_uniform") is not None:
+            text += f", uniform guessing {mname} {f(g[f'{p}_uniform'])}"
+        parts.append(text)
+    return "; ".join(parts) or "not recorded (runs from before fewtune stored baselines)"
 
 
 def hans_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     keys = sorted({k for r in runs for k in r["metrics"]["hans"]["by_heuristic"] if "/" in k})
     groups: dict[tuple, list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["model"], r["label"], r["shots"]), []).append(r)
+    for r in runs:  # one row per option: runs of another identity (variant) are never pooled
+        groups.setdefault((r["model"], r["group_label"], r["shots"]), []).append(r)
     rows = []
     for (model, label, shots), sel in sorted(groups.items()):
         row = [model, label, str(shots), str(len(sel))]
@@ -44,21 +103,27 @@ def hans_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     return ["model", "method", "shots", "seeds"] + keys, rows
 
 
-def build(rows: list[dict], db_path: Path, fig_dir: Path) -> Doc:
+def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions) -> Doc:
     flat = [flat_row(r) for r in rows]
-    groups = group_runs(flat)
+    groups = group_runs(flat, rows, predictions)
+    _add_baselines(groups, rows)
     status = Counter(r["status"] for r in rows)
     color = figures.colors([f["label"] for f in flat] + [g["label"] for g in groups])
     doc = Doc()
     doc.heading(1, "fewtune report")
     doc.para(f"Database {db_path} · generated {time.strftime('%Y-%m-%d %H:%M')} · {len(rows)} runs: "
              + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ".")
-    doc.para(f"Every number is read from the database (the stored result of each run), never recomputed from a "
-             f"model. Accuracy in %. mean ± sd over seeds (sample sd); {int(CONFIDENCE * 100)}% CI: percentile "
-             f"bootstrap of the mean over seeds ({BOOTSTRAP_SAMPLES:,} resamples, fixed seed); with 3-5 seeds it "
-             f"understates the uncertainty, and with one seed there is none ('–'). Costs are means over seeds: "
-             f"train s (training, including a teacher's forward passes), eval s (all evaluation splits), "
-             f"peak MiB (process RSS on CPU, max allocated on GPU), trainable parameters.", note=True)
+    doc.para("Every number is read from the database (each run's stored result and per-example predictions), never "
+             "recomputed from a model. Options are ranked by each task's own primary metric (its task file's "
+             "primary_metric: MCC for CoLA, accuracy for MNLI). Values are means over data seeds; [95% CI] is a "
+             "paired, seed-aware interval (docs/statistics.md): it covers both training instability (between seeds) "
+             "and evaluation sampling (which examples were scored). 'best − it' is the paired difference to the "
+             "best option of the table, same seeds and same examples; an option is worse only when that interval "
+             "excludes 0. † one seed: the interval covers evaluation-sample noise only, not training instability. "
+             "'> majority?': the paired interval against predicting the evaluation set's most frequent class "
+             "everywhere lies above 0. ECE (15 bins) and Brier score from the stored class probabilities. Costs are "
+             "means over seeds: train s (including a teacher's forward passes), eval s (all evaluation splits), "
+             "peak MiB (process RSS on CPU, max allocated on GPU), trainable parameters.", note=True)
     if not groups:
         doc.para("No successful runs yet: run `fewtune grid SPEC` first.")
 
@@ -67,21 +132,33 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path) -> Doc:
         task_groups = [g for g in groups if g["task"] == task]
         for _, model in model_order(task_groups):
             gs = [g for g in task_groups if g["model"] == model]
+            pre = prefixes_of(gs)
+            metric = METRIC_NAMES[gs[0]["primary_metric"]]
             doc.heading(3, f"{task} / {model}")
-            doc.table(RESULT_HEADERS, accuracy_table(gs),
-                      caption=f"Accuracy: in-domain = {gs[0]['id_split']} (n={gs[0]['id_n']}), "
-                              f"out-of-domain = {gs[0]['ood_split']} (n={gs[0]['ood_n']})")
-            doc.table(["method", "shots", "seeds", "ID MCC mean ± sd", "ID 95% CI", "OOD MCC mean ± sd", "OOD 95% CI"],
-                      mcc_table(gs), caption="Matthews correlation (CoLA's official metric)")
-            doc.figure(figures.accuracy_vs_shots(groups, task, model, fig_dir, color),
-                       f"{task} / {model}: accuracy vs sample size, in-domain and out-of-domain")
-            doc.figure(figures.accuracy_vs_cost(groups, task, model, "train_seconds", "training time (s)", fig_dir, color),
-                       f"{task} / {model}: accuracy vs training time, Pareto front ringed")
-            doc.figure(figures.accuracy_vs_cost(groups, task, model, "peak_memory_mib", "peak memory (MiB)", fig_dir, color),
-                       f"{task} / {model}: accuracy vs peak memory, Pareto front ringed")
-        doc.figure(figures.id_vs_ood(groups, task, fig_dir, color), f"{task}: in-domain vs out-of-domain accuracy")
+            splits = [f"in-domain = {gs[0]['id_split']} (n={gs[0]['id_n']})"]
+            if "ood" in pre:
+                splits.append(f"out-of-domain = {gs[0]['ood_split']} (n={gs[0]['ood_n']})")
+            else:
+                splits.append("no out-of-domain split")
+            doc.para(f"Ranked by {metric}, {task}'s primary metric. {'; '.join(splits)}. "
+                     f"Floor on the same examples: {floor_text(gs, pre)}.")
+            headers, table_rows = score_table(gs, pre)
+            doc.table(headers, table_rows, caption=f"{metric} ({task}'s primary metric) with paired 95% intervals; "
+                                                   "other metrics: means over seeds")
+            headers, table_rows = cost_table(gs, pre)
+            doc.table(headers, table_rows, caption="Calibration (means over seeds) and costs")
+            doc.figure(figures.metric_vs_shots(groups, task, model, fig_dir, color, pre),
+                       f"{task} / {model}: {metric} vs sample size")
+            doc.figure(figures.metric_vs_cost(groups, task, model, "train_seconds", "training time (s)", fig_dir, color, pre),
+                       f"{task} / {model}: {metric} vs training time, Pareto front ringed")
+            doc.figure(figures.metric_vs_cost(groups, task, model, "peak_memory_mib", "peak memory (MiB)", fig_dir, color, pre),
+                       f"{task} / {model}: {metric} vs peak memory, Pareto front ringed")
+        if "ood" in prefixes_of(task_groups):
+            doc.figure(figures.id_vs_ood(groups, task, fig_dir, color), f"{task}: in-domain vs out-of-domain {metric}")
 
-    hans = [dict(f, metrics=r["metrics"]) for f, r in zip(flat, rows)
+    label_of = {h: g["label"] for g in groups for h in g["runs"]}
+    hans = [dict(f, metrics=r["metrics"], group_label=label_of.get(f["config_hash"], f["label"]))
+            for f, r in zip(flat, rows)
             if r["status"] == "success" and ((r.get("metrics") or {}).get("hans") or {}).get("by_heuristic")]
     if hans:
         doc.heading(2, "HANS: accuracy per heuristic and gold label")
@@ -94,15 +171,18 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path) -> Doc:
 
     if groups:
         doc.heading(2, "Which method for which budget")
-        doc.para("For each budget, the best option is the method × sample size with the highest mean accuracy among "
-                 "those that fit; options whose 95% intervals overlap the best one's are not distinguishable from it "
-                 "at these seeds. Budget levels are the costs at which a better option becomes affordable "
-                 "(the Pareto front).", note=True)
+        doc.para("For each budget, the best option is the one with the highest mean of the task's primary metric "
+                 "among those that fit; every other option is compared with it paired (same seeds, same examples). "
+                 "It is called worse only when the 95% interval of the difference excludes 0; otherwise it is not "
+                 "distinguishable from the best at these seeds and examples. Budget levels are the costs at which a "
+                 "better option becomes affordable (the Pareto front). Labelled examples count what a run used "
+                 "(icl: the demonstrations that fit the context).", note=True)
         for task, model in model_order(groups):
             gs = [g for g in groups if g["task"] == task and g["model"] == model]
+            pre = prefixes_of(gs)
             doc.heading(3, f"{task} / {model}")
-            doc.bullets(budget.conclusion(gs, task, model))
-            for heading, headers, table_rows in budget.budget_tables(gs):
+            doc.bullets(budget.conclusion(gs, task, model, pre))
+            for heading, headers, table_rows in budget.budget_tables(gs, pre):
                 doc.table(headers, table_rows, caption=heading)
 
     bad = [r for r in rows if r["status"] != "success"]
@@ -113,10 +193,23 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path) -> Doc:
                     str(r["shots"]), str(r["seed"]), r.get("error") or ""] for r in bad])
 
     doc.heading(2, "Appendix: every successful run")
-    doc.table(["config hash", "task", "model", "method", "shots", "seed", "ID acc %", "OOD acc %", "ID MCC", "OOD MCC",
-               "train s", "eval s", "peak MiB", "trainable params"],
-              [[f["config_hash"], f["task"], f["model"], f["label"], str(f["shots"]), str(f["seed"]),
-                pct(f["id_accuracy"], 2), pct(f["ood_accuracy"], 2), num(f["id_mcc"], 4), num(f["ood_mcc"], 4),
-                seconds(f["train_seconds"]), seconds(f["eval_seconds"]), mib(f["peak_memory_mib"]),
+    doc.table(["config hash", "task", "model", "method", "shots", "seed", "primary", "ID", "OOD", "ID acc %",
+               "OOD acc %", "ID ECE %", "train s", "eval s", "peak MiB", "trainable params"],
+              [[f["config_hash"], f["task"], f["model"], label_of.get(f["config_hash"], f["label"]), str(f["shots"]),
+                str(f["seed"]), METRIC_NAMES[f["primary_metric"]], scale_for(f["primary_metric"])(f["id_primary"]),
+                scale_for(f["primary_metric"])(f["ood_primary"]), pct(f["id_accuracy"], 2), pct(f["ood_accuracy"], 2),
+                pct(f["id_ece"]), seconds(f["train_seconds"]), seconds(f["eval_seconds"]), mib(f["peak_memory_mib"]),
                 params(f["trainable_params"])] for f in flat if f["status"] == "success"])
     return doc
+
+
+def _add_baselines(groups: list[dict], rows: list[dict]) -> None:
+    """Each option's stored baselines (the same examples give the same baselines) for the floor sentence."""
+    by_hash = {r["config_hash"]: r for r in rows}
+    for g in groups:
+        evals = by_hash[g["runs"][0]].get("metrics") or {}
+        for p in ("id", "ood"):
+            split = g.get(f"{p}_split")
+            b = (evals.get(split) or {}).get("baselines") or {} if split else {}
+            g[f"{p}_uniform"] = (b.get("uniform") or {}).get(g["primary_metric"])
+            g[f"{p}_majority_accuracy"] = (b.get("majority") or {}).get("accuracy")

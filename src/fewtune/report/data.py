@@ -1,6 +1,10 @@
-"""From database rows to the report's numbers: one flat record per run, then mean, sd and a bootstrap
-interval over seeds per method x task x model x sample size. Nothing is recomputed from models:
-every number is read from the stored result or aggregated from those stored numbers.
+"""From database rows to the report's numbers: one flat record per run, then, per option (method × sample size ×
+variant), the task's metrics over seeds with paired, seed-aware intervals (fewtune.stats) computed from the stored
+per-example predictions. Nothing is recomputed from models: every number is read from the stored result or
+aggregated from the stored predictions.
+
+An *option* is every run of one identity up to its seeds (identity.variant_hash): runs whose identity differs
+(task content, data, normalised method options, anything but the seeds) are never pooled.
 """
 
 from __future__ import annotations
@@ -11,11 +15,14 @@ import math
 
 import numpy as np
 
-BOOTSTRAP_SAMPLES = 10_000
-BOOTSTRAP_SEED = 0          # fixed: the same database gives the same report
-CONFIDENCE = 0.95
-VARIANT_IGNORES = ("seed", "train_seed", "data_root", "device", "eval_batch_size")  # what may differ within a group
+from .. import stats
+from ..identity import variant_hash
+
+CONFIDENCE = stats.CONFIDENCE
+VARIANT_IGNORES = ("seed", "train_seed", "data_root", "device", "eval_batch_size")  # legacy rows (no identity)
 COST_KEYS = ("train_seconds", "eval_seconds", "peak_memory_mib", "trainable_params", "total_params")
+METRIC_NAMES = {"accuracy": "accuracy", "mcc": "MCC", "macro_f1": "macro-F1"}
+PERCENT = ("accuracy", "macro_f1")  # printed in %; MCC as a coefficient
 
 
 def split_roles(evals: dict | None) -> tuple[str | None, str | None]:
@@ -26,10 +33,20 @@ def split_roles(evals: dict | None) -> tuple[str | None, str | None]:
     return ind, ood
 
 
-def variant_of(config: dict) -> str:
-    """Id of a run's configuration up to its seeds: runs with the same variant are averaged together."""
-    d = {k: v for k, v in config.items() if k not in VARIANT_IGNORES}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+def variant_of(row: dict) -> str:
+    """Id of a run's identity up to its seeds. Rows written before identities were stored are keyed on their
+    config and marked legacy, so they never pool with newer runs."""
+    result = row.get("result") or {}
+    if result.get("identity"):
+        return variant_hash(result["identity"])
+    cfg = row.get("config") or {}
+    d = {k: v for k, v in cfg.items() if k not in VARIANT_IGNORES}
+    return "legacy-" + hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+def primary_metric(row: dict) -> str:
+    """The task's primary metric as recorded with the run (accuracy for runs recorded before it was)."""
+    return ((row.get("result") or {}).get("task") or {}).get("primary_metric") or "accuracy"
 
 
 def flat_row(row: dict) -> dict:
@@ -37,71 +54,150 @@ def flat_row(row: dict) -> dict:
     cfg = row.get("config") or {}
     evals = row.get("metrics") or {}
     cost = row.get("cost") or {}
+    result = row.get("result") or {}
     ind, ood = split_roles(evals)
+    primary = primary_metric(row)
+    method_info = result.get("method_info") or {}
     out = {"config_hash": row["config_hash"], "status": row["status"], "label": row.get("label") or cfg.get("method"),
            "grid": row.get("grid"), "model": row.get("model"), "task": row.get("task"), "method": row.get("method"),
-           "shots": row.get("shots"), "seed": row.get("seed"), "variant": variant_of(cfg) if cfg else None,
+           "shots": row.get("shots"), "seed": row.get("seed"),
+           "examples_used": result.get("examples_used", row.get("shots")),
+           "variant": variant_of(row) if (cfg or result) else None, "primary_metric": primary,
            "id_split": ind, "ood_split": ood}
     for prefix, split in (("id", ind), ("ood", ood)):
         e = evals.get(split, {}) if split else {}
-        for metric in ("accuracy", "mcc", "macro_f1", "n"):
+        for metric in ("accuracy", "mcc", "macro_f1", "n", "ece", "brier"):
             out[f"{prefix}_{metric}"] = e.get(metric)
+        out[f"{prefix}_primary"] = e.get(primary)
+        majority = (e.get("baselines") or {}).get("majority") or {}
+        out[f"{prefix}_majority_{primary}"] = majority.get(primary)
     for key in COST_KEYS:
         out[key] = cost.get(key)
+    if "demonstrations_dropped" in method_info:
+        out["demonstrations_dropped"] = method_info["demonstrations_dropped"]
     out.update(attempts=row.get("attempts"), error=row.get("error"), started_at=row.get("started_at"),
                finished_at=row.get("finished_at"), log_path=row.get("log_path"),
                config=json.dumps(cfg, sort_keys=True))
     return out
 
 
-def mean_sd(values) -> tuple[float, float]:
-    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
-    if len(v) == 0:
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else math.nan
-
-
-def bootstrap_ci(values, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean over seeds; NaN with fewer than two values.
-    With 3-5 seeds it is narrower than the truth: read it as a lower bound on the uncertainty."""
-    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
-    if len(v) < 2:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, len(v), size=(samples, len(v)))].mean(axis=1)
-    alpha = (1 - CONFIDENCE) / 2
-    return float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
-
-
-def group_runs(flat: list[dict]) -> list[dict]:
-    """Successful runs grouped by (task, model, label, shots, variant), with statistics over seeds.
-    A label used with two different configurations gets the variant appended, so nothing is pooled silently."""
+# ----------------------------------------------------------------------------- options and their statistics
+def group_runs(flat: list[dict], rows: list[dict], predictions) -> list[dict]:
+    """Successful runs grouped into options: (task, model, label, shots, variant), with per-split metrics over seeds
+    and their intervals. `predictions(config_hash)` returns a run's stored per-example predictions ({} if none).
+    A label used with two variants gets the variant appended, so nothing is pooled silently."""
+    by_hash = {r["config_hash"]: r for r in rows}
     groups: dict[tuple, list[dict]] = {}
-    for r in flat:
-        if r["status"] == "success":
-            groups.setdefault((r["task"], r["model"], r["label"], r["shots"], r["variant"]), []).append(r)
+    for f in flat:
+        if f["status"] == "success":
+            groups.setdefault((f["task"], f["model"], f["label"], f["shots"], f["variant"]), []).append(f)
     variants: dict[tuple, set] = {}
     for task, model, label, shots, variant in groups:
         variants.setdefault((task, model, label, shots), set()).add(variant)
     out = []
     for (task, model, label, shots, variant), runs in groups.items():
+        runs.sort(key=lambda r: r["seed"])
         name = label if len(variants[(task, model, label, shots)]) == 1 else f"{label} [{variant}]"
-        g = {"task": task, "model": model, "label": name, "method": runs[0]["method"], "shots": shots,
-             "variant": variant, "seeds": sorted(r["seed"] for r in runs), "n_runs": len(runs),
-             "id_split": runs[0]["id_split"], "ood_split": runs[0]["ood_split"],
-             "id_n": runs[0]["id_n"], "ood_n": runs[0]["ood_n"], "runs": [r["config_hash"] for r in runs]}
-        for prefix in ("id", "ood"):
-            for metric in ("accuracy", "mcc"):
-                values = [r[f"{prefix}_{metric}"] for r in runs]
-                mean, sd = mean_sd(values)
-                lo, hi = bootstrap_ci(values)
-                g[f"{prefix}_{metric}"] = {"mean": mean, "sd": sd, "lo": lo, "hi": hi,
-                                           "n": sum(v is not None for v in values)}
+        first = runs[0]
+        g = {"task": task, "model": model, "label": name, "method": first["method"], "shots": shots,
+             "variant": variant, "seeds": [r["seed"] for r in runs], "n_runs": len(runs),
+             "examples_used": _used(runs), "primary_metric": first["primary_metric"],
+             "id_split": first["id_split"], "ood_split": first["ood_split"],
+             "id_n": first["id_n"], "ood_n": first["ood_n"], "runs": [r["config_hash"] for r in runs],
+             "metrics": [m for m in ("accuracy", "mcc", "macro_f1") if first.get(f"id_{m}") is not None],
+             "labels": list(((by_hash[first["config_hash"]].get("result") or {}).get("task") or {}).get("labels") or []),
+             "preds": {}}
+        for prefix, split in (("id", g["id_split"]), ("ood", g["ood_split"])):
+            if split is None:
+                continue
+            g["preds"][prefix] = _aligned(runs, split, predictions)
+            for metric in {*g["metrics"], g["primary_metric"]}:
+                if metric in (g["primary_metric"], "accuracy"):
+                    g[f"{prefix}_{metric}"] = option_estimate(g, prefix, metric, runs)
+                else:  # shown as a mean only: no interval to compute
+                    g[f"{prefix}_{metric}"] = stats.seed_only([r[f"{prefix}_{metric}"] for r in runs])
+            g[f"{prefix}_primary"] = g[f"{prefix}_{g['primary_metric']}"]
+            for cal in ("ece", "brier"):
+                g[f"{prefix}_{cal}"] = _mean([r[f"{prefix}_{cal}"] for r in runs])
+            g[f"{prefix}_majority"] = first.get(f"{prefix}_majority_{g['primary_metric']}")
         for key in COST_KEYS:
-            g[key] = mean_sd([r[key] for r in runs])[0]
+            g[key] = _mean([r[key] for r in runs])
         out.append(g)
     out.sort(key=lambda g: (g["task"], g["model"], g["label"], g["shots"]))
     return out
+
+
+def _used(runs) -> int | None:
+    used = [r["examples_used"] for r in runs if r.get("examples_used") is not None]
+    return max(used) if used else None
+
+
+def _mean(values) -> float:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(v)) if v else math.nan
+
+
+def _aligned(runs, split, predictions) -> dict | None:
+    """{"seeds", "idx", "gold", "pred" [n_seeds, N]} for the runs' stored predictions on `split`, aligned by example
+    id; None when any run has none (recorded before predictions were stored) or the runs saw different examples."""
+    per_run = []
+    for r in runs:
+        p = predictions(r["config_hash"]).get(split)
+        if p is None:
+            return None
+        per_run.append(p)
+    idx = per_run[0]["idx"]
+    if any(len(p["idx"]) != len(idx) or not np.array_equal(p["idx"], idx) for p in per_run):
+        return None
+    return {"seeds": [r["seed"] for r in runs], "idx": np.asarray(idx), "gold": np.asarray(per_run[0]["gold"]),
+            "pred": np.stack([np.asarray(p["pred"]) for p in per_run]),
+            "n_classes": per_run[0]["logprobs"].shape[1], "groups": per_run[0].get("groups")}
+
+
+def option_estimate(g: dict, prefix: str, metric: str, runs) -> stats.Estimate:
+    p = g["preds"].get(prefix)
+    if p is None:  # legacy runs: the stored per-seed values only
+        return stats.seed_only([r[f"{prefix}_{metric}"] for r in runs])
+    return stats.estimate(p["gold"], p["pred"], None, p["n_classes"], metric)
+
+
+def paired(a: dict, b: dict, prefix: str, metric: str) -> stats.Estimate | None:
+    """A − B paired by data seed and by example (their common seeds, the same evaluation examples); None when
+    they cannot be paired (no predictions stored, no common seed, or different evaluation examples)."""
+    memo = a.setdefault("_paired", {})  # the report asks for the same pair at every budget level
+    key = (id(b), prefix, metric)
+    if key not in memo:
+        memo[key] = _paired(a, b, prefix, metric)
+    return memo[key]
+
+
+def _paired(a: dict, b: dict, prefix: str, metric: str) -> stats.Estimate | None:
+    pa, pb = a["preds"].get(prefix), b["preds"].get(prefix)
+    if pa is None or pb is None or not np.array_equal(pa["idx"], pb["idx"]):
+        return None
+    common = sorted(set(pa["seeds"]) & set(pb["seeds"]))
+    if not common:
+        return None
+    rows_a = [pa["seeds"].index(s) for s in common]
+    rows_b = [pb["seeds"].index(s) for s in common]
+    return stats.estimate(pa["gold"], pa["pred"][rows_a], pb["pred"][rows_b], pa["n_classes"], metric)
+
+
+def versus_majority(g: dict, prefix: str, metric: str) -> stats.Estimate | None:
+    """The option minus the majority-class baseline on the same examples (the baseline predicts the evaluation
+    set's most frequent class everywhere), paired by example."""
+    memo = g.setdefault("_paired", {})
+    if ("majority", prefix, metric) not in memo:
+        memo[("majority", prefix, metric)] = _versus_majority(g, prefix, metric)
+    return memo[("majority", prefix, metric)]
+
+
+def _versus_majority(g: dict, prefix: str, metric: str) -> stats.Estimate | None:
+    p = g["preds"].get(prefix)
+    if p is None:
+        return None
+    majority = int(np.bincount(p["gold"], minlength=p["n_classes"]).argmax())
+    return stats.estimate(p["gold"], p["pred"], np.full_like(p["pred"], majority), p["n_classes"], metric)
 
 
 def model_order(groups: list[dict]) -> list[tuple[str, str]]:
@@ -113,7 +209,7 @@ def model_order(groups: list[dict]) -> list[tuple[str, str]]:
     return seen
 
 
-# --- formatting: one place, so the tables and the test read the same digits
+# --- formatting: one place, so the tables and the tests read the same digits
 def pct(x, digits: int = 1) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
 
@@ -122,14 +218,38 @@ def num(x, digits: int = 3) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def mean_pm_sd(stat: dict, scale=pct) -> str:
-    if math.isnan(stat["mean"]):
+def scale_for(metric: str):
+    """How a metric prints: accuracy and macro-F1 in %, MCC as a coefficient with 3 decimals."""
+    return pct if metric in PERCENT else num
+
+
+def value(est: stats.Estimate | None, metric: str) -> str:
+    if est is None or math.isnan(est.value):
         return "–"
-    return scale(stat["mean"]) + ("" if math.isnan(stat["sd"]) else f" ± {scale(stat['sd'])}")
+    return scale_for(metric)(est.value)
 
 
-def interval(stat: dict, scale=pct) -> str:
-    return "–" if math.isnan(stat["lo"]) else f"[{scale(stat['lo'])}, {scale(stat['hi'])}]"
+def interval(est: stats.Estimate | None, metric: str) -> str:
+    if est is None or math.isnan(est.lo):
+        return "–"
+    f = scale_for(metric)
+    return f"[{f(est.lo)}, {f(est.hi)}]" + ("†" if est.eval_noise_only else "")
+
+
+def with_interval(est: stats.Estimate | None, metric: str) -> str:
+    v, i = value(est, metric), interval(est, metric)
+    return v if i == "–" else f"{v} {i}"
+
+
+def signed(est: stats.Estimate | None, metric: str) -> str:
+    if est is None or math.isnan(est.value):
+        return "–"
+    f = scale_for(metric)
+    sign = lambda x: ("+" if x >= 0 else "") + f(x)  # noqa: E731
+    body = sign(est.value)
+    if not math.isnan(est.lo):
+        body += f" [{sign(est.lo)}, {sign(est.hi)}]" + ("†" if est.eval_noise_only else "")
+    return body
 
 
 def seconds(x) -> str:

@@ -1,7 +1,7 @@
 """The report's figures, drawn with matplotlib's Agg backend from the grouped numbers (report.data).
 
 Each figure is written as PNG and SVG under <out>/figures; the HTML report embeds the SVG.
-Error bars and bands are the 95% bootstrap intervals over seeds (none with a single seed).
+Error bars and bands are the paired, seed-aware 95% intervals of fewtune.stats (one seed: evaluation noise only).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .budget import pareto_front  # noqa: E402
+from .data import METRIC_NAMES, PERCENT  # noqa: E402
 
 plt.rcParams.update({"svg.hashsalt": "fewtune", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
 MARKERS = "osD^v<>PX*"
@@ -61,20 +62,35 @@ def finite(*xs) -> bool:
     return all(x is not None and not math.isnan(x) for x in xs)
 
 
-def accuracy_vs_shots(groups: list[dict], task: str, model: str, out: Path, color: dict) -> str | None:
+def _axis(g: dict):
+    """(scale, unit) for the primary metric: accuracy/macro-F1 in %, MCC as a coefficient."""
+    return (100.0, " %") if g["primary_metric"] in PERCENT else (1.0, "")
+
+
+def _est(g: dict, prefix: str):
+    return g.get(f"{prefix}_primary")
+
+
+def _panels(prefixes):
+    return [(p, "in-domain" if p == "id" else "out-of-domain") for p in prefixes]
+
+
+def metric_vs_shots(groups: list[dict], task: str, model: str, out: Path, color: dict, prefixes=("id", "ood")) -> str | None:
     gs = [g for g in groups if g["task"] == task and g["model"] == model]
     if not gs:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, metric, title in ((axes[0], "id_accuracy", "in-domain"), (axes[1], "ood_accuracy", "out-of-domain")):
+    k, unit = _axis(gs[0])
+    mname = METRIC_NAMES[gs[0]["primary_metric"]]
+    fig, axes = plt.subplots(1, len(prefixes), figsize=(5 * len(prefixes), 3.8), sharey=True, squeeze=False)
+    for ax, (prefix, title) in zip(axes[0], _panels(prefixes)):
         for label in sorted({g["label"] for g in gs}):
-            line = sorted((g for g in gs if g["label"] == label and finite(g[metric]["mean"])), key=lambda g: g["shots"])
+            line = sorted((g for g in gs if g["label"] == label and _est(g, prefix) is not None
+                           and finite(_est(g, prefix).value)), key=lambda g: g["shots"])
             if not line:
                 continue
             x = [g["shots"] for g in line]
-            y = [100 * g[metric]["mean"] for g in line]
-            ax.plot(x, y, marker="o", ms=4, color=color[label], label=label)
-            band = [(g["shots"], 100 * g[metric]["lo"], 100 * g[metric]["hi"]) for g in line if finite(g[metric]["lo"])]
+            ax.plot(x, [k * _est(g, prefix).value for g in line], marker="o", ms=4, color=color[label], label=label)
+            band = [(g["shots"], k * _est(g, prefix).lo, k * _est(g, prefix).hi) for g in line if finite(_est(g, prefix).lo)]
             if band:
                 ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
                                 color=color[label], alpha=0.15, lw=0)
@@ -82,26 +98,30 @@ def accuracy_vs_shots(groups: list[dict], task: str, model: str, out: Path, colo
         if shots and min(shots) > 0:
             ax.set_xscale("log", base=2)
         ax.set_xticks(shots, [str(s) for s in shots])
-        ax.set_title(f"{title} ({gs[0]['id_split' if metric == 'id_accuracy' else 'ood_split']})")
+        ax.set_title(f"{title} ({gs[0][f'{prefix}_split']})")
         ax.set_xlabel("training examples (shots)")
-    axes[0].set_ylabel("accuracy %")
-    axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{task} / {model}: accuracy vs sample size (band: 95% CI over seeds)")
-    return save(fig, out, f"acc-vs-shots-{slug(task)}-{slug(model)}")
+    axes[0, 0].set_ylabel(f"{mname}{unit}")
+    axes[0, 0].legend(fontsize=7, loc="best")  # on the in-domain panel, which always has points
+    fig.suptitle(f"{task} / {model}: {mname} vs sample size (band: 95% interval)")
+    return save(fig, out, f"{key_slug(mname)}-vs-shots-{slug(task)}-{slug(model)}")
 
 
 def id_vs_ood(groups: list[dict], task: str, out: Path, color: dict) -> str | None:
-    gs = [g for g in groups if g["task"] == task and finite(g["id_accuracy"]["mean"], g["ood_accuracy"]["mean"])]
+    gs = [g for g in groups if g["task"] == task and _est(g, "id") is not None and _est(g, "ood") is not None
+          and finite(_est(g, "id").value, _est(g, "ood").value)]
     if not gs:
         return None
+    k, unit = _axis(gs[0])
+    mname = METRIC_NAMES[gs[0]["primary_metric"]]
     models = sorted({g["model"] for g in gs})
     fig, ax = plt.subplots(figsize=(6, 5))
     for g in gs:
-        x, y = 100 * g["id_accuracy"]["mean"], 100 * g["ood_accuracy"]["mean"]
+        a, b = _est(g, "id"), _est(g, "ood")
+        x, y = k * a.value, k * b.value
         xerr = yerr = None
-        if finite(g["id_accuracy"]["lo"], g["ood_accuracy"]["lo"]):
-            xerr = [[x - 100 * g["id_accuracy"]["lo"]], [100 * g["id_accuracy"]["hi"] - x]]
-            yerr = [[y - 100 * g["ood_accuracy"]["lo"]], [100 * g["ood_accuracy"]["hi"] - y]]
+        if finite(a.lo, b.lo):
+            xerr = [[x - k * a.lo], [k * a.hi - x]]
+            yerr = [[y - k * b.lo], [k * b.hi - y]]
         ax.errorbar(x, y, xerr=xerr, yerr=yerr, fmt=MARKERS[models.index(g["model"]) % len(MARKERS)],
                     color=color[g["label"]], ms=5, elinewidth=0.6)
         ax.annotate(str(g["shots"]), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6)
@@ -113,30 +133,32 @@ def id_vs_ood(groups: list[dict], task: str, out: Path, color: dict) -> str | No
     for i, m in enumerate(models):
         ax.plot([], [], MARKERS[i % len(MARKERS)], color="black", mfc="none", label=m)
     ax.legend(fontsize=7, loc="best")
-    ax.set_xlabel(f"in-domain accuracy % ({gs[0]['id_split']})")
-    ax.set_ylabel(f"out-of-domain accuracy % ({gs[0]['ood_split']})")
+    ax.set_xlabel(f"in-domain {mname}{unit} ({gs[0]['id_split']})")
+    ax.set_ylabel(f"out-of-domain {mname}{unit} ({gs[0]['ood_split']})")
     ax.set_title(f"{task}: in-domain vs out-of-domain (numbers: shots; dashed: equal)")
     return save(fig, out, f"id-vs-ood-{slug(task)}")
 
 
-def accuracy_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabel: str, out: Path,
-                     color: dict) -> str | None:
+def metric_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabel: str, out: Path,
+                   color: dict, prefixes=("id", "ood")) -> str | None:
     gs = [g for g in groups if g["task"] == task and g["model"] == model and finite(g.get(cost))]
     if not gs:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-    for ax, metric, title in ((axes[0], "id_accuracy", "in-domain"), (axes[1], "ood_accuracy", "out-of-domain")):
+    k, unit = _axis(gs[0])
+    mname = METRIC_NAMES[gs[0]["primary_metric"]]
+    fig, axes = plt.subplots(1, len(prefixes), figsize=(5 * len(prefixes), 3.8), sharey=True, squeeze=False)
+    for ax, (prefix, title) in zip(axes[0], _panels(prefixes)):
         for g in gs:
-            if finite(g[metric]["mean"]):
-                ax.scatter(g[cost], 100 * g[metric]["mean"], color=color[g["label"]], s=18, zorder=3)
-        front = pareto_front(gs, cost, metric)
+            if _est(g, prefix) is not None and finite(_est(g, prefix).value):
+                ax.scatter(g[cost], k * _est(g, prefix).value, color=color[g["label"]], s=18, zorder=3)
+        front = pareto_front(gs, cost, prefix)
         if front:
-            ax.step([g[cost] for g in front], [100 * g[metric]["mean"] for g in front], where="post",
+            ax.step([g[cost] for g in front], [k * _est(g, prefix).value for g in front], where="post",
                     color="black", lw=1, zorder=2)
-            ax.scatter([g[cost] for g in front], [100 * g[metric]["mean"] for g in front], s=70,
+            ax.scatter([g[cost] for g in front], [k * _est(g, prefix).value for g in front], s=70,
                        facecolors="none", edgecolors="black", zorder=4, label="Pareto front")
             for g in front:
-                ax.annotate(f"{g['label']} ({g['shots']})", (g[cost], 100 * g[metric]["mean"]),
+                ax.annotate(f"{g['label']} ({g['shots']})", (g[cost], k * _est(g, prefix).value),
                             textcoords="offset points", xytext=(5, -9), fontsize=6)
         if cost == "train_seconds" and min(g[cost] for g in gs) <= 0:
             ax.set_xscale("symlog", linthresh=1.0)  # icl trains for 0 s
@@ -144,12 +166,12 @@ def accuracy_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabe
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_title(title)
-    axes[0].set_ylabel("accuracy %")
+    axes[0, 0].set_ylabel(f"{mname}{unit}")
     for label in sorted({g["label"] for g in gs}):
-        axes[1].scatter([], [], color=color[label], s=18, label=label)
-    axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{task} / {model}: accuracy vs {xlabel} (ringed: Pareto front)")
-    return save(fig, out, f"acc-vs-{key_slug(cost)}-{slug(task)}-{slug(model)}")
+        axes[0, 0].scatter([], [], color=color[label], s=18, label=label)
+    axes[0, 0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{task} / {model}: {mname} vs {xlabel} (ringed: Pareto front)")
+    return save(fig, out, f"{key_slug(mname)}-vs-{key_slug(cost)}-{slug(task)}-{slug(model)}")
 
 
 def hans_bars(runs: list[dict], model: str, out: Path, color: dict) -> str | None:

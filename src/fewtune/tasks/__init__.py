@@ -6,6 +6,8 @@ same shape (see docs/tasks.md). Files are parsed with `tomllib` (no code is exec
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +17,15 @@ from ..errors import FewtuneError, did_you_mean, unknown
 BUILTIN_DIR = Path(__file__).parent
 DROP = "__drop__"  # label_map value: leave the row out (MNLI's neutral in the binary task)
 
-_TOP_KEYS = {"name", "version", "description", "labels", "fields", "metrics", "instruction", "raw_separator",
-             "train", "in_domain", "out_of_domain", "patterns", "splits"}
-_SPLIT_KEYS = {"local", "columns", "label_map", "hub", "hub_columns", "hub_label_map", "group_by"}
+_TOP_KEYS = {"name", "version", "description", "labels", "fields", "metrics", "primary_metric", "instruction",
+             "raw_separator", "train", "in_domain", "out_of_domain", "patterns", "splits"}
+_SPLIT_KEYS = {"local", "columns", "label_map", "hub", "hub_columns", "hub_label_map", "hub_note", "group_by"}
 _LOCAL_KEYS = {"path", "format", "header", "delimiter"}
 _HUB_KEYS = {"path", "name", "split", "revision"}
 _METRICS = {"accuracy", "mcc", "macro_f1"}
+# names other tools use for the same metrics, too far from ours for difflib to suggest
+_METRIC_ALIASES = {"f1": "macro_f1", "macro-f1": "macro_f1", "f1_macro": "macro_f1", "macrof1": "macro_f1",
+                   "acc": "accuracy", "matthews": "mcc", "matthews_correlation": "mcc"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class Split:
     hub_columns: dict | None = None
     hub_label_map: dict | None = None
     group_by: tuple[str, ...] = ()
+    hub_note: str = ""  # why the split has no Hub source (said when --data-source hub asks for it)
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,12 @@ class Task:
     in_domain: str
     out_of_domain: tuple[str, ...]
     metrics: tuple[str, ...] = ("accuracy", "macro_f1", "mcc")
+    primary_metric: str = "accuracy"  # what rankings, Pareto fronts and "which method" use (CoLA: mcc)
     description: str = ""
     instruction: str = ""
     raw_separator: str = "\n"
     source: str = ""  # the file it was read from
+    sha256: str = ""  # of the task's content as loaded (canonical JSON of the parsed file): part of a run's identity
     eval_splits: tuple[str, ...] = field(init=False)
 
     def __post_init__(self):
@@ -105,6 +113,11 @@ def parse_task_file(path: Path) -> Task:
     return task_from_dict(raw, where=str(path))
 
 
+def content_sha256(raw: dict) -> str:
+    """Hash of a task's parsed content: comments and layout do not change it, any key or value does."""
+    return hashlib.sha256(json.dumps(raw, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def _check_keys(d: dict, allowed: set, where: str):
     for key in d:
         if key not in allowed:
@@ -140,7 +153,9 @@ def task_from_dict(raw: dict, where: str = "<task>") -> Task:
     metrics = _str_list(raw, "metrics", where, default=("accuracy", "macro_f1", "mcc"))
     for m in metrics:
         if m not in _METRICS:
-            raise unknown("metric", m, _METRICS)
+            alias = _METRIC_ALIASES.get(m.lower())
+            hint = f" Did you mean: {alias}?" if alias else did_you_mean(m, sorted(_METRICS))
+            raise FewtuneError(f"{where}: Unknown metric '{m}' in 'metrics'.{hint} Known: {', '.join(sorted(_METRICS))}.")
     patterns = []
     for i, p in enumerate(_need(raw, "patterns", list, where)):
         pwhere = f"{where} patterns[{i}]"
@@ -162,16 +177,25 @@ def task_from_dict(raw: dict, where: str = "<task>") -> Task:
         splits[sname] = _parse_split(sname, s, fields, labels, f"{where} splits.{sname}")
     train = _need(raw, "train", str, where)
     in_domain = _need(raw, "in_domain", str, where)
-    ood = tuple(raw.get("out_of_domain", ()))
+    ood = raw.get("out_of_domain", [])  # may be empty or left out: in-domain evaluation only
+    if not isinstance(ood, list) or not all(isinstance(x, str) and x for x in ood):
+        raise FewtuneError(f"{where}: 'out_of_domain' must be a list of split names (possibly empty), got {ood!r:.60}.")
+    ood = tuple(ood)
     for role, sname in [("train", train), ("in_domain", in_domain)] + [("out_of_domain", s) for s in ood]:
         if sname not in splits:
             raise FewtuneError(f"{where}: {role} split '{sname}' is not declared under [splits].{did_you_mean(sname, list(splits))}")
+    primary = raw.get("primary_metric", "accuracy")
+    if not isinstance(primary, str) or primary not in _METRICS:
+        raise FewtuneError(f"{where}: primary_metric {primary!r:.60} is not a metric fewtune computes "
+                           f"({', '.join(sorted(_METRICS))}).{did_you_mean(str(primary), sorted(_METRICS))}")
+    if primary not in metrics:
+        metrics = (*metrics, primary)
     version = raw.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool):
         raise FewtuneError(f"{where}: 'version' must be an integer.")
     return Task(name=name, version=version, labels=labels, fields=fields, patterns=tuple(patterns), splits=splits,
-                train=train, in_domain=in_domain, out_of_domain=ood, metrics=metrics,
-                description=raw.get("description", ""), instruction=raw.get("instruction", ""),
+                train=train, in_domain=in_domain, out_of_domain=ood, metrics=metrics, primary_metric=primary,
+                sha256=content_sha256(raw), description=raw.get("description", ""), instruction=raw.get("instruction", ""),
                 raw_separator=raw.get("raw_separator", "\n"), source=where)
 
 
@@ -224,12 +248,16 @@ def _parse_split(name: str, s, fields, labels, where: str) -> Split:
     for key, col in columns.items():
         if not isinstance(col, (str, int)) or isinstance(col, bool):
             raise FewtuneError(f"{where}.columns.{key}: must be a column name or a 0-based column number.")
-    label_map = {str(k): v for k, v in _need(s, "label_map", dict, where).items()}
+    # No label_map: identity, each raw label is the label of the same name (a file whose labels are the words).
+    label_map = {str(k): v for k, v in _need(s, "label_map", dict, where).items()} if "label_map" in s else {l: l for l in labels}
     hub_label_map = s.get("hub_label_map")
+    hub_note = s.get("hub_note", "")
+    if not isinstance(hub_note, str):
+        raise FewtuneError(f"{where}.hub_note: must be a string (why the split has no Hub source).")
     for mname, m in (("label_map", label_map), ("hub_label_map", hub_label_map or {})):
         for raw_label, target in m.items():
             if target != DROP and target not in labels:
                 raise FewtuneError(f"{where}.{mname}: '{raw_label}' maps to '{target}', which is not one of the labels {list(labels)} (or \"{DROP}\").")
     return Split(name=name, local=local, columns=columns, label_map=label_map, hub=hub,
                  hub_columns=s.get("hub_columns"), hub_label_map={str(k): v for k, v in hub_label_map.items()} if hub_label_map else None,
-                 group_by=group_by)
+                 group_by=group_by, hub_note=hub_note)

@@ -1,0 +1,49 @@
+"""A run's identity: everything that changes its result, and nothing that does not.
+
+`RunConfig.hash()` is the sha256 of `identity(cfg)`: the config's fields with
+- `task` replaced by the task's name and the hash of its content as loaded (a task file's path is where it
+  is, not what it is: `../tasks/sst2.toml` and `/abs/tasks/sst2.toml` are one experiment; an edited pattern is another);
+- `method_options` normalised, defaults filled in (cd `{}` and `{context = "instruction"}` are one run);
+- `data_source` and `data_root` replaced by the provenance of every split the run reads (a local file's sha256,
+  or the Hub dataset, config, split and revision): the same files in another folder are the same experiment;
+- where and how it runs left out (`device`, `eval_batch_size`).
+Runs whose identity differs are never pooled in the report; the identity is stored with every result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+VOLATILE = ("data_root", "device", "eval_batch_size")  # where/how a run executes, not what it computes
+
+
+def identity(cfg) -> dict:
+    """The identity of a RunConfig (see the module docstring). Raises FewtuneError for an unknown task or
+    method, or bad method options, so a grid refuses such a cell before anything runs."""
+    from .data import provenance
+    from .methods import get_method
+    from .tasks import load_task
+    d = cfg.to_dict()
+    task = load_task(cfg.task)
+    method = get_method(cfg.method, cfg.method_options)
+    for volatile in VOLATILE:
+        d.pop(volatile, None)
+    d.pop("data_source", None)
+    d["task"] = {"name": task.name, "sha256": task.sha256[:16]}
+    d["method_options"] = dataclasses.asdict(method.opts)
+    splits = [task.train, *(cfg.eval_splits or task.eval_splits)]
+    d["data"] = {name: provenance(task, name, cfg.data_root, cfg.data_source) for name in dict.fromkeys(splits)}
+    return d  # not cached: a task or data file may change between two calls (file hashes are cached by mtime)
+
+
+def run_hash(cfg) -> str:
+    """16 hex digits of the sha256 of the identity (sorted JSON): the run's key in the results database."""
+    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def variant_hash(ident: dict) -> str:
+    """Id of an identity up to its seeds: runs of one variant are the same experiment under other seeds."""
+    d = {k: v for k, v in ident.items() if k not in ("seed", "train_seed")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]

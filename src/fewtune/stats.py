@@ -1,0 +1,182 @@
+"""Paired, seed-aware intervals for a task's metric, from the stored per-example predictions.
+
+Under one data seed every option trains on the same sample and is scored on the same evaluation examples, and
+the evaluation examples are the same under every seed. So an estimate of "option A's metric" or of "A minus B"
+has two sources of error, and the interval accounts for both (docs/statistics.md explains it with the algebra):
+
+- **training instability** (which sample, which initialisation): the per-seed values d_s differ from seed to
+  seed. Its share of the variance of the mean is V_seed = s²(d_s) / n, estimated from the n seeds, so it carries
+  n − 1 degrees of freedom (none with one seed);
+- **evaluation sampling** (which N examples were scored): the examples are shared by all seeds, so this error does
+  not average out over seeds. Its share V_examples is estimated by resampling the examples (the same resample for
+  every seed and both options: that is the pairing), or exactly for accuracy from the two-way (seed × example)
+  analysis of variance: (MS_examples − MS_residual) / (n·N), which does not count the per-seed noise twice.
+
+The half-width is sqrt(t(n−1)² · V_seed + t(N−1)² · V_examples): each part is widened by the t quantile of its own
+degrees of freedom. With 2-3 seeds the seed part's quantile is large (12.7, 4.3): two or three runs cannot tell how
+unstable training is, and a pooled Welch-Satterthwaite t under-covers there (89% measured at 2 seeds). With one
+seed only the evaluation sampling is covered: the interval says nothing about training instability, and the report
+says so. Coverage is checked by simulation in tests/test_stats.py: runs with a known true difference, at least 93%
+of the 95% intervals cover it at 1, 2, 3 and 5 seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as _scipy_stats
+
+CONFIDENCE = 0.95
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 0           # fixed: the same database gives the same report
+_CHUNK = 250                 # bootstrap resamples per matrix product (bounds memory at HANS's 30,000 examples)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A metric (or a paired difference of a metric) over seeds and examples, with its interval."""
+    value: float             # mean over seeds of the per-seed metric (or difference)
+    lo: float
+    hi: float
+    se: float                # half-width / z(0.975): the normal standard error the interval amounts to
+    df: float                # of the seed part: n_seeds - 1
+    n_seeds: int
+    n_examples: int
+    seed_var: float          # V_seed: training instability's share of the variance of `value` (0 with one seed)
+    example_var: float       # V_examples: evaluation sampling's share
+    p_positive: float        # P(true value > 0) under the same approximation: for a difference, P(A beats B)
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.lo > 0 or self.hi < 0
+
+    @property
+    def eval_noise_only(self) -> bool:
+        """One seed: the interval covers evaluation-sample noise, not training instability."""
+        return self.n_seeds < 2
+
+
+NAN_ESTIMATE = Estimate(math.nan, math.nan, math.nan, math.nan, math.nan, 0, 0, math.nan, math.nan, math.nan)
+
+
+# ----------------------------------------------------------------------------- metrics from confusion counts
+def from_confusion(cm: np.ndarray, metric: str) -> np.ndarray:
+    """`metric` of confusion count arrays [..., C, C] (rows gold, columns predicted), vectorised over the leading
+    axes. The same definitions as fewtune.metrics (MCC: Gorodkin's multi-class form, 0 for a constant marginal)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    total = cm.sum((-1, -2))
+    diag = np.diagonal(cm, axis1=-2, axis2=-1)
+    if metric == "accuracy":
+        return np.divide(diag.sum(-1), total, out=np.full_like(total, np.nan), where=total > 0)
+    t, p = cm.sum(-1), cm.sum(-2)
+    if metric == "mcc":
+        c = diag.sum(-1)
+        num = c * total - (t * p).sum(-1)
+        den = np.sqrt(np.maximum(total ** 2 - (p * p).sum(-1), 0)) * np.sqrt(np.maximum(total ** 2 - (t * t).sum(-1), 0))
+        return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    if metric == "macro_f1":
+        den = t + p  # 2tp + fp + fn
+        f1 = np.divide(2 * diag, den, out=np.zeros_like(den), where=den > 0)
+        return f1.mean(-1)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def metric_value(gold, pred, n_classes: int, metric: str) -> float:
+    cells = np.asarray(gold, dtype=np.int64) * n_classes + np.asarray(pred, dtype=np.int64)
+    cm = np.bincount(cells, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    return float(from_confusion(cm, metric))
+
+
+# ----------------------------------------------------------------------------- the estimate
+def estimate(gold, preds_a, preds_b=None, n_classes: int = 2, metric: str = "accuracy",
+             samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> Estimate:
+    """Metric of option A, or the paired difference A − B, with its `CONFIDENCE` interval.
+
+    `gold`: [N] labels of the evaluation examples (the same for every seed). `preds_a`, `preds_b`: [n_seeds, N]
+    predictions, row s of both under data seed s, column i for example i. Accuracy's example variance is exact
+    (closed form); other metrics resample the examples `samples` times (seeded).
+    """
+    gold = np.asarray(gold, dtype=np.int64)
+    a = np.atleast_2d(np.asarray(preds_a, dtype=np.int64))
+    b = None if preds_b is None else np.atleast_2d(np.asarray(preds_b, dtype=np.int64))
+    n, big_n = a.shape
+    if big_n == 0 or n == 0:
+        return NAN_ESTIMATE
+    if a.shape[1] != len(gold) or (b is not None and b.shape != a.shape):
+        raise ValueError(f"shapes do not pair: gold {gold.shape}, A {a.shape}, B {None if b is None else b.shape}")
+    per_seed = np.array([metric_value(gold, a[s], n_classes, metric) for s in range(n)])
+    if b is not None:
+        per_seed = per_seed - np.array([metric_value(gold, b[s], n_classes, metric) for s in range(n)])
+    value = float(per_seed.mean())
+    seed_var = float(per_seed.var(ddof=1) / n) if n > 1 else 0.0
+    if metric == "accuracy":
+        example_var = _anova_example_var(gold, a, b)
+    else:
+        example_var = _bootstrap_example_var(gold, a, b, n_classes, metric, samples, seed)
+    return _interval(value, seed_var, example_var, n, big_n)
+
+
+def _anova_example_var(gold, a, b) -> float:
+    """Evaluation sampling's share of the variance of the mean accuracy (difference), from the two-way random-
+    effects decomposition of the per-seed, per-example scores D[s, i] (1/0 correct, or the difference of two):
+    (MS_examples − MS_residual) / (n·N); with one seed Var_i(D) / N."""
+    d = (a == gold).astype(np.float64) - ((b == gold).astype(np.float64) if b is not None else 0.0)
+    n, big_n = d.shape
+    if big_n < 2:
+        return 0.0
+    h = d.mean(0)  # per example, over seeds
+    if n == 1:
+        return float(h.var(ddof=1) / big_n)
+    ms_examples = n * h.var(ddof=1)
+    resid = d - d.mean(1, keepdims=True) - h[None, :] + d.mean()
+    ms_resid = float((resid ** 2).sum() / ((n - 1) * (big_n - 1)))
+    return float(max(0.0, ms_examples - ms_resid) / (n * big_n))
+
+
+def _bootstrap_example_var(gold, a, b, n_classes, metric, samples, seed) -> float:
+    """Variance of the seed-averaged metric (difference) when the N examples are resampled: one resample of the
+    examples is applied to every seed and to both options (multinomial counts as weights, no copying)."""
+    rng = np.random.default_rng(seed)
+    big_n = len(gold)
+    cc = n_classes * n_classes
+    cells = [(gold * n_classes + a[s], 1.0) for s in range(a.shape[0])]  # confusion cell of each example
+    if b is not None:
+        cells += [(gold * n_classes + b[s], -1.0) for s in range(b.shape[0])]
+    values = []
+    for start in range(0, samples, _CHUNK):
+        k = min(_CHUNK, samples - start)
+        draws = rng.integers(0, big_n, size=(k, big_n))  # k resamples of the N examples, with replacement
+        offsets = (np.arange(k) * cc)[:, None]
+        total = np.zeros(k)
+        for c, sign in cells:  # the same resample for every seed and both options: the pairing
+            counts = np.bincount((offsets + c[draws]).ravel(), minlength=k * cc).reshape(k, n_classes, n_classes)
+            total += sign * from_confusion(counts, metric)
+        values.append(total / a.shape[0])
+    v = np.concatenate(values)
+    return float(v.var(ddof=1))
+
+
+def _interval(value: float, seed_var: float, example_var: float, n: int, big_n: int) -> Estimate:
+    t_seed = float(_scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) if n > 1 else 0.0
+    t_examples = float(_scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, max(big_n - 1, 1))) if big_n > 0 else 0.0
+    half = math.sqrt(t_seed ** 2 * seed_var + t_examples ** 2 * example_var)
+    z = float(_scipy_stats.norm.ppf(0.5 + CONFIDENCE / 2))
+    se = half / z  # the normal standard error the interval amounts to; P(> 0) is read from it, consistently
+    if se == 0:
+        p_positive = 1.0 if value > 0 else (0.0 if value < 0 else 0.5)
+    else:
+        p_positive = float(_scipy_stats.norm.cdf(value / se))
+    return Estimate(value, value - half, value + half, se, float(n - 1), n, big_n, seed_var, example_var, p_positive)
+
+
+def seed_only(values) -> Estimate:
+    """For runs recorded without per-example predictions: a t interval over the per-seed values only
+    (evaluation sampling not covered); NaN bounds with one seed."""
+    v = np.asarray([x for x in values if x is not None and not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return NAN_ESTIMATE
+    if len(v) < 2:
+        return Estimate(float(v[0]), math.nan, math.nan, math.nan, math.nan, 1, 0, math.nan, math.nan, math.nan)
+    return _interval(float(v.mean()), float(v.var(ddof=1) / len(v)), 0.0, len(v), 0)

@@ -1,0 +1,189 @@
+"""The paired intervals (fewtune.stats) are honest: simulated runs with a known true difference.
+
+The simulation: N evaluation examples (CoLA-like prevalence), each with an ease shared by both options and a part of
+its own per option (so options disagree on some examples); each option under each data seed gets a training-
+instability shift; an example is answered correctly with probability sigmoid(mu + shift + ease). The true value
+(over seeds and over the population of examples) is computed by quadrature. Fixed seeds: deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fewtune import metrics, stats
+
+PREVALENCE = 0.69   # CoLA in-domain dev: 69% acceptable
+SHARED, OWN = 1.0, 0.7
+NODES, WEIGHTS = np.polynomial.hermite_e.hermegauss(80)
+WEIGHTS = WEIGHTS / WEIGHTS.sum()
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def true_accuracy(mu, sd):
+    """E[sigmoid(mu + z)], z ~ N(0, sd^2)."""
+    return float((sigmoid(mu + sd * NODES) * WEIGHTS).sum())
+
+
+def population_mcc(q):
+    """MCC of a classifier right with probability q on both classes, on a population with PREVALENCE positives."""
+    tp, fn, tn, fp = PREVALENCE * q, PREVALENCE * (1 - q), (1 - PREVALENCE) * q, (1 - PREVALENCE) * (1 - q)
+    return (tp * tn - fp * fn) / math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+
+
+def ex_sd():
+    return math.sqrt(SHARED ** 2 + OWN ** 2)
+
+
+def truth(metric, mu_a, mu_b, tau, shifts=None):
+    """The estimand: mean over seeds of the population metric of A minus B. With `shifts` (one seed's
+    (u_a, u_b)): conditional on that seed (what one seed can know)."""
+    if shifts is not None:
+        qa, qb = true_accuracy(mu_a + shifts[0], ex_sd()), true_accuracy(mu_b + shifts[1], ex_sd())
+        return qa - qb if metric == "accuracy" else population_mcc(qa) - population_mcc(qb)
+    if metric == "accuracy":
+        return true_accuracy(mu_a, math.hypot(tau, ex_sd())) - true_accuracy(mu_b, math.hypot(tau, ex_sd()))
+    f = lambda mu: sum(w * population_mcc(true_accuracy(mu + tau * z, ex_sd())) for z, w in zip(NODES, WEIGHTS))  # noqa: E731
+    return f(mu_a) - f(mu_b)
+
+
+def simulate(rng, n_seeds, n_examples, mu_a, mu_b, tau):
+    gold = (rng.random(n_examples) < PREVALENCE).astype(int)
+    shared = rng.normal(0, SHARED, n_examples)
+    preds, shifts = [], []
+    for mu in (mu_a, mu_b):
+        own = rng.normal(0, OWN, n_examples)
+        u = rng.normal(0, tau, n_seeds)
+        correct = rng.random((n_seeds, n_examples)) < sigmoid(mu + u[:, None] + shared + own)
+        preds.append(np.where(correct, gold, 1 - gold))
+        shifts.append(u)
+    return gold, preds[0], preds[1], list(zip(*shifts))
+
+
+def coverage(metric, n_seeds, tau, trials, mu_a=1.2, mu_b=0.9, n_examples=200, samples=400):
+    rng = np.random.default_rng(1000 * n_seeds + int(100 * tau) + (7 if metric == "mcc" else 0))
+    hits = 0
+    for _ in range(trials):
+        gold, a, b, shifts = simulate(rng, n_seeds, n_examples, mu_a, mu_b, tau)
+        est = stats.estimate(gold, a, b, 2, metric, samples=samples)
+        target = truth(metric, mu_a, mu_b, tau, shifts[0] if n_seeds == 1 else None)
+        hits += est.lo <= target <= est.hi
+    return hits / trials
+
+
+@pytest.mark.parametrize("n_seeds", [2, 3, 4, 5])
+@pytest.mark.parametrize("tau", [0.0, 0.4, 1.0])
+def test_accuracy_difference_interval_covers_the_true_difference(n_seeds, tau):
+    assert coverage("accuracy", n_seeds, tau, trials=1000) >= 0.93
+
+
+def test_one_seed_interval_covers_that_seeds_difference_only():
+    """One seed: the interval is honest about evaluation sampling (the truth given that seed's training)..."""
+    assert coverage("accuracy", 1, 0.4, trials=1000) >= 0.93
+    # ... and is NOT an interval for the difference over training runs, which is why the report says so
+    rng = np.random.default_rng(5)
+    hits = 0
+    for _ in range(400):
+        gold, a, b, _ = simulate(rng, 1, 200, 1.2, 0.9, 0.8)
+        est = stats.estimate(gold, a, b, 2, "accuracy")
+        hits += est.lo <= truth("accuracy", 1.2, 0.9, 0.8) <= est.hi
+    assert hits / 400 < 0.93
+
+
+@pytest.mark.parametrize("n_seeds", [1, 2, 3])
+def test_mcc_difference_interval_covers_the_true_difference(n_seeds):
+    assert coverage("mcc", n_seeds, 0.3, trials=600) >= 0.93
+
+
+def test_single_option_interval_covers_its_true_accuracy():
+    rng = np.random.default_rng(11)
+    hits = 0
+    for _ in range(600):
+        gold, a, _, _ = simulate(rng, 3, 200, 1.0, 1.0, 0.4)
+        est = stats.estimate(gold, a, None, 2, "accuracy")
+        hits += est.lo <= true_accuracy(1.0, math.hypot(0.4, ex_sd())) <= est.hi
+    assert hits / 600 >= 0.93
+
+
+def test_a_difference_the_cpu_preset_can_see_is_detected_most_of_the_time():
+    """cpu preset: 3 seeds, 200 evaluation examples. A 20-point accuracy difference with moderate instability
+    (smaller ones are often left open at 3 seeds: t(2) = 4.3 widens the seed part; docs/statistics.md)."""
+    mu_a, mu_b, tau = 1.5, 0.3, 0.2
+    assert 0.19 < truth("accuracy", mu_a, mu_b, tau) < 0.22
+    rng = np.random.default_rng(3)
+    detected = wrong_sign = 0
+    for _ in range(500):
+        gold, a, b, _ = simulate(rng, 3, 200, mu_a, mu_b, tau)
+        est = stats.estimate(gold, a, b, 2, "accuracy")
+        detected += est.lo > 0
+        wrong_sign += est.hi < 0
+    assert detected / 500 >= 0.75 and wrong_sign == 0
+
+
+def test_no_difference_is_rarely_declared():
+    rng = np.random.default_rng(4)
+    declared = 0
+    for _ in range(500):
+        gold, a, b, _ = simulate(rng, 3, 200, 1.0, 1.0, 0.4)
+        declared += stats.estimate(gold, a, b, 2, "accuracy").excludes_zero
+    assert declared / 500 <= 0.07
+
+
+# ----------------------------------------------------------------------------- the pieces
+@pytest.mark.parametrize("metric", ["accuracy", "mcc", "macro_f1"])
+def test_confusion_metrics_equal_fewtune_metrics(metric):
+    rng = np.random.default_rng(0)
+    for n_classes in (2, 3, 5):
+        gold, pred = rng.integers(0, n_classes, 300), rng.integers(0, n_classes, 300)
+        pred[:100] = gold[:100]
+        expected = {"accuracy": metrics.accuracy(gold, pred), "mcc": metrics.mcc(gold, pred, n_classes),
+                    "macro_f1": metrics.macro_f1(gold, pred, n_classes)}[metric]
+        assert stats.metric_value(gold, pred, n_classes, metric) == pytest.approx(expected, abs=1e-12)
+
+
+def test_bootstrap_and_closed_form_agree_for_accuracy():
+    """The closed form used for accuracy is what resampling the examples estimates (one seed, where the two-way
+    decomposition has no residual to take out; with more seeds the bootstrap also counts per-seed noise)."""
+    rng = np.random.default_rng(2)
+    gold, a, b, _ = simulate(rng, 1, 300, 1.0, 0.6, 0.3)
+    closed = stats.estimate(gold, a, b, 2, "accuracy")
+    boot = stats._bootstrap_example_var(gold, a, b, 2, "accuracy", 4000, 0)
+    assert boot == pytest.approx(closed.example_var, rel=0.1)
+    gold, a, b, _ = simulate(rng, 3, 300, 1.0, 0.6, 0.3)
+    assert stats._bootstrap_example_var(gold, a, b, 2, "accuracy", 4000, 0) >= stats.estimate(gold, a, b).example_var
+
+
+def test_pairing_narrows_the_interval():
+    """Two options that fail on the same hard examples and disagree on few: the paired interval of their
+    difference is much narrower than either option's own interval (which carries the examples' difficulty)."""
+    rng = np.random.default_rng(8)
+    gold = rng.integers(0, 2, 400)
+    hard = rng.random(400) < 0.3
+    a = np.where(hard | (rng.random((3, 400)) < 0.05), 1 - gold, gold)
+    b = a.copy()
+    flip = rng.random((3, 400)) < 0.03
+    b[flip] = 1 - b[flip]
+    paired = stats.estimate(gold, a, b, 2, "accuracy")
+    single = stats.estimate(gold, a, None, 2, "accuracy")
+    assert paired.hi - paired.lo < 0.5 * (single.hi - single.lo)
+
+
+def test_identical_options_give_a_zero_width_interval_at_zero():
+    gold = np.array([0, 1, 1, 0, 1])
+    a = np.array([[0, 1, 0, 0, 1], [1, 1, 1, 0, 0]])
+    est = stats.estimate(gold, a, a.copy(), 2, "mcc")
+    assert est.value == est.lo == est.hi == 0 and not est.excludes_zero and est.p_positive == 0.5
+
+
+def test_one_seed_is_flagged_and_seed_only_fallback():
+    gold = np.array([0, 1, 1, 0, 1, 1])
+    est = stats.estimate(gold, np.array([[0, 1, 1, 1, 1, 0]]), None, 2, "accuracy")
+    assert est.eval_noise_only and est.seed_var == 0 and est.lo < est.value < est.hi
+    assert math.isnan(stats.seed_only([0.6]).lo)
+    three = stats.seed_only([0.60, 0.62, 0.70])
+    assert three.lo < 0.60 and three.hi > 0.70  # not the [min, max] a percentile bootstrap over 3 values gives
