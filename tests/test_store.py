@@ -178,7 +178,7 @@ def test_other_schema_version_is_an_error_and_untouched(tmp_path, capsys):
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
     before = digest(path)
-    with pytest.raises(FewtuneError, match=r"old.db holds fewtune results schema version 99, this fewtune reads version 1"):
+    with pytest.raises(FewtuneError, match=r"old.db holds fewtune results schema version 99, this fewtune reads versions 1 and 2"):
         Store(path)
     assert main(["results", "--db", str(path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -12,8 +12,8 @@ from pathlib import Path
 from .errors import FewtuneError
 from .store import STATUSES, default_path
 
-RESULT_COLUMNS = ("config_hash", "status", "label", "task", "model", "shots", "seed", "id_accuracy", "ood_accuracy",
-                  "train_seconds", "peak_memory_mib", "error")
+RESULT_COLUMNS = ("config_hash", "status", "label", "task", "model", "shots", "seed", "primary_metric", "id_primary",
+                  "ood_primary", "id_accuracy", "ood_accuracy", "train_seconds", "peak_memory_mib", "error")
 
 
 def add_parser(sub) -> None:
@@ -245,6 +245,8 @@ def results_table(flat: list[dict]) -> str:
     def cell(key, value):
         if key in ("id_accuracy", "ood_accuracy"):
             return pct(value, 2)
+        if key in ("id_primary", "ood_primary") and value is not None:
+            return f"{value:.4f}"
         if key == "train_seconds":
             return seconds(value)
         if key == "peak_memory_mib":
@@ -253,8 +255,8 @@ def results_table(flat: list[dict]) -> str:
             return ""
         return str(value)[:60]
     rows = [[cell(k, f[k]) for k in RESULT_COLUMNS] for f in flat]
-    headers = ["hash", "status", "method", "task", "model", "shots", "seed", "ID acc %", "OOD acc %", "train s",
-               "peak MiB", "error"]
+    headers = ["hash", "status", "method", "task", "model", "shots", "seed", "metric", "ID", "OOD", "ID acc %",
+               "OOD acc %", "train s", "peak MiB", "error"]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

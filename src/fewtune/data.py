@@ -51,7 +51,8 @@ def load_split(task: Task, split_name: str, root: Path | str | None = None, sour
         raise FewtuneError(f"Data file {local_file} does not exist (task '{task.name}', split '{split_name}'); "
                            f"fix --data-root/$FEWTUNE_DATA{hub}.")
     if source == "hub" and split.hub is None:
-        raise FewtuneError(f"Task '{task.name}' split '{split_name}' has no Hub source ({task.source} gives only a local file); "
+        why = split.hub_note or f"{task.source} gives only a local file"
+        raise FewtuneError(f"Task '{task.name}' split '{split_name}' has no Hub source ({why}); "
                            f"use --data-source local or auto, with --data-root/$FEWTUNE_DATA.")
     if source == "local" or (source == "auto" and (local_file is not None and local_file.exists() or split.hub is None)):
         if split.local is None:

@@ -189,8 +189,8 @@ class Store:
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         found = row[0] if row else None
         if str(found) not in READABLE_VERSIONS:
-            raise FewtuneError(f"{self.path} holds fewtune results schema version {found}, this fewtune reads version "
-                               f"{SCHEMA_VERSION}; use the matching fewtune version or a new --db (the file is left as is).")
+            raise FewtuneError(f"{self.path} holds fewtune results schema version {found}, this fewtune reads versions "
+                               f"{' and '.join(READABLE_VERSIONS)}; use the matching fewtune version or a new --db (the file is left as is).")
 
     def _create(self):
         with self.transaction():
