@@ -64,6 +64,12 @@ def many_seeds(n: int) -> str:
     return GRID_SPEC.replace("seeds = [0]", f"seeds = {list(range(n))}")
 
 
+def climbing_grid(e: Env) -> str:
+    """A grid over a task whose dev split's relative path climbs out of the data root."""
+    task = e.task_with('path = "toy/dev.tsv"', 'path = "../../../../etc/passwd"')
+    return f'data_root = "{e.data}"\n' + GRID_SPEC.replace('["cola"]', f'["{task}"]')
+
+
 # id, builds the input -> argv, fragments the one-line error must hold
 CASES = [
     # 19: tracebacks
@@ -118,6 +124,8 @@ CASES = [
     # 23: a relative data path stays inside the data root
     ("data-path-climbs-out", lambda e: e.run(task=e.task_with('path = "toy/dev.tsv"', 'path = "../../../../etc/passwd"')),
      ["Task 'toy' split 'dev'", "'../../../../etc/passwd' leaves the data root"]),
+    ("data-path-climbs-out-grid", lambda e: spec(e, climbing_grid(e), "--dry-run"),
+     ["bad-grid.toml (icl)", "leaves the data root"]),
     ("data-path-climbs-out-inside", lambda e: e.run(task=e.task_with('path = "toy/dev.tsv"', 'path = "toy/../../x.tsv"')),
      ["leaves the data root"]),
 ]

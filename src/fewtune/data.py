@@ -314,6 +314,8 @@ def provenance(task: Task, split_name: str, root: Path | str | None = None, sour
     if split_name not in task.splits:
         raise FewtuneError(f"Task '{task.name}' has no split '{split_name}' (splits: {', '.join(task.splits)}).")
     split = task.splits[split_name]
+    if split.local is not None:  # no file outside the data root is read, not even to hash it
+        check_inside_root(task, split)
     root_path = data_root(root) if source != "hub" else None
     local_file = (Path(root_path) / split.local["path"]) if (root_path and split.local) else None
     if source == "local" or (source == "auto" and ((local_file is not None and local_file.exists()) or split.hub is None)):
