@@ -6,6 +6,7 @@ Registered in cli.py through EXTENSIONS; see docs/grid.md.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -34,6 +35,11 @@ def add_parser(sub) -> None:
                                      "else a new local one]")
     g.add_argument("--max-retries", type=int, help="ray: re-runs of a cell whose worker died [spec max_retries, 2]")
     g.add_argument("--max-cells", type=int, help="refuse a spec that expands to more cells than this [10000]")
+    g.add_argument("--until-resolved", action="store_true",
+                   help="run a first seed of every option, then more seeds only where the comparison with the best "
+                        "is still open (docs/grid.md); ends with the answer and its confidence")
+    g.add_argument("--time-budget", help="with --until-resolved: stop starting runs after this long, e.g. 15m, 1h30m "
+                                         "[no limit]")
 
     r = sub.add_parser("results", help="list or export the runs in the results database")
     r.add_argument("--db", help=db_help)
@@ -47,6 +53,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser("report", help="write report.md and a self-contained report.html from the results database")
     p.add_argument("--db", help=db_help)
     p.add_argument("--out", help="output folder [report/ next to the database: results/report]")
+    p.add_argument("--predictions-per-day", type=float,
+                   help="budget the cost of use: training plus this many predictions a day, over --days")
+    p.add_argument("--days", type=float, default=30.0, help="with --predictions-per-day: the horizon [30]")
+    p.add_argument("--max-latency-ms", type=float,
+                   help="leave out of 'which method' the options slower than this per prediction (as measured)")
 
 
 def db_path(args) -> Path:
@@ -74,6 +85,15 @@ def cmd_grid(args) -> int:
         for flag in ("address", "max_retries"):
             if getattr(args, flag) is not None:
                 raise FewtuneError(f"--{flag.replace('_', '-')} applies to --backend ray only.")
+    budget_s = None
+    if args.time_budget is not None and not args.until_resolved:
+        raise FewtuneError("--time-budget goes with --until-resolved (a plain grid runs every cell).")
+    if args.until_resolved:
+        from .decide import options_of, parse_duration
+        if args.backend == "ray":
+            raise FewtuneError("--until-resolved runs round by round on this machine; it does not go with --backend ray.")
+        budget_s = parse_duration(args.time_budget) if args.time_budget is not None else math.inf
+        options_of(grid)  # at least two options and two seeds: say so before anything runs
     if args.dry_run:
         status = {}
         # a 0-byte file is a new database here as in a real run (which creates the tables in it)
@@ -92,6 +112,13 @@ def cmd_grid(args) -> int:
             progress = not args.quiet and sys.stderr.isatty()
             echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
             with signals_raise():
+                if args.until_resolved:
+                    from .decide import run_until_resolved
+                    d = run_until_resolved(grid, store, path.parent / "logs", budget_s, echo=echo,
+                                           in_process=args.in_process, reclaim=args.reclaim)
+                    print(f"grid {grid.name}: {'resolved' if d.resolved else 'not resolved'} after {d.rounds} round(s), "
+                          f"{d.runs} run(s) in {d.seconds:.0f} s; `fewtune report --db {path}` for the tables")
+                    return 0
                 if args.backend == "ray":
                     from .ray_backend import run_grid_ray
                     s = run_grid_ray(grid, store, path.parent / "logs", address=args.address,
@@ -272,7 +299,13 @@ def cmd_report(args) -> int:
         raise FewtuneError(f"--out {out} is a file; give a folder.")
     if not out.exists():
         check_writable(str(out), "--out")
-    paths = write_report(db_path(args), out)
+    import math
+    for flag in ("predictions_per_day", "days", "max_latency_ms"):
+        value = getattr(args, flag)
+        if value is not None and (not math.isfinite(value) or value <= 0):
+            raise FewtuneError(f"--{flag.replace('_', '-')} must be a positive number, got {value:g}.")
+    volume = args.predictions_per_day * args.days if args.predictions_per_day else None
+    paths = write_report(db_path(args), out, volume=volume, max_latency_ms=args.max_latency_ms)
     print(f"report written to {paths['markdown']} and {paths['html']} (figures in {paths['figures']})")
     return 0
 

@@ -123,7 +123,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     prefix_text = method.eval_prefix(ctx)
     prefix_ids = engine.encode(tokenizer, [prefix_text])[0][0] if prefix_text else None
     evals, predictions = {}, {}
-    eval_seconds = eval_tokens = eval_n = 0
+    eval_seconds = eval_tokens = eval_n = query_tokens = 0
     with record.PeakMemory(device) as mem:
         for name, examples in eval_sets.items():
             texts = [method.text(ctx, ex) for ex in examples]
@@ -145,11 +145,13 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
             eval_seconds += out.seconds
             eval_tokens += out.tokens
             eval_n += len(examples)
+            query_tokens += sum(len(q) for q in seqs)
     cost.update(eval_seconds=round(eval_seconds, 3), eval_peak_memory_mib=mem.mib, eval_tokens=eval_tokens,
                 eval_examples_per_s=round(eval_n / eval_seconds, 3) if eval_seconds else None)
     # labelled examples the run used: icl may have dropped demonstrations to fit the context (the
     # "labelled examples" budget and the report use this, not the asked-for shots)
     result["examples_used"] = ctx.extra.get("demonstrations_used", len(train_examples)) if not method.trains else len(train_examples)
+    cost.update(use_cost(cost, eval_seconds, eval_n, query_tokens, prefix_ids, prefix_text, mem.mib))
     cost["peak_memory_mib"] = max(x for x in (mem_load.mib, cost["train_peak_memory_mib"], mem.mib) if x is not None)
     result.update(evals=evals, predictions=predictions, cost=cost, training=training,
                   method_info={k: v for k, v in ctx.extra.items() if k not in ("demonstrations", "lr")},
@@ -160,6 +162,24 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
         save(save_model, model, tokenizer, cfg, task, pattern, method, result, prefix=prefix_text)
         result["saved_model"] = str(save_model)
     return result
+
+
+def use_cost(cost: dict, eval_seconds: float, eval_n: int, query_tokens: int, prefix_ids, prefix_text, eval_peak_mib) -> dict:
+    """What every later prediction costs, as a deployment would run it, measured on the evaluation pass (same
+    hardware, precision and batch size): seconds and tokens per 1,000 predictions (icl's demonstrations are computed
+    once, their KV cache reused, so they count once per 1,000 and then as context every query attends to), peak
+    memory while predicting, and the bytes that must be shipped besides the base model: the trained parameters
+    (fp32: 4 bytes each; adapters only for lora, every weight for full fine-tuning) and icl's demonstrations."""
+    prefix_tokens = len(prefix_ids) if prefix_ids else 0
+    demo_bytes = len(prefix_text.encode("utf-8")) if prefix_text else 0
+    return {
+        "predict_seconds_per_1k": round(1000 * eval_seconds / eval_n, 3) if eval_n else None,
+        "predict_tokens_per_1k": round(1000 * query_tokens / eval_n + prefix_tokens) if eval_n else None,
+        "predict_context_tokens": prefix_tokens,   # attended to by every prediction (icl's demonstrations)
+        "predict_peak_memory_mib": eval_peak_mib,
+        "shipped_bytes": 4 * int(cost.get("trainable_params") or 0) + demo_bytes,
+        "shipped_text_bytes": demo_bytes,
+    }
 
 
 def summary_line(result: dict) -> str:

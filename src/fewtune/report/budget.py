@@ -80,11 +80,16 @@ def describe(c: dict | None, prefix: str) -> list[str]:
             "; ".join(ties) if ties else ("none: every other option is worse" if c["worse"] else "no other option")]
 
 
-def budget_tables(groups: list[dict], prefixes: tuple[str, ...]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """For one task × model: per budget kind, a table with one row per budget level."""
+def budget_tables(groups: list[dict], prefixes: tuple[str, ...], volume: float | None = None
+                  ) -> list[tuple[str, list[str], list[list[str]]]]:
+    """For one task × model: per budget kind, a table with one row per budget level. With a prediction `volume`,
+    also the compute for training plus that many predictions (report.use.with_volume sets `use_seconds`)."""
     metric = METRIC_NAMES[groups[0]["primary_metric"]]
     tables = []
-    for cost, heading, fmt in BUDGETS:
+    kinds = list(BUDGETS)
+    if volume:
+        kinds.append(("use_seconds", f"Compute for training + {volume:,.0f} predictions (s)", lambda v: f"≤ {seconds(v)} s"))
+    for cost, heading, fmt in kinds:
         levels = sorted({g[cost] for prefix in prefixes for g in pareto_front(groups, cost, prefix)})
         rows = []
         for level in levels:

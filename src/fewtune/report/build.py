@@ -7,9 +7,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from . import budget, figures
+from . import budget, figures, use
 from .data import (METRIC_NAMES, flat_row, group_runs, mib, model_order, num, paired, params, pct, scale_for,
-                   seconds, signed, versus_majority, with_interval)
+                   seconds, signed, size, versus_majority, with_interval)
 from .render import Doc
 
 
@@ -57,14 +57,18 @@ def cost_table(gs: list[dict], prefixes) -> tuple[list[str], list[list[str]]]:
     for p in prefixes:
         w = "ID" if p == "id" else "OOD"
         headers += [f"{w} ECE %", f"{w} Brier"]
-    headers += ["train s", "eval s", "peak MiB", "trainable params"]
+    headers += ["train s", "peak MiB", "trainable params", "s / 1k predictions", "tokens / 1k predictions",
+                "predict MiB", "shipped"]
     rows = []
     for g in gs:
         row = [g["label"], shots_text(g), str(g["n_runs"])]
         for p in prefixes:
             row += [pct(g.get(f"{p}_ece")), num(g.get(f"{p}_brier"), 3)]
-        row += [seconds(g["train_seconds"]), seconds(g["eval_seconds"]), mib(g["peak_memory_mib"]),
-                params(g["trainable_params"])]
+        tokens = g.get("predict_tokens_per_1k")
+        row += [seconds(g["train_seconds"]), mib(g["peak_memory_mib"]), params(g["trainable_params"]),
+                seconds(g.get("predict_seconds_per_1k")),
+                "–" if tokens is None or tokens != tokens else f"{tokens:,.0f}",
+                mib(g.get("predict_peak_memory_mib")), size(g.get("shipped_bytes"))]
         rows.append(row)
     return headers, rows
 
@@ -103,9 +107,13 @@ def hans_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     return ["model", "method", "shots", "seeds"] + keys, rows
 
 
-def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions) -> Doc:
+def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: float | None = None,
+          max_latency_ms: float | None = None) -> Doc:
+    """The report. `volume`: a number of predictions to include in a "training + use" budget; `max_latency_ms`:
+    options slower per prediction are left out of "which method" (both from `fewtune report` options)."""
     flat = [flat_row(r) for r in rows]
     groups = group_runs(flat, rows, predictions)
+    use.with_volume(groups, volume)
     _add_baselines(groups, rows)
     status = Counter(r["status"] for r in rows)
     color = figures.colors([f["label"] for f in flat] + [g["label"] for g in groups])
@@ -146,7 +154,16 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions) -> Doc:
             doc.table(headers, table_rows, caption=f"{metric} ({task}'s primary metric) with paired 95% intervals; "
                                                    "other metrics: means over seeds")
             headers, table_rows = cost_table(gs, pre)
-            doc.table(headers, table_rows, caption="Calibration (means over seeds) and costs")
+            doc.table(headers, table_rows, caption="Calibration (means over seeds) and costs: to train, and to use "
+                                                   "(measured on the evaluation pass at its batch size; icl's "
+                                                   "demonstrations computed once and reused; shipped = what a user "
+                                                   "needs besides the base model)")
+            be = use.break_even_table(gs)
+            if be:
+                doc.table(*be, caption="Break-even against in-context learning: predictions after which training "
+                                       "once and predicting cheaply costs less compute than prompting "
+                                       "(train s / (ms per icl prediction − ms per prediction)); 'never': not "
+                                       "cheaper per prediction")
             doc.figure(figures.metric_vs_shots(groups, task, model, fig_dir, color, pre),
                        f"{task} / {model}: {metric} vs sample size")
             doc.figure(figures.metric_vs_cost(groups, task, model, "train_seconds", "training time (s)", fig_dir, color, pre),
@@ -177,12 +194,22 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions) -> Doc:
                  "distinguishable from the best at these seeds and examples. Budget levels are the costs at which a "
                  "better option becomes affordable (the Pareto front). Labelled examples count what a run used "
                  "(icl: the demonstrations that fit the context).", note=True)
+        if volume or max_latency_ms:
+            doc.para("Use: " + "; ".join(x for x in (
+                f"the budgets include training plus {volume:,.0f} predictions" if volume else "",
+                f"options slower than {max_latency_ms:g} ms per prediction (as measured) are left out"
+                if max_latency_ms else "") if x) + ".", note=True)
         for task, model in model_order(groups):
             gs = [g for g in groups if g["task"] == task and g["model"] == model]
-            pre = prefixes_of(gs)
+            gs, too_slow = use.within_latency(gs, max_latency_ms)
+            pre = prefixes_of(gs) if gs else ("id",)
             doc.heading(3, f"{task} / {model}")
+            if too_slow:
+                doc.para(f"Over the latency limit: {', '.join(budget.name(g) for g in too_slow)}.", note=True)
+            if not gs:
+                continue
             doc.bullets(budget.conclusion(gs, task, model, pre))
-            for heading, headers, table_rows in budget.budget_tables(gs, pre):
+            for heading, headers, table_rows in budget.budget_tables(gs, pre, volume):
                 doc.table(headers, table_rows, caption=heading)
 
     bad = [r for r in rows if r["status"] != "success"]

@@ -20,7 +20,8 @@ from ..identity import variant_hash
 
 CONFIDENCE = stats.CONFIDENCE
 VARIANT_IGNORES = ("seed", "train_seed", "data_root", "device", "eval_batch_size")  # legacy rows (no identity)
-COST_KEYS = ("train_seconds", "eval_seconds", "peak_memory_mib", "trainable_params", "total_params")
+COST_KEYS = ("train_seconds", "eval_seconds", "peak_memory_mib", "trainable_params", "total_params",
+             "predict_seconds_per_1k", "predict_tokens_per_1k", "predict_peak_memory_mib", "shipped_bytes")
 METRIC_NAMES = {"accuracy": "accuracy", "mcc": "MCC", "macro_f1": "macro-F1"}
 PERCENT = ("accuracy", "macro_f1")  # printed in %; MCC as a coefficient
 
@@ -258,6 +259,16 @@ def seconds(x) -> str:
 
 def mib(x) -> str:
     return "–" if x is None or math.isnan(x) else f"{x:.0f}"
+
+
+def size(x) -> str:
+    """Bytes as B/kB/MB/GB (decimal)."""
+    if x is None or math.isnan(x):
+        return "–"
+    for unit, n in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if x >= n:
+            return f"{x / n:.1f} {unit}"
+    return f"{x:.0f} B"
 
 
 def params(x) -> str:

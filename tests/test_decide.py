@@ -1,0 +1,140 @@
+"""`fewtune grid --until-resolved`: the allocation rule on a fake runner with known true accuracies.
+
+The fake runner returns results as the real one records them (identity, per-example predictions, baselines), for
+options whose true accuracy is known: examples share an ease (so options are paired), each seed shifts an option's
+accuracy (training instability). The real grid, store, statistics and report code run on them."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from fewtune import metrics
+from fewtune.cli import main
+from fewtune.decide import parse_duration, run_until_resolved
+from fewtune.errors import FewtuneError
+from fewtune.grid import expand
+from fewtune.store import Store
+
+N = 300
+TRUE = {"a": 0.80, "b": 0.70, "c": 0.62, "d": 0.55}
+
+
+def fake_runner(true: dict, trial: int, sleep: float = 0.0, calls: list | None = None):
+    def run(cfg, progress=False):
+        if calls is not None:
+            calls.append((cfg.method_options.get("label_tag"), cfg.seed))
+        time.sleep(sleep)
+        label = cfg.method_options["label_tag"]
+        rng = np.random.default_rng([trial, cfg.seed, ord(label)])
+        ease = np.random.default_rng([trial, 999]).normal(0, 1.0, N)  # the same examples for every option and seed
+        gold = np.random.default_rng([trial, 998]).integers(0, 2, N)
+        logit = np.log(true[label] / (1 - true[label])) + rng.normal(0, 0.15)  # the seed's training luck
+        correct = rng.random(N) < 1 / (1 + np.exp(-(logit + ease - ease.mean())))
+        pred = np.where(correct, gold, 1 - gold)
+        logprobs = np.log(np.where(np.arange(2)[None, :] == pred[:, None], 0.7, 0.3))
+        labels = ["negative", "positive"]
+        return {"config": cfg.to_dict(), "config_hash": cfg.hash(), "identity": cfg.identity(),
+                "task": {"name": "toy", "primary_metric": "accuracy", "labels": labels},
+                "evals": {"dev": {"role": "in_domain", **metrics.evaluation(gold.tolist(), pred.tolist(), logprobs,
+                                                                           labels, ("accuracy", "mcc"))}},
+                "predictions": {"dev": {"idx": list(range(N)), "gold": gold.tolist(), "pred": pred.tolist(),
+                                        "logprobs": logprobs.tolist()}},
+                "cost": {"train_seconds": 1.0}, "examples_used": cfg.shots}
+    return run
+
+
+def spec(toy, labels=tuple(TRUE), seeds=range(6)) -> dict:
+    # each option an icl entry with its own `label_tag` (added to icl's options by the fixture below), so each
+    # option is its own identity and the fake runner knows its true accuracy
+    return {"name": "decide", "models": ["m"], "tasks": [str(toy.task_file)], "data_root": str(toy.root),
+            "shots": [4], "seeds": list(seeds),
+            "methods": [{"method": "icl", "label": label, "method_options": {"label_tag": label}} for label in labels]}
+
+
+@pytest.fixture(autouse=True)
+def _tag_option(monkeypatch):
+    """Let icl carry a `label_tag` option for these tests, so each option is its own identity."""
+    from dataclasses import make_dataclass, field
+    from fewtune.methods import icl
+    tagged = make_dataclass("TaggedIcl", [("label_tag", str, field(default=""))], bases=(icl.IclOptions,))
+    monkeypatch.setattr(icl.ICL, "Options", tagged)
+
+
+def test_finds_the_best_option_and_never_claims_what_the_intervals_do_not_support(toy, tmp_path):
+    found = runs = 0
+    trials = 20
+    for trial in range(trials):
+        grid = expand(spec(toy), where="test")
+        with Store(tmp_path / f"t{trial}.db") as store:
+            d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lambda _: None,
+                                   in_process=True, runner=fake_runner(TRUE, trial))
+        (st,) = d.state.values()
+        found += st["best"]["label"] == "a"
+        for g, diff in st["worse"]:  # every "worse" claim: the interval excludes 0 and the truth agrees
+            assert diff.lo > 0 and TRUE[g["label"]] < TRUE[st["best"]["label"]]
+        runs += d.runs
+    assert found / trials >= 0.9
+    assert runs / trials < 0.6 * 4 * 6  # it spends fewer runs than the full grid of 4 options x 6 seeds
+
+
+def test_a_close_contest_gets_the_seeds_and_the_rest_stops(toy, tmp_path):
+    true = {"a": 0.80, "b": 0.79, "c": 0.50}
+    calls = []
+    grid = expand(spec(toy, labels=tuple(true), seeds=range(4)), where="test")
+    lines = []
+    with Store(tmp_path / "close.db") as store:
+        d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lines.append, in_process=True,
+                               runner=fake_runner(true, 0, calls=calls))
+    seeds = {label: sorted(s for lab, s in calls if lab == label) for label in true}
+    assert seeds["c"] == [0]                       # clearly worse after one seed: never run again
+    assert seeds["a"] == seeds["b"] == [0, 1, 2, 3]  # the open contest got every seed
+    assert not d.resolved and any(line.startswith("OPEN") for line in d.lines)
+    assert any("still open" in line and ("seeds" in line or "evaluation examples" in line) for line in d.lines)
+    assert any(line.startswith("round 1") and "settled (worse)" in line for line in lines)
+
+
+def test_time_budget_stops_starting_runs_and_a_rerun_resumes(toy, tmp_path):
+    calls = []
+    grid = expand(spec(toy, labels=("a", "b", "c")), where="test")
+    db = tmp_path / "budget.db"
+    with Store(db) as store:
+        d = run_until_resolved(grid, store, tmp_path / "logs", 0.5, echo=lambda _: None, in_process=True,
+                               runner=fake_runner(TRUE, 1, sleep=0.3, calls=calls))
+    assert d.runs < 3 and d.seconds < 1.5
+    first = list(calls)
+    with Store(db) as store:
+        d2 = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lambda _: None, in_process=True,
+                                runner=fake_runner(TRUE, 1, calls=calls))
+        assert len({r["config_hash"] for r in store.rows()}) == len(store.rows())  # no duplicated row
+    assert all(c not in calls[len(first):] for c in first)  # what was done is not run again
+    assert d2.state
+
+
+@pytest.mark.parametrize("text, seconds", [("15m", 900), ("90s", 90), ("1h30m", 5400), ("1.5h", 5400), ("2m30s", 150)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["abc", "15", "0m", "-5m", "", "5 minutes"])
+def test_bad_time_budget_is_an_error(text):
+    with pytest.raises(FewtuneError, match="--time-budget"):
+        parse_duration(text)
+
+
+def test_cli_refuses_what_cannot_be_decided(toy, tmp_path, capsys):
+    one = tmp_path / "one.toml"
+    one.write_text(f'models = ["m"]\ntasks = ["{toy.task_file}"]\ndata_root = "{toy.root}"\nseeds = [0, 1]\n'
+                   '[[methods]]\nmethod = "icl"\n')
+    for argv, message in [
+        (["grid", str(one), "--until-resolved"], "has only one"),
+        (["grid", str(one), "--time-budget", "5m"], "goes with --until-resolved"),
+        (["grid", "demo", "--until-resolved", "--time-budget", "soon"], "not a duration"),
+        (["grid", "demo", "--until-resolved", "--backend", "ray"], "does not go with --backend ray"),
+    ]:
+        assert main(argv + ["--db", str(tmp_path / "x.db")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, err
+    assert not (tmp_path / "x.db").exists()
