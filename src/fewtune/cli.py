@@ -177,6 +177,8 @@ def shots_for_per_class(k, fields: dict, what: str) -> int:
 
 def check_writable(path: str, flag: str) -> Path:
     p = Path(path)
+    if p.is_dir():  # checked before the run: writing would fail only after it, leaving a temporary file
+        raise FewtuneError(f"{flag} {p} is a folder; give a file path.")
     parent = p.parent if str(p.parent) else Path(".")
     if parent.exists() and not parent.is_dir():
         raise FewtuneError(f"{flag} {p}: {parent} is a file, not a folder.")
@@ -194,7 +196,9 @@ def cmd_run(args) -> int:
     get_method(cfg.method, cfg.method_options)  # validate options before any loading
     out = check_writable(args.output, "--output") if args.output else None
     if args.save_model:
+        from .saving import check_save_folder
         target = Path(args.save_model)
+        check_save_folder(target)  # a folder of the user's own files is never written into
         # an existing folder must be writable itself; a new one needs a writable parent
         check_writable(str(target / "fewtune.json") if target.is_dir() else str(target), "--save-model")
     result = run(cfg, progress=not args.quiet and sys.stderr.isatty(), save_model=args.save_model)
@@ -302,10 +306,12 @@ def cmd_check(args) -> int:
 
 def read_predict_input(path: str, fields: list[str]) -> list[dict]:
     p = Path(path)
+    if p.is_dir():
+        raise FewtuneError(f"--input {p} is a folder; give a file.")
     if not p.is_file():
         raise FewtuneError(f"--input {p} does not exist.")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+    try:  # utf-8-sig: a byte-order mark (Excel, Notepad) is not part of the first example
+        lines = p.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as e:
         raise FewtuneError(f"--input {p} is not UTF-8 text (bad byte at offset {e.start}).") from None
     rows = []
@@ -328,12 +334,14 @@ def read_predict_input(path: str, fields: list[str]) -> list[dict]:
 
 
 def cmd_predict(args) -> int:
-    from .saving import MANIFEST, predict
+    from .saving import MANIFEST, check_format, predict
     manifest_path = Path(args.model_dir) / MANIFEST
     if not manifest_path.exists():
         raise FewtuneError(f"{args.model_dir} is not a fewtune model folder (no {MANIFEST}).")
     try:
-        fields = json.loads(manifest_path.read_text(encoding="utf-8"))["task"]["fields"]
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        check_format(manifest, manifest_path)
+        fields = manifest["task"]["fields"]
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise FewtuneError(f"{manifest_path} is not valid JSON with task.fields ({type(e).__name__}: {e}); "
                            "save the model again with --save-model.") from None

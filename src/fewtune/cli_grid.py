@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
     g.add_argument("--address", help="ray: the cluster, auto or HOST:PORT [$RAY_ADDRESS, a running local Ray, "
                                      "else a new local one]")
     g.add_argument("--max-retries", type=int, help="ray: re-runs of a cell whose worker died [spec max_retries, 2]")
+    g.add_argument("--max-cells", type=int, help="refuse a spec that expands to more cells than this [10000]")
     g.add_argument("--until-resolved", action="store_true",
                    help="run a first seed of every option, then more seeds only where the comparison with the best "
                         "is still open (docs/grid.md); ends with the answer and its confidence")
@@ -64,9 +65,11 @@ def db_path(args) -> Path:
 
 
 def cmd_grid(args) -> int:
-    from .grid import Interrupted, load_grid, run_grid, signals_raise
+    from .grid import MAX_CELLS, Interrupted, load_grid, run_grid, signals_raise
     from .store import Store
-    grid = load_grid(args.spec)
+    if args.max_cells is not None and args.max_cells < 1:
+        raise FewtuneError(f"--max-cells must be ≥ 1, got {args.max_cells}.")
+    grid = load_grid(args.spec, max_cells=args.max_cells or MAX_CELLS)
     path = db_path(args)
     if args.backend == "ray":
         if args.in_process:
@@ -93,7 +96,8 @@ def cmd_grid(args) -> int:
         options_of(grid)  # at least two options and two seeds: say so before anything runs
     if args.dry_run:
         status = {}
-        if path.exists():
+        # a 0-byte file is a new database here as in a real run (which creates the tables in it)
+        if path.exists() and not (path.is_file() and path.stat().st_size == 0):
             with Store(path, readonly=True) as store:
                 status = store.statuses()
         for cell in grid.cells:

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .errors import FewtuneError, did_you_mean
+from .errors import FewtuneError, did_you_mean, unknown
 
 METHODS = ("icl", "ft", "pbft", "adaptive", "lora", "cd")
 DTYPES = ("auto", "fp32", "bf16")
@@ -32,7 +32,7 @@ class RunConfig:
     eval_splits: list[str] | None = None  # default: the task's in-domain + out-of-domain splits
     data_root: str | None = None
     data_source: str = "auto"           # auto | local | hub
-    # training (ignored by icl); None = the method's default (the study's GPU budgets, DESIGN.md)
+    # training (ignored by icl); None = the method's default (the study's GPU budgets, docs/methods.md)
     epochs: int | None = None
     batch_size: int | None = None
     micro_batch_size: int | None = None  # gradient accumulation: batch_size / micro_batch_size steps
@@ -87,6 +87,10 @@ class RunConfig:
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                                       or not math.isfinite(value) or value < 0):
                 raise FewtuneError(f"Config field '{name}' must be a non-negative number, got {value!r:.60}.")
+        if self.lr == 0 and self.method != "icl":  # zero steps' worth of change, stored as if it were a result
+            raise FewtuneError(f"Config field 'lr' must be > 0 for method '{self.method}' (it trains); got 0.")
+        if self.eval_batch_size < 1:  # caught here, not after the model has loaded
+            raise FewtuneError(f"Config field 'eval_batch_size' must be ≥ 1, got {self.eval_batch_size}.")
         if self.warmup_ratio is not None and self.warmup_ratio > 1:
             raise FewtuneError(f"Config field 'warmup_ratio' must be in [0, 1], got {self.warmup_ratio}.")
         if self.max_length < 8:
@@ -95,6 +99,10 @@ class RunConfig:
             raise FewtuneError(f"Config field 'dtype' must be one of {', '.join(DTYPES)} (never fp16 on CPU), got {self.dtype!r}.")
         if self.data_source not in ("auto", "local", "hub"):
             raise FewtuneError(f"Config field 'data_source' must be auto, local or hub, got {self.data_source!r}.")
+        if self.preset is not None:
+            from .run_presets import PRESETS
+            if self.preset not in PRESETS:  # before a grid's dry run passes, not in every cell at run time
+                raise unknown("preset", self.preset, PRESETS)
         if not isinstance(self.method_options, dict):
             raise FewtuneError("Config field 'method_options' must be a table/dict.")
         if self.eval_splits is not None and (not isinstance(self.eval_splits, list)

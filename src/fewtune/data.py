@@ -38,6 +38,8 @@ def load_split(task: Task, split_name: str, root: Path | str | None = None, sour
     if source not in ("auto", "local", "hub"):
         raise FewtuneError(f"Unknown data source '{source}': use auto, local or hub.")
     root_path = data_root(root) if source != "hub" else None
+    if split.local is not None:
+        check_inside_root(task, split)
     local_file = (Path(root_path) / split.local["path"]) if (root_path and split.local) else None
     # A data folder the user named (--data-root, $FEWTUNE_DATA) is meant to be read: a file missing there is
     # an error, not a silent download (only the auto-found ../shared/data falls back to the Hub).
@@ -65,6 +67,25 @@ def load_split(task: Task, split_name: str, root: Path | str | None = None, sour
     return examples
 
 
+def check_inside_root(task: Task, split: Split) -> None:
+    """A relative `path` names a file under the data root and may not climb out of it (`../../etc/passwd`);
+    an absolute path is the user's own explicit choice. Checked on the text, so a data root that is itself
+    a link, or holds links, is read as laid out."""
+    rel = split.local["path"]
+    if os.path.isabs(rel):
+        return
+    norm = os.path.normpath(rel)
+    if norm == os.pardir or norm.startswith(os.pardir + os.sep):
+        raise FewtuneError(f"Task '{task.name}' split '{split.name}': local path {rel!r} leaves the data root; "
+                           "a relative path must stay inside it (write an absolute path to read a file elsewhere).")
+
+
+def _names(header: list[str], limit: int = 8, width: int = 24) -> str:
+    """Column names for an error message, bounded: a few, each cut short (never a whole line of the file)."""
+    shown = [repr(h if len(h) <= width else h[:width] + "…") for h in header[:limit]]
+    return ", ".join(shown) + (f", … ({len(header) - limit} more)" if len(header) > limit else "")
+
+
 def _where(split: Split, local_file) -> str:
     return str(local_file) if local_file is not None else f"Hub dataset {split.hub['path']}"
 
@@ -74,8 +95,8 @@ def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
         hub = " (or --data-source hub)" if split.hub is not None else ""
         raise FewtuneError(f"Data file {path} does not exist (task '{task.name}', split '{split.name}'); set $FEWTUNE_DATA or --data-root{hub}.")
     fmt = split.local.get("format", "tsv")
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise FewtuneError(f"Data file {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
     except OSError as e:
@@ -119,13 +140,18 @@ def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
         if header:
             for key, col in split.columns.items():
                 if isinstance(col, str) and col not in header:
-                    raise FewtuneError(f"{path}: column '{col}' (for '{key}') is not in the header {header}.")
+                    # names only from a file under the data root: an absolute path may reach any file
+                    names = "" if os.path.isabs(split.local["path"]) else f": {_names(header)}"
+                    raise FewtuneError(f"{path}: column '{col}' (for '{key}') is not in the header row "
+                                       f"({len(header)} column{'s' if len(header) != 1 else ''}{names}).")
     if not rows:  # not "empty after label mapping": there was nothing to map
         raise FewtuneError(f"Task '{task.name}' split '{split.name}' is empty: data file {path} has a header row but no data rows.")
-    return _to_examples(task, split, rows, split.label_map, split.columns, str(path))
+    return _to_examples(task, split, rows, split.label_map, split.columns, str(path),
+                        show_values=not os.path.isabs(split.local["path"]))
 
 
-def _to_examples(task, split, rows, label_map, columns, where) -> list[Example]:
+def _to_examples(task, split, rows, label_map, columns, where, show_values: bool = True) -> list[Example]:
+    """`show_values`: whether an error may quote a cell (not for a file an absolute path reached)."""
     label_ids = {name: i for i, name in enumerate(task.labels)}
     out = []
     for i, (line_no, row) in enumerate(rows):
@@ -138,7 +164,9 @@ def _to_examples(task, split, rows, label_map, columns, where) -> list[Example]:
             return value
         raw_label = str(get("label")).strip()
         if raw_label not in label_map:
-            raise FewtuneError(f"{where} line {line_no}: label '{raw_label}' is not in the task's label_map {sorted(label_map)}.")
+            shown = raw_label if len(raw_label) <= 24 else raw_label[:24] + "…"  # a cell, never a whole line
+            shown = f"label '{shown}'" if show_values else "the label"
+            raise FewtuneError(f"{where} line {line_no}: {shown} is not in the task's label_map {sorted(label_map)}.")
         target = label_map[raw_label]
         if target == DROP:
             continue
@@ -286,6 +314,8 @@ def provenance(task: Task, split_name: str, root: Path | str | None = None, sour
     if split_name not in task.splits:
         raise FewtuneError(f"Task '{task.name}' has no split '{split_name}' (splits: {', '.join(task.splits)}).")
     split = task.splits[split_name]
+    if split.local is not None:  # no file outside the data root is read, not even to hash it
+        check_inside_root(task, split)
     root_path = data_root(root) if source != "hub" else None
     local_file = (Path(root_path) / split.local["path"]) if (root_path and split.local) else None
     if source == "local" or (source == "auto" and ((local_file is not None and local_file.exists()) or split.hub is None)):

@@ -16,6 +16,7 @@ Spec format and resume semantics: docs/grid.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -44,6 +45,7 @@ MAX_RESOURCE = {"num_cpus": 1024, "num_gpus": 1024, "memory_gib": 65536}  # per 
 METHOD_KEYS = ("method", "label", "method_options", "shots", "shots_per_class")
 PER_CELL = ("model", "task", "seed", "method", "method_options")  # set by the grid's axes, not as shared fields
 TERMINATE_GRACE_S = 10
+MAX_CELLS = 10_000  # a spec that expands to more is almost surely a typo (seeds = 1000000); --max-cells raises it
 
 
 @dataclass
@@ -51,8 +53,8 @@ class Cell:
     config: RunConfig
     label: str
 
-    @property
-    def key(self) -> str:
+    @functools.cached_property
+    def key(self) -> str:  # computed once: hashing is most of the cost of expanding a large grid
         return self.config.hash()
 
     def describe(self) -> str:
@@ -75,9 +77,13 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in (resources.files("fewtune") / "presets").iterdir() if p.name.endswith(".toml"))
 
 
-def load_grid(spec: str, validate: bool = True) -> Grid:
-    """A grid from a spec file path, or from the name of a spec shipped in fewtune/presets (paper, cpu, demo)."""
+def load_grid(spec: str, validate: bool = True, max_cells: int = MAX_CELLS) -> Grid:
+    """A grid from a spec file path, or from the name of a spec shipped in fewtune/presets (paper, cpu, demo).
+    A spec that expands to more than `max_cells` cells is refused before any cell is built."""
     path = Path(spec)
+    if path.is_dir():
+        raise FewtuneError(f"Grid spec {path} is a folder; give a spec file (.toml) or a shipped name "
+                           f"({', '.join(preset_names())}).")
     if path.is_file():
         text, source = read_text(path), str(path)
     elif path.suffix == "" and "/" not in spec and spec in preset_names():
@@ -91,7 +97,7 @@ def load_grid(spec: str, validate: bool = True) -> Grid:
     except tomllib.TOMLDecodeError as e:
         raise FewtuneError(f"Grid spec {source} is not valid TOML: {e}.") from None
     default_name = spec if source.startswith("preset") else path.stem
-    return expand(data, source, default_name, validate)
+    return expand(data, source, default_name, validate, max_cells)
 
 
 def read_text(path: Path) -> str:
@@ -102,12 +108,20 @@ def read_text(path: Path) -> str:
 
 
 def as_list(value, key: str, where: str, kind) -> list:
+    if key == "seeds" and not isinstance(value, list):  # `seeds = 3` reads as "three seeds" but would mean seed 3
+        raise FewtuneError(f"{where}: 'seeds' must be a list of seeds, got {value!r:.40}: write seeds = [0, 1, 2] "
+                           f"for three seeds, or seeds = [{value!r:.40}] for that one seed.")
     values = value if isinstance(value, list) else [value]
     if not values:
         raise FewtuneError(f"{where}: '{key}' is empty.")
     for v in values:
         if not isinstance(v, kind) or isinstance(v, bool):
             raise FewtuneError(f"{where}: '{key}' must hold {kind.__name__} values, got {v!r}.")
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise FewtuneError(f"{where}: '{key}' lists {v!r} twice; remove the duplicate value.")
+        seen.add(v)
     return values
 
 
@@ -117,9 +131,11 @@ def default_label(method: str, options: dict) -> str:
     return method + "(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")"
 
 
-def expand(data: dict, where: str = "grid", default_name: str = "grid", validate: bool = True) -> Grid:
+def expand(data: dict, where: str = "grid", default_name: str = "grid", validate: bool = True,
+           max_cells: int = MAX_CELLS) -> Grid:
     """RunConfigs for every model x task x shots x method x seed, seed outermost: with one seed done,
-    the whole comparison exists once; more seeds then narrow its intervals."""
+    the whole comparison exists once; more seeds then narrow its intervals. Every cell's RunConfig is built
+    (and so validated) here, before anything runs; more than `max_cells` cells is an error."""
     run_fields = set(RunConfig.__dataclass_fields__)
     for key in data:
         if key not in GRID_KEYS and key not in run_fields:
@@ -134,7 +150,7 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
     models = as_list(data["models"], "models", where, str)
     tasks = as_list(data["tasks"], "tasks", where, str)
     shots = grid_shots(data, where, ("total", as_list(data.get("shots", 16), "shots", where, int)))
-    seeds = as_list(data.get("seeds", 0), "seeds", where, int)
+    seeds = as_list(data.get("seeds", [0]), "seeds", where, int)
     shared = {k: v for k, v in data.items() if k not in GRID_KEYS}
     entries = data["methods"]
     if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
@@ -165,10 +181,17 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
                 get_method(entry["method"], options)  # unknown method or option: fail now, not hours later
             except FewtuneError as e:
                 raise FewtuneError(f"{at}: {e}") from None
+    loaded = {}
     if validate:
         from .tasks import load_task
         for task in tasks:
-            load_task(task)
+            loaded[task] = load_task(task)
+    pairs = sum(len(m[4][1]) for m in methods)  # (method entry, sample size) pairs
+    total = len(seeds) * len(models) * len(tasks) * pairs
+    if total > max_cells:  # counted before a single cell is built: a typo must not take hours to report
+        raise FewtuneError(f"{where}: expands to {total:,} cells ({len(models)} models × {len(tasks)} tasks × "
+                           f"{pairs} method/shots pairs × {len(seeds)} seeds), more than "
+                           f"the limit of {max_cells:,}; check the axes, or pass --max-cells {total} to run it anyway.")
 
     cells, seen = [], {}
     for seed in seeds:
@@ -178,11 +201,12 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
                     for n in method_shots:
                         if kind == "per_class":  # recorded as the total: the same cell as shots = K x labels
                             from .tasks import load_task
-                            n *= len(load_task(task).labels)
+                            n *= len((loaded.get(task) or load_task(task)).labels)
                         fields = {**shared, **overrides, "model": model, "task": task, "shots": n, "seed": seed,
                                   "method": method, "method_options": dict(options)}
                         try:
                             cell = Cell(RunConfig.from_dict(fields, where=f"{where} ({label})"), label)
+                            cell.key  # the run's identity, computed once here: its errors name the entry too
                         except FewtuneError as e:
                             if str(e).startswith(where):
                                 raise
@@ -192,8 +216,25 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
                                                f"({cell.describe()}); remove one.")
                         seen[cell.key] = label
                         cells.append(cell)
-    cells.sort(key=lambda c: (seeds.index(c.config.seed), models.index(c.config.model), tasks.index(c.config.task),
-                              c.config.shots))  # stable: method order within a (seed, model, task, shots) block
+    if loaded:  # what else would fail in every cell at run time: a pattern or an evaluation split the task lacks
+        checked = set()
+        for cell in cells:
+            c = cell.config
+            if (c.task, c.pattern, tuple(c.eval_splits or ())) in checked:
+                continue
+            checked.add((c.task, c.pattern, tuple(c.eval_splits or ())))
+            task = loaded[c.task]
+            try:
+                task.pattern(c.pattern)
+                for name in c.eval_splits or ():
+                    if name not in task.splits:
+                        raise FewtuneError(f"Task '{task.name}' has no split '{name}' (splits: {', '.join(task.splits)}).")
+            except FewtuneError as e:
+                raise FewtuneError(f"{where} ({cell.label}): {e}") from None
+    order = {axis: {v: i for i, v in enumerate(values)} for axis, values in
+             (("seed", seeds), ("model", models), ("task", tasks))}  # dicts: list.index per cell is quadratic
+    cells.sort(key=lambda c: (order["seed"][c.config.seed], order["model"][c.config.model],
+                              order["task"][c.config.task], c.config.shots))  # stable: method order within a block
     name = data.get("name", default_name)
     return Grid(name=str(name), source=where, description=str(data.get("description", "")), cells=cells,
                 resources=parse_resources(data.get("resources", {}), where),

@@ -72,7 +72,7 @@ def bundled_folder(name: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The dequantized weights are plain fp32, but the model still carries the GGUF quantizer, which
-    # blocks saving and training: drop it (DESIGN.md, "The bundled offline model").
+    # blocks saving and training: drop it (docs/footguns.md, "The bundled GGUF model carries a quantizer").
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

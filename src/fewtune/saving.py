@@ -12,12 +12,54 @@ from . import engine, models
 from .errors import FewtuneError
 
 MANIFEST = "fewtune.json"
+FORMAT = 1  # the manifest's "format" as `save` writes it; a folder of another format is refused, never half-read
+
+
+def check_save_folder(directory) -> None:
+    """--save-model writes into a new or empty folder, or over an earlier fewtune save (it has a fewtune.json).
+    Any other non-empty folder is refused: saving writes config.json, README.md, tokenizer files and weights,
+    and would overwrite the user's own files of those names."""
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise FewtuneError(f"--save-model {out} is a file; give a folder.")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise FewtuneError(f"--save-model {out} is a folder with other files in it (not an earlier fewtune save, no "
+                           f"{MANIFEST}); saving would overwrite files such as README.md or config.json: give a new "
+                           "or empty folder.")
+
+
+def check_format(manifest, path) -> None:
+    """A manifest this fewtune can read: an object whose `format` is FORMAT."""
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT:
+        raise FewtuneError(f"{path} has format {found!r:.40}; this fewtune reads format {FORMAT} (a model saved by "
+                           "another fewtune version: use that version, or save the model again with --save-model).")
+
+
+def check_weights(folder: Path, adapter: bool) -> None:
+    """The saved weights are there and whole, checked before loading: peft would otherwise take an adapter folder
+    without its weights for a Hub repository id and go to the network, and a truncated file would fail inside
+    the libraries with a traceback."""
+    from safetensors import safe_open
+    stem = "adapter_model" if adapter else "model"
+    files = sorted(folder.glob(f"{stem}*.safetensors"))
+    if not files:
+        raise FewtuneError(f"{folder}: the saved weights ({stem}.safetensors) are missing; save the model again "
+                           "with --save-model.")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):  # checks that the header's tensors cover the file exactly
+                pass
+        except Exception as e:  # SafetensorError, OSError: one line
+            raise FewtuneError(f"{f} is damaged or truncated ({' '.join(str(e).split())[:160]}); save the model "
+                               "again with --save-model.") from None
 
 
 def save(directory, model, tokenizer, cfg, task, pattern, method, result, prefix: str | None = None) -> None:
     """Write what `predict` needs. icl trains nothing: it saves its demonstrations (`prefix`, the text scored before
     every query) and the name of the base model, not a copy of the weights."""
     out = Path(directory)
+    check_save_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -52,6 +94,9 @@ def load(directory, device="cpu"):
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise FewtuneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    check_format(manifest, path)
+    if manifest.get("weights") is not False:  # a save that names its base model instead carries no weights
+        check_weights(folder, bool(manifest["adapter"]))
     n_labels = len(manifest["task"]["labels"])
     tokenizer = models.prepare_tokenizer(__import__("transformers").AutoTokenizer.from_pretrained(str(folder)))
     if manifest.get("weights") is False:  # icl: the base model itself, with the saved demonstrations

@@ -12,6 +12,7 @@ raises a one-line `FewtuneError` that names the file. Schema: docs/grid.md.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -128,16 +129,35 @@ class Store:
         disk image is malformed' on a sound file (integrity_check ok a moment later): retry briefly before
         calling the file corrupt."""
         for attempt in range(tries):
-            conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
-                                   timeout=BUSY_TIMEOUT_S, isolation_level=None)
             try:
-                conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                return conn
+                return self._open_readonly("mode=ro")
             except sqlite3.DatabaseError:
-                conn.close()
+                if self._wal_empty():
+                    # A WAL database in a folder this process cannot write: SQLite must create the -shm index
+                    # to read it and refuses. With no -wal file (the last writer checkpointed and removed it),
+                    # the file alone holds every committed row and no writer is active (one would hold the
+                    # -wal open): reading it as immutable is exact.
+                    try:
+                        return self._open_readonly("mode=ro&immutable=1")
+                    except sqlite3.DatabaseError:
+                        pass
                 if attempt == tries - 1:
                     raise
                 time.sleep(0.2 * (attempt + 1))
+
+    def _open_readonly(self, query: str):
+        conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?{query}", uri=True, timeout=BUSY_TIMEOUT_S,
+                               isolation_level=None)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _wal_empty(self) -> bool:
+        wal = self.path.with_name(self.path.name + "-wal")
+        return not wal.exists() or wal.stat().st_size == 0
 
     def _check_file(self):
         if self.path.is_dir():
@@ -188,6 +208,10 @@ class Store:
         if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
             return FewtuneError(f"Results database {self.path} is locked by another process (waited "
                                 f"{BUSY_TIMEOUT_S:g} s): {e}; try again once it is done (the file is left as is).")
+        if self.readonly and isinstance(e, sqlite3.OperationalError) and "readonly" in str(e):
+            return FewtuneError(f"Results database {self.path} cannot be read from this folder: the folder is not "
+                                f"writable and the write-ahead log {self.path.name}-wal holds changes not yet in the "
+                                "file; open it once where the folder is writable, then it reads anywhere.")
         if isinstance(e, sqlite3.OperationalError) and "unable to open" in str(e):
             return FewtuneError(f"Results database {self.path} cannot be created or opened there ({e}); "
                                 "give a --db in a folder you can write.")
@@ -297,17 +321,36 @@ class Store:
             args += list(statuses)
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)
+        def text(raw: bytes):  # invalid UTF-8 in one cell must not end the whole query (sqlite3's default)
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return raw
+        self.conn.text_factory = text
         try:
             out = []
             for r in self.conn.execute(sql + " ORDER BY rowid", args):
                 d = dict(r)
-                for col in JSON_COLUMNS:
-                    if d.get(col) is not None:
-                        d[col] = json.loads(d[col])
+                damaged = None
+                for col, value in d.items():
+                    if col in JSON_COLUMNS and value is not None:
+                        try:
+                            d[col] = json.loads(value)
+                        except (ValueError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError
+                            damaged = damaged or (col, " ".join(str(e).split())[:80])
+                    elif isinstance(value, bytes):
+                        d[col] = value.decode("utf-8", errors="replace")
+                if damaged:  # one damaged row is named and left out; the others are still read
+                    logging.getLogger("fewtune").warning(
+                        "fewtune: warning: results database %s: row %s has damaged JSON in column '%s' (%s); left "
+                        "out (the file is left as is).", self.path, d.get("config_hash"), *damaged)
+                    continue
                 out.append(d)
             return out
         except sqlite3.DatabaseError as e:
             raise self._error(e) from None
+        finally:
+            self.conn.text_factory = str
 
     def has_predictions_table(self) -> bool:
         return bool(self.conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='predictions'").fetchone())

@@ -45,7 +45,7 @@ class Method:
     name = "method"
     trains = True
     Options = Options
-    # the study's GPU budgets (DESIGN.md); RunConfig fields and presets override them
+    # the study's GPU budgets (docs/methods.md); RunConfig fields and presets override them
     defaults = dict(epochs=40, batch_size=32, lr=1e-5, weight_decay=0.0, warmup_ratio=0.5)
 
     def __init__(self, options: dict):

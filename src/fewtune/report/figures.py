@@ -6,6 +6,7 @@ Error bars and bands are the paired, seed-aware 95% intervals of fewtune.stats (
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from pathlib import Path
@@ -22,8 +23,24 @@ plt.rcParams.update({"svg.hashsalt": "fewtune", "font.size": 9, "axes.grid": Tru
 MARKERS = "osD^v<>PX*"
 
 
-def slug(text: str) -> str:
+SLUG_MAX = 60  # characters per name part: a figure file name (kind + task + model) stays far below 255 bytes
+
+
+def key_slug(text: str) -> str:
+    """The plain file-name form of a name fewtune itself chooses (a metric or cost key: `train_seconds` ->
+    `train-seconds`). Not for names a user gives (tasks, models): it maps different names to one."""
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
+
+
+def slug(text: str) -> str:
+    """A file-name part for a user's name (task, model), distinct for distinct texts: where the plain form loses
+    something (case, `_` vs `-`, a path's `/`) or is cut to SLUG_MAX, a short hash of the full text is appended,
+    so `my_task` and `my-task` never share (and overwrite) a figure file."""
+    plain = key_slug(text)
+    if plain == text and len(plain) <= SLUG_MAX:
+        return plain
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{plain[:SLUG_MAX].rstrip('-.')}-{digest}".lstrip("-")
 
 
 def colors(labels) -> dict[str, tuple]:
@@ -86,7 +103,7 @@ def metric_vs_shots(groups: list[dict], task: str, model: str, out: Path, color:
     axes[0, 0].set_ylabel(f"{mname}{unit}")
     axes[0, 0].legend(fontsize=7, loc="best")  # on the in-domain panel, which always has points
     fig.suptitle(f"{task} / {model}: {mname} vs sample size (band: 95% interval)")
-    return save(fig, out, f"{slug(mname)}-vs-shots-{slug(task)}-{slug(model)}")
+    return save(fig, out, f"{key_slug(mname)}-vs-shots-{slug(task)}-{slug(model)}")
 
 
 def id_vs_ood(groups: list[dict], task: str, out: Path, color: dict) -> str | None:
@@ -154,7 +171,7 @@ def metric_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabel:
         axes[0, 0].scatter([], [], color=color[label], s=18, label=label)
     axes[0, 0].legend(fontsize=7, loc="best")
     fig.suptitle(f"{task} / {model}: {mname} vs {xlabel} (ringed: Pareto front)")
-    return save(fig, out, f"{slug(mname)}-vs-{slug(cost)}-{slug(task)}-{slug(model)}")
+    return save(fig, out, f"{key_slug(mname)}-vs-{key_slug(cost)}-{slug(task)}-{slug(model)}")
 
 
 def hans_bars(runs: list[dict], model: str, out: Path, color: dict) -> str | None:

@@ -202,9 +202,15 @@ def task_from_dict(raw: dict, where: str = "<task>") -> Task:
 def _check_template(template: str, fields, where: str):
     import string
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise FewtuneError(f"{where}: template {template!r} is malformed ({e}); write a literal brace as {{{{ or }}}}.") from None
+    for f, spec, conv in parsed:  # fields only: `{sentence:d}` or `{sentence!r}` would fail or change the text
+        if spec or conv:
+            written = "{" + f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            raise FewtuneError(f"{where}: template uses {written}; a template holds plain fields only, "
+                               f"such as {{{f}}} (no format spec or conversion).")
+    names = [f for f, _, _ in parsed]
     for f in names:
         if f not in fields:
             raise FewtuneError(f"{where}: template uses {{{f}}}, which is not one of the task's fields {list(fields)}.")
