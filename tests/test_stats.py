@@ -177,7 +177,8 @@ def test_identical_options_give_a_zero_width_interval_at_zero():
     gold = np.array([0, 1, 1, 0, 1])
     a = np.array([[0, 1, 0, 0, 1], [1, 1, 1, 0, 0]])
     est = stats.estimate(gold, a, a.copy(), 2, "mcc")
-    assert est.value == est.lo == est.hi == 0 and not est.excludes_zero and est.p_positive == 0.5
+    assert est.value == 0 and est.lo == pytest.approx(0, abs=1e-12) and est.hi == pytest.approx(0, abs=1e-12)
+    assert not est.excludes_zero and est.p_positive == pytest.approx(0.5)
 
 
 def test_one_seed_is_flagged_and_seed_only_fallback():

@@ -104,6 +104,7 @@ class Store:
     def __init__(self, path: str | os.PathLike, readonly: bool = False):
         self.path = Path(path)
         self.readonly = readonly
+        self.conn = None
         self._check_file()
         try:
             if readonly:
@@ -117,10 +118,16 @@ class Store:
                 self.conn.execute("PRAGMA journal_mode=WAL")
                 self.conn.execute("PRAGMA synchronous=NORMAL")
                 self._create()
-        except sqlite3.DatabaseError as e:
-            raise self._error(e) from None
-        except OSError as e:
-            raise FewtuneError(f"Results database {self.path}: {e.strerror or e}.") from None
+        except BaseException as e:
+            # Close a connection that was opened before the failure: left to the garbage collector, a connection
+            # still open in this process made later reads of the same file fail as 'malformed' (a flaky test)
+            if getattr(self, "conn", None) is not None:
+                self.conn.close()
+            if isinstance(e, sqlite3.DatabaseError):
+                raise self._error(e) from None
+            if isinstance(e, OSError):
+                raise FewtuneError(f"Results database {self.path}: {e.strerror or e}.") from None
+            raise
 
     # --- opening
     def _connect_readonly(self, tries: int = 4):
