@@ -106,6 +106,13 @@ def test_results_record_identity_baselines_and_calibration(grid_db):
         assert 0 <= dev["ece"] <= 1 and 0 <= dev["brier"] <= 2
         assert dev["baselines"]["majority"]["mcc"] == 0.0 and dev["baselines"]["majority"]["accuracy"] >= 0.5
         assert r["examples_used"] == 4
+        cost = run["cost"]
+        assert cost["predict_seconds_per_1k"] > 0 and cost["predict_tokens_per_1k"] > 0
+        if run["method"] == "icl":  # ships its demonstrations as text; every prediction attends to them
+            assert cost["shipped_bytes"] == cost["shipped_text_bytes"] > 0 and cost["predict_context_tokens"] > 0
+            assert cost["predict_tokens_per_1k"] >= cost["predict_context_tokens"]
+        else:  # ships what it trained, 4 bytes a parameter
+            assert cost["shipped_bytes"] == 4 * cost["trainable_params"] and cost["predict_context_tokens"] == 0
 
 
 def test_database_without_predictions_says_so(tmp_path, capsys):

@@ -368,3 +368,32 @@ def test_one_seed_is_flagged(tmp_path):
     line = next(x for x in md.splitlines() if x.startswith("- mnli / m, in-domain"))
     assert "covers the evaluation-sample noise only, not training instability" in line
     assert not math.isnan(0.0)
+
+
+def test_break_even_and_use_budget_follow_the_stored_costs(tmp_path):
+    """Break-even against icl = train s / (icl s per prediction − its s per prediction), from the stored costs; the
+    use budget adds the predictions' time; a latency limit leaves slow options out."""
+    from fewtune.report.use import break_even, count
+    path = tmp_path / "use.db"
+    costs = {"icl": (0.0, 80.0), "pbft": (40.0, 20.0), "lora": (30.0, 90.0)}  # label -> (train s, s per 1k predictions)
+    rng = np.random.default_rng(5)
+    with Store(path) as store:
+        for seed in (0, 1):
+            for label, (train, per_1k) in costs.items():
+                cfg = RunConfig(task="mnli", model="m", method=LABELS[label][0], shots=8, seed=seed, eval_limit=N)
+                r = synthetic_result(cfg, label, rng)
+                r["cost"].update(train_seconds=train, predict_seconds_per_1k=per_1k)
+                store.claim(cfg, label=label)
+                store.finish(cfg.hash(), r)
+    md = write_report(path, tmp_path / "rep", volume=10_000, max_latency_ms=50)["markdown"].read_text()
+    table = next(t for t in md_tables_after(md, "### mnli / m") if t[0][0] == "method" and t[0][-1].startswith("vs icl"))
+    line = next(x for x in table[2:] if x[0] == "pbft")
+    assert line[-1] == count(40.0 / (0.080 - 0.020)) == "667"  # 40 s / 60 ms saved per prediction
+    assert next(x for x in table[2:] if x[0] == "lora")[-1] == "never"  # dearer per prediction than icl
+    assert break_even({"train_seconds": 5.0, "predict_seconds_per_1k": 1.0},
+                      {"train_seconds": 0.0, "predict_seconds_per_1k": 2.0}) == pytest.approx(5000)
+    section = md[md.index("## Which method for which budget"):]
+    assert "Over the latency limit: icl (8 shots), lora (8 shots)" in section
+    assert "**Compute for training + 10,000 predictions (s)**" in section
+    use = next(t for t in md_tables_after(section, "### mnli / m") if t[2][0].endswith(" s") and t[2][0] != "≤ 40.0 s")
+    assert use[2][0] == f"≤ {40 + 10_000 * 0.020:.0f} s"  # training + 10,000 predictions for pbft: 240 s

@@ -95,10 +95,25 @@ def load_task(name_or_path: str) -> Task:
             raise FewtuneError(f"Task file {path} is a folder; give the task's .toml file.")
         if not path.is_file():
             raise FewtuneError(f"Task file {path} does not exist.")
-        return parse_task_file(path)
+        return _parse_cached(path)
     if name_or_path not in builtin_names():
         raise unknown("task", name_or_path, builtin_names())
-    return parse_task_file(BUILTIN_DIR / f"{name_or_path}.toml")
+    return _parse_cached(BUILTIN_DIR / f"{name_or_path}.toml")
+
+
+_PARSED: dict[tuple, Task] = {}
+
+
+def _parse_cached(path: Path) -> Task:
+    """parse_task_file, once per file content: a grid hashes every cell's identity, which loads its task (reading
+    the bytes is cheap, parsing and checking them is not); an edited file is parsed again."""
+    try:
+        key = (str(path), hashlib.sha256(path.read_bytes()).hexdigest())
+    except OSError:
+        return parse_task_file(path)  # it says what is wrong
+    if key not in _PARSED:
+        _PARSED[key] = parse_task_file(path)
+    return _PARSED[key]
 
 
 def parse_task_file(path: Path) -> Task:
