@@ -95,7 +95,7 @@ def hans_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     keys = sorted({k for r in runs for k in r["metrics"]["hans"]["by_heuristic"] if "/" in k})
     groups: dict[tuple, list[dict]] = {}
     for r in runs:  # one row per option: runs of another identity (variant) are never pooled
-        groups.setdefault((r["model"], r["group_label"], r["shots"]), []).append(r)
+        groups.setdefault((r["model"], r["label"], r["shots"]), []).append(r)
     rows = []
     for (model, label, shots), sel in sorted(groups.items()):
         row = [model, label, str(shots), str(len(sel))]
@@ -174,7 +174,7 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
             doc.figure(figures.id_vs_ood(groups, task, fig_dir, color), f"{task}: in-domain vs out-of-domain {metric}")
 
     label_of = {h: g["label"] for g in groups for h in g["runs"]}
-    hans = [dict(f, metrics=r["metrics"], group_label=label_of.get(f["config_hash"], f["label"]))
+    hans = [dict(f, metrics=r["metrics"], label=label_of.get(f["config_hash"], f["label"]))  # the option's name
             for f, r in zip(flat, rows)
             if r["status"] == "success" and ((r.get("metrics") or {}).get("hans") or {}).get("by_heuristic")]
     if hans:
