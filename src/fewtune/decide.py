@@ -5,10 +5,12 @@ The allocation rule (docs/grid.md, "Until resolved"):
 2. After each round, per model × task, the option with the best mean of the task's primary metric (in-domain) is
    compared with every other option *paired* (same seeds, same examples; fewtune.stats). An option whose interval of
    (best − it) excludes 0 is **settled**: it is worse, and gets no more runs. The others are **open**.
-3. The next round gives one more seed (the next in the spec's `seeds` list) to the best option and to every open
-   one. A model × task is resolved when nothing is open; it stays open when its options have used every seed.
-4. Before each run, the time it will take is estimated from the runs of the same option (or of any option) done
-   so far; a run that would not finish within the time budget is not started.
+3. The next round gives one more seed (the next in the spec's `seeds` list) to the best option first (every open
+   comparison is with it) and then to every open one. A model × task is resolved when nothing is open; it stays open
+   when its options have used every seed. An option settled after one seed is settled on evaluation noise alone
+   (the interval cannot see training instability yet): the answer marks such statements with †.
+4. Before each run, the time it will take is estimated from the runs of the same option (its longest, else the mean
+   of all runs so far) times 1.25; a run that would not finish within the time budget is not started.
 It prints, after every round, what is settled and what is open with an estimate of the time left, and ends with the
 answer in plain words (the report's conclusion sentences) and, for what stays open, what it would take to resolve
 it: more seeds, or more evaluation examples when evaluation sampling is what keeps the interval wide.
@@ -102,6 +104,9 @@ def run_until_resolved(grid: Grid, store, log_dir: Path, time_budget_s: float, e
         todo = [o for opts in active.values() for o in opts if depth[o.key] < len(o.cells)]
         if not todo:
             break
+        # the best option first: every open comparison is with it, so its next seed is worth the most
+        bests = {st["best_key"] for st in state.values() if st.get("best_key")}
+        todo.sort(key=lambda o: o.key not in bests)
         rounds += 1
         for o in todo:
             cell = o.cells[depth[o.key]]
@@ -137,10 +142,15 @@ def run_until_resolved(grid: Grid, store, log_dir: Path, time_budget_s: float, e
                     state=state)
 
 
+SAFETY = 1.25  # a run's time varies (shared machines: 55 s then 179 s for the same option was seen); start it only
+#                if 1.25x the estimate fits, so the budget is kept rather than overrun
+
+
 def _estimate(o: Option, all_seconds: list[float]) -> float | None:
+    """Seconds the option's next run will take: the longest of its runs so far, else the mean of all runs."""
     if o.seconds:
-        return max(o.seconds)
-    return (sum(all_seconds) / len(all_seconds)) if all_seconds else None
+        return SAFETY * max(o.seconds)
+    return SAFETY * (sum(all_seconds) / len(all_seconds)) if all_seconds else None
 
 
 def _assess(store, grid, groups_of, depth, flat_row, group_runs) -> dict:
@@ -171,7 +181,7 @@ def _assess(store, grid, groups_of, depth, flat_row, group_runs) -> dict:
         key_of = {id(g): k for k, g in by_key.items()}
         open_ = [g for g, _ in c["tied"]] + c["unpaired"]
         st = {"groups": gs, "best": c["best"], "worse": c["worse"], "tied": c["tied"], "unpaired": c["unpaired"],
-              "failed": [o for o in opts if o.key not in by_key]}
+              "failed": [o for o in opts if o.key not in by_key], "best_key": key_of[id(c["best"])]}
         nxt = {key_of[id(g)] for g in [c["best"], *open_]}
         st["next"] = {k for k in nxt if depth[k] < len(next(o for o in opts if o.key == k).cells)}
         # open while some comparison with the best is open and a seed is left for at least one side of it
@@ -227,14 +237,18 @@ def _what_it_takes(d) -> str:
     effect = abs(d.value)
     if effect == 0 or math.isnan(d.lo):
         return "The measured difference is 0: no number of runs will separate them; they are equivalent here."
+    if d.n_seeds < 2:
+        return ("More seeds: with one common seed the interval covers evaluation noise only, and how unstable "
+                "training is stays unknown until a second seed of both runs.")
     z = st.t.ppf(0.975, max(d.n_examples - 1, 1))
     if z * math.sqrt(d.example_var) >= effect:  # seeds cannot help: the example part alone is too wide
         factor = (z * math.sqrt(d.example_var) / effect) ** 2 * 1.1
+        if factor > 20:
+            return (f"The difference measured ({effect:.3f}) is far inside the evaluation noise: about "
+                    f"{math.ceil(d.n_examples * factor):,} evaluation examples would be needed; for a choice at this "
+                    "budget, treat them as equivalent and take the cheaper.")
         return (f"Evaluation sampling limits it: about {math.ceil(d.n_examples * factor):,} evaluation examples "
                 f"(now {d.n_examples:,}; raise eval_limit) would be needed, more seeds would not do it.")
-    if d.n_seeds < 2:
-        return ("More seeds: with one seed the interval covers evaluation noise only, and how unstable training is "
-                "is unknown until a second seed runs.")
     per_seed_var = d.seed_var * d.n_seeds
     for n in range(max(d.n_seeds, 2), 201):
         half = math.sqrt(st.t.ppf(0.975, n - 1) ** 2 * per_seed_var / n + z ** 2 * d.example_var)
