@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .errors import FewtuneError, did_you_mean, unknown
 
-METHODS = ("icl", "ft", "pbft", "adaptive", "lora", "cd")
+METHODS = ("icl", "ft", "pbft", "adaptive", "lora", "cd", "peft")
 DTYPES = ("auto", "fp32", "bf16")
 MAX_COUNT = 10**9        # shots, epochs, sizes: more is a typo, and would overflow SQLite/numpy/torch integers later
 MAX_SEED = 2**32 - 1     # numpy and torch both take seeds in [0, 2**32)

@@ -25,7 +25,8 @@ def hyperparameters(cfg: RunConfig, method) -> dict:
     """Method defaults < preset < fields set in the config."""
     hp = dict(method.defaults)
     student_lora = getattr(method.opts, "student", None) == "lora"
-    hp.update({k: v for k, v in preset_values(cfg.preset, cfg.method, student_lora).items() if k != "eval_limit"})
+    preset = preset_values(cfg.preset, cfg.method, student_lora, getattr(method, "preset_key", None))
+    hp.update({k: v for k, v in preset.items() if k != "eval_limit"})
     for key in ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "micro_batch_size"):
         if getattr(cfg, key) is not None:
             hp[key] = getattr(cfg, key)
