@@ -103,7 +103,9 @@ class PeftOptions(Options):
         if self.objective == "ft" and is_prompt_learning(cls):
             raise FewtuneError(f"peft: {self.peft_type} adds virtual tokens and cannot be combined with objective ft "
                                "(a new classification head); use objective pbft.")
-        self.build()  # peft's own checks of the values, before any model is loaded
+        # peft's own checks of the values, before any model is loaded (the tokenizer is the run's, known later)
+        text_init = str(self.fields.get("prompt_tuning_init", "")).upper() == "TEXT"
+        self.build(**({"tokenizer_name_or_path": "<the run's tokenizer>"} if text_init and not self.fields.get("tokenizer_name_or_path") else {}))
 
     @property
     def config_class(self):
@@ -142,7 +144,7 @@ class Peft(Method):
     def prepare(self, ctx, model):
         from peft import get_peft_model
         extra = {}
-        if self.opts.fields.get("prompt_tuning_init") in ("TEXT", "text") and not self.opts.fields.get("tokenizer_name_or_path"):
+        if str(self.opts.fields.get("prompt_tuning_init", "")).upper() == "TEXT" and not self.opts.fields.get("tokenizer_name_or_path"):
             extra["tokenizer_name_or_path"] = ctx.tokenizer.name_or_path  # the run's own (local) tokenizer, never the Hub
         config = self.opts.build(**extra)
         try:
