@@ -33,7 +33,7 @@ METHOD_FLAGS = {
 }
 RUN_FIELDS = ("task", "method", "model", "shots", "seed", "train_seed", "pattern", "eval_limit", "data_root",
               "data_source", "epochs", "batch_size", "micro_batch_size", "lr", "weight_decay", "warmup_ratio",
-              "max_length", "eval_batch_size", "dtype", "device", "preset")
+              "max_length", "eval_batch_size", "dtype", "device", "preset", "retention")
 
 
 class Parser(argparse.ArgumentParser):
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("epochs", int), ("batch-size", int), ("micro-batch-size", int), ("lr", float),
                        ("weight-decay", float), ("warmup-ratio", float), ("max-length", int), ("eval-batch-size", int)):
         r.add_argument(f"--{flag}", type=kind)
+    r.add_argument("--retention-text", dest="retention", metavar="FILE|off",
+                   help="LM loss before/after adaptation on this text (one sentence a line), or off "
+                        "[mnli-premises: 500 MNLI dev_matched premises]")
     r.add_argument("--dtype", help="auto | fp32 | bf16 (autocast; never fp16 on CPU) [auto]")
     r.add_argument("--device", help="auto | cpu | cuda [auto]")
     g = r.add_argument_group("method options")
