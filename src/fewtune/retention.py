@@ -4,9 +4,8 @@ For methods that keep the LM head, the language-model loss (nats/token) on a hel
 before adaptation (the loaded base model) and after it (the model as it is scored), and their difference.
 The default text is a fixed, seeded sample of deduplicated MNLI dev_matched premises (several genres) read from
 the data root; any sentence that is a training or evaluation example of the run (any field) is left out.
-`RunConfig.retention`: "mnli-premises" (the first 100 of the seeded order, ~2,300 SmolLM2 tokens: a few seconds
-per pass on 2 CPU cores), "mnli-premises:N" (the first N, e.g. 500: ~11,000 tokens, ~30 s per pass there),
-a UTF-8 text file (one sentence per line), or "off".
+`RunConfig.retention`: "mnli-premises" (the first 100 of the seeded order: 1,889 SmolLM2 tokens),
+"mnli-premises:N" (the first N), a UTF-8 text file (one sentence per line), or "off". Measured costs: docs/methods.md.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from .errors import FewtuneError
 
 DEFAULT = "mnli-premises"
 OFF = "off"
-N_SENTENCES = 100  # the cost is two forward passes over the text: 500 sentences took ~30 s per pass on 2 CPU cores
+N_SENTENCES = 100  # two forward passes over the text: 500 sentences took ~250 s per pass on the shared 2-core machine
 SEED = 0
 MAX_LOGITS = 2**25  # batch x length x vocabulary floats per forward pass (128 MiB in fp32)
 
