@@ -14,7 +14,7 @@ PRESETS = {
         "common": dict(epochs=5, batch_size=8, warmup_ratio=0.1, eval_limit=100),
         "lr": {"ft": 2e-5, "pbft": 2e-5, "adaptive": 1e-4, "lora": 5e-4, "cd": 2e-5, "cd-lora": 5e-4,
                # peft: by kind of type (methods/peft.py preset_key); "peft" is every other type
-               "peft": 5e-4, "peft-prompt": 3e-2, "peft-IA3": 1e-2},
+               "peft": 5e-4, "peft-prompt": 3e-2, "peft-IA3": 1e-2, "peft-VERA": 1e-2},
     },
 }
 

@@ -36,7 +36,8 @@ UNSUPPORTED = {
     "MULTITASK_PROMPT_TUNING": "it needs task ids per example, which a single-task run does not have",
 }
 # Learning rates by kind of type (the study's LoRA budget for the rest); a preset or --lr overrides them.
-LR = {"prompt": 3e-2, "IA3": 3e-3}
+# VeRA trains only two scaling vectors per layer over frozen random matrices: its paper uses ~10x LoRA's rate.
+LR = {"prompt": 3e-2, "IA3": 3e-3, "VERA": 4e-3}
 
 
 def peft_types() -> dict:
