@@ -135,3 +135,17 @@ def test_unknown_architecture_falls_back_to_attention_linears(tokenizer, monkeyp
     wrapped = method.prepare(ctx, model)
     assert ctx.extra["peft_target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert any("hada_" in n for n, _ in wrapped.named_parameters())
+
+
+@pytest.mark.parametrize("peft_type, default_lr, quick_lr", [
+    ("LOHA", 2e-4, 5e-4), ("IA3", 3e-3, 1e-2), ("VERA", 4e-3, 1e-2), ("PROMPT_TUNING", 3e-2, 3e-2), ("PREFIX_TUNING", 3e-2, 3e-2),
+])
+def test_learning_rate_by_kind_of_type(peft_type, default_lr, quick_lr):
+    from fewtune.config import RunConfig
+    from fewtune.runner import hyperparameters
+    options = {"peft_type": peft_type}
+    method = get_method("peft", options)
+    assert hyperparameters(RunConfig(method="peft", method_options=options), method)["lr"] == default_lr
+    quick = hyperparameters(RunConfig(method="peft", method_options=options, preset="quick"), method)
+    assert quick["lr"] == quick_lr and quick["epochs"] == 5
+    assert hyperparameters(RunConfig(method="peft", method_options=options, preset="quick", lr=0.5), method)["lr"] == 0.5
