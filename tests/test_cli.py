@@ -34,12 +34,13 @@ def one_line_error(capsys, argv) -> str:
 # ----------------------------------------------------------------------------- ls
 @pytest.mark.parametrize("what, names", [
     ("tasks", ["cola", "mnli"]),
-    ("methods", ["icl", "ft", "pbft", "adaptive", "lora", "cd"]),
-    ("models", ["smollm2-135m"]),
+    ("methods", ["icl", "ft", "pbft", "adaptive", "lora", "cd", "peft"]),
+    ("models", ["smollm2-135m", "gemma3-270m"]),
 ])
 def test_ls(capsys, what, names):
     assert main(["ls", what]) == 0
-    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line and not line.startswith("(")}
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines()
+              if line and not line.startswith("(") and not line[0].isspace()}  # indented: a method's details
     assert listed == set(names)
 
 

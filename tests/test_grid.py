@@ -130,7 +130,7 @@ def test_expand_errors_name_the_problem(data, message):
 
 
 def test_shipped_presets():
-    assert preset_names() == ["cpu", "demo", "paper"]
+    assert preset_names() == ["cpu", "demo", "models", "paper"]
     demo, cpu, paper = load_grid("demo"), load_grid("cpu"), load_grid("paper")
     methods = {"icl", "ft", "pbft", "adaptive", "lora", "cd"}
     for grid in (demo, cpu, paper):
@@ -146,6 +146,10 @@ def test_shipped_presets():
     assert {c.config.shots for c in paper.cells} == {16, 32, 64, 128}
     assert {c.config.seed for c in paper.cells} == {0, 1, 2, 3, 4}
     assert all(c.config.eval_limit is None for c in paper.cells)
+    two = load_grid("models")
+    assert {c.config.model for c in two.cells} == {"smollm2-135m", "gemma3-270m"}
+    assert {c.config.method for c in two.cells} == methods | {"peft"} and len(two.cells) == 36
+    assert all(c.config.eval_limit == 100 and c.config.preset == "quick" for c in two.cells)
     assert len(demo.cells) < len(cpu.cells) < len(paper.cells)
 
 

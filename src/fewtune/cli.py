@@ -19,7 +19,8 @@ from .errors import FewtuneError
 METHOD_FLAGS = {
     "train_layers": {"adaptive": "train_layers"},
     "lr_decay": {"adaptive": "lr_decay"},
-    "objective": {"adaptive": "objective", "lora": "objective"},
+    "objective": {"adaptive": "objective", "lora": "objective", "peft": "objective"},
+    "peft_type": {"peft": "peft_type"},
     "lora_r": {"lora": "r", "cd": "lora_r"},
     "lora_alpha": {"lora": "alpha", "cd": "lora_alpha"},
     "lora_dropout": {"lora": "dropout"},
@@ -32,7 +33,7 @@ METHOD_FLAGS = {
 }
 RUN_FIELDS = ("task", "method", "model", "shots", "seed", "train_seed", "pattern", "eval_limit", "data_root",
               "data_source", "epochs", "batch_size", "micro_batch_size", "lr", "weight_decay", "warmup_ratio",
-              "max_length", "eval_batch_size", "dtype", "device", "preset")
+              "max_length", "eval_batch_size", "dtype", "device", "preset", "retention")
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one method on one task and write a result record")
     r.add_argument("--config", help="TOML file with run fields (flags override it)")
     r.add_argument("--task", help="built-in task (cola, mnli) or path to a task file [mnli]")
-    r.add_argument("--method", help="icl, ft, pbft, adaptive, lora, cd [icl]")
+    r.add_argument("--method", help="icl, ft, pbft, adaptive, lora, cd, peft [icl]")
     r.add_argument("--model", help="bundled name (smollm2-135m), local folder or Hub id [smollm2-135m]")
     r.add_argument("--shots", type=int, help="few-shot training examples in total, all classes together (icl: demonstrations) [16]")
     r.add_argument("--shots-per-class", type=int, metavar="K",
@@ -65,12 +66,19 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, kind in (("epochs", int), ("batch-size", int), ("micro-batch-size", int), ("lr", float),
                        ("weight-decay", float), ("warmup-ratio", float), ("max-length", int), ("eval-batch-size", int)):
         r.add_argument(f"--{flag}", type=kind)
+    r.add_argument("--retention-text", dest="retention", metavar="FILE|off",
+                   help="LM loss before/after adaptation on this text (one sentence a line), or off "
+                        "[mnli-premises: 500 MNLI dev_matched premises]")
     r.add_argument("--dtype", help="auto | fp32 | bf16 (autocast; never fp16 on CPU) [auto]")
     r.add_argument("--device", help="auto | cpu | cuda [auto]")
     g = r.add_argument_group("method options")
     g.add_argument("--train-layers", type=int, help="adaptive: top blocks that train [2]")
     g.add_argument("--lr-decay", type=float, help="adaptive: per-block learning-rate decay from the top [0.8]")
-    g.add_argument("--objective", help="adaptive, lora: pbft or ft [pbft]")
+    g.add_argument("--objective", help="adaptive, lora, peft: pbft or ft [pbft]")
+    g.add_argument("--peft-type", help="peft: a peft.PeftType, e.g. IA3, LOHA, VERA, PROMPT_TUNING (fewtune ls methods)")
+    g.add_argument("--peft-option", action="append", metavar="KEY=VALUE",
+                   help="peft: a field of the type's peft config; VALUE is a TOML value (8, 0.1, true, [\"q_proj\"]) "
+                        "or else a string; repeatable")
     g.add_argument("--lora-r", type=int, help="lora, cd with --student lora: rank [8]")
     g.add_argument("--lora-alpha", type=int, help="lora, cd with --student lora: alpha [16]")
     g.add_argument("--lora-dropout", type=float, help="lora: dropout [0.05]")
@@ -160,6 +168,11 @@ def config_from_args(args) -> "RunConfig":
         if flag == "lora_targets":
             value = [v.strip() for v in value.split(",") if v.strip()]
         options[methods[method]] = value
+    for item in getattr(args, "peft_option", None) or []:
+        if method != "peft":
+            raise FewtuneError(f"--peft-option applies to method peft, not '{method}'.")
+        key, value = parse_option(item, "--peft-option")
+        options[key] = value
     fields["method_options"] = options
     return RunConfig.from_dict(fields, where=str(args.config or "flags"))
 
@@ -173,6 +186,19 @@ def shots_for_per_class(k, fields: dict, what: str) -> int:
     if not isinstance(task, str):
         raise FewtuneError(f"Config field 'task' must be a string, got {task!r:.60}.")
     return k * len(load_task(task).labels)
+
+
+def parse_option(item: str, flag: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE a TOML value (number, bool, string, list, inline table); anything else is a string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise FewtuneError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} r=8 or {flag} 'target_modules=[\"q_proj\"]'.")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key, value
 
 
 def check_writable(path: str, flag: str) -> Path:
@@ -234,10 +260,15 @@ def cmd_ls(args) -> int:
         for name, cls in REGISTRY.items():
             doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:9s} {doc}")
+            if name == "peft":
+                from .methods.peft import UNSUPPORTED, peft_types
+                offered = [t for t in sorted(peft_types()) if t not in UNSUPPORTED]
+                print(f"{'':9s} --peft-type: {', '.join(offered)}")
     else:
         from .models import list_models
         for m in list_models():
-            print(f"{m['name']:14s} {m['status']:34s} {m['description']}")
+            licence = f" [licence: {m['licence']}]" if m.get("licence") else ""
+            print(f"{m['name']:14s} {m['status']:34s} {m['description']}{licence}")
         print("(also: any Hugging Face causal LM by Hub id, e.g. facebook/opt-125m, or a local model folder)")
     return 0
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .errors import FewtuneError, did_you_mean, unknown
 
-METHODS = ("icl", "ft", "pbft", "adaptive", "lora", "cd")
+METHODS = ("icl", "ft", "pbft", "adaptive", "lora", "cd", "peft")
 DTYPES = ("auto", "fp32", "bf16")
 MAX_COUNT = 10**9        # shots, epochs, sizes: more is a typo, and would overflow SQLite/numpy/torch integers later
 MAX_SEED = 2**32 - 1     # numpy and torch both take seeds in [0, 2**32)
@@ -48,6 +48,10 @@ class RunConfig:
     preset: str | None = None
     trust_remote_code: bool = False
     allow_unsafe_weights: bool = False
+    # LM loss on a held-out general text before/after adaptation (methods that keep the LM head; retention.py):
+    # "mnli-premises" (100 MNLI dev_matched premises from the data root; "mnli-premises:N" for N), a UTF-8 file
+    # (one sentence a line), or "off"
+    retention: str = "mnli-premises"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -55,6 +59,8 @@ class RunConfig:
         for name in ("task", "model", "method", "data_source", "dtype", "device"):
             if not isinstance(getattr(self, name), str):
                 raise FewtuneError(f"Config field '{name}' must be a string, got {getattr(self, name)!r:.60}.")
+        if not isinstance(self.retention, str) or not self.retention.strip():
+            raise FewtuneError(f"Config field 'retention' must be \"mnli-premises\", a text file or \"off\", got {self.retention!r:.60}.")
         for name in ("data_root", "preset"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise FewtuneError(f"Config field '{name}' must be a string, got {getattr(self, name)!r:.60}.")

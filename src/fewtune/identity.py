@@ -6,7 +6,9 @@
 - `method_options` normalised, defaults filled in (cd `{}` and `{context = "instruction"}` are one run);
 - `data_source` and `data_root` replaced by the provenance of every split the run reads (a local file's sha256,
   or the Hub dataset, config, split and revision): the same files in another folder are the same experiment;
-- where and how it runs left out (`device`, `eval_batch_size`).
+- where and how it runs left out (`device`, `eval_batch_size`);
+- `retention` left out at its default (it adds a measurement; results stored before it existed keep their hash),
+  a retention text file replaced by the sha256 of its content.
 Runs whose identity differs are never pooled in the report; the identity is stored with every result.
 """
 
@@ -33,6 +35,11 @@ def identity(cfg) -> dict:
     d.pop("data_source", None)
     d["task"] = {"name": task.name, "sha256": task.sha256[:16]}
     d["method_options"] = dataclasses.asdict(method.opts)
+    retention = d.pop("retention", "mnli-premises")
+    if retention != "mnli-premises":
+        from pathlib import Path
+        path = Path(retention).expanduser()
+        d["retention"] = {"sha256": hashlib.sha256(path.read_bytes()).hexdigest()[:16]} if path.is_file() else retention
     splits = [task.train, *(cfg.eval_splits or task.eval_splits)]
     d["data"] = {name: provenance(task, name, cfg.data_root, cfg.data_source) for name in dict.fromkeys(splits)}
     return d  # not cached: a task or data file may change between two calls (file hashes are cached by mtime)

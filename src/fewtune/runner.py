@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import __version__, engine, metrics, models, record
+from . import __version__, engine, metrics, models, record, retention
 from .config import RunConfig
 from .data import eval_subsample, exclude_training, label_counts, load_split, sample_train, shares_training_data
 from .errors import FewtuneError
@@ -25,7 +25,8 @@ def hyperparameters(cfg: RunConfig, method) -> dict:
     """Method defaults < preset < fields set in the config."""
     hp = dict(method.defaults)
     student_lora = getattr(method.opts, "student", None) == "lora"
-    hp.update({k: v for k, v in preset_values(cfg.preset, cfg.method, student_lora).items() if k != "eval_limit"})
+    preset = preset_values(cfg.preset, cfg.method, student_lora, getattr(method, "preset_key", None))
+    hp.update({k: v for k, v in preset.items() if k != "eval_limit"})
     for key in ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "micro_batch_size"):
         if getattr(cfg, key) is not None:
             hp[key] = getattr(cfg, key)
@@ -67,11 +68,22 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     ctx = RunContext(config=cfg, task=task, pattern=pattern, tokenizer=tokenizer, label_ids=label_ids,
                      train_examples=train_examples, device=device, dtype=dtype, extra={"lr": hp["lr"]})
 
+    # retention: only methods that keep the LM head; the text never holds an example of this run
+    retained = None
+    if method.objective == "lm":
+        seen = retention.example_texts(train_examples) | {t for exs in eval_sets.values() for t in retention.example_texts(exs)}
+        picked = retention.sentences(cfg.retention, cfg.data_root, seen)
+        if picked is not None:
+            retained = retention.Retention(*picked, tokenizer, device, dtype, cfg.eval_batch_size)
+
     torch.manual_seed(train_seed)  # the new head's initialisation, dropout, LoRA init
     with record.PeakMemory(device) as mem_load:
         model = models.load_model(cfg.model, method.objective, len(task.labels), cfg.trust_remote_code, cfg.allow_unsafe_weights)
         models.set_pad_token(model, tokenizer)
         model.to(device)
+        if retained is not None:
+            retained.before(model)  # the base model, before the method wraps or changes it
+            torch.manual_seed(train_seed)
         model = method.prepare(ctx, model)
     total_params = sum(p.numel() for p in model.parameters())
 
@@ -89,7 +101,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     cost = {"load_seconds": None, "train_seconds": 0.0, "eval_seconds": 0.0, "train_peak_memory_mib": None,
             "eval_peak_memory_mib": None, "trainable_params": 0, "total_params": total_params,
             "train_tokens": 0, "eval_tokens": 0, "train_examples_per_s": None, "eval_examples_per_s": None}
-    cost["load_seconds"] = round(time.perf_counter() - t_start, 2)
+    cost["load_seconds"] = round(time.perf_counter() - t_start - (retained.seconds if retained else 0.0), 2)
     training = None
     if method.trains:
         texts = [method.text(ctx, ex) for ex in train_examples]
@@ -153,6 +165,9 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     result["examples_used"] = ctx.extra.get("demonstrations_used", len(train_examples)) if not method.trains else len(train_examples)
     cost.update(use_cost(cost, eval_seconds, eval_n, query_tokens, prefix_ids, prefix_text, mem.mib))
     cost["peak_memory_mib"] = max(x for x in (mem_load.mib, cost["train_peak_memory_mib"], mem.mib) if x is not None)
+    if retained is not None:
+        result["retention"] = retained.after(model, unchanged=not method.trains)
+        cost["retention_seconds"] = result["retention"]["seconds"]
     result.update(evals=evals, predictions=predictions, cost=cost, training=training,
                   method_info={k: v for k, v in ctx.extra.items() if k not in ("demonstrations", "lr")},
                   versions=record.versions(), git=record.git_commit(), machine=record.machine(),

@@ -107,6 +107,8 @@ def load(directory, device="cpu"):
         base = models.load_model(manifest["base_model"], manifest["objective"], n_labels)
         models.set_pad_token(base, tokenizer)
         model = PeftModel.from_pretrained(base, str(folder))
+        from .methods.peft import align_virtual_tokens
+        model = align_virtual_tokens(model)  # prompt tuning scores as it did in training
     else:
         model = models.load_model(str(folder), manifest["objective"], n_labels)
         models.set_pad_token(model, tokenizer)

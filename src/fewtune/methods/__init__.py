@@ -28,6 +28,6 @@ def get_method(name: str, options: dict | None = None) -> Method:
     return REGISTRY[name](options or {})
 
 
-from . import icl, ft, pbft, adaptive, lora, cd  # noqa: E402,F401  (registration)
+from . import icl, ft, pbft, adaptive, lora, cd, peft  # noqa: E402,F401  (registration)
 
 __all__ = ["Method", "RunContext", "REGISTRY", "get_method", "register", "FewtuneError"]

@@ -76,6 +76,8 @@ def flat_row(row: dict) -> dict:
         out[key] = cost.get(key)
     if "demonstrations_dropped" in method_info:
         out["demonstrations_dropped"] = method_info["demonstrations_dropped"]
+    # LM loss after - before adaptation on the retention text (nats/token); None where not measured (head methods)
+    out["retention_delta"] = ((row.get("result") or {}).get("retention") or {}).get("delta")
     out.update(attempts=row.get("attempts"), error=row.get("error"), started_at=row.get("started_at"),
                finished_at=row.get("finished_at"), log_path=row.get("log_path"),
                config=json.dumps(cfg, sort_keys=True))

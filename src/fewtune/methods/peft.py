@@ -1,0 +1,200 @@
+"""Any PEFT method through `peft`: IA3, LoHa, LoKr, VeRA, OFT/BOFT, LN tuning, prompt/prefix tuning, ... (the types of the installed peft).
+
+Options: `peft_type` (a `peft.PeftType`, case-insensitive) and any field of that type's config class, plus
+`objective` pbft (verbalizer over the LM head) or ft (a new head: `task_type=SEQ_CLS` puts it in
+`modules_to_save`, so it trains and is saved with the adapter, as for lora). The valid types and fields are
+read from peft itself (`PEFT_TYPE_TO_CONFIG_MAPPING`, `dataclasses.fields`), so a newer peft offers more.
+Target modules default to peft's own per-architecture table, else every Linear inside attention (lora's rule).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import FewtuneError, did_you_mean
+from . import register
+from .base import Method, Options
+from .lora import attention_linears
+
+# Config fields fewtune sets itself: the type and task come from peft_type/objective, the rest from the run.
+RESERVED = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping")
+# Defaults for fields that peft leaves unset although the type cannot run without them.
+TYPE_DEFAULTS = {"PROMPT_TUNING": {"num_virtual_tokens": 16}, "P_TUNING": {"num_virtual_tokens": 16},
+                 "PREFIX_TUNING": {"num_virtual_tokens": 16}}
+# Fields a type needs from the user (peft's defaults for them do not run).
+REQUIRED = {"TRAINABLE_TOKENS": ("token_indices",), "CPT": ("cpt_token_ids",),
+            "ADAPTION_PROMPT": ("adapter_len", "adapter_layers"), "CARTRIDGE": ("num_virtual_tokens",)}
+# Types that need more than one training loop and one scorer can give them.
+UNSUPPORTED = {
+    "ADALORA": "its rank allocation needs a call to update_and_allocate() after every optimizer step, which fewtune's one training loop does not make",
+    "XLORA": "it mixes LoRA adapters trained before; train those with --method lora",
+    "POLY": "it routes by task ids per example, which a single-task run does not have",
+    "MULTITASK_PROMPT_TUNING": "it needs task ids per example, which a single-task run does not have",
+}
+# Learning rates by kind of type (the study's LoRA budget for the rest); a preset or --lr overrides them.
+# VeRA trains only two scaling vectors per layer over frozen random matrices: its paper uses ~10x LoRA's rate.
+LR = {"prompt": 3e-2, "IA3": 3e-3, "VERA": 4e-3}
+
+
+def peft_types() -> dict:
+    """{type name: config class} of the installed peft."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    return {(k.value if hasattr(k, "value") else str(k)): v for k, v in PEFT_TYPE_TO_CONFIG_MAPPING.items()}
+
+
+def config_fields(cls) -> list[str]:
+    return sorted(f.name for f in dataclasses.fields(cls) if f.name not in RESERVED)
+
+
+def normalise_type(name) -> str:
+    known = peft_types()
+    if name is None or name == "":
+        raise FewtuneError(f"peft: needs a peft_type (--peft-type), one of: {', '.join(sorted(known))}.")
+    if not isinstance(name, str):
+        raise FewtuneError(f"peft: peft_type must be a string, got {name!r:.60}.")
+    key = name.strip().upper().replace("-", "_")
+    if key not in known:
+        raise FewtuneError(f"peft: unknown peft_type '{name}'.{did_you_mean(key, list(known))} "
+                           f"Known (peft {__import__('peft').__version__}): {', '.join(sorted(known))}.")
+    return key
+
+
+def is_prompt_learning(cls) -> bool:
+    from peft.config import PromptLearningConfig
+    return issubclass(cls, PromptLearningConfig)
+
+
+def one_line(e: Exception, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return (text[:limit] if text else type(e).__name__)
+
+
+@dataclass
+class PeftOptions(Options):
+    peft_type: str = ""
+    objective: str = "pbft"                            # pbft | ft
+    fields: dict = field(default_factory=dict)         # the peft config's own fields, as given
+
+    @classmethod
+    def parse(cls, raw: dict, method: str):
+        raw = dict(raw)
+        peft_type = normalise_type(raw.pop("peft_type", None))
+        objective = raw.pop("objective", "pbft")
+        return cls(peft_type=peft_type, objective=objective, fields=raw)
+
+    def __post_init__(self):
+        if self.objective not in ("pbft", "ft"):
+            raise FewtuneError(f"peft: objective must be pbft or ft, got {self.objective!r}.")
+        if self.peft_type in UNSUPPORTED:
+            raise FewtuneError(f"peft: {self.peft_type} is not supported: {UNSUPPORTED[self.peft_type]}.")
+        cls = self.config_class
+        valid = config_fields(cls)
+        for key in self.fields:
+            if key not in valid:
+                raise FewtuneError(f"peft: {cls.__name__} has no field '{key}'.{did_you_mean(key, valid)} "
+                                   f"Fields: {', '.join(valid)} (and objective).")
+        missing = [k for k in REQUIRED.get(self.peft_type, ()) if self.fields.get(k) in (None, [], "")]
+        if missing:
+            raise FewtuneError(f"peft: {self.peft_type} needs option(s) {', '.join(missing)} "
+                               f"(--peft-option {missing[0]}=...).")
+        if self.objective == "ft" and is_prompt_learning(cls):
+            raise FewtuneError(f"peft: {self.peft_type} adds virtual tokens and cannot be combined with objective ft "
+                               "(a new classification head); use objective pbft.")
+        # peft's own checks of the values, before any model is loaded (the tokenizer is the run's, known later)
+        text_init = str(self.fields.get("prompt_tuning_init", "")).upper() == "TEXT"
+        self.build(**({"tokenizer_name_or_path": "<the run's tokenizer>"} if text_init and not self.fields.get("tokenizer_name_or_path") else {}))
+
+    @property
+    def config_class(self):
+        return peft_types()[self.peft_type]
+
+    @property
+    def prompt_learning(self) -> bool:
+        return is_prompt_learning(self.config_class)
+
+    def build(self, task_type: str | None = None, **extra):
+        """The peft config object (a fresh one each call: get_peft_model fills in model-dependent fields)."""
+        values = {**TYPE_DEFAULTS.get(self.peft_type, {}), **self.fields, **extra}
+        task_type = task_type or ("SEQ_CLS" if self.objective == "ft" else "CAUSAL_LM")
+        try:
+            return self.config_class(task_type=task_type, **values)
+        except (ValueError, TypeError, KeyError, ImportError, AttributeError) as e:
+            raise FewtuneError(f"peft {self.peft_type}: {one_line(e)}") from None
+
+
+@register
+class Peft(Method):
+    name = "peft"
+    Options = PeftOptions
+
+    def __init__(self, options):
+        super().__init__(options)
+        lr = LR["prompt"] if self.opts.prompt_learning else LR.get(self.opts.peft_type, 2e-4)
+        self.defaults = dict(epochs=80, batch_size=32, lr=lr, weight_decay=0.0, warmup_ratio=0.25)
+        # the quick preset's learning rate for this kind of type (run_presets: peft, peft-prompt, peft-IA3)
+        self.preset_key = "peft-prompt" if self.opts.prompt_learning else f"peft-{self.opts.peft_type}"
+
+    @property
+    def objective(self):
+        return "head" if self.opts.objective == "ft" else "lm"
+
+    def prepare(self, ctx, model):
+        from peft import get_peft_model
+        extra = {}
+        if str(self.opts.fields.get("prompt_tuning_init", "")).upper() == "TEXT" and not self.opts.fields.get("tokenizer_name_or_path"):
+            extra["tokenizer_name_or_path"] = ctx.tokenizer.name_or_path  # the run's own (local) tokenizer, never the Hub
+        config = self.opts.build(**extra)
+        try:
+            try:
+                wrapped = get_peft_model(model, config)
+            except ValueError as e:
+                # peft has no default target modules for this architecture: lora's rule (attention Linears)
+                if "target_modules" not in str(e) or getattr(config, "target_modules", "absent") is not None:
+                    raise
+                config = self.opts.build(**extra, target_modules=attention_linears(model))
+                wrapped = get_peft_model(model, config)
+        except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError, AttributeError) as e:
+            raise FewtuneError(f"peft {self.opts.peft_type} cannot be applied to {type(model).__name__}: {one_line(e)}") from None
+        ctx.extra["peft_type"] = self.opts.peft_type
+        targets = getattr(config, "target_modules", None)
+        if targets is not None:
+            ctx.extra["peft_target_modules"] = sorted(targets) if isinstance(targets, (set, list, tuple)) else str(targets)
+        return align_virtual_tokens(wrapped)
+
+
+def align_virtual_tokens(model):
+    """Make prompt tuning / p-tuning score a left-padded batch exactly like one example at a time.
+
+    peft prepends the virtual tokens before the whole padded row and drops the position ids, so the distance
+    between the virtual tokens and the text would depend on how much padding the row got (its batch). Here the
+    virtual tokens go right before each row's first real token and positions count from them, as in an unpadded
+    row: [pad ... pad][virtual][text]. Prefix tuning needs nothing (peft offsets the position ids itself).
+    Applied on the instance, also to a model reloaded by `fewtune predict` (saving.load).
+    """
+    from peft import PeftType
+    cfg = model.active_peft_config if hasattr(model, "active_peft_config") else None
+    if cfg is None or cfg.peft_type not in (PeftType.PROMPT_TUNING, PeftType.P_TUNING):
+        return model
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            raise FewtuneError("peft: a prompt-learning model cannot score after a cached prefix.")
+        n = self.active_peft_config.num_virtual_tokens
+        embeds = self.word_embeddings(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        batch, width = input_ids.shape
+        prompts = self.get_prompt(batch_size=batch).to(embeds.dtype)
+        pads = (width - attention_mask.sum(-1)).tolist()
+        rows = [torch.cat([embeds[i, :p], prompts[i], embeds[i, p:]]) for i, p in enumerate(pads)]
+        mask = torch.stack([torch.cat([attention_mask[i, :p], attention_mask.new_ones(n), attention_mask[i, p:]])
+                            for i, p in enumerate(pads)])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self.base_model(inputs_embeds=torch.stack(rows), attention_mask=mask, position_ids=positions, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
+    return model
