@@ -397,3 +397,26 @@ def test_break_even_and_use_budget_follow_the_stored_costs(tmp_path):
     assert "**Compute for training + 10,000 predictions (s)**" in section
     use = next(t for t in md_tables_after(section, "### mnli / m") if t[2][0].endswith(" s") and t[2][0] != "≤ 40.0 s")
     assert use[2][0] == f"≤ {40 + 10_000 * 0.020:.0f} s"  # training + 10,000 predictions for pbft: 240 s
+
+
+def test_retention_column_and_budget(tmp_path):
+    """The report shows each option's retention delta (mean over seeds) and leaves options over the limit, or
+    without a measurement, out of "which method"."""
+    path = tmp_path / "ret.db"
+    deltas = {"pbft": 0.20, "lora": 0.01, "icl": 0.0}
+    rng = np.random.default_rng(6)
+    with Store(path) as store:
+        for seed in (0, 1):
+            for label, delta in deltas.items():
+                cfg = RunConfig(task="mnli", model="m", method=LABELS[label][0], shots=8, seed=seed, eval_limit=N)
+                r = synthetic_result(cfg, label, rng)
+                r["retention"] = {"delta": delta + 0.01 * seed}
+                store.claim(cfg, label=label)
+                store.finish(cfg.hash(), r)
+    md = write_report(path, tmp_path / "rep", max_retention_loss=0.05)["markdown"].read_text()
+    costs = md_tables_after(md, "### mnli / m")[1]
+    column = costs[0].index("retention Δ nats")
+    assert next(x for x in costs[2:] if x[0] == "pbft")[column] == "+0.205"
+    section = md[md.index("## Which method for which budget"):]
+    assert "Over the retention limit or not measured: pbft (8 shots)" in section
+    assert "pbft (8 shots)" not in section.split("Over the retention limit")[1].split("\n\n", 1)[1]

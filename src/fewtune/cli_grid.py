@@ -58,6 +58,9 @@ def add_parser(sub) -> None:
     p.add_argument("--days", type=float, default=30.0, help="with --predictions-per-day: the horizon [30]")
     p.add_argument("--max-latency-ms", type=float,
                    help="leave out of 'which method' the options slower than this per prediction (as measured)")
+    p.add_argument("--max-retention-loss", type=float,
+                   help="leave out of 'which method' the options whose LM loss on the retention text rose by more "
+                        "than this (nats/token; options without a measurement too)")
 
 
 def db_path(args) -> Path:
@@ -305,7 +308,10 @@ def cmd_report(args) -> int:
         if value is not None and (not math.isfinite(value) or value <= 0):
             raise FewtuneError(f"--{flag.replace('_', '-')} must be a positive number, got {value:g}.")
     volume = args.predictions_per_day * args.days if args.predictions_per_day else None
-    paths = write_report(db_path(args), out, volume=volume, max_latency_ms=args.max_latency_ms)
+    if args.max_retention_loss is not None and not math.isfinite(args.max_retention_loss):
+        raise FewtuneError(f"--max-retention-loss must be a number, got {args.max_retention_loss:g}.")
+    paths = write_report(db_path(args), out, volume=volume, max_latency_ms=args.max_latency_ms,
+                         max_retention_loss=args.max_retention_loss)
     print(f"report written to {paths['markdown']} and {paths['html']} (figures in {paths['figures']})")
     return 0
 

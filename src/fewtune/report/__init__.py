@@ -10,7 +10,7 @@ from ..store import Store, write_atomic
 
 
 def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, volume: float | None = None,
-                 max_latency_ms: float | None = None) -> dict[str, Path]:
+                 max_latency_ms: float | None = None, max_retention_loss: float | None = None) -> dict[str, Path]:
     """Write <out>/report.md, <out>/report.html and <out>/figures/*.{png,svg}; return their paths. `volume`
     (predictions) and `max_latency_ms` make "which method" include the cost of use (report.use)."""
     from .build import build
@@ -27,7 +27,7 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, volume:
             if key not in cache:
                 cache[key] = store.predictions(key)
             return cache[key]
-        doc = build(rows, Path(db_path), fig_dir, predictions, volume, max_latency_ms)
+        doc = build(rows, Path(db_path), fig_dir, predictions, volume, max_latency_ms, max_retention_loss)
     paths = {"markdown": out / "report.md", "html": out / "report.html", "figures": fig_dir}
     write_atomic(paths["markdown"], to_markdown(doc))
     write_atomic(paths["html"], to_html(doc, "fewtune report", fig_dir))

@@ -58,7 +58,7 @@ def cost_table(gs: list[dict], prefixes) -> tuple[list[str], list[list[str]]]:
         w = "ID" if p == "id" else "OOD"
         headers += [f"{w} ECE %", f"{w} Brier"]
     headers += ["train s", "peak MiB", "trainable params", "s / 1k predictions", "tokens / 1k predictions",
-                "predict MiB", "shipped"]
+                "predict MiB", "shipped", "retention Δ nats"]
     rows = []
     for g in gs:
         row = [g["label"], shots_text(g), str(g["n_runs"])]
@@ -68,9 +68,13 @@ def cost_table(gs: list[dict], prefixes) -> tuple[list[str], list[list[str]]]:
         row += [seconds(g["train_seconds"]), mib(g["peak_memory_mib"]), params(g["trainable_params"]),
                 seconds(g.get("predict_seconds_per_1k")),
                 "–" if tokens is None or tokens != tokens else f"{tokens:,.0f}",
-                mib(g.get("predict_peak_memory_mib")), size(g.get("shipped_bytes"))]
+                mib(g.get("predict_peak_memory_mib")), size(g.get("shipped_bytes")), _delta(g.get("retention_delta"))]
         rows.append(row)
     return headers, rows
+
+
+def _delta(x) -> str:
+    return "–" if x is None or x != x else f"{x:+.3f}"
 
 
 def floor_text(gs: list[dict], prefixes) -> str:
@@ -108,9 +112,10 @@ def hans_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: float | None = None,
-          max_latency_ms: float | None = None) -> Doc:
+          max_latency_ms: float | None = None, max_retention_loss: float | None = None) -> Doc:
     """The report. `volume`: a number of predictions to include in a "training + use" budget; `max_latency_ms`:
-    options slower per prediction are left out of "which method" (both from `fewtune report` options)."""
+    options slower per prediction are left out of "which method"; `max_retention_loss`: so are options whose
+    general-text LM loss rose by more (nats/token) or was not measured (all from `fewtune report` options)."""
     flat = [flat_row(r) for r in rows]
     groups = group_runs(flat, rows, predictions)
     use.with_volume(groups, volume)
@@ -194,18 +199,24 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
                  "distinguishable from the best at these seeds and examples. Budget levels are the costs at which a "
                  "better option becomes affordable (the Pareto front). Labelled examples count what a run used "
                  "(icl: the demonstrations that fit the context).", note=True)
-        if volume or max_latency_ms:
+        if volume or max_latency_ms or max_retention_loss is not None:
             doc.para("Use: " + "; ".join(x for x in (
                 f"the budgets include training plus {volume:,.0f} predictions" if volume else "",
                 f"options slower than {max_latency_ms:g} ms per prediction (as measured) are left out"
-                if max_latency_ms else "") if x) + ".", note=True)
+                if max_latency_ms else "",
+                f"options whose general-text LM loss rose by more than {max_retention_loss:g} nats/token (or was not "
+                "measured) are left out" if max_retention_loss is not None else "") if x) + ".", note=True)
         for task, model in model_order(groups):
             gs = [g for g in groups if g["task"] == task and g["model"] == model]
             gs, too_slow = use.within_latency(gs, max_latency_ms)
+            gs, forgot = use.within_retention(gs, max_retention_loss)
             pre = prefixes_of(gs) if gs else ("id",)
             doc.heading(3, f"{task} / {model}")
             if too_slow:
                 doc.para(f"Over the latency limit: {', '.join(budget.name(g) for g in too_slow)}.", note=True)
+            if forgot:
+                doc.para(f"Over the retention limit or not measured: {', '.join(budget.name(g) for g in forgot)}.",
+                         note=True)
             if not gs:
                 continue
             doc.bullets(budget.conclusion(gs, task, model, pre))

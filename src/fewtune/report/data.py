@@ -21,7 +21,8 @@ from ..identity import variant_hash
 CONFIDENCE = stats.CONFIDENCE
 VARIANT_IGNORES = ("seed", "train_seed", "data_root", "device", "eval_batch_size")  # legacy rows (no identity)
 COST_KEYS = ("train_seconds", "eval_seconds", "peak_memory_mib", "trainable_params", "total_params",
-             "predict_seconds_per_1k", "predict_tokens_per_1k", "predict_peak_memory_mib", "shipped_bytes")
+             "predict_seconds_per_1k", "predict_tokens_per_1k", "predict_peak_memory_mib", "shipped_bytes",
+             "retention_delta")
 METRIC_NAMES = {"accuracy": "accuracy", "mcc": "MCC", "macro_f1": "macro-F1"}
 PERCENT = ("accuracy", "macro_f1")  # printed in %; MCC as a coefficient
 

@@ -75,3 +75,13 @@ def within_latency(gs: list[dict], max_ms: float | None) -> tuple[list[dict], li
         return gs, []
     ok = [g for g in gs if not math.isnan(per_prediction_s(g)) and 1000 * per_prediction_s(g) <= max_ms]
     return ok, [g for g in gs if g not in ok]
+
+
+def within_retention(gs: list[dict], max_delta: float | None) -> tuple[list[dict], list[dict]]:
+    """(options whose general-text LM loss rose by at most `max_delta` nats/token, the others: over the limit or not
+    measured, e.g. ft, whose new head leaves no LM to measure)."""
+    if max_delta is None:
+        return gs, []
+    ok = [g for g in gs if g.get("retention_delta") is not None and not math.isnan(g["retention_delta"])
+          and g["retention_delta"] <= max_delta]
+    return ok, [g for g in gs if g not in ok]
