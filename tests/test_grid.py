@@ -332,3 +332,22 @@ def test_cell_running_in_a_live_process_is_not_run_twice(fake, tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_task_paths_in_a_spec_are_relative_to_the_spec(toy, tmp_path, monkeypatch):
+    """A spec's relative task path means the file next to the spec, from any working directory; the same task
+    reached by two spellings is one experiment (its content is the identity, not its path)."""
+    import shutil
+    specs = tmp_path / "experiments"
+    (specs / "tasks").mkdir(parents=True)
+    shutil.copy(toy.task_file, specs / "tasks" / "toy.toml")
+    spec = specs / "grid.toml"
+    spec.write_text(f'models = ["m"]\ntasks = ["tasks/toy.toml"]\ndata_root = "{toy.root}"\n[[methods]]\nmethod = "icl"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    grid = load_grid(str(spec))
+    assert grid.cells[0].config.task == str((specs / "tasks" / "toy.toml").resolve())
+    absolute = spec.with_name("abs.toml")
+    absolute.write_text(spec.read_text().replace('"tasks/toy.toml"', f'"{toy.task_file}"'))
+    assert load_grid(str(absolute)).cells[0].key == grid.cells[0].key

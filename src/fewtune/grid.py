@@ -97,7 +97,21 @@ def load_grid(spec: str, validate: bool = True, max_cells: int = MAX_CELLS) -> G
     except tomllib.TOMLDecodeError as e:
         raise FewtuneError(f"Grid spec {source} is not valid TOML: {e}.") from None
     default_name = spec if source.startswith("preset") else path.stem
+    if path.is_file() and isinstance(data.get("tasks"), list):
+        data["tasks"] = [resolve_task_path(t, path.parent) for t in data["tasks"]]
     return expand(data, source, default_name, validate, max_cells)
+
+
+def resolve_task_path(task, spec_dir: Path):
+    """A task file named by a relative path in a spec means the file next to the spec, wherever the grid is run
+    from (a built-in name, an absolute path, or anything that is not a string, is left as it is). The task's
+    content, not this path, is what enters the run's identity (fewtune.identity)."""
+    if not isinstance(task, str):
+        return task
+    p = Path(task).expanduser()
+    if p.is_absolute() or (p.suffix != ".toml" and "/" not in task):
+        return task
+    return str((spec_dir / p).resolve())
 
 
 def read_text(path: Path) -> str:

@@ -73,6 +73,14 @@ def cost_table(gs: list[dict], prefixes) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+def n_text(gs: list[dict], prefix: str) -> str:
+    """The evaluation size of a table's options: one n, or the range when options were scored on different sets."""
+    ns = sorted({g[f"{prefix}_n"] for g in gs if g.get(f"{prefix}_n") is not None})
+    if not ns:
+        return "n unknown"
+    return f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}, differing between options"
+
+
 def _delta(x) -> str:
     return "–" if x is None or x != x else f"{x:+.3f}"
 
@@ -148,9 +156,9 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
             pre = prefixes_of(gs)
             metric = METRIC_NAMES[gs[0]["primary_metric"]]
             doc.heading(3, f"{task} / {model}")
-            splits = [f"in-domain = {gs[0]['id_split']} (n={gs[0]['id_n']})"]
+            splits = [f"in-domain = {gs[0]['id_split']} ({n_text(gs, 'id')})"]
             if "ood" in pre:
-                splits.append(f"out-of-domain = {gs[0]['ood_split']} (n={gs[0]['ood_n']})")
+                splits.append(f"out-of-domain = {gs[0]['ood_split']} ({n_text(gs, 'ood')})")
             else:
                 splits.append("no out-of-domain split")
             doc.para(f"Ranked by {metric}, {task}'s primary metric. {'; '.join(splits)}. "
