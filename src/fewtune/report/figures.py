@@ -101,7 +101,8 @@ def metric_vs_shots(groups: list[dict], task: str, model: str, out: Path, color:
         ax.set_title(f"{title} ({gs[0][f'{prefix}_split']})")
         ax.set_xlabel("training examples (shots)")
     axes[0, 0].set_ylabel(f"{mname}{unit}")
-    axes[0, 0].legend(fontsize=7, loc="best")  # on the in-domain panel, which always has points
+    if axes[0, 0].get_legend_handles_labels()[0]:  # on the in-domain panel (an empty OOD panel has no artists)
+        axes[0, 0].legend(fontsize=7, loc="best")
     fig.suptitle(f"{task} / {model}: {mname} vs sample size (band: 95% interval)")
     return save(fig, out, f"{key_slug(mname)}-vs-shots-{slug(task)}-{slug(model)}")
 
