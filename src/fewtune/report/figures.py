@@ -83,27 +83,38 @@ def metric_vs_shots(groups: list[dict], task: str, model: str, out: Path, color:
     mname = METRIC_NAMES[gs[0]["primary_metric"]]
     fig, axes = plt.subplots(1, len(prefixes), figsize=(5 * len(prefixes), 3.8), sharey=True, squeeze=False)
     for ax, (prefix, title) in zip(axes[0], _panels(prefixes)):
-        for label in sorted({g["label"] for g in gs}):
+        labels = sorted({g["label"] for g in gs})
+        for j, label in enumerate(labels):
             line = sorted((g for g in gs if g["label"] == label and _est(g, prefix) is not None
                            and finite(_est(g, prefix).value)), key=lambda g: g["shots"])
             if not line:
                 continue
-            x = [g["shots"] for g in line]
+            off = j - (len(labels) - 1) / 2  # dodge options at the same sample size so their bars stay apart
+            dodge = lambda v: v * 2 ** (0.04 * off) if v > 0 else v + 0.3 * off  # noqa: E731
+            x = [dodge(g["shots"]) for g in line]
             ax.plot(x, [k * _est(g, prefix).value for g in line], marker="o", ms=4, color=color[label], label=label)
             band = [(g["shots"], k * _est(g, prefix).lo, k * _est(g, prefix).hi) for g in line if finite(_est(g, prefix).lo)]
             if band:
                 ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
                                 color=color[label], alpha=0.15, lw=0)
+                mids = [k * _est(g, prefix).value for g in line if finite(_est(g, prefix).lo)]
+                ax.errorbar([dodge(b[0]) for b in band], mids, yerr=[[m - b[1] for m, b in zip(mids, band)],
+                                                             [b[2] - m for m, b in zip(mids, band)]],
+                            fmt="none", ecolor=color[label], elinewidth=0.8, capsize=2)
+        floor = next((g.get(f"{prefix}_majority") for g in gs if g.get(f"{prefix}_majority") is not None), None)
+        if floor is not None:  # the majority-class baseline on the same examples: the floor to beat
+            ax.axhline(k * floor, color="grey", ls="--", lw=0.9, label="majority class")
         shots = sorted({g["shots"] for g in gs})
         if shots and min(shots) > 0:
             ax.set_xscale("log", base=2)
+            ax.set_xlim(min(shots) / 1.6, max(shots) * 1.6)
         ax.set_xticks(shots, [str(s) for s in shots])
         ax.set_title(f"{title} ({gs[0][f'{prefix}_split']})")
         ax.set_xlabel("training examples (shots)")
     axes[0, 0].set_ylabel(f"{mname}{unit}")
     if axes[0, 0].get_legend_handles_labels()[0]:  # on the in-domain panel (an empty OOD panel has no artists)
         axes[0, 0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{task} / {model}: {mname} vs sample size (band: 95% interval)")
+    fig.suptitle(f"{task} / {model}: {mname} vs sample size (bars: 95% intervals; dashed: majority class)")
     return save(fig, out, f"{key_slug(mname)}-vs-shots-{slug(task)}-{slug(model)}")
 
 
