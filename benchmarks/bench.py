@@ -49,6 +49,30 @@ def inputs(task, pattern, tokenizer, n):
     return seqs[:n], [ex.label for ex in train[:n]]
 
 
+def mnli_icl_inputs(tokenizer, shots, n, pattern_index=0):
+    """k-shot ICL on MNLI as `fewtune run --method icl` builds it: a class-balanced demonstration prefix from the
+    training set (alternating labels), n dev_matched queries. Returns (prefix ids, query ids, label ids, gold)."""
+    task = load_task("mnli")
+    pattern = task.patterns[pattern_index]
+    train = load_split(task, task.train)
+    by_class = [[ex for ex in train[:2000] if ex.label == c] for c in range(len(task.labels))]
+    demos = [by_class[i % len(by_class)][i // len(by_class)] for i in range(shots)]
+    text = "".join(task.format(pattern, ex) + pattern.verbalizer[ex.label] + "\n\n" for ex in demos)
+    prefix = engine.encode(tokenizer, [text])[0][0] if shots else []
+    dev = load_split(task, task.in_domain)[:n]
+    queries = engine.encode(tokenizer, [task.format(pattern, ex) for ex in dev], with_bos=not shots)[0]
+    return prefix, queries, models.verbalizer_token_ids(tokenizer, pattern.verbalizer), [ex.label for ex in dev]
+
+
+def ft_batches(tokenizer, n):
+    """The demo's full fine-tuning inputs: n raw MNLI pairs as `ft` gives them (premise, newline, hypothesis;
+    no pattern; ~15-70 tokens) with their labels."""
+    task = load_task("mnli")
+    train = load_split(task, task.train)[:n]
+    seqs = engine.encode(tokenizer, [task.raw_separator.join(ex.fields[f] for f in task.fields) for ex in train])[0]
+    return [{"ids": s, "label": ex.label} for s, ex in zip(seqs, train)]
+
+
 def nonembedding_params(model) -> int:
     emb = sum(p.numel() for n, p in model.named_parameters() if "embed" in n)
     return sum(p.numel() for p in model.parameters()) - emb
