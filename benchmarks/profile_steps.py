@@ -41,8 +41,9 @@ def main(argv=None):
         engine.score(lm, tokenizer, queries[:16], label_ids, device, args.dtype, 16, **kw)  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             t0 = time.perf_counter()
-            engine.score(lm, tokenizer, queries, label_ids, device, args.dtype, 16, **kw)
-            print(f"{args.n} examples, {len(prefix)} prefix tokens, path {args.path}: {time.perf_counter() - t0:.2f} s")
+            o = engine.score(lm, tokenizer, queries, label_ids, device, args.dtype, 16, **kw)
+            print(f"{args.n} examples, {len(prefix)} prefix tokens, path {o.path}: {time.perf_counter() - t0:.2f} s "
+                  f"(of which the prefix's KV cache: {o.prefix_seconds:.2f} s)")
     else:
         import fewtune.methods.ft  # noqa: F401
         from fewtune.methods import get_method

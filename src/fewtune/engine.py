@@ -268,6 +268,7 @@ class ScoreOutput:
     seconds: float
     tokens: int          # tokens run through the model (the prefix counted once)
     path: str = "none"   # how a shared prefix was handled: see shared_prefix_path (or "none": no prefix)
+    prefix_seconds: float = 0.0  # of `seconds`, computing the prefix's KV cache (once per call)
 
 
 def score(model, tokenizer, seqs: list[list[int]], label_ids: list[int] | None, device, dtype: str = "fp32",
@@ -291,8 +292,10 @@ def score(model, tokenizer, seqs: list[list[int]], label_ids: list[int] | None, 
         if path == "shared-prefix" and not shared_prefix:
             path = "prefix-cache"
     if path in ("shared-prefix", "prefix-cache"):
-        cache = PrefixCache(model, prefix_ids, device, dtype)
+        with torch.profiler.record_function("fewtune.prefix_cache"):
+            cache = PrefixCache(model, prefix_ids, device, dtype)
         tokens += len(prefix_ids)
+    prefix_seconds = time.perf_counter() - t0
     switch = contextlib.nullcontext()
     if path == "shared-prefix":
         _register_shared_prefix_attention()
@@ -311,7 +314,7 @@ def score(model, tokenizer, seqs: list[list[int]], label_ids: list[int] | None, 
                 logits = class_logits(model, batch, label_ids, past_key_values=cache.expand(len(idx)) if cache else None)
             out[idx] = logits.float().cpu().numpy()
             tokens += sum(len(s) for s in batch_seqs)
-    return ScoreOutput(out, time.perf_counter() - t0, tokens, path)
+    return ScoreOutput(out, time.perf_counter() - t0, tokens, path, prefix_seconds)
 
 
 # ----------------------------------------------------------------------------- training

@@ -119,6 +119,8 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
             texts = [method.text(ctx, ex) for ex in examples]
             seqs, truncated = engine.encode(tokenizer, texts, None if prefix_ids else cfg.max_length, with_bos=prefix_ids is None)
             out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids)
+            if prefix_ids:  # shared-prefix attention, the prefix KV cache, or the full prompt (engine.shared_prefix_path)
+                ctx.extra["prefix_path"] = out.path
             preds = out.logits.argmax(-1).tolist()
             gold = [ex.label for ex in examples]
             m = metrics.compute(gold, preds, task.labels, task.metrics, [ex.groups for ex in examples])
