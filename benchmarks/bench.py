@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -106,11 +107,188 @@ def train_speed(spec, task, pattern, tokenizer, method_name, options, seqs, labe
             "epoch_losses": tr.epoch_losses, "info": {k: v for k, v in ctx.extra.items() if k in ("frozen_cache", "teacher_examples")}}
 
 
+# ----------------------------------------------------------------------------- ICL on MNLI: 0/16/32 shots
+def icl_flops(cfg, n_ne, prefix_len, query_lens):
+    """(forward FLOPs of the queries after a prefix, FLOPs of the prefix once): weights 2 x params x tokens, the
+    LM head for one position, attention 4 x layers x heads x head_dim per (query, key) pair."""
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    att = 4 * L * H * dh
+    q = sum(2 * n_ne * t + 2 * cfg.hidden_size * cfg.vocab_size + att * (prefix_len * t + t * (t + 1) / 2) for t in query_lens)
+    return q, 2 * n_ne * prefix_len + att * prefix_len * (prefix_len + 1) / 2
+
+
+def icl_bench(lm, tokenizer, device, dtypes, shots_list, n, reps, peaks, check_n):
+    """Alternating runs of k-shot ICL scoring on n MNLI dev_matched examples (batch 16), per path.
+
+    Per-example cost relative to zero-shot, twice: `marginal` leaves out the prefix's one-off KV cache (what each
+    further example costs: HANS has 30,000), `with_prefix` spreads it over the n examples."""
+    n_ne = nonembedding_params(lm)
+    inputs = {k: mnli_icl_inputs(tokenizer, k, n) for k in shots_list}
+    variants = [(0, "none")] + [(k, v) for k in shots_list if k for v in ("shared-prefix", "prefix-cache")]
+    out = {"n": n, "reps": reps, "batch_size": 16, "prefix_tokens": {k: len(inputs[k][0]) for k in shots_list}}
+    for dt in dtypes:
+        runs = {f"{k}-shot {v}": [] for k, v in variants}
+        p0, q0, l0, _ = inputs[0]
+        engine.score(lm, tokenizer, q0[:16], l0, device, dt, 16)  # warm-up
+        logits = {}
+        for _ in range(reps):
+            for k, v in variants:
+                prefix, queries, label_ids, _ = inputs[k]
+                o = engine.score(lm, tokenizer, queries, label_ids, device, dt, 16, prefix_ids=prefix or None,
+                                 shared_prefix=v == "shared-prefix")
+                assert v == "none" or o.path == v, (o.path, v)
+                runs[f"{k}-shot {v}"].append((o.seconds, o.prefix_seconds))
+                logits[f"{k}-shot {v}"] = o.logits
+        res = {}
+        for (k, v) in variants:
+            name = f"{k}-shot {v}"
+            secs = np.array([s for s, _ in runs[name]])
+            marg = np.array([s - ps for s, ps in runs[name]])
+            z = np.array([s for s, _ in runs["0-shot none"]])
+            qf, pf = icl_flops(lm.config, n_ne, len(inputs[k][0]), [len(q) for q in inputs[k][1]])
+            gf = qf / float(np.median(marg)) / 1e9
+            res[name] = {"seconds": secs.tolist(), "prefix_seconds": (secs - marg).tolist(),
+                         "examples_per_s": n / float(np.median(marg)), "examples_per_s_with_prefix": n / float(np.median(secs)),
+                         "cost_vs_zero_shot_marginal": float(np.median(marg / z)),
+                         "cost_vs_zero_shot_with_prefix": float(np.median(secs / z)),
+                         "gflops": gf, "fraction_of_peak": gf / peaks[dt]}
+        for k in shots_list:
+            if k:
+                a, b = logits[f"{k}-shot shared-prefix"], logits[f"{k}-shot prefix-cache"]
+                res[f"{k}-shot shared-prefix"]["speedup_vs_prefix_cache"] = float(
+                    np.median(np.array([s - ps for s, ps in runs[f"{k}-shot prefix-cache"]]) / np.array([s - ps for s, ps in runs[f"{k}-shot shared-prefix"]])))
+                res[f"{k}-shot shared-prefix"]["max_logit_diff_vs_prefix_cache"] = float(np.abs(a - b).max())
+                res[f"{k}-shot shared-prefix"]["predictions_changed_vs_prefix_cache"] = int((a.argmax(-1) != b.argmax(-1)).sum())
+        out[dt] = res
+    # the reference: the uncached full prompt, in fp32, on the first check_n examples of the longest prompt
+    k = max(shots_list)
+    prefix, queries, label_ids, _ = inputs[k]
+    ref = {}
+    for name, kw in [("shared-prefix", {}), ("prefix-cache", {"shared_prefix": False}), ("full-prompt", {"reuse_prefix": False})]:
+        ref[name] = engine.score(lm, tokenizer, queries[:check_n], label_ids, device, "fp32", 16, prefix_ids=prefix, **kw).logits
+    out["fp32_check"] = {"shots": k, "n": check_n, **{
+        f"{name}_vs_full_prompt": {"max_logit_diff": float(np.abs(ref[name] - ref["full-prompt"]).max()),
+                                   "same_predictions": bool((ref[name].argmax(-1) == ref["full-prompt"].argmax(-1)).all())}
+        for name in ("shared-prefix", "prefix-cache")}}
+    return out
+
+
+# ----------------------------------------------------------------------------- full FT: fewtune vs HF Trainer
+class _EpochOrder(torch.utils.data.Sampler):
+    """The order engine.train uses: one torch.randperm per epoch from a generator seeded with the run's seed."""
+
+    def __init__(self, n, seed):
+        self.n, self.generator = n, torch.Generator().manual_seed(seed)
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+
+    def __len__(self):
+        return self.n
+
+
+def ft_vs_trainer(spec, tokenizer, device, dtype, n, epochs, reps, batch=8):
+    """The same full fine-tuning (fresh model, same init, same examples in the same order, batch 8, lr 1e-5,
+    no warmup, linear decay, fused AdamW, clip 1.0, same precision) by engine.train and by a plain
+    `transformers.Trainer`, alternating, in this process. Returns times, their ratio and both per-epoch losses."""
+    import tempfile
+
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+
+    items = ft_batches(tokenizer, n)
+    task = load_task("mnli")
+    cfg = RunConfig(task="mnli", method="ft", model=spec, shots=n)
+    method = get_method("ft", {})
+    ctx = RunContext(cfg, task, task.patterns[0], tokenizer, None, [], device, dtype, extra={})
+
+    def fresh():
+        torch.manual_seed(0)
+        m = models.load_model(spec, "head", 2)
+        models.set_pad_token(m, tokenizer)
+        return m.to(device)
+
+    class SameOrderTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            return _EpochOrder(len(self.train_dataset), 0)
+
+    def run_fewtune():
+        model = fresh()
+        settings = engine.TrainSettings(epochs=epochs, batch_size=batch, lr=1e-5, warmup_ratio=0.0, seed=0, dtype=dtype)
+        t0 = time.perf_counter()
+        tr = engine.train(model, items, method.loss(ctx), settings, device, pad_id=tokenizer.pad_token_id, progress=False)
+        return time.perf_counter() - t0, tr.epoch_losses
+
+    def run_trainer():
+        model = fresh()
+        with tempfile.TemporaryDirectory() as tmp:
+            args = TrainingArguments(output_dir=tmp, per_device_train_batch_size=batch, num_train_epochs=epochs,
+                                     learning_rate=1e-5, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+                                     max_grad_norm=1.0, bf16=dtype == "bf16", use_cpu=device.type == "cpu",
+                                     logging_strategy="epoch", save_strategy="no", report_to=[], disable_tqdm=True,
+                                     dataloader_num_workers=0, seed=0)
+            data = [{"input_ids": it["ids"], "labels": it["label"]} for it in items]
+            trainer = SameOrderTrainer(model=model, args=args, train_dataset=data,
+                                       data_collator=DataCollatorWithPadding(tokenizer))
+            trainer.remove_callback(PrinterCallback)
+            t0 = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - t0
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return seconds, losses, str(getattr(args.optim, "value", args.optim))
+
+    out = {"n": n, "epochs": epochs, "batch_size": batch, "dtype": dtype, "fewtune_seconds": [], "trainer_seconds": []}
+    for _ in range(reps):
+        s, out["fewtune_epoch_losses"] = run_fewtune()
+        out["fewtune_seconds"].append(s)
+        s, out["trainer_epoch_losses"], out["trainer_optim"] = run_trainer()
+        out["trainer_seconds"].append(s)
+    ratios = np.array(out["trainer_seconds"]) / np.array(out["fewtune_seconds"])
+    out["trainer_over_fewtune"] = float(np.median(ratios))
+    out["final_loss_diff"] = abs(out["fewtune_epoch_losses"][-1] - out["trainer_epoch_losses"][-1])
+    out["same_final_loss_within_0.02"] = bool(out["final_loss_diff"] <= 0.02)
+    return out
+
+
+# ----------------------------------------------------------------------------- the CD teacher's pass
+def cd_teacher_bench(lm, tokenizer, device, dtype, n, context_shots, reps):
+    """The CD teacher's one pass over n MNLI training examples with a few-shot context (what cd.train_items runs),
+    by path: shared-prefix attention, the plain prefix KV cache, the full prompt."""
+    from fewtune.methods.cd import ContextDistillation
+    task = load_task("mnli")
+    pattern = task.patterns[0]
+    train = load_split(task, task.train)[:max(n, 2 * context_shots) + 200]
+    method = ContextDistillation({"context": "few-shot", "context_shots": context_shots})
+    cfg = RunConfig(task="mnli", method="cd", model="smollm2-135m", shots=n)
+    ctx = RunContext(cfg, task, pattern, tokenizer, None, train[200:200 + max(n, 2 * context_shots)], device, dtype, extra={})
+    prefix = engine.encode(tokenizer, [method.teacher_context(ctx)])[0][0]
+    queries = engine.encode(tokenizer, [task.format(pattern, ex) for ex in train[:n]], with_bos=False)[0]
+    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
+    out = {"n": n, "context_shots": context_shots, "prefix_tokens": len(prefix), "dtype": dtype}
+    secs, logits = {}, {}
+    for _ in range(reps):
+        for name, kw in [("shared-prefix", {}), ("prefix-cache", {"shared_prefix": False}), ("full-prompt", {"reuse_prefix": False})]:
+            o = engine.score(lm, tokenizer, queries, label_ids, device, dtype, 16, prefix_ids=prefix, **kw)
+            secs.setdefault(name, []).append(o.seconds)
+            logits[name] = o.logits
+    out["seconds"] = secs
+    out["shared_speedup_vs_prefix_cache"] = float(np.median(np.array(secs["prefix-cache"]) / np.array(secs["shared-prefix"])))
+    out["shared_speedup_vs_full_prompt"] = float(np.median(np.array(secs["full-prompt"]) / np.array(secs["shared-prefix"])))
+    out["max_logit_diff_vs_full_prompt"] = float(np.abs(logits["shared-prefix"] - logits["full-prompt"]).max())
+    out["predictions_changed_vs_full_prompt"] = int((logits["shared-prefix"].argmax(-1) != logits["full-prompt"].argmax(-1)).sum())
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n", type=int, default=32, help="examples per measurement")
     p.add_argument("--output", default="results/bench.json")
+    p.add_argument("--quick", action="store_true",
+                   help="only the peer comparisons (ICL 0/16/32-shot, full FT vs Trainer, CD teacher), small sizes, "
+                        "one repetition: a few minutes on 2 busy cores")
+    p.add_argument("--icl-n", type=int, default=None, help="MNLI examples per ICL measurement (default 100; quick 48)")
+    p.add_argument("--reps", type=int, default=None, help="alternating repetitions of each comparison (default 2; quick 1)")
     args = p.parse_args(argv)
     device = engine.pick_device("auto")
     fast = engine.resolve_dtype("auto", device)
@@ -118,14 +296,31 @@ def main(argv=None):
     pattern = task.patterns[0]
     tokenizer = models.load_tokenizer(args.model)
     seqs, labels = inputs(task, pattern, tokenizer, args.n)
-    out = {"machine": record.machine(), "versions": record.versions(), "tokens_per_example": TOKENS, "n": args.n}
+    reps = args.reps or (1 if args.quick else 2)
+    out = {"machine": record.machine(), "versions": record.versions(), "tokens_per_example": TOKENS, "n": args.n,
+           "quick": args.quick, "reps": reps, "load_average_at_start": os.getloadavg()}
 
     out["matmul_peak_gflops"] = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"matmul peak: fp32 {out['matmul_peak_gflops']['fp32']:.0f} GFLOP/s, bf16 {out['matmul_peak_gflops']['bf16']:.0f} GFLOP/s")
+    peaks = out["matmul_peak_gflops"]
+    print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
 
     lm = models.load_model(args.model, "lm")
     models.set_pad_token(lm, tokenizer)
     lm.to(device)
+
+    # --- peers and shared-prefix attention (alternating, one run)
+    icl_n = args.icl_n or (48 if args.quick else 100)
+    dtypes = [fast] if args.quick or fast == "fp32" else [fast, "fp32"]
+    out["icl_mnli"] = icl_bench(lm, tokenizer, device, dtypes, [0, 16, 32], icl_n, reps, peaks, 8 if args.quick else 16)
+    print_icl(out["icl_mnli"], dtypes)
+    out["cd_teacher"] = cd_teacher_bench(lm, tokenizer, device, fast, 32 if args.quick else 64, 16, reps)
+    print_cd(out["cd_teacher"])
+    out["ft_vs_trainer"] = {dt: ft_vs_trainer(args.model, tokenizer, device, dt, 32 if args.quick else 64,
+                                              2 if args.quick else 3, reps) for dt in dtypes}
+    print_trainer(out["ft_vs_trainer"])
+    out["load_average_at_end"] = os.getloadavg()
+    if args.quick:
+        return write(out, args.output)
     n_ne = nonembedding_params(lm)
     hidden, vocab = lm.config.hidden_size, lm.config.vocab_size
     label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
@@ -203,10 +398,46 @@ def main(argv=None):
         print(f"  bf16 autocast: training {tq['bf16_train_speedup_pbft']:.2f}x, evaluation {tq['bf16_eval_speedup']:.2f}x "
               f"(max logit diff {out['eval']['bf16']['max_logit_diff_vs_fp32']:.2f}, predictions changed: "
               f"{out['eval']['bf16']['predictions_changed']}/{args.n})")
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(out, indent=2, default=str))
-    print(f"\nwritten to {args.output}")
+    return write(out, args.output)
+
+
+def write(out, path):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2, default=str))
+    print(f"\nwritten to {path}")
     return 0
+
+
+def print_icl(r, dtypes):
+    print(f"\nICL on MNLI dev_matched, {r['n']} examples, batch 16, prefix tokens {r['prefix_tokens']}, {r['reps']} rep(s); "
+          "cost per example relative to zero-shot, without / with the prefix's one-off cache")
+    print(f"{'':30s} {'ex/s':>7s} {'cost':>6s} {'w/ pref':>8s} {'GFLOP/s':>8s} {'of peak':>8s}")
+    for dt in dtypes:
+        for name, e in r[dt].items():
+            extra = f"  {e['speedup_vs_prefix_cache']:.2f}x vs prefix cache" if "speedup_vs_prefix_cache" in e else ""
+            print(f"{name + ', ' + dt:30s} {e['examples_per_s']:7.1f} {e['cost_vs_zero_shot_marginal']:6.2f} "
+                  f"{e['cost_vs_zero_shot_with_prefix']:8.2f} {e['gflops']:8.0f} {e['fraction_of_peak']:8.0%}{extra}")
+    c = r["fp32_check"]
+    for name in ("shared-prefix", "prefix-cache"):
+        d = c[f"{name}_vs_full_prompt"]
+        print(f"  fp32, {c['shots']}-shot, {c['n']} examples: {name} vs the full prompt: max logit diff {d['max_logit_diff']:.1e}, "
+              f"same predictions: {d['same_predictions']}")
+
+
+def print_cd(r):
+    med = {k: float(np.median(v)) for k, v in r["seconds"].items()}
+    print(f"\nCD teacher pass ({r['n']} examples, {r['context_shots']}-shot context of {r['prefix_tokens']} tokens, {r['dtype']}): "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in med.items())
+          + f"; shared-prefix {r['shared_speedup_vs_prefix_cache']:.2f}x vs prefix cache, {r['shared_speedup_vs_full_prompt']:.2f}x vs full prompt; "
+          f"max logit diff vs full prompt {r['max_logit_diff_vs_full_prompt']:.1e}, predictions changed {r['predictions_changed_vs_full_prompt']}")
+
+
+def print_trainer(rs):
+    for dt, r in rs.items():
+        print(f"\nfull FT ({r['n']} MNLI pairs x {r['epochs']} epochs, batch {r['batch_size']}, {dt}): fewtune "
+              f"{', '.join(f'{x:.1f}' for x in r['fewtune_seconds'])} s, HF Trainer ({r['trainer_optim']}) "
+              f"{', '.join(f'{x:.1f}' for x in r['trainer_seconds'])} s: Trainer/fewtune {r['trainer_over_fewtune']:.2f}x; "
+              f"final epoch loss {r['fewtune_epoch_losses'][-1]:.4f} vs {r['trainer_epoch_losses'][-1]:.4f}")
 
 
 def lm_depth(spec) -> int:

@@ -231,11 +231,14 @@ def shared_prefix_path(model) -> str:
     'shared-prefix' (cascade attention, the prefix attended once per batch), 'prefix-cache' (the prefix's KV cache
     expanded to the batch: models outside `SHARED_PREFIX_MODEL_TYPES`, e.g. GPT-2's learned absolute positions),
     or 'full-prompt' (no reuse: sliding-window or recurrent layers such as Gemma-3's, or $FEWTUNE_NO_SPEEDUPS=1).
+    $FEWTUNE_SHARED_PREFIX=0 keeps the prefix cache but not the cascade attention.
     Recorded in a run's method_info as `prefix_path`.
     """
     if not speedups_enabled() or not supports_prefix_cache(model):
         return "full-prompt"
     cfg = _text_config(model)
+    if os.environ.get("FEWTUNE_SHARED_PREFIX", "") in ("0", "false", "no"):  # to measure what it buys
+        return "prefix-cache"
     if getattr(cfg, "model_type", None) in SHARED_PREFIX_MODEL_TYPES and hasattr(cfg, "_attn_implementation"):
         return "shared-prefix"
     return "prefix-cache"
