@@ -225,6 +225,46 @@ def test_fused_optimizer_trains_like_the_plain_one(tokenizer, monkeypatch):
     assert max(float((weights[0][n] - weights[1][n]).abs().max()) for n in start) <= 1e-5
 
 
+def _ce_loss(model, chunk, batch):
+    logits = engine.class_logits(model, batch, None)
+    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor([it["label"] for it in chunk])), logits
+
+
+@pytest.mark.parametrize("objective", ["lm", "head"])
+def test_row_sparse_embedding_update_trains_like_the_dense_one(tokenizer, monkeypatch, objective):
+    """The embedding's AdamW update restricted to the rows with a gradient gives the dense update's weights
+    (lm: the tied head adds the label words' rows; head: only the input tokens' rows)."""
+    label_ids = word_ids(tokenizer)[:2]
+    loss = _lm_loss(label_ids) if objective == "lm" else _ce_loss
+    make = make_tiny_lm if objective == "lm" else make_tiny_classifier
+    steps = []
+    real_step = engine.RowSparseAdamW.step
+    monkeypatch.setattr(engine.RowSparseAdamW, "step", lambda self: steps.append(self) or real_step(self))
+    weights = []
+    for sparse in (True, False):
+        monkeypatch.setattr(engine, "ROW_SPARSE_EMBEDDING", sparse)
+        model = make(tokenizer, seed=4)
+        settings = engine.TrainSettings(epochs=3, batch_size=4, lr=1e-2, warmup_ratio=0.25)
+        engine.train(model, _items(tokenizer), loss, settings, CPU, pad_id=tokenizer.pad_token_id, progress=False)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert len(steps) == 6  # used in every step of the first run, never in the second
+    vocab = model.get_input_embeddings().weight.shape[0]
+    assert 0 < steps[-1].rows_updated < vocab / 10  # few rows really were skipped
+    start = dict(make(tokenizer, seed=4).named_parameters())
+    emb = next(n for n in start if "embed" in n)
+    assert not torch.equal(weights[0][emb], start[emb])  # the embedding did train
+    assert max(float((weights[0][n] - weights[1][n]).abs().max()) for n in start) <= 1e-6
+
+
+def test_row_sparse_embedding_update_needs_zero_weight_decay(tokenizer):
+    model = make_tiny_lm(tokenizer)
+    params = [{"params": list(model.parameters()), "weight_decay": 0.01}]
+    assert engine.RowSparseAdamW.eligible(model, params, fused=True) is None  # decay moves untouched rows too
+    params[0]["weight_decay"] = 0.0
+    assert engine.RowSparseAdamW.eligible(model, params, fused=True)[0] is model.get_input_embeddings().weight
+    assert engine.RowSparseAdamW.eligible(model, params, fused=False) is None
+
+
 def test_no_speedups_scores_the_full_prompt(tiny_lm, tokenizer, monkeypatch):
     prefix_ids = engine.encode(tokenizer, ["Some shared context.\n\n"])[0][0]
     queries, _ = engine.encode(tokenizer, TEXTS, with_bos=False)
