@@ -26,17 +26,28 @@ from fewtune.methods import RunContext, get_method
 from fewtune.tasks import load_task
 
 TOKENS = 64
+clock = time.perf_counter  # --clock cpu: the process's CPU time (set in main)
+
+
+def set_clock(kind: str, threads: int | None) -> None:
+    """On a machine shared with other jobs, wall time measures the neighbours as much as the code. `cpu` times the
+    benchmark's own CPU seconds instead; with one thread (no threads spinning while they wait for each other) these
+    are the work done, so ratios between variants stay stable when the machine is busy."""
+    global clock
+    if threads:
+        torch.set_num_threads(threads)
+    clock = time.process_time if kind == "cpu" else time.perf_counter
 
 
 def matmul_peak(dtype, n=2048, seconds=2.0) -> float:
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    reps, t0 = 0, clock()
+    while clock() - t0 < seconds:
         a @ b
         reps += 1
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+    return 2 * n ** 3 * reps / (clock() - t0) / 1e9
 
 
 def inputs(task, pattern, tokenizer, n):
@@ -118,51 +129,98 @@ def icl_flops(cfg, n_ne, prefix_len, query_lens):
     return q, 2 * n_ne * prefix_len + att * prefix_len * (prefix_len + 1) / 2
 
 
-def icl_bench(lm, tokenizer, device, dtypes, shots_list, n, reps, peaks, check_n):
-    """Alternating runs of k-shot ICL scoring on n MNLI dev_matched examples (batch 16), per path.
+class _ReusedPrefixCaches:
+    """Within the benchmark, engine.score reuses the KV cache of a prefix it has already computed (one per model,
+    prefix and dtype), so that short interleaved calls time the per-example cost; the one-off cost of computing
+    the cache is timed separately. engine.score itself computes the cache once per call."""
 
-    Per-example cost relative to zero-shot, twice: `marginal` leaves out the prefix's one-off KV cache (what each
-    further example costs: HANS has 30,000), `with_prefix` spreads it over the n examples."""
+    def __init__(self):
+        self.real, self.memo = engine.PrefixCache, {}
+
+    def __call__(self, model, prefix_ids, device, dtype):
+        key = (id(model), tuple(prefix_ids), dtype)
+        if key not in self.memo:
+            self.memo[key] = self.real(model, prefix_ids, device, dtype)
+        return self.memo[key]
+
+    def __enter__(self):
+        engine.PrefixCache = self
+        return self
+
+    def __exit__(self, *exc):
+        engine.PrefixCache = self.real
+
+
+def interleaved(variants, chunks, reps, run):
+    """Time every variant on every chunk, round-robin (the order rotated each round), so that a machine whose
+    speed drifts (other jobs) slows all variants alike. Returns {variant: [seconds per round]} and the last outputs."""
+    secs, outs = {v: [] for v in variants}, {v: [] for v in variants}
+    r = 0
+    for rep in range(reps):
+        for chunk in chunks:
+            order = variants[r % len(variants):] + variants[:r % len(variants)]
+            for v in order:
+                t0 = clock()
+                o = run(v, chunk)
+                secs[v].append(clock() - t0)
+                if rep == reps - 1:
+                    outs[v].append(o)
+            r += 1
+    return secs, outs
+
+
+def icl_bench(lm, tokenizer, device, dtypes, shots_list, n, reps, peaks, check_n):
+    """k-shot ICL scoring of n MNLI dev_matched examples (batch 16) by path, interleaved batch by batch.
+
+    Per-example cost relative to zero-shot: the median over batches of (k-shot time / zero-shot time) on the same
+    16 queries; the prefix's one-off KV cache is timed apart (`prefix_seconds`) and, in `cost_with_prefix`, spread
+    over the n examples."""
     n_ne = nonembedding_params(lm)
     inputs = {k: mnli_icl_inputs(tokenizer, k, n) for k in shots_list}
     variants = [(0, "none")] + [(k, v) for k in shots_list if k for v in ("shared-prefix", "prefix-cache")]
-    out = {"n": n, "reps": reps, "batch_size": 16, "prefix_tokens": {k: len(inputs[k][0]) for k in shots_list}}
+    names = [f"{k}-shot {v}" for k, v in variants]
+    chunks = [list(range(i, min(i + 16, n))) for i in range(0, n, 16)]
+    out = {"n": n, "reps": reps, "batch_size": 16, "prefix_tokens": {k: len(inputs[k][0]) for k in shots_list},
+           "method": "interleaved batch by batch; median of per-batch ratios"}
     for dt in dtypes:
-        runs = {f"{k}-shot {v}": [] for k, v in variants}
-        p0, q0, l0, _ = inputs[0]
-        engine.score(lm, tokenizer, q0[:16], l0, device, dt, 16)  # warm-up, also of each prefix path's shapes
-        for k in shots_list[1:2]:
-            for v in (True, False):
-                engine.score(lm, tokenizer, inputs[k][1][:16], l0, device, dt, 16, prefix_ids=inputs[k][0], shared_prefix=v)
-        logits = {}
-        for _ in range(reps):
-            for k, v in variants:
+        with _ReusedPrefixCaches():
+            prefix_seconds = {}
+            for k in shots_list[1:]:
+                for _ in range(2):  # one-off cost, taken twice (the second without first-call effects)
+                    t0 = clock()
+                    engine.PrefixCache.real(lm, inputs[k][0], device, dt)
+                    prefix_seconds[k] = clock() - t0
+
+            def run(name, chunk):
+                k, v = variants[names.index(name)]
                 prefix, queries, label_ids, _ = inputs[k]
-                o = engine.score(lm, tokenizer, queries, label_ids, device, dt, 16, prefix_ids=prefix or None,
-                                 shared_prefix=v == "shared-prefix")
+                o = engine.score(lm, tokenizer, [queries[i] for i in chunk], label_ids, device, dt, 16,
+                                 prefix_ids=prefix or None, shared_prefix=v == "shared-prefix")
                 assert v == "none" or o.path == v, (o.path, v)
-                runs[f"{k}-shot {v}"].append((o.seconds, o.prefix_seconds))
-                logits[f"{k}-shot {v}"] = o.logits
+                return o.logits
+
+            interleaved(names, chunks[:1], 1, run)  # warm-up: every path's first call
+            secs, outs = interleaved(names, chunks, reps, run)
+        z = np.array(secs["0-shot none"])
         res = {}
-        for (k, v) in variants:
-            name = f"{k}-shot {v}"
-            secs = np.array([s for s, _ in runs[name]])
-            marg = np.array([s - ps for s, ps in runs[name]])
-            z = np.array([s for s, _ in runs["0-shot none"]])
+        for (k, v), name in zip(variants, names):
+            t = np.array(secs[name])
             qf, pf = icl_flops(lm.config, n_ne, len(inputs[k][0]), [len(q) for q in inputs[k][1]])
-            gf = qf / float(np.median(marg)) / 1e9
-            res[name] = {"seconds": secs.tolist(), "prefix_seconds": (secs - marg).tolist(),
-                         "examples_per_s": n / float(np.median(marg)), "examples_per_s_with_prefix": n / float(np.median(secs)),
-                         "cost_vs_zero_shot_marginal": float(np.median(marg / z)),
-                         "cost_vs_zero_shot_with_prefix": float(np.median(secs / z)),
+            total = float(t.sum()) / reps
+            gf = qf / total / 1e9
+            res[name] = {"seconds_per_batch": t.tolist(), "examples_per_s": n / total,
+                         "cost_vs_zero_shot": float(np.median(t / z)),
+                         "cost_vs_zero_shot_total": total / (float(z.sum()) / reps),
                          "gflops": gf, "fraction_of_peak": gf / peaks[dt]}
-        for k in shots_list:
             if k:
-                a, b = logits[f"{k}-shot shared-prefix"], logits[f"{k}-shot prefix-cache"]
-                res[f"{k}-shot shared-prefix"]["speedup_vs_prefix_cache"] = float(
-                    np.median(np.array([s - ps for s, ps in runs[f"{k}-shot prefix-cache"]]) / np.array([s - ps for s, ps in runs[f"{k}-shot shared-prefix"]])))
-                res[f"{k}-shot shared-prefix"]["max_logit_diff_vs_prefix_cache"] = float(np.abs(a - b).max())
-                res[f"{k}-shot shared-prefix"]["predictions_changed_vs_prefix_cache"] = int((a.argmax(-1) != b.argmax(-1)).sum())
+                res[name]["prefix_seconds"] = prefix_seconds[k]
+                res[name]["cost_with_prefix"] = (total + prefix_seconds[k]) / (float(z.sum()) / reps)
+        for k in shots_list[1:]:
+            a, b = np.concatenate(outs[f"{k}-shot shared-prefix"]), np.concatenate(outs[f"{k}-shot prefix-cache"])
+            e = res[f"{k}-shot shared-prefix"]
+            e["speedup_vs_prefix_cache"] = float(np.median(np.array(secs[f"{k}-shot prefix-cache"]) / np.array(secs[f"{k}-shot shared-prefix"])))
+            e["max_logit_diff_vs_prefix_cache"] = float(np.abs(a - b).max())
+            e["predictions_changed_vs_prefix_cache"] = int((a.argmax(-1) != b.argmax(-1)).sum())
         out[dt] = res
     # the reference: the uncached full prompt, in fp32, on the first check_n examples of the longest prompt
     k = max(shots_list)
@@ -218,9 +276,9 @@ def ft_vs_trainer(spec, tokenizer, device, dtype, n, epochs, reps, batch=8):
     def run_fewtune():
         model = fresh()
         settings = engine.TrainSettings(epochs=epochs, batch_size=batch, lr=1e-5, warmup_ratio=0.0, seed=0, dtype=dtype)
-        t0 = time.perf_counter()
+        t0 = clock()
         tr = engine.train(model, items, method.loss(ctx), settings, device, pad_id=tokenizer.pad_token_id, progress=False)
-        return time.perf_counter() - t0, tr.epoch_losses
+        return clock() - t0, tr.epoch_losses
 
     def run_trainer():
         model = fresh()
@@ -234,9 +292,9 @@ def ft_vs_trainer(spec, tokenizer, device, dtype, n, epochs, reps, batch=8):
             trainer = SameOrderTrainer(model=model, args=args, train_dataset=data,
                                        data_collator=DataCollatorWithPadding(tokenizer))
             trainer.remove_callback(PrinterCallback)
-            t0 = time.perf_counter()
+            t0 = clock()
             trainer.train()
-            seconds = time.perf_counter() - t0
+            seconds = clock() - t0
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         return seconds, losses, str(getattr(args.optim, "value", args.optim))
 
@@ -268,16 +326,22 @@ def cd_teacher_bench(lm, tokenizer, device, dtype, n, context_shots, reps):
     queries = engine.encode(tokenizer, [task.format(pattern, ex) for ex in train[:n]], with_bos=False)[0]
     label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
     out = {"n": n, "context_shots": context_shots, "prefix_tokens": len(prefix), "dtype": dtype}
-    secs, logits = {}, {}
-    paths = [("shared-prefix", {}), ("prefix-cache", {"shared_prefix": False}), ("full-prompt", {"reuse_prefix": False})]
-    for name, kw in paths[:2]:  # warm-up: the first call at new shapes pays one-off costs
-        engine.score(lm, tokenizer, queries[:16], label_ids, device, dtype, 16, prefix_ids=prefix, **kw)
-    for r in range(reps):
-        for name, kw in paths[r % 2:] + paths[:r % 2]:  # alternate which path goes first
-            o = engine.score(lm, tokenizer, queries, label_ids, device, dtype, 16, prefix_ids=prefix, **kw)
-            secs.setdefault(name, []).append(o.seconds)
-            logits[name] = o.logits
-    out["seconds"] = secs
+    paths = {"shared-prefix": {}, "prefix-cache": {"shared_prefix": False}, "full-prompt": {"reuse_prefix": False}}
+    chunks = [list(range(i, min(i + 16, n))) for i in range(0, n, 16)]
+    with _ReusedPrefixCaches():  # the teacher computes its context's cache once; timed apart, as for ICL
+        t0 = clock()
+        engine.PrefixCache(lm, prefix, device, dtype)
+        out["prefix_seconds"] = clock() - t0
+
+        def run(name, chunk):
+            return engine.score(lm, tokenizer, [queries[i] for i in chunk], label_ids, device, dtype, 16,
+                                prefix_ids=prefix, **paths[name]).logits
+
+        interleaved(list(paths), chunks[:1], 1, run)  # warm-up
+        secs, outs = interleaved(list(paths), chunks, reps, run)
+    logits = {k: np.concatenate(v) for k, v in outs.items()}
+    out["seconds_per_batch"] = secs
+    out["seconds"] = {k: float(np.sum(v)) / reps for k, v in secs.items()}
     out["shared_speedup_vs_prefix_cache"] = float(np.median(np.array(secs["prefix-cache"]) / np.array(secs["shared-prefix"])))
     out["shared_speedup_vs_full_prompt"] = float(np.median(np.array(secs["full-prompt"]) / np.array(secs["shared-prefix"])))
     out["max_logit_diff_vs_full_prompt"] = float(np.abs(logits["shared-prefix"] - logits["full-prompt"]).max())
@@ -293,9 +357,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true",
                    help="only the peer comparisons (ICL 0/16/32-shot, full FT vs Trainer, CD teacher), small sizes, "
                         "one repetition: a few minutes on 2 busy cores")
-    p.add_argument("--icl-n", type=int, default=None, help="MNLI examples per ICL measurement (default 100; quick 32)")
+    p.add_argument("--icl-n", type=int, default=None, help="MNLI examples per ICL measurement (default 96; quick 48)")
     p.add_argument("--reps", type=int, default=None, help="alternating repetitions of each comparison (default 2; quick 1)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time the comparisons by wall clock or by this process's CPU time (for a shared machine; use with --threads 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = p.parse_args(argv)
+    set_clock(args.clock, args.threads)
     device = engine.pick_device("auto")
     fast = engine.resolve_dtype("auto", device)
     task = load_task("cola")
@@ -304,7 +372,8 @@ def main(argv=None):
     seqs, labels = inputs(task, pattern, tokenizer, args.n)
     reps = args.reps or (1 if args.quick else 2)
     out = {"machine": record.machine(), "versions": record.versions(), "tokens_per_example": TOKENS, "n": args.n,
-           "quick": args.quick, "reps": reps, "load_average_at_start": os.getloadavg()}
+           "quick": args.quick, "reps": reps, "clock": args.clock, "threads": torch.get_num_threads(),
+           "load_average_at_start": os.getloadavg()}
 
     out["matmul_peak_gflops"] = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     peaks = out["matmul_peak_gflops"]
@@ -315,11 +384,11 @@ def main(argv=None):
     lm.to(device)
 
     # --- peers and shared-prefix attention (alternating, one run)
-    icl_n = args.icl_n or (32 if args.quick else 100)
+    icl_n = args.icl_n or (48 if args.quick else 96)
     dtypes = [fast] if args.quick or fast == "fp32" else [fast, "fp32"]
     out["icl_mnli"] = icl_bench(lm, tokenizer, device, dtypes, [0, 16, 32], icl_n, reps, peaks, 8 if args.quick else 16)
     print_icl(out["icl_mnli"], dtypes)
-    out["cd_teacher"] = cd_teacher_bench(lm, tokenizer, device, fast, 16 if args.quick else 64, 16, reps)
+    out["cd_teacher"] = cd_teacher_bench(lm, tokenizer, device, fast, 32 if args.quick else 64, 16, reps)
     print_cd(out["cd_teacher"])
     out["ft_vs_trainer"] = {dt: ft_vs_trainer(args.model, tokenizer, device, dt, 16 if args.quick else 64,
                                               2 if args.quick else 3, reps) for dt in dtypes}
@@ -415,14 +484,15 @@ def write(out, path):
 
 
 def print_icl(r, dtypes):
-    print(f"\nICL on MNLI dev_matched, {r['n']} examples, batch 16, prefix tokens {r['prefix_tokens']}, {r['reps']} rep(s); "
-          "cost per example relative to zero-shot, without / with the prefix's one-off cache")
+    print(f"\nICL on MNLI dev_matched, {r['n']} examples, batch 16, prefix tokens {r['prefix_tokens']}, {r['reps']} rep(s), "
+          "interleaved batch by batch; cost per example relative to zero-shot (median of per-batch ratios; "
+          "with the prefix's one-off cache spread over the n examples)")
     print(f"{'':30s} {'ex/s':>7s} {'cost':>6s} {'w/ pref':>8s} {'GFLOP/s':>8s} {'of peak':>8s}")
     for dt in dtypes:
         for name, e in r[dt].items():
             extra = f"  {e['speedup_vs_prefix_cache']:.2f}x vs prefix cache" if "speedup_vs_prefix_cache" in e else ""
-            print(f"{name + ', ' + dt:30s} {e['examples_per_s']:7.1f} {e['cost_vs_zero_shot_marginal']:6.2f} "
-                  f"{e['cost_vs_zero_shot_with_prefix']:8.2f} {e['gflops']:8.0f} {e['fraction_of_peak']:8.0%}{extra}")
+            print(f"{name + ', ' + dt:30s} {e['examples_per_s']:7.1f} {e['cost_vs_zero_shot']:6.2f} "
+                  f"{e.get('cost_with_prefix', 1.0):8.2f} {e['gflops']:8.0f} {e['fraction_of_peak']:8.0%}{extra}")
     c = r["fp32_check"]
     for name in ("shared-prefix", "prefix-cache"):
         d = c[f"{name}_vs_full_prompt"]
@@ -431,9 +501,9 @@ def print_icl(r, dtypes):
 
 
 def print_cd(r):
-    med = {k: float(np.median(v)) for k, v in r["seconds"].items()}
-    print(f"\nCD teacher pass ({r['n']} examples, {r['context_shots']}-shot context of {r['prefix_tokens']} tokens, {r['dtype']}): "
-          + ", ".join(f"{k} {v:.2f} s" for k, v in med.items())
+    print(f"\nCD teacher pass ({r['n']} examples, {r['context_shots']}-shot context of {r['prefix_tokens']} tokens, {r['dtype']}, "
+          f"context cache {r['prefix_seconds']:.2f} s once): "
+          + ", ".join(f"{k} {v:.2f} s" for k, v in r["seconds"].items())
           + f"; shared-prefix {r['shared_speedup_vs_prefix_cache']:.2f}x vs prefix cache, {r['shared_speedup_vs_full_prompt']:.2f}x vs full prompt; "
           f"max logit diff vs full prompt {r['max_logit_diff_vs_full_prompt']:.1e}, predictions changed {r['predictions_changed_vs_full_prompt']}")
 

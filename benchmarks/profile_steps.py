@@ -30,7 +30,10 @@ def main(argv=None):
     p.add_argument("--path", default="shared", choices=["shared", "expand", "full"])
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy shared machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = engine.pick_device("cpu")
     tokenizer = models.load_tokenizer(args.model)
     if args.what == "icl":

@@ -225,46 +225,6 @@ def test_fused_optimizer_trains_like_the_plain_one(tokenizer, monkeypatch):
     assert max(float((weights[0][n] - weights[1][n]).abs().max()) for n in start) <= 1e-5
 
 
-def _ce_loss(model, chunk, batch):
-    logits = engine.class_logits(model, batch, None)
-    return torch.nn.functional.cross_entropy(logits.float(), torch.tensor([it["label"] for it in chunk])), logits
-
-
-@pytest.mark.parametrize("objective", ["lm", "head"])
-def test_row_sparse_embedding_update_trains_like_the_dense_one(tokenizer, monkeypatch, objective):
-    """The embedding's AdamW update restricted to the rows with a gradient gives the dense update's weights
-    (lm: the tied head adds the label words' rows; head: only the input tokens' rows)."""
-    label_ids = word_ids(tokenizer)[:2]
-    loss = _lm_loss(label_ids) if objective == "lm" else _ce_loss
-    make = make_tiny_lm if objective == "lm" else make_tiny_classifier
-    steps = []
-    real_step = engine.RowSparseAdamW.step
-    monkeypatch.setattr(engine.RowSparseAdamW, "step", lambda self: steps.append(self) or real_step(self))
-    weights = []
-    for sparse in (True, False):
-        monkeypatch.setattr(engine, "ROW_SPARSE_EMBEDDING", sparse)
-        model = make(tokenizer, seed=4)
-        settings = engine.TrainSettings(epochs=3, batch_size=4, lr=1e-2, warmup_ratio=0.25)
-        engine.train(model, _items(tokenizer), loss, settings, CPU, pad_id=tokenizer.pad_token_id, progress=False)
-        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
-    assert len(steps) == 6  # used in every step of the first run, never in the second
-    vocab = model.get_input_embeddings().weight.shape[0]
-    assert 0 < steps[-1].rows_updated < vocab / 10  # few rows really were skipped
-    start = dict(make(tokenizer, seed=4).named_parameters())
-    emb = next(n for n in start if "embed" in n)
-    assert not torch.equal(weights[0][emb], start[emb])  # the embedding did train
-    assert max(float((weights[0][n] - weights[1][n]).abs().max()) for n in start) <= 1e-6
-
-
-def test_row_sparse_embedding_update_needs_zero_weight_decay(tokenizer):
-    model = make_tiny_lm(tokenizer)
-    params = [{"params": list(model.parameters()), "weight_decay": 0.01}]
-    assert engine.RowSparseAdamW.eligible(model, params, fused=True) is None  # decay moves untouched rows too
-    params[0]["weight_decay"] = 0.0
-    assert engine.RowSparseAdamW.eligible(model, params, fused=True)[0] is model.get_input_embeddings().weight
-    assert engine.RowSparseAdamW.eligible(model, params, fused=False) is None
-
-
 def test_no_speedups_scores_the_full_prompt(tiny_lm, tokenizer, monkeypatch):
     prefix_ids = engine.encode(tokenizer, ["Some shared context.\n\n"])[0][0]
     queries, _ = engine.encode(tokenizer, TEXTS, with_bos=False)
@@ -362,3 +322,56 @@ def test_shared_prefix_falls_back_where_the_model_is_not_supported(tokenizer, mo
     llama = make_tiny_lm(tokenizer, **SHARP)
     monkeypatch.setenv("FEWTUNE_NO_SPEEDUPS", "1")
     assert engine.shared_prefix_path(llama) == "full-prompt"
+
+
+def test_eager_training_attention_trains_like_sdpa(tokenizer, monkeypatch):
+    """Short training batches use eager attention on CPU: the same weights as sdpa within float tolerance."""
+    label_ids = word_ids(tokenizer)[:2]
+    used = []
+    real = engine.training_attention
+    monkeypatch.setattr(engine, "training_attention", lambda *a: used.append(real(*a)) or used[-1])
+    weights = []
+    for max_len in (128, 0):
+        monkeypatch.setattr(engine, "EAGER_TRAINING_ATTENTION_MAX_LEN", max_len)
+        model = make_tiny_lm(tokenizer, seed=5, **SHARP)
+        model.config._attn_implementation = "sdpa"
+        settings = engine.TrainSettings(epochs=2, batch_size=4, lr=1e-3, warmup_ratio=0.0)
+        engine.train(model, _items(tokenizer), _lm_loss(label_ids), settings, CPU, pad_id=tokenizer.pad_token_id, progress=False)
+        assert model.config._attn_implementation == "sdpa"  # switched back after each batch
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert used[:4] == ["eager"] * 4 and used[4:] == [None] * 4
+    start = dict(make_tiny_lm(tokenizer, seed=5, **SHARP).named_parameters())
+    assert any(not torch.equal(weights[0][n], start[n]) for n in start)
+    assert max(float((weights[0][n] - weights[1][n]).abs().max()) for n in start) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_eager_attention_gives_sdpa_loss_and_gradients(tokenizer, arch):
+    """One padded batch: loss and gradients with eager attention equal sdpa's (GPT-2 without attention dropout).
+    (Over several AdamW steps GPT-2's tiny float differences grow: Adam turns near-zero gradients into lr-sized steps.)"""
+    label_ids = word_ids(tokenizer)[:2]
+    batch = engine.collate([it["ids"] for it in _items(tokenizer)], tokenizer.pad_token_id)
+    chunk = _items(tokenizer)
+    grads = []
+    for attn in ("eager", "sdpa"):
+        model = make_tiny_lm(tokenizer, seed=6, arch=arch, **SHARP, **({"attn_pdrop": 0.0} if arch == "gpt2" else {}))
+        model.config._attn_implementation = "sdpa"
+        model.train()
+        torch.manual_seed(0)
+        with engine._attention_implementation(model, attn):
+            loss, _ = _lm_loss(label_ids)(model, chunk, batch)
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert abs(grads[0][0] - grads[1][0]) <= 1e-5
+    scale = max(float(g.abs().max()) for g in grads[1][1].values())
+    assert max(float((grads[0][1][n] - grads[1][1][n]).abs().max()) for n in grads[1][1]) <= 1e-5 * max(1.0, scale)
+
+
+def test_eager_training_attention_not_with_attention_dropout(tokenizer):
+    gpt2 = make_tiny_lm(tokenizer, arch="gpt2")  # attn_pdrop 0.1
+    gpt2.config._attn_implementation = "sdpa"
+    assert engine.training_attention(gpt2, 16, CPU) is None
+    llama = make_tiny_lm(tokenizer)
+    llama.config._attn_implementation = "sdpa"
+    assert engine.training_attention(llama, 16, CPU) == "eager"
+    assert engine.training_attention(llama, 10_000, CPU) is None  # long batches keep sdpa (memory)

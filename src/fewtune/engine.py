@@ -345,56 +345,23 @@ class TrainResult:
     train_accuracy: float | None
 
 
-ROW_SPARSE_EMBEDDING = True  # tests switch it off to compare with the dense update
+# Training batches up to this many tokens wide use transformers' "eager" attention (matmul, softmax, matmul)
+# instead of sdpa on CPU: at the demo's shapes (batch 8, 15-70 tokens) the fused CPU kernel's backward pass took
+# 17 % of the step (8.7 ms per layer call against 1.5 ms forward), and a step ran 1.2-1.4x faster with eager
+# (benchmarks/profile_steps.py train; docs/speed.md). Eager keeps [B, heads, T, T] scores for the backward pass,
+# so long batches stay on sdpa. 0 switches it off.
+EAGER_TRAINING_ATTENTION_MAX_LEN = 128
 
 
-class RowSparseAdamW:
-    """Fused AdamW for the input embedding matrix, updating only the rows whose gradient has ever been non-zero.
-
-    Only the batch's tokens (and, with a tied LM head, the label words) give an embedding row a gradient: a
-    training run touches a few thousand of SmolLM2's 49,152 rows. With weight decay 0 AdamW leaves a row whose
-    gradient and both moments are zero exactly unchanged (update 0 / (0 + eps) = 0), so skipping those rows gives
-    the dense update's result; the rows it does update go through the same fused kernel with the same step
-    count. The moments stay dense (as in AdamW), so memory is unchanged. Saves the optimizer's passes over the
-    rest of the 28M-parameter matrix (about a fifth of the model's parameters) every step.
-    """
-
-    def __init__(self, param: torch.nn.Parameter, group: dict, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.param, self.group, self.betas, self.eps = param, group, betas, eps
-        self.exp_avg = torch.zeros_like(param)
-        self.exp_avg_sq = torch.zeros_like(param)
-        self.touched = torch.zeros(param.shape[0], dtype=torch.bool, device=param.device)
-        self.step_count = torch.zeros((), dtype=torch.float32, device=param.device)
-        self.rows_updated = 0
-
-    @staticmethod
-    def eligible(model, groups: list[dict], fused: bool) -> tuple[torch.nn.Parameter, dict] | None:
-        """(the embedding weight, its param group) where the row-sparse update is exact and applies, else None."""
-        if not (ROW_SPARSE_EMBEDDING and fused and speedups_enabled()):
-            return None
-        try:
-            weight = model.get_input_embeddings().weight
-        except (AttributeError, NotImplementedError):
-            return None
-        if not weight.requires_grad or weight.dim() != 2 or weight.dtype != torch.float32:
-            return None
-        for g in groups:
-            if any(p is weight for p in g["params"]):
-                return (weight, g) if g.get("weight_decay", 0.0) == 0.0 else None
-        return None
-
-    def step(self) -> None:
-        grad = self.param.grad
-        if grad is None:  # AdamW skips a parameter without a gradient
-            return
-        self.touched |= (grad != 0).any(dim=1)
-        rows = self.touched.nonzero().squeeze(1)
-        self.step_count += 1
-        p, g, m, v = self.param.data[rows], grad[rows], self.exp_avg[rows], self.exp_avg_sq[rows]
-        torch._fused_adamw_([p], [g], [m], [v], [], [self.step_count], amsgrad=False, lr=float(self.group["lr"]),
-                            beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=self.eps, maximize=False)
-        self.param.data[rows], self.exp_avg[rows], self.exp_avg_sq[rows] = p, m, v
-        self.rows_updated = int(rows.numel())
+def training_attention(model, width: int, device) -> str | None:
+    """The attention implementation to train a batch `width` tokens wide with, or None to keep the model's."""
+    cfg = _text_config(model)
+    # With attention dropout the two implementations draw different random masks: not the same run any more.
+    dropout = max(float(getattr(cfg, k, 0.0) or 0.0) for k in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"))
+    if (device.type == "cpu" and speedups_enabled() and width <= EAGER_TRAINING_ATTENTION_MAX_LEN and dropout == 0.0
+            and getattr(cfg, "_attn_implementation", None) == "sdpa"):
+        return "eager"
+    return None
 
 
 def train(model, items: list, loss_fn, settings: TrainSettings, device, param_groups=None, pad_id: int = 0,
@@ -419,25 +386,13 @@ def train(model, items: list, loss_fn, settings: TrainSettings, device, param_gr
     for g in params:
         g.setdefault("lr", settings.lr)
         g.setdefault("weight_decay", settings.weight_decay)
-    clip_params = [p for g in params for p in g["params"]]  # before the embedding may leave its group: same order
-    sparse = None
     try:
         if not speedups_enabled():
             raise RuntimeError("fused optimizer disabled by $FEWTUNE_NO_SPEEDUPS")
         # The fused kernel updates all parameters in one pass over memory: on 2 CPU cores it takes 0.09 s per
         # step for 148M fp32 parameters where the default implementation takes 0.34-0.52 s (measured).
-        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, device=device))], fused=True)  # the kernel exists here
-        found = RowSparseAdamW.eligible(model, params, fused=True)
-        if found:
-            # the embedding leaves the dense optimizer; its group stays (empty) so the scheduler still sets its lr
-            weight, group = found
-            group["params"] = [p for p in group["params"] if p is not weight]
-            sparse = RowSparseAdamW(weight, group)
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     except (RuntimeError, TypeError):  # a device or dtype without the fused kernel
-        if sparse is not None:
-            sparse.group["params"].append(sparse.param)
-            sparse = None
         optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(settings.warmup_ratio * total_steps), total_steps)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -453,12 +408,11 @@ def train(model, items: list, loss_fn, settings: TrainSettings, device, param_gr
         for start in range(0, len(order), settings.batch_size):
             step_idx = order[start:start + settings.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            if sparse is not None:
-                sparse.param.grad = None
             for m in range(0, len(step_idx), micro):
                 chunk = [items[i] for i in step_idx[m:m + micro]]
                 batch = collate([it["ids"] for it in chunk], pad_id, device=device)
-                with autocast(settings.dtype, device):
+                attn = training_attention(model, batch["input_ids"].shape[1], device)
+                with autocast(settings.dtype, device), (_attention_implementation(model, attn) if attn else contextlib.nullcontext()):
                     loss, logits = loss_fn(model, chunk, batch)
                 # Each micro-batch's mean loss weighted by its share of the step: the gradient equals one big batch.
                 (loss.float() * len(chunk) / len(step_idx)).backward()
@@ -469,10 +423,8 @@ def train(model, items: list, loss_fn, settings: TrainSettings, device, param_gr
                 counted += len(chunk)
                 tokens += int(batch["attention_mask"].sum())
             if settings.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(clip_params, settings.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], settings.max_grad_norm)
             optimizer.step()
-            if sparse is not None:
-                sparse.step()
             scheduler.step()
             steps += 1
             seen += len(step_idx)
