@@ -362,6 +362,7 @@ def main(argv=None):
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time the comparisons by wall clock or by this process's CPU time (for a shared machine; use with --threads 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--only", choices=["icl", "cd", "ft"], default=None, help="run only this comparison (implies --quick's scope)")
     args = p.parse_args(argv)
     set_clock(args.clock, args.threads)
     device = engine.pick_device("auto")
@@ -386,15 +387,18 @@ def main(argv=None):
     # --- peers and shared-prefix attention (alternating, one run)
     icl_n = args.icl_n or (48 if args.quick else 96)
     dtypes = [fast] if args.quick or fast == "fp32" else [fast, "fp32"]
-    out["icl_mnli"] = icl_bench(lm, tokenizer, device, dtypes, [0, 16, 32], icl_n, reps, peaks, 8 if args.quick else 16)
-    print_icl(out["icl_mnli"], dtypes)
-    out["cd_teacher"] = cd_teacher_bench(lm, tokenizer, device, fast, 32 if args.quick else 64, 16, reps)
-    print_cd(out["cd_teacher"])
-    out["ft_vs_trainer"] = {dt: ft_vs_trainer(args.model, tokenizer, device, dt, 16 if args.quick else 64,
-                                              2 if args.quick else 3, reps) for dt in dtypes}
-    print_trainer(out["ft_vs_trainer"])
+    if args.only in (None, "icl"):
+        out["icl_mnli"] = icl_bench(lm, tokenizer, device, dtypes, [0, 16, 32], icl_n, reps, peaks, 8 if args.quick else 16)
+        print_icl(out["icl_mnli"], dtypes)
+    if args.only in (None, "cd"):
+        out["cd_teacher"] = cd_teacher_bench(lm, tokenizer, device, fast, 32 if args.quick else 64, 16, reps)
+        print_cd(out["cd_teacher"])
+    if args.only in (None, "ft"):
+        out["ft_vs_trainer"] = {dt: ft_vs_trainer(args.model, tokenizer, device, dt, 16 if args.quick else 64,
+                                                  2 if args.quick else 3, reps) for dt in dtypes}
+        print_trainer(out["ft_vs_trainer"])
     out["load_average_at_end"] = os.getloadavg()
-    if args.quick:
+    if args.quick or args.only:
         return write(out, args.output)
     n_ne = nonembedding_params(lm)
     hidden, vocab = lm.config.hidden_size, lm.config.vocab_size

@@ -187,7 +187,8 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     """The attention function registered as `SHARED_PREFIX_ATTENTION` (transformers' AttentionInterface).
 
     query [B, H, Q, d]; key/value [B, KV, Q, d] of the queries only; attention_mask [B, 1, Q, Q] bool (from
-    `score`); `shared_prefix` the PrefixCache whose layer `module.layer_idx` holds keys/values [1, KV, P, d].
+    `score`: `query_mask`, left padding); `shared_prefix` the PrefixCache whose layer `module.layer_idx` holds
+    keys/values [1, KV, P, d]. Padding positions are left out of the prefix attention.
     Returns [B, Q, H, d] like transformers' sdpa function.
     """
     if shared_prefix is None:  # a forward that is not ours while the implementation is switched
@@ -199,18 +200,26 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     g = H // KV
     scale = scaling if scaling is not None else d ** -0.5
     dtype = query.dtype
-    # 1. all rows against the shared prefix: [1, KV, B*g*Q, d]; query head h uses key/value head h // g
-    q_shared = query.reshape(B, KV, g * Q, d).transpose(0, 1).reshape(1, KV, B * g * Q, d)
+    # the real (not padding) query positions: the last position is real and sees every real key of its row
+    valid = attention_mask[:, 0, -1, :]                        # [B, Q]
+    # 1. the real query tokens of all rows against the shared prefix, per key/value head:
+    #    [1, KV, Nv*g, d] against [1, KV, P, d]; query head h uses key/value head h // g
+    rows = query.transpose(1, 2)[valid]                        # [Nv, H, d]
+    nv = rows.shape[0]
+    q_shared = rows.reshape(nv, KV, g, d).transpose(0, 1).reshape(1, KV, nv * g, d)
     o1, lse1 = _attend_with_lse(q_shared, pk.to(dtype), pv.to(dtype), scale)
-    o1 = o1.reshape(KV, B, g * Q, d).transpose(0, 1)          # [B, KV, g*Q, d]
-    lse1 = lse1.reshape(KV, B, g * Q).transpose(0, 1)          # [B, KV, g*Q]
+    o1 = o1.reshape(KV, nv, g, d).transpose(0, 1).reshape(nv, H, d)
+    lse1 = lse1.reshape(KV, nv, g).transpose(0, 1).reshape(nv, H)
     # 2. each row's queries against its own keys; the [B, 1, Q, Q] mask repeated over the g heads of a group
     mask = attention_mask[:, :, None].expand(B, 1, g, Q, Q).reshape(B, 1, g * Q, Q)
     o2, lse2 = _attend_with_lse(query.reshape(B, KV, g * Q, d), key, value, scale, mask)
-    # 3. exact merge
-    lse = torch.logaddexp(lse1, lse2)
-    out = o1 * torch.exp(lse1 - lse).unsqueeze(-1) + o2 * torch.exp(lse2 - lse).unsqueeze(-1)
-    return out.reshape(B, H, Q, d).transpose(1, 2).to(dtype), None
+    o2 = o2.reshape(B, KV, g, Q, d).permute(0, 3, 1, 2, 4).reshape(B, Q, H, d)
+    lse2 = lse2.reshape(B, KV, g, Q).permute(0, 3, 1, 2).reshape(B, Q, H)
+    # 3. exact merge at the real positions (padding positions keep their own-key output: never used)
+    o2v, lse2v = o2[valid], lse2[valid]
+    lse = torch.logaddexp(lse1, lse2v)
+    o2[valid] = o1 * torch.exp(lse1 - lse).unsqueeze(-1) + o2v * torch.exp(lse2v - lse).unsqueeze(-1)
+    return o2.to(dtype), None
 
 
 def _register_shared_prefix_attention() -> None:
