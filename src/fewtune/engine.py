@@ -421,7 +421,8 @@ def train(model, items: list, loss_fn, settings: TrainSettings, device, param_gr
                 chunk = [items[i] for i in step_idx[m:m + micro]]
                 batch = collate([it["ids"] for it in chunk], pad_id, device=device)
                 attn = training_attention(model, batch["input_ids"].shape[1], device)
-                with autocast(settings.dtype, device), (_attention_implementation(model, attn) if attn else contextlib.nullcontext()):
+                switch = _attention_implementation(model, attn) if attn else contextlib.nullcontext()
+                with autocast(settings.dtype, device), switch:
                     loss, logits = loss_fn(model, chunk, batch)
                 # Each micro-batch's mean loss weighted by its share of the step: the gradient equals one big batch.
                 (loss.float() * len(chunk) / len(step_idx)).backward()
