@@ -233,3 +233,145 @@ def test_no_speedups_scores_the_full_prompt(tiny_lm, tokenizer, monkeypatch):
     off = engine.score(tiny_lm, tokenizer, queries, [1, 2], CPU, "fp32", 8, prefix_ids=prefix_ids)
     assert off.tokens == on.tokens + len(prefix_ids) * (len(queries) - 1)  # the prefix ran with every query
     assert np.abs(on.logits - off.logits).max() <= 1e-3
+
+
+# ----------------------------------------------------------------------------- shared-prefix attention
+def _other_rope_lm(tokenizer, arch):
+    """Tiny Qwen2 / Mistral decoders (the other model types the shared-prefix path accepts)."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    kw = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+              initializer_range=0.2)
+    torch.manual_seed(0)
+    if arch == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**kw)).eval()
+    return MistralForCausalLM(MistralConfig(sliding_window=None, **kw)).eval()
+
+
+def _icl_inputs(tokenizer):
+    prefix = "".join(f"{t}\nAnswer: {' Yes' if i % 2 else ' No'}\n\n" for i, t in enumerate(TEXTS[:5]))
+    return engine.encode(tokenizer, [prefix])[0][0], engine.encode(tokenizer, TEXTS, with_bos=False)[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+def test_shared_prefix_attention_scores_like_the_full_prompt(tokenizer, arch, monkeypatch):
+    model = make_tiny_lm(tokenizer, **SHARP) if arch == "llama" else _other_rope_lm(tokenizer, arch)
+    assert model.config.num_attention_heads > model.config.num_key_value_heads  # grouped-query attention
+    assert engine.shared_prefix_path(model) == "shared-prefix"
+    calls = []
+    real = engine.shared_prefix_attention
+    monkeypatch.setattr(engine, "shared_prefix_attention", lambda *a, **k: calls.append(a[0].layer_idx) or real(*a, **k))
+    prefix_ids, queries = _icl_inputs(tokenizer)
+    label_ids = word_ids(tokenizer)
+    kind = model.config._attn_implementation
+    shared = engine.score(model, tokenizer, queries, label_ids, CPU, "fp32", 8, prefix_ids=prefix_ids)
+    assert shared.path == "shared-prefix" and calls  # the cascade attention really ran, in every layer
+    assert set(calls) == set(range(model.config.num_hidden_layers))
+    assert model.config._attn_implementation == kind  # switched back after scoring
+    expand = engine.score(model, tokenizer, queries, label_ids, CPU, "fp32", 8, prefix_ids=prefix_ids, shared_prefix=False)
+    full = engine.score(model, tokenizer, queries, label_ids, CPU, "fp32", 8, prefix_ids=prefix_ids, reuse_prefix=False)
+    assert (expand.path, full.path) == ("prefix-cache", "full-prompt")
+    assert shared.tokens == expand.tokens < full.tokens
+    assert np.abs(shared.logits - full.logits).max() <= 1e-4
+    assert np.abs(shared.logits - expand.logits).max() <= 1e-4
+    assert (shared.logits.argmax(-1) == full.logits.argmax(-1)).all()
+    one_by_one = engine.score(model, tokenizer, queries, label_ids, CPU, "fp32", 1, prefix_ids=prefix_ids)
+    assert np.abs(one_by_one.logits - shared.logits).max() <= 1e-4  # padding in a batch changes nothing
+    alone = engine.score(model, tokenizer, engine.encode(tokenizer, TEXTS)[0], label_ids, CPU, "fp32", 8).logits
+    assert np.abs(alone - full.logits).max() > 1e-2  # the prefix matters, so the comparisons above mean something
+    bf16 = engine.score(model, tokenizer, queries, label_ids, CPU, "bf16", 8, prefix_ids=prefix_ids)
+    assert np.abs(bf16.logits - full.logits).max() < 0.1 * max(1.0, np.abs(full.logits).max())
+
+
+def test_shared_prefix_attention_merges_exactly():
+    """The log-sum-exp merge of prefix and own-key attention equals one softmax over both, with GQA and padding."""
+    torch.manual_seed(0)
+    B, KV, g, Q, P, d = 3, 2, 3, 5, 7, 8
+    module = type("M", (), {"layer_idx": 0})()
+    pk, pv = torch.randn(1, KV, P, d), torch.randn(1, KV, P, d)
+    q, k, v = torch.randn(B, KV * g, Q, d), torch.randn(B, KV, Q, d), torch.randn(B, KV, Q, d)
+    pad = torch.tensor([[1] * Q, [0, 0, 1, 1, 1], [0] * (Q - 1) + [1]])
+    mask = engine.query_mask(pad)
+    prefix = type("C", (), {"layers": [(pk, pv)]})()
+    got, _ = engine.shared_prefix_attention(module, q, k, v, mask, scaling=d ** -0.5, shared_prefix=prefix)
+    keys = torch.cat([pk.expand(B, -1, -1, -1), k], 2).repeat_interleave(g, 1)
+    values = torch.cat([pv.expand(B, -1, -1, -1), v], 2).repeat_interleave(g, 1)
+    full_mask = torch.cat([torch.ones(B, 1, Q, P, dtype=torch.bool), mask], -1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=full_mask).transpose(1, 2)
+    real = pad.bool()[:, :, None, None].expand_as(want)  # padding positions' outputs are never used
+    assert got.shape == want.shape
+    assert (got - want)[real].abs().max() <= 1e-5
+
+
+def test_shared_prefix_falls_back_where_the_model_is_not_supported(tokenizer, monkeypatch):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, sliding_window=4, pad_token_id=tokenizer.pad_token_id)).eval()
+    gpt2 = make_tiny_lm(tokenizer, arch="gpt2", **SHARP)
+    assert engine.shared_prefix_path(gemma) == "full-prompt"      # sliding-window layers: no reuse at all
+    assert engine.shared_prefix_path(gpt2) == "prefix-cache"      # learned absolute positions: today's cache
+    prefix_ids, queries = _icl_inputs(tokenizer)
+    label_ids = word_ids(tokenizer)
+    for model, path in [(gemma, "full-prompt"), (gpt2, "prefix-cache")]:
+        got = engine.score(model, tokenizer, queries[:6], label_ids, CPU, "fp32", 4, prefix_ids=prefix_ids)
+        full = engine.score(model, tokenizer, queries[:6], label_ids, CPU, "fp32", 4, prefix_ids=prefix_ids, reuse_prefix=False)
+        assert got.path == path
+        assert np.abs(got.logits - full.logits).max() <= 1e-4
+    llama = make_tiny_lm(tokenizer, **SHARP)
+    monkeypatch.setenv("FEWTUNE_NO_SPEEDUPS", "1")
+    assert engine.shared_prefix_path(llama) == "full-prompt"
+
+
+def test_eager_training_attention_trains_like_sdpa(tokenizer, monkeypatch):
+    """Short training batches use eager attention on CPU: the same weights as sdpa within float tolerance."""
+    label_ids = word_ids(tokenizer)[:2]
+    used = []
+    real = engine.training_attention
+    monkeypatch.setattr(engine, "training_attention", lambda *a: used.append(real(*a)) or used[-1])
+    weights = []
+    for max_len in (128, 0):
+        monkeypatch.setattr(engine, "EAGER_TRAINING_ATTENTION_MAX_LEN", max_len)
+        model = make_tiny_lm(tokenizer, seed=5, **SHARP)
+        model.config._attn_implementation = "sdpa"
+        settings = engine.TrainSettings(epochs=2, batch_size=4, lr=1e-3, warmup_ratio=0.0)
+        engine.train(model, _items(tokenizer), _lm_loss(label_ids), settings, CPU, pad_id=tokenizer.pad_token_id, progress=False)
+        assert model.config._attn_implementation == "sdpa"  # switched back after each batch
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert used[:4] == ["eager"] * 4 and used[4:] == [None] * 4
+    start = dict(make_tiny_lm(tokenizer, seed=5, **SHARP).named_parameters())
+    assert any(not torch.equal(weights[0][n], start[n]) for n in start)
+    assert max(float((weights[0][n] - weights[1][n]).abs().max()) for n in start) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_eager_attention_gives_sdpa_loss_and_gradients(tokenizer, arch):
+    """One padded batch: loss and gradients with eager attention equal sdpa's (GPT-2 without attention dropout).
+    (Over several AdamW steps GPT-2's tiny float differences grow: Adam turns near-zero gradients into lr-sized steps.)"""
+    label_ids = word_ids(tokenizer)[:2]
+    batch = engine.collate([it["ids"] for it in _items(tokenizer)], tokenizer.pad_token_id)
+    chunk = _items(tokenizer)
+    grads = []
+    for attn in ("eager", "sdpa"):
+        model = make_tiny_lm(tokenizer, seed=6, arch=arch, **SHARP, **({"attn_pdrop": 0.0} if arch == "gpt2" else {}))
+        model.config._attn_implementation = "sdpa"
+        model.train()
+        torch.manual_seed(0)
+        with engine._attention_implementation(model, attn):
+            loss, _ = _lm_loss(label_ids)(model, chunk, batch)
+        loss.backward()
+        grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    assert abs(grads[0][0] - grads[1][0]) <= 1e-5
+    scale = max(float(g.abs().max()) for g in grads[1][1].values())
+    assert max(float((grads[0][1][n] - grads[1][1][n]).abs().max()) for n in grads[1][1]) <= 1e-5 * max(1.0, scale)
+
+
+def test_eager_training_attention_not_with_attention_dropout(tokenizer):
+    gpt2 = make_tiny_lm(tokenizer, arch="gpt2")  # attn_pdrop 0.1
+    gpt2.config._attn_implementation = "sdpa"
+    assert engine.training_attention(gpt2, 16, CPU) is None
+    llama = make_tiny_lm(tokenizer)
+    llama.config._attn_implementation = "sdpa"
+    assert engine.training_attention(llama, 16, CPU) == "eager"
+    assert engine.training_attention(llama, 10_000, CPU) is None  # long batches keep sdpa (memory)

@@ -100,3 +100,27 @@ def test_bundled_model_scores_like_a_plain_forward_pass(data_dir):
     with torch.no_grad():
         plain_zero = np.stack([model(torch.tensor([q])).logits[0, -1, label_ids].numpy() for q in queries])
     assert np.abs(zero - plain_zero).max() <= 1e-3
+
+
+def test_bundled_model_shared_prefix_attention_scores_like_the_full_prompt(data_dir):
+    """On the real model (9 query heads sharing 3 key/value heads): 8-shot MNLI ICL through the cascade
+    attention gives the full prompt's scores in fp32, as closely as the plain prefix cache does."""
+    tokenizer = models.load_tokenizer("smollm2-135m")
+    model = models.load_model("smollm2-135m").eval()
+    assert engine.shared_prefix_path(model) == "shared-prefix"
+    task = load_task("mnli")
+    pattern = task.patterns[0]
+    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
+    examples = eval_subsample(load_split(task, "dev_matched", data_dir), 8)
+    demos = eval_subsample(load_split(task, "train", data_dir), 8)
+    prefix = "".join(task.format(pattern, ex) + pattern.verbalizer[ex.label] + "\n\n" for ex in demos)
+    prefix_ids = engine.encode(tokenizer, [prefix])[0][0]
+    queries, _ = engine.encode(tokenizer, [task.format(pattern, ex) for ex in examples], with_bos=False)
+    cpu = torch.device("cpu")
+    shared = engine.score(model, tokenizer, queries, label_ids, cpu, "fp32", 8, prefix_ids=prefix_ids)
+    cache = engine.score(model, tokenizer, queries, label_ids, cpu, "fp32", 8, prefix_ids=prefix_ids, shared_prefix=False)
+    full = engine.score(model, tokenizer, queries, label_ids, cpu, "fp32", 8, prefix_ids=prefix_ids, reuse_prefix=False)
+    assert (shared.path, cache.path, full.path) == ("shared-prefix", "prefix-cache", "full-prompt")
+    diff = np.abs(shared.logits - full.logits).max()
+    assert diff <= max(1e-3, 4 * np.abs(cache.logits - full.logits).max())
+    assert (shared.logits.argmax(-1) == full.logits.argmax(-1)).all()

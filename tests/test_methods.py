@@ -179,6 +179,7 @@ def test_icl_computes_no_gradients(recorded):
     assert run.result["cost"]["trainable_params"] == 0
     assert run.result["training"] is None and run.result["hyperparameters"] == {}
     assert run.result["method_info"]["demonstrations_used"] == 8
+    assert run.result["method_info"]["prefix_path"] == "shared-prefix"  # the tiny Llama takes the cascade attention
 
 
 @pytest.mark.parametrize("case", [c for c in TRAINED if c.method == "cd"], ids=lambda c: c.id)
@@ -188,6 +189,7 @@ def test_cd_teacher_once_per_example_and_distillation_nonzero(recorded, case):
     assert run.method.teacher_calls == shots
     assert run.result["method_info"]["teacher_examples"] == shots
     assert run.result["method_info"]["distill_loss_sum"] > 0
+    assert run.result["method_info"]["teacher_prefix_path"] == "shared-prefix"  # also through a LoRA student's wrapper
     # The teacher (with its context) disagrees with the student (without it) before the first update: the
     # distillation term is non-zero from the start, not only once training has moved the student.
     teacher = torch.stack([it["teacher"] for it in run.items]).float()

@@ -115,13 +115,14 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def class_logits(model, batch: dict, label_ids: list[int] | None, past_key_values=None) -> torch.Tensor:
+def class_logits(model, batch: dict, label_ids: list[int] | None, past_key_values=None, **kwargs) -> torch.Tensor:
     """[B, C] class scores. With `label_ids`: the LM's next-token logits of the label words at the last
     position (`logits_to_keep=1`: the vocabulary projection runs for one position only). Without: the
-    sequence-classification head's logits (its last non-padding token is the last position here)."""
+    sequence-classification head's logits (its last non-padding token is the last position here).
+    `kwargs` go to the attention functions (`shared_prefix=` for the shared-prefix path)."""
     if label_ids is None:
-        return model(**batch, past_key_values=past_key_values).logits
-    out = model(**batch, past_key_values=past_key_values, logits_to_keep=1, use_cache=past_key_values is not None)
+        return model(**batch, past_key_values=past_key_values, **kwargs).logits
+    out = model(**batch, past_key_values=past_key_values, logits_to_keep=1, use_cache=past_key_values is not None, **kwargs)
     return out.logits[:, -1, label_ids]
 
 
@@ -151,20 +152,145 @@ def supports_prefix_cache(model) -> bool:
     return not getattr(cfg, "sliding_window", None)
 
 
+# ----------------------------------------------------------------------------- shared-prefix attention
+# Cascade ("Hydragen", arXiv 2402.05099) attention for a batch of queries that all follow one cached prefix.
+# The plain prefix cache expands the prefix's keys/values to the batch, concatenates the queries' onto them in
+# every layer, and (on CPU, with a padding mask) sdpa repeats them per query head: each batch copies the whole
+# prefix cache several times and runs attention over B x prefix. Here attention is split in two parts:
+#   1. every query token of every row against the ONE prefix, per key/value head group: the B x g query heads
+#      that share a key/value head are stacked into one matrix ([KV, B*g*Q, d] against [KV, P, d]), nothing is
+#      copied per row or per head;
+#   2. each row's queries against its own keys (causal, left padding), small;
+# and merged exactly with their log-sum-exps: softmax over [prefix | own keys] = the two partial softmaxes
+# weighted by exp(lse_part - lse_total).
+SHARED_PREFIX_ATTENTION = "fewtune_shared_prefix"
+# Decoders whose attention modules apply rotary positions from `position_ids` and call the registered attention
+# function with (query, key, value, mask) of the new tokens only; checked by tests/test_engine.py.
+SHARED_PREFIX_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _attend_with_lse(query, key, value, scale, mask=None):
+    """Attention output and the log-sum-exp of each query's scores; query [N, KV, M, d] against key/value
+    [N, KV, S, d] (the same key/value head for all M query rows); mask [N, 1, M, S] bool, True = attend."""
+    if mask is None and query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, False, scale=scale)
+        return out.float(), lse
+    scores = torch.matmul(query, key.transpose(-1, -2)).float() * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.matmul(torch.exp(scores - lse.unsqueeze(-1)).to(value.dtype), value).float(), lse
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                            shared_prefix=None, **kwargs):
+    """The attention function registered as `SHARED_PREFIX_ATTENTION` (transformers' AttentionInterface).
+
+    query [B, H, Q, d]; key/value [B, KV, Q, d] of the queries only; attention_mask [B, 1, Q, Q] bool (from
+    `score`: `query_mask`, left padding); `shared_prefix` the PrefixCache whose layer `module.layer_idx` holds
+    keys/values [1, KV, P, d]. Padding positions are left out of the prefix attention.
+    Returns [B, Q, H, d] like transformers' sdpa function.
+    """
+    if shared_prefix is None:  # a forward that is not ours while the implementation is switched
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    pk, pv = shared_prefix.layers[module.layer_idx]
+    B, H, Q, d = query.shape
+    KV = key.shape[1]
+    g = H // KV
+    scale = scaling if scaling is not None else d ** -0.5
+    dtype = query.dtype
+    # the real (not padding) query positions: the last position is real and sees every real key of its row
+    valid = attention_mask[:, 0, -1, :]                        # [B, Q]
+    # 1. the real query tokens of all rows against the shared prefix, per key/value head:
+    #    [1, KV, Nv*g, d] against [1, KV, P, d]; query head h uses key/value head h // g
+    rows = query.transpose(1, 2)[valid]                        # [Nv, H, d]
+    nv = rows.shape[0]
+    q_shared = rows.reshape(nv, KV, g, d).transpose(0, 1).reshape(1, KV, nv * g, d)
+    o1, lse1 = _attend_with_lse(q_shared, pk.to(dtype), pv.to(dtype), scale)
+    o1 = o1.reshape(KV, nv, g, d).transpose(0, 1).reshape(nv, H, d)
+    lse1 = lse1.reshape(KV, nv, g).transpose(0, 1).reshape(nv, H)
+    # 2. each row's queries against its own keys; the [B, 1, Q, Q] mask repeated over the g heads of a group
+    mask = attention_mask[:, :, None].expand(B, 1, g, Q, Q).reshape(B, 1, g * Q, Q)
+    o2, lse2 = _attend_with_lse(query.reshape(B, KV, g * Q, d), key, value, scale, mask)
+    o2 = o2.reshape(B, KV, g, Q, d).permute(0, 3, 1, 2, 4).reshape(B, Q, H, d)
+    lse2 = lse2.reshape(B, KV, g, Q).permute(0, 3, 1, 2).reshape(B, Q, H)
+    # 3. exact merge at the real positions (padding positions keep their own-key output: never used)
+    o2v, lse2v = o2[valid], lse2[valid]
+    lse = torch.logaddexp(lse1, lse2v)
+    o2[valid] = o1 * torch.exp(lse1 - lse).unsqueeze(-1) + o2v * torch.exp(lse2v - lse).unsqueeze(-1)
+    return o2.to(dtype), None
+
+
+def _register_shared_prefix_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+    # only used if a forward builds its own mask while the implementation is switched (ours passes a 4D mask)
+    AttentionMaskInterface.register(SHARED_PREFIX_ATTENTION, sdpa_mask)
+
+
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
+def shared_prefix_path(model) -> str:
+    """Which path `score` takes for queries after a shared prefix on this model:
+
+    'shared-prefix' (cascade attention, the prefix attended once per batch), 'prefix-cache' (the prefix's KV cache
+    expanded to the batch: models outside `SHARED_PREFIX_MODEL_TYPES`, e.g. GPT-2's learned absolute positions),
+    or 'full-prompt' (no reuse: sliding-window or recurrent layers such as Gemma-3's, or $FEWTUNE_NO_SPEEDUPS=1).
+    $FEWTUNE_SHARED_PREFIX=0 keeps the prefix cache but not the cascade attention.
+    Recorded in a run's method_info as `prefix_path`.
+    """
+    if not speedups_enabled() or not supports_prefix_cache(model):
+        return "full-prompt"
+    cfg = _text_config(model)
+    if os.environ.get("FEWTUNE_SHARED_PREFIX", "") in ("0", "false", "no"):  # to measure what it buys
+        return "prefix-cache"
+    if getattr(cfg, "model_type", None) in SHARED_PREFIX_MODEL_TYPES and hasattr(cfg, "_attn_implementation"):
+        return "shared-prefix"
+    return "prefix-cache"
+
+
+@contextlib.contextmanager
+def _attention_implementation(model, name: str):
+    cfg = _text_config(model)
+    before = cfg._attn_implementation
+    cfg._attn_implementation = name
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = before
+
+
+def query_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, Q, Q] bool: causal among a row's own (left-padded) tokens. A padding position attends to itself
+    only, so no row of scores is empty (its output is never used: real tokens do not attend to padding)."""
+    Q = attention_mask.shape[1]
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=attention_mask.device).tril()
+    eye = torch.eye(Q, dtype=torch.bool, device=attention_mask.device)
+    return ((causal & attention_mask.bool()[:, None, None, :]) | eye)
+
+
 # ----------------------------------------------------------------------------- scoring
 @dataclass
 class ScoreOutput:
     logits: np.ndarray   # [N, C]
     seconds: float
     tokens: int          # tokens run through the model (the prefix counted once)
+    path: str = "none"   # how a shared prefix was handled: see shared_prefix_path (or "none": no prefix)
+    prefix_seconds: float = 0.0  # of `seconds`, computing the prefix's KV cache (once per call)
 
 
 def score(model, tokenizer, seqs: list[list[int]], label_ids: list[int] | None, device, dtype: str = "fp32",
           batch_size: int = 16, prefix_ids: list[int] | None = None, reuse_prefix: bool = True,
-          progress=None) -> ScoreOutput:
+          shared_prefix: bool = True) -> ScoreOutput:
     """Class logits for every sequence, optionally after a shared prefix (whose KV cache is reused).
 
     `seqs` are query token ids (from `encode`); with a prefix they must not start with BOS (the prefix has it).
+    `reuse_prefix=False` scores the full prompts (the reference); `shared_prefix=False` keeps the prefix cache but
+    not the cascade attention (for measuring what it buys). The path taken is in the output's `path`.
     """
     model.eval()
     t0 = time.perf_counter()
@@ -172,22 +298,35 @@ def score(model, tokenizer, seqs: list[list[int]], label_ids: list[int] | None, 
     out = np.zeros((len(seqs), len(label_ids) if label_ids is not None else model.config.num_labels), dtype=np.float32)
     tokens = 0
     cache = None
-    if prefix_ids and reuse_prefix and speedups_enabled() and supports_prefix_cache(model):
-        cache = PrefixCache(model, prefix_ids, device, dtype)
+    path = "none"
+    if prefix_ids:
+        path = shared_prefix_path(model) if reuse_prefix else "full-prompt"
+        if path == "shared-prefix" and not shared_prefix:
+            path = "prefix-cache"
+    if path in ("shared-prefix", "prefix-cache"):
+        with torch.profiler.record_function("fewtune.prefix_cache"):
+            cache = PrefixCache(model, prefix_ids, device, dtype)
         tokens += len(prefix_ids)
-    with torch.no_grad(), autocast(dtype, device):
+    prefix_seconds = time.perf_counter() - t0
+    switch = contextlib.nullcontext()
+    if path == "shared-prefix":
+        _register_shared_prefix_attention()
+        switch = _attention_implementation(model, SHARED_PREFIX_ATTENTION)
+    with torch.no_grad(), autocast(dtype, device), switch:
         for idx in length_batches(lengths, batch_size):
             batch_seqs = [seqs[i] for i in idx]
             if prefix_ids and cache is None:
                 batch_seqs = [prefix_ids + s for s in batch_seqs]
             batch = collate(batch_seqs, tokenizer.pad_token_id, prefix_len=cache.length if cache else 0, device=device)
-            past = cache.expand(len(idx)) if cache else None
-            logits = class_logits(model, batch, label_ids, past_key_values=past)
+            if path == "shared-prefix":
+                # the queries' own tokens only: positions continue after the prefix, the prefix comes in as keys
+                batch["attention_mask"] = query_mask(batch["attention_mask"][:, cache.length:])
+                logits = class_logits(model, batch, label_ids, shared_prefix=cache)
+            else:
+                logits = class_logits(model, batch, label_ids, past_key_values=cache.expand(len(idx)) if cache else None)
             out[idx] = logits.float().cpu().numpy()
             tokens += sum(len(s) for s in batch_seqs)
-            if progress is not None:
-                progress.update(len(idx))
-    return ScoreOutput(out, time.perf_counter() - t0, tokens)
+    return ScoreOutput(out, time.perf_counter() - t0, tokens, path, prefix_seconds)
 
 
 # ----------------------------------------------------------------------------- training
@@ -215,8 +354,27 @@ class TrainResult:
     train_accuracy: float | None
 
 
+# Training batches up to this many tokens wide use transformers' "eager" attention (matmul, softmax, matmul)
+# instead of sdpa on CPU: at the demo's shapes (batch 8, 15-70 tokens) the fused CPU kernel's backward pass took
+# 17 % of the step (8.7 ms per layer call against 1.5 ms forward), and a step ran 1.2-1.4x faster with eager
+# (benchmarks/profile_steps.py train; docs/speed.md). Eager keeps [B, heads, T, T] scores for the backward pass,
+# so long batches stay on sdpa. 0 switches it off.
+EAGER_TRAINING_ATTENTION_MAX_LEN = 128
+
+
+def training_attention(model, width: int, device) -> str | None:
+    """The attention implementation to train a batch `width` tokens wide with, or None to keep the model's."""
+    cfg = _text_config(model)
+    # With attention dropout the two implementations draw different random masks: not the same run any more.
+    dropout = max(float(getattr(cfg, k, 0.0) or 0.0) for k in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"))
+    if (device.type == "cpu" and speedups_enabled() and width <= EAGER_TRAINING_ATTENTION_MAX_LEN and dropout == 0.0
+            and getattr(cfg, "_attn_implementation", None) == "sdpa"):
+        return "eager"
+    return None
+
+
 def train(model, items: list, loss_fn, settings: TrainSettings, device, param_groups=None, pad_id: int = 0,
-          progress: bool = True, step_hook=None) -> TrainResult:
+          progress: bool = True) -> TrainResult:
     """The training loop: AdamW, linear warmup then linear decay, gradient accumulation and clipping.
 
     `items`: dicts with at least "ids" (token ids) and "label" (class id); methods may add more (teacher
@@ -262,7 +420,9 @@ def train(model, items: list, loss_fn, settings: TrainSettings, device, param_gr
             for m in range(0, len(step_idx), micro):
                 chunk = [items[i] for i in step_idx[m:m + micro]]
                 batch = collate([it["ids"] for it in chunk], pad_id, device=device)
-                with autocast(settings.dtype, device):
+                attn = training_attention(model, batch["input_ids"].shape[1], device)
+                switch = _attention_implementation(model, attn) if attn else contextlib.nullcontext()
+                with autocast(settings.dtype, device), switch:
                     loss, logits = loss_fn(model, chunk, batch)
                 # Each micro-batch's mean loss weighted by its share of the step: the gradient equals one big batch.
                 (loss.float() * len(chunk) / len(step_idx)).backward()
@@ -280,8 +440,6 @@ def train(model, items: list, loss_fn, settings: TrainSettings, device, param_gr
             seen += len(step_idx)
             bar.update(1)
             bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{epoch_loss / max(epoch_n, 1):.4f}")
-            if step_hook is not None:
-                step_hook(steps, epoch_loss / max(epoch_n, 1))
         epoch_losses.append(epoch_loss / max(epoch_n, 1))
     bar.close()
     model.eval()

@@ -142,6 +142,8 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
             # one rule with or without demonstrations: the query is cut to max_length, the demonstrations fitted to the context
             seqs, truncated = engine.encode(tokenizer, texts, cfg.max_length, with_bos=prefix_ids is None)
             out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids)
+            if prefix_ids:  # shared-prefix attention, the prefix KV cache, or the full prompt (engine.shared_prefix_path)
+                ctx.extra["prefix_path"] = out.path
             preds = out.logits.argmax(-1).tolist()
             gold = [ex.label for ex in examples]
             logprobs = torch.log_softmax(torch.as_tensor(out.logits, dtype=torch.float64), -1).numpy()

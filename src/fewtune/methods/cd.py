@@ -149,6 +149,7 @@ class ContextDistillation(Method):
         if self.opts.alpha > 0 and not kl > 0:
             raise FewtuneError("cd: the teacher's outputs equal the student's before training (KL = 0): the context changes nothing.")
         ctx.extra["teacher_seconds"] = out.seconds
+        ctx.extra["teacher_prefix_path"] = out.path
         ctx.extra["teacher_examples"] = len(queries)
         ctx.extra["teacher_accuracy"] = float(np.mean(out.logits.argmax(-1) == np.array([ex.label for ex in examples])))
         return [{"ids": s, "label": ex.label, "teacher": torch.tensor(t)} for s, ex, t in zip(seqs, examples, out.logits)]
