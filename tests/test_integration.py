@@ -78,18 +78,24 @@ def test_short_training_run_records_every_cost(tmp_path):
     assert r["dtype"] == "fp32" and all(e["n"] == 20 for e in r["evals"].values())
 
 
+def mnli_icl_inputs(tokenizer, data_dir, queries: int, demonstrations: int):
+    """(label ids, demonstration prefix ids, query ids) for MNLI ICL on the real data, as the runner builds them."""
+    task = load_task("mnli")
+    pattern = task.patterns[0]
+    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
+    examples = eval_subsample(load_split(task, "dev_matched", data_dir), queries)
+    demos = eval_subsample(load_split(task, "train", data_dir), demonstrations)
+    prefix = "".join(task.format(pattern, ex) + pattern.verbalizer[ex.label] + "\n\n" for ex in demos)
+    prefix_ids = engine.encode(tokenizer, [prefix])[0][0]
+    query_ids, _ = engine.encode(tokenizer, [task.format(pattern, ex) for ex in examples], with_bos=False)
+    return label_ids, prefix_ids, query_ids
+
+
 def test_bundled_model_scores_like_a_plain_forward_pass(data_dir):
     """On the real model: padded batches and the cached ICL prefix give the plain forward pass's scores."""
     tokenizer = models.load_tokenizer("smollm2-135m")
     model = models.load_model("smollm2-135m").eval()
-    task = load_task("mnli")
-    pattern = task.patterns[0]
-    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
-    examples = eval_subsample(load_split(task, "dev_matched", data_dir), 6)
-    demos = eval_subsample(load_split(task, "train", data_dir), 2)
-    prefix = "".join(task.format(pattern, ex) + pattern.verbalizer[ex.label] + "\n\n" for ex in demos)
-    prefix_ids = engine.encode(tokenizer, [prefix])[0][0]
-    queries, _ = engine.encode(tokenizer, [task.format(pattern, ex) for ex in examples], with_bos=False)
+    label_ids, prefix_ids, queries = mnli_icl_inputs(tokenizer, data_dir, queries=6, demonstrations=2)
     cpu = torch.device("cpu")
     cached = engine.score(model, tokenizer, queries, label_ids, cpu, "fp32", 6, prefix_ids=prefix_ids).logits
     with torch.no_grad():
@@ -108,14 +114,7 @@ def test_bundled_model_shared_prefix_attention_scores_like_the_full_prompt(data_
     tokenizer = models.load_tokenizer("smollm2-135m")
     model = models.load_model("smollm2-135m").eval()
     assert engine.shared_prefix_path(model) == "shared-prefix"
-    task = load_task("mnli")
-    pattern = task.patterns[0]
-    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
-    examples = eval_subsample(load_split(task, "dev_matched", data_dir), 8)
-    demos = eval_subsample(load_split(task, "train", data_dir), 8)
-    prefix = "".join(task.format(pattern, ex) + pattern.verbalizer[ex.label] + "\n\n" for ex in demos)
-    prefix_ids = engine.encode(tokenizer, [prefix])[0][0]
-    queries, _ = engine.encode(tokenizer, [task.format(pattern, ex) for ex in examples], with_bos=False)
+    label_ids, prefix_ids, queries = mnli_icl_inputs(tokenizer, data_dir, queries=8, demonstrations=8)
     cpu = torch.device("cpu")
     shared = engine.score(model, tokenizer, queries, label_ids, cpu, "fp32", 8, prefix_ids=prefix_ids)
     cache = engine.score(model, tokenizer, queries, label_ids, cpu, "fp32", 8, prefix_ids=prefix_ids, shared_prefix=False)

@@ -205,6 +205,7 @@ def prediction_rows(row: dict, preds: dict):
     for split, p in preds.items():
         names = labels if len(labels) == p["logprobs"].shape[1] else [str(k) for k in range(p["logprobs"].shape[1])]
         role = (evals.get(split) or {}).get("role")
+        groups = p.get("groups") or [None] * len(p["idx"])
         for i in range(len(p["idx"])):
             gold, pred = int(p["gold"][i]), int(p["pred"][i])
             d = {"config_hash": row["config_hash"], "label": row.get("label"), "method": row.get("method"),
@@ -213,7 +214,7 @@ def prediction_rows(row: dict, preds: dict):
                  "pred": pred, "pred_label": names[pred], "correct": gold == pred}
             for k, name in enumerate(names):
                 d[f"logprob_{name}"] = float(p["logprobs"][i, k])
-            for key, value in ((p.get("groups") or [None] * len(p["idx"]))[i] or {}).items():
+            for key, value in (groups[i] or {}).items():
                 d[key] = value
             yield d
 
@@ -226,12 +227,12 @@ def export_predictions(path, statuses, fmt: str, out) -> int:
     with Store(path, readonly=True) as store:
         rows = [r for r in store.rows(statuses) if r["status"] == "success"]
         preds = {r["config_hash"]: store.predictions(r["config_hash"]) for r in rows}
-    missing = [r["config_hash"] for r in rows if not preds[r["config_hash"]]]
-    if rows and len(missing) == len(rows):
-        raise FewtuneError(f"{path}: none of its {len(rows)} successful runs has per-example predictions (they were "
-                           "recorded before fewtune stored them); rerun them to get predictions.")
     if not rows:
         raise FewtuneError(f"{path}: no successful runs, so no predictions to export.")
+    missing = [r["config_hash"] for r in rows if not preds[r["config_hash"]]]
+    if len(missing) == len(rows):
+        raise FewtuneError(f"{path}: none of its {len(rows)} successful runs has per-example predictions (they were "
+                           "recorded before fewtune stored them); rerun them to get predictions.")
     if missing:
         print(f"fewtune: {len(missing)} of {len(rows)} runs have no per-example predictions (recorded before fewtune "
               f"stored them; rerun them): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
@@ -302,7 +303,6 @@ def cmd_report(args) -> int:
         raise FewtuneError(f"--out {out} is a file; give a folder.")
     if not out.exists():
         check_writable(str(out), "--out")
-    import math
     for flag in ("predictions_per_day", "days", "max_latency_ms"):
         value = getattr(args, flag)
         if value is not None and (not math.isfinite(value) or value <= 0):

@@ -37,10 +37,7 @@ def load_split(task: Task, split_name: str, root: Path | str | None = None, sour
     split = task.splits[split_name]
     if source not in ("auto", "local", "hub"):
         raise FewtuneError(f"Unknown data source '{source}': use auto, local or hub.")
-    root_path = data_root(root) if source != "hub" else None
-    if split.local is not None:
-        check_inside_root(task, split)
-    local_file = (Path(root_path) / split.local["path"]) if (root_path and split.local) else None
+    local_file, read_local = locate(task, split, root, source)
     # A data folder the user named (--data-root, $FEWTUNE_DATA) is meant to be read: a file missing there is
     # an error, not a silent download (only the auto-found ../shared/data falls back to the Hub).
     named_root = root is not None or bool(os.environ.get("FEWTUNE_DATA"))
@@ -54,7 +51,7 @@ def load_split(task: Task, split_name: str, root: Path | str | None = None, sour
         why = split.hub_note or f"{task.source} gives only a local file"
         raise FewtuneError(f"Task '{task.name}' split '{split_name}' has no Hub source ({why}); "
                            f"use --data-source local or auto, with --data-root/$FEWTUNE_DATA.")
-    if source == "local" or (source == "auto" and (local_file is not None and local_file.exists() or split.hub is None)):
+    if read_local:
         if split.local is None:
             raise FewtuneError(f"Task '{task.name}' split '{split_name}' has no local file; use --data-source hub.")
         if local_file is None:
@@ -65,6 +62,19 @@ def load_split(task: Task, split_name: str, root: Path | str | None = None, sour
     if not examples:
         raise FewtuneError(f"Task '{task.name}' split '{split_name}' is empty after label mapping ({_where(split, local_file)}).")
     return examples
+
+
+def locate(task: Task, split: Split, root, source: str) -> tuple[Path | None, bool]:
+    """(the split's file under the data root, or None; whether the split is read from it rather than the Hub):
+    the one decision `load_split` reads by and `provenance` hashes by. 'auto' reads the file when it exists or
+    when there is no Hub entry. A relative path that leaves the data root is refused before anything is read."""
+    if split.local is not None:
+        check_inside_root(task, split)
+    root_path = data_root(root) if source != "hub" else None
+    local_file = (Path(root_path) / split.local["path"]) if (root_path and split.local) else None
+    read_local = source == "local" or (source == "auto" and ((local_file is not None and local_file.exists())
+                                                             or split.hub is None))
+    return local_file, read_local
 
 
 def check_inside_root(task: Task, split: Split) -> None:
@@ -314,11 +324,8 @@ def provenance(task: Task, split_name: str, root: Path | str | None = None, sour
     if split_name not in task.splits:
         raise FewtuneError(f"Task '{task.name}' has no split '{split_name}' (splits: {', '.join(task.splits)}).")
     split = task.splits[split_name]
-    if split.local is not None:  # no file outside the data root is read, not even to hash it
-        check_inside_root(task, split)
-    root_path = data_root(root) if source != "hub" else None
-    local_file = (Path(root_path) / split.local["path"]) if (root_path and split.local) else None
-    if source == "local" or (source == "auto" and ((local_file is not None and local_file.exists()) or split.hub is None)):
+    local_file, read_local = locate(task, split, root, source)
+    if read_local:
         if local_file is None or not local_file.is_file():
             return {"local": split.local["path"] if split.local else None, "sha256": None}  # load_split will say why
         return {"local": split.local["path"], "sha256": file_sha256(local_file)}

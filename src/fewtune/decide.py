@@ -91,7 +91,6 @@ def options_of(grid: Grid) -> dict[tuple, list[Option]]:
 def run_until_resolved(grid: Grid, store, log_dir: Path, time_budget_s: float, echo=print, in_process: bool = False,
                        runner=None, reclaim: bool = False) -> Decision:
     """Run `grid` by the allocation rule above within `time_budget_s` seconds of this invocation."""
-    from .report.data import flat_row, group_runs
     t0 = time.perf_counter()
     groups_of = options_of(grid)
     active = {mt: list(opts) for mt, opts in groups_of.items()}  # options still getting seeds
@@ -126,15 +125,15 @@ def run_until_resolved(grid: Grid, store, log_dir: Path, time_budget_s: float, e
                 all_seconds.append(o.seconds[-1])
                 runs += 1
             depth[o.key] += 1
-        state = _assess(store, grid, groups_of, depth, flat_row, group_runs)
+        state = _assess(store, groups_of, depth)
         active = {}
         for mt, st in state.items():
             if st["open"]:
                 active[mt] = [o for o in groups_of[mt] if o.key in st["next"]]
-        _print_round(rounds, state, active, depth, all_seconds, time_budget_s - (time.perf_counter() - t0), echo)
+        _print_round(rounds, state, active, all_seconds, time_budget_s - (time.perf_counter() - t0), echo)
         if out_of_time or not active:
             break
-    lines = _answer(state, groups_of, depth, out_of_time)
+    lines = _answer(state, out_of_time)
     for line in lines:
         echo(line)
     resolved = all(st["best"] is not None and not st["tied"] and not st["unpaired"] for st in state.values())
@@ -153,25 +152,17 @@ def _estimate(o: Option, all_seconds: list[float]) -> float | None:
     return SAFETY * (sum(all_seconds) / len(all_seconds)) if all_seconds else None
 
 
-def _assess(store, grid, groups_of, depth, flat_row, group_runs) -> dict:
+def _assess(store, groups_of, depth) -> dict:
     """Per model × task: the options (report groups of the runs given so far), the best, settled and open ones."""
     from .report.budget import compare_to_best, finite, mean_of
+    from .report.data import flat_row, group_runs, predictions_reader
     given = {c.key for opts in groups_of.values() for o in opts for c in o.cells[:depth[o.key]]}
     rows = [r for r in store.rows(["success"]) if r["config_hash"] in given]
-    cache: dict[str, dict] = {}
-
-    def predictions(key):
-        if key not in cache:
-            cache[key] = store.predictions(key)
-        return cache[key]
-    groups = group_runs([flat_row(r) for r in rows], rows, predictions)
+    groups = group_runs([flat_row(r) for r in rows], rows, predictions_reader(store))
     state = {}
     for (model, task), opts in groups_of.items():
-        by_key = {}
-        for g in groups:
-            for o in opts:
-                if {c.key for c in o.cells} & set(g["runs"]):
-                    by_key[o.key] = g
+        option_of = {c.key: o.key for o in opts for c in o.cells}  # run hash -> its option
+        by_key = {option_of[h]: g for g in groups for h in g["runs"] if h in option_of}
         gs = [g for g in by_key.values() if finite(mean_of(g, "id"))]
         if not gs:
             state[(model, task)] = {"groups": [], "best": None, "worse": [], "tied": [], "unpaired": [],
@@ -186,12 +177,11 @@ def _assess(store, grid, groups_of, depth, flat_row, group_runs) -> dict:
         st["next"] = {k for k in nxt if depth[k] < len(next(o for o in opts if o.key == k).cells)}
         # open while some comparison with the best is open and a seed is left for at least one side of it
         st["open"] = bool(open_) and bool(st["next"])
-        st["unresolvable"] = bool(open_) and not st["next"]
         state[(model, task)] = st
     return state
 
 
-def _print_round(n, state, active, depth, all_seconds, left, echo) -> None:
+def _print_round(n, state, active, all_seconds, left, echo) -> None:
     from .report.budget import name
     from .report.data import METRIC_NAMES, signed, with_interval
     for (model, task), st in state.items():
@@ -214,7 +204,7 @@ def _print_round(n, state, active, depth, all_seconds, left, echo) -> None:
              f"({max(left, 0):.0f} s of the time budget left)")
 
 
-def _answer(state, groups_of, depth, out_of_time) -> list[str]:
+def _answer(state, out_of_time) -> list[str]:
     from .report.budget import conclusion, name
     lines = []
     for (model, task), st in state.items():

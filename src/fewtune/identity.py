@@ -45,12 +45,16 @@ def identity(cfg) -> dict:
     return d  # not cached: a task or data file may change between two calls (file hashes are cached by mtime)
 
 
+def digest(ident: dict, digits: int = 16) -> str:
+    """Hex digits of the sha256 of an identity (sorted JSON): with 16, the run's key in the results database."""
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:digits]
+
+
 def run_hash(cfg) -> str:
-    """16 hex digits of the sha256 of the identity (sorted JSON): the run's key in the results database."""
-    return hashlib.sha256(json.dumps(identity(cfg), sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The run's key: `digest(identity(cfg))` (callers that also need the identity compute it once and digest it)."""
+    return digest(identity(cfg))
 
 
 def variant_hash(ident: dict) -> str:
     """Id of an identity up to its seeds: runs of one variant are the same experiment under other seeds."""
-    d = {k: v for k, v in ident.items() if k not in ("seed", "train_seed")}
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return digest({k: v for k, v in ident.items() if k not in ("seed", "train_seed")}, 8)

@@ -39,11 +39,7 @@ def confusion(gold, pred, n_labels: int) -> np.ndarray:
 def compute(gold, pred, labels, metrics=("accuracy", "macro_f1", "mcc"), groups=None) -> dict:
     """Metrics for one evaluation set; with `groups` (list of dicts) also per group value, per label, and both."""
     n_labels = len(labels)
-    out = {"n": len(gold)}
-    fns = {"accuracy": lambda g, p: accuracy(g, p), "mcc": lambda g, p: mcc(g, p, n_labels),
-           "macro_f1": lambda g, p: macro_f1(g, p, n_labels)}
-    for m in metrics:
-        out[m] = fns[m](gold, pred)
+    out = {"n": len(gold), **scores(gold, pred, n_labels, metrics)}
     out["confusion"] = confusion(gold, pred, n_labels).tolist()  # rows: gold, columns: predicted
     out["by_label"] = {labels[k]: {"n": int(sum(1 for g in gold if g == k)),
                                    "accuracy": accuracy([g for g in gold if g == k], [p for g, p in zip(gold, pred) if g == k])}
@@ -109,14 +105,15 @@ def baselines(gold, labels, metrics) -> dict:
     if len(gold) == 0:
         return {}
     majority = int(np.bincount(gold, minlength=n_labels).argmax())
-    out = {"majority": {"label": labels[majority], **_scores(gold, np.full_like(gold, majority), n_labels, metrics)}}
+    out = {"majority": {"label": labels[majority], **scores(gold, np.full_like(gold, majority), n_labels, metrics)}}
     rng = np.random.default_rng(0)
-    draws = [_scores(gold, rng.integers(0, n_labels, len(gold)), n_labels, metrics) for _ in range(UNIFORM_DRAWS)]
+    draws = [scores(gold, rng.integers(0, n_labels, len(gold)), n_labels, metrics) for _ in range(UNIFORM_DRAWS)]
     out["uniform"] = {m: float(np.mean([d[m] for d in draws])) for m in metrics}
     return out
 
 
-def _scores(gold, pred, n_labels, metrics) -> dict:
+def scores(gold, pred, n_labels: int, metrics) -> dict:
+    """The named metrics of one labelling (`compute` and the baselines both use this)."""
     fns = {"accuracy": lambda: accuracy(gold, pred), "mcc": lambda: mcc(gold, pred, n_labels),
            "macro_f1": lambda: macro_f1(gold, pred, n_labels)}
     return {m: fns[m]() for m in metrics}

@@ -11,6 +11,7 @@ from . import __version__, engine, metrics, models, record, retention
 from .config import RunConfig
 from .data import eval_subsample, exclude_training, label_counts, load_split, sample_train, shares_training_data
 from .errors import FewtuneError
+from .identity import digest
 from .methods import RunContext, get_method
 from .methods.icl import fit_demonstrations
 from .run_presets import preset_values
@@ -89,7 +90,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
 
     identity = cfg.identity()
     result = {"schema": SCHEMA_VERSION, "fewtune_version": __version__, "config": cfg.to_dict(),
-              "config_hash": cfg.hash(), "identity": identity,
+              "config_hash": digest(identity), "identity": identity,
               "task": {"name": task.name, "version": task.version, "source": task.source, "sha256": task.sha256,
                        "primary_metric": task.primary_metric, "metrics": list(task.metrics),
                        "pattern": pattern.template, "verbalizer": list(pattern.verbalizer), "labels": list(task.labels)},

@@ -121,7 +121,7 @@ class Store:
         except BaseException as e:
             # Close a connection that was opened before the failure: left to the garbage collector, a connection
             # still open in this process made later reads of the same file fail as 'malformed' (a flaky test)
-            if getattr(self, "conn", None) is not None:
+            if self.conn is not None:
                 self.conn.close()
             if isinstance(e, sqlite3.DatabaseError):
                 raise self._error(e) from None
@@ -259,8 +259,10 @@ class Store:
         Failed, cancelled and stale running rows are claimed again (same row, attempts + 1).
         """
         owner = owner or this_process()
-        key, d, t = cfg.hash(), cfg.to_dict(), now()
-        d_task = cfg.identity()["task"]["name"]  # a task file's name, not its path
+        from .identity import digest
+        ident = cfg.identity()
+        key, d, t = digest(ident), cfg.to_dict(), now()  # = cfg.hash(), without computing the identity twice
+        d_task = ident["task"]["name"]  # a task file's name, not its path
         with self.transaction() as c:
             row = c.execute("SELECT status, owner FROM runs WHERE config_hash=?", (key,)).fetchone()
             if row and row["status"] == "success":

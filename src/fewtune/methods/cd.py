@@ -18,7 +18,7 @@ import torch
 from ..errors import FewtuneError
 from . import register
 from .base import Method, Options
-from .lora import LoraOptions, wrap
+from .lora import ADAPTER_DEFAULTS, LoraOptions, wrap
 
 
 @dataclass
@@ -61,7 +61,7 @@ class ContextDistillation(Method):
     def __init__(self, options):
         super().__init__(options)
         if self.opts.student == "lora":
-            self.defaults = dict(epochs=80, batch_size=32, lr=2e-4, weight_decay=0.0, warmup_ratio=0.25)
+            self.defaults = dict(ADAPTER_DEFAULTS)
         self.teacher_calls = 0  # examples the teacher has scored (tests check: once per training example)
 
     def teacher_context(self, ctx) -> str:

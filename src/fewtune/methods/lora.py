@@ -63,11 +63,15 @@ def wrap(model, opts: LoraOptions, objective: str):
     return get_peft_model(model, lora_config(opts, model, objective))
 
 
+# The study's budget for adapters (docs/methods.md): also cd's LoRA student and the peft method (its own lr per type)
+ADAPTER_DEFAULTS = dict(epochs=80, batch_size=32, lr=2e-4, weight_decay=0.0, warmup_ratio=0.25)
+
+
 @register
 class LoRA(Method):
     name = "lora"
     Options = LoraOptions
-    defaults = dict(epochs=80, batch_size=32, lr=2e-4, weight_decay=0.0, warmup_ratio=0.25)
+    defaults = ADAPTER_DEFAULTS
 
     @property
     def objective(self):

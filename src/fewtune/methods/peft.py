@@ -18,7 +18,7 @@ import torch
 from ..errors import FewtuneError, did_you_mean
 from . import register
 from .base import Method, Options
-from .lora import attention_linears
+from .lora import ADAPTER_DEFAULTS, attention_linears
 
 # Config fields fewtune sets itself: the type and task come from peft_type/objective, the rest from the run.
 RESERVED = ("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping")
@@ -134,7 +134,7 @@ class Peft(Method):
     def __init__(self, options):
         super().__init__(options)
         lr = LR["prompt"] if self.opts.prompt_learning else LR.get(self.opts.peft_type, 2e-4)
-        self.defaults = dict(epochs=80, batch_size=32, lr=lr, weight_decay=0.0, warmup_ratio=0.25)
+        self.defaults = dict(ADAPTER_DEFAULTS, lr=lr)
         # the quick preset's learning rate for this kind of type (run_presets: peft, peft-prompt, peft-IA3)
         self.preset_key = "peft-prompt" if self.opts.prompt_learning else f"peft-{self.opts.peft_type}"
 

@@ -14,6 +14,7 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, volume:
     """Write <out>/report.md, <out>/report.html and <out>/figures/*.{png,svg}; return their paths. `volume`
     (predictions) and `max_latency_ms` make "which method" include the cost of use (report.use)."""
     from .build import build
+    from .data import predictions_reader
     from .render import to_html, to_markdown
 
     out = Path(out_dir)
@@ -21,13 +22,7 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, volume:
     with Store(db_path, readonly=True) as store:
         rows = store.rows()
         out.mkdir(parents=True, exist_ok=True)
-        cache: dict[str, dict] = {}
-
-        def predictions(key: str) -> dict:  # per-example predictions, read once per run
-            if key not in cache:
-                cache[key] = store.predictions(key)
-            return cache[key]
-        doc = build(rows, Path(db_path), fig_dir, predictions, volume, max_latency_ms, max_retention_loss)
+        doc = build(rows, Path(db_path), fig_dir, predictions_reader(store), volume, max_latency_ms, max_retention_loss)
     paths = {"markdown": out / "report.md", "html": out / "report.html", "figures": fig_dir}
     write_atomic(paths["markdown"], to_markdown(doc))
     write_atomic(paths["html"], to_html(doc, "fewtune report", fig_dir))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from .data import METRIC_NAMES, mib, paired, seconds, signed, versus_majority, with_interval
+from .data import METRIC_NAMES, majority_class, mib, paired, seconds, signed, versus_majority, with_interval
 
 BUDGETS = (  # group field, heading, how a level prints
     ("peak_memory_mib", "Memory limit (peak MiB)", lambda v: f"≤ {mib(v)} MiB"),
@@ -150,7 +150,8 @@ def conclusion(groups: list[dict], task: str, model: str, prefixes: tuple[str, .
 
 
 def _majority_label(g: dict, prefix: str) -> str:
-    import numpy as np
-    p = g["preds"][prefix]
-    k = int(np.bincount(p["gold"], minlength=p["n_classes"]).argmax())
+    """The majority class's name, as stored with the run's baselines (else from its predictions)."""
+    if g.get(f"{prefix}_majority_label"):
+        return g[f"{prefix}_majority_label"]
+    k = majority_class(g["preds"][prefix])
     return g["labels"][k] if k < len(g.get("labels") or []) else str(k)

@@ -127,7 +127,6 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
     flat = [flat_row(r) for r in rows]
     groups = group_runs(flat, rows, predictions)
     use.with_volume(groups, volume)
-    _add_baselines(groups, rows)
     status = Counter(r["status"] for r in rows)
     color = figures.colors([f["label"] for f in flat] + [g["label"] for g in groups])
     doc = Doc()
@@ -247,15 +246,3 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
                 pct(f["id_ece"]), seconds(f["train_seconds"]), seconds(f["eval_seconds"]), mib(f["peak_memory_mib"]),
                 params(f["trainable_params"])] for f in flat if f["status"] == "success"])
     return doc
-
-
-def _add_baselines(groups: list[dict], rows: list[dict]) -> None:
-    """Each option's stored baselines (the same examples give the same baselines) for the floor sentence."""
-    by_hash = {r["config_hash"]: r for r in rows}
-    for g in groups:
-        evals = by_hash[g["runs"][0]].get("metrics") or {}
-        for p in ("id", "ood"):
-            split = g.get(f"{p}_split")
-            b = (evals.get(split) or {}).get("baselines") or {} if split else {}
-            g[f"{p}_uniform"] = (b.get("uniform") or {}).get(g["primary_metric"])
-            g[f"{p}_majority_accuracy"] = (b.get("majority") or {}).get("accuracy")

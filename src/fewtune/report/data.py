@@ -9,14 +9,13 @@ An *option* is every run of one identity up to its seeds (identity.variant_hash)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 
 import numpy as np
 
 from .. import stats
-from ..identity import variant_hash
+from ..identity import digest, variant_hash
 
 CONFIDENCE = stats.CONFIDENCE
 VARIANT_IGNORES = ("seed", "train_seed", "data_root", "device", "eval_batch_size")  # legacy rows (no identity)
@@ -43,7 +42,7 @@ def variant_of(row: dict) -> str:
         return variant_hash(result["identity"])
     cfg = row.get("config") or {}
     d = {k: v for k, v in cfg.items() if k not in VARIANT_IGNORES}
-    return "legacy-" + hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    return "legacy-" + digest(d, 6)
 
 
 def primary_metric(row: dict) -> str:
@@ -71,8 +70,11 @@ def flat_row(row: dict) -> dict:
         for metric in ("accuracy", "mcc", "macro_f1", "n", "ece", "brier"):
             out[f"{prefix}_{metric}"] = e.get(metric)
         out[f"{prefix}_primary"] = e.get(primary)
-        majority = (e.get("baselines") or {}).get("majority") or {}
-        out[f"{prefix}_majority_{primary}"] = majority.get(primary)
+        baselines = e.get("baselines") or {}  # stored with the run, on its evaluation examples
+        out[f"{prefix}_majority_{primary}"] = (baselines.get("majority") or {}).get(primary)
+        out[f"{prefix}_majority_label"] = (baselines.get("majority") or {}).get("label")
+        out[f"{prefix}_majority_accuracy"] = (baselines.get("majority") or {}).get("accuracy")
+        out[f"{prefix}_uniform_{primary}"] = (baselines.get("uniform") or {}).get(primary)
     for key in COST_KEYS:
         out[key] = cost.get(key)
     if "demonstrations_dropped" in method_info:
@@ -86,6 +88,17 @@ def flat_row(row: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- options and their statistics
+def predictions_reader(store):
+    """`store.predictions`, each run's read once (the report and --until-resolved ask for a run many times)."""
+    cache: dict[str, dict] = {}
+
+    def predictions(key: str) -> dict:
+        if key not in cache:
+            cache[key] = store.predictions(key)
+        return cache[key]
+    return predictions
+
+
 def group_runs(flat: list[dict], rows: list[dict], predictions) -> list[dict]:
     """Successful runs grouped into options: (task, model, label, shots, variant), with per-split metrics over seeds
     and their intervals. `predictions(config_hash)` returns a run's stored per-example predictions ({} if none).
@@ -124,6 +137,9 @@ def group_runs(flat: list[dict], rows: list[dict], predictions) -> list[dict]:
             for cal in ("ece", "brier"):
                 g[f"{prefix}_{cal}"] = _mean([r[f"{prefix}_{cal}"] for r in runs])
             g[f"{prefix}_majority"] = first.get(f"{prefix}_majority_{g['primary_metric']}")
+            g[f"{prefix}_uniform"] = first.get(f"{prefix}_uniform_{g['primary_metric']}")
+            for key in ("majority_label", "majority_accuracy"):
+                g[f"{prefix}_{key}"] = first.get(f"{prefix}_{key}")
         for key in COST_KEYS:
             g[key] = _mean([r[key] for r in runs])
         out.append(g)
@@ -200,8 +216,12 @@ def _versus_majority(g: dict, prefix: str, metric: str) -> stats.Estimate | None
     p = g["preds"].get(prefix)
     if p is None:
         return None
-    majority = int(np.bincount(p["gold"], minlength=p["n_classes"]).argmax())
-    return stats.estimate(p["gold"], p["pred"], np.full_like(p["pred"], majority), p["n_classes"], metric)
+    return stats.estimate(p["gold"], p["pred"], np.full_like(p["pred"], majority_class(p)), p["n_classes"], metric)
+
+
+def majority_class(p: dict) -> int:
+    """The evaluation set's most frequent class (as metrics.baselines picks it) from aligned predictions."""
+    return int(np.bincount(p["gold"], minlength=p["n_classes"]).argmax())
 
 
 def model_order(groups: list[dict]) -> list[tuple[str, str]]:
