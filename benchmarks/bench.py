@@ -109,7 +109,7 @@ def train_speed(spec, task, pattern, tokenizer, method_name, options, seqs, labe
         items = method.train_items(ctx, model, seqs, ctx.train_examples if method_name == "cd" else examples)
         settings = engine.TrainSettings(epochs=epochs, batch_size=batch, lr=1e-5, warmup_ratio=0.0, seed=0, dtype=dtype)
         tr = engine.train(model, items, method.loss(ctx), settings, device, method.param_groups(ctx, model),
-                          pad_id=tokenizer.pad_token_id, progress=False)
+                          pad_id=tokenizer.pad_token_id, progress=False, pack=method.packs(ctx))
         total = time.perf_counter() - t0
         method.after_train(ctx)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

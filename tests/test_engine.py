@@ -303,6 +303,62 @@ def test_shared_prefix_attention_merges_exactly():
     assert (got - want)[real].abs().max() <= 1e-5
 
 
+def _bf16_reference(q, k, v, scale):
+    """Attention with the scores rounded to bf16 as the chunked kernel's score matmul rounds them, then an exact
+    float64 softmax: what `_prefix_attention_chunked` computes up to the rounding of exp and of its outputs."""
+    s = torch.matmul(q * scale, k.transpose(-1, -2)).double()  # bf16 inputs, bf16 scores
+    lse = torch.logsumexp(s, -1)
+    return torch.matmul(torch.exp(s - lse[..., None]), v.double()), lse
+
+
+def _chunk_operands(k, v):
+    cache = engine.PrefixCache.__new__(engine.PrefixCache)
+    cache.layers, cache._prepared = [(k[None], v[None])], {}
+    return cache.prepared(0, torch.bfloat16)
+
+
+@pytest.mark.parametrize("q_scale", [1.0, 3.0, 40.0, -40.0])
+def test_chunked_prefix_attention_is_the_softmax_of_its_bf16_scores(monkeypatch, q_scale):
+    """bf16 prefix attention in row blocks: outputs and log-sum-exps equal an exact softmax over the same bf16
+    scores, in several blocks; scores beyond exp's range (q_scale 40: |s| ~ 200) and rows whose every score is
+    below -60 (q_scale -40) take the max-subtracting branch and stay finite and exact."""
+    monkeypatch.setattr(engine, "_PREFIX_BLOCK_ELEMENTS", 2 * 37 * 16 * 3)  # blocks of 32 rows: 5 blocks + a partial one
+    torch.manual_seed(0)
+    KV, M, P, d = 2, 170, 37, 16
+    q, k, v = torch.randn(KV, M, d) * abs(q_scale), torch.randn(KV, P, d), torch.randn(KV, P, d)
+    if q_scale < 0:  # every score very negative
+        q, k = q.abs(), -k.abs()
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    scale = d ** -0.5
+    s_max = float(torch.matmul(q.float() * scale, k.float().transpose(-1, -2)).abs().max())
+    assert (s_max > 100) == (abs(q_scale) == 40)
+    out, lse = engine._prefix_attention_chunked(q, *_chunk_operands(k, v), scale)
+    want, want_lse = _bf16_reference(q, k, v, scale)
+    assert out.dtype == lse.dtype == torch.float32 and out.shape == (KV, M, d) and lse.shape == (KV, M)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert (out.double() - want).abs().max() <= 0.02 * max(1.0, float(want.abs().max()))
+    assert (lse.double() - want_lse).abs().max() <= 0.02 * max(1.0, float(want_lse.abs().max()))
+
+
+def test_bf16_shared_prefix_scoring_runs_the_chunked_kernel(tokenizer, monkeypatch):
+    """Under bf16 autocast the prefix attention goes through `_prefix_attention_chunked` in every layer (the
+    queries arrive in fp32 from the rotary embedding and are cast); fp32 scoring keeps the fused kernel."""
+    model = make_tiny_lm(tokenizer, **SHARP)
+    calls = []
+    real = engine._prefix_attention_chunked
+    monkeypatch.setattr(engine, "_prefix_attention_chunked", lambda q, *a: calls.append(q.dtype) or real(q, *a))
+    prefix_ids, queries = _icl_inputs(tokenizer)
+    label_ids = word_ids(tokenizer)
+    full = engine.score(model, tokenizer, queries, label_ids, CPU, "bf16", 8, prefix_ids=prefix_ids, reuse_prefix=False)
+    assert not calls
+    engine.score(model, tokenizer, queries, label_ids, CPU, "fp32", 8, prefix_ids=prefix_ids)
+    assert not calls
+    got = engine.score(model, tokenizer, queries, label_ids, CPU, "bf16", 8, prefix_ids=prefix_ids)
+    assert len(calls) == model.config.num_hidden_layers * 2 and set(calls) == {torch.bfloat16}  # 2 batches
+    assert (got.logits.argmax(-1) == full.logits.argmax(-1)).mean() >= 0.9
+    assert np.abs(got.logits - full.logits).max() < 0.1 * max(1.0, np.abs(full.logits).max())
+
+
 def test_shared_prefix_falls_back_where_the_model_is_not_supported(tokenizer, monkeypatch):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
     torch.manual_seed(0)
@@ -329,7 +385,7 @@ def test_eager_training_attention_trains_like_sdpa(tokenizer, monkeypatch):
     label_ids = word_ids(tokenizer)[:2]
     used = []
     real = engine.training_attention
-    monkeypatch.setattr(engine, "training_attention", lambda *a: used.append(real(*a)) or used[-1])
+    monkeypatch.setattr(engine, "training_attention", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
     weights = []
     for max_len in (128, 0):
         monkeypatch.setattr(engine, "EAGER_TRAINING_ATTENTION_MAX_LEN", max_len)
@@ -375,3 +431,95 @@ def test_eager_training_attention_not_with_attention_dropout(tokenizer):
     llama.config._attn_implementation = "sdpa"
     assert engine.training_attention(llama, 16, CPU) == "eager"
     assert engine.training_attention(llama, 10_000, CPU) is None  # long batches keep sdpa (memory)
+
+
+# ----------------------------------------------------------------------------- packed (padding-free) training batches
+def test_collate_packed_lays_sequences_end_to_end():
+    seqs = [[5] * 7, [6] * 3, [7] * 9, [8] * 2, [9] * 5]
+    batch = engine.collate_packed(seqs, pad_id=0, row_tokens=12)
+    rows, ends = batch["packed_rows"].tolist(), batch["packed_ends"].tolist()
+    assert batch["input_ids"].shape[0] == 3  # ceil(26 / 12)
+    for i, s in enumerate(seqs):  # each sequence whole, in one row, with positions 0..n-1
+        start = ends[i] - len(s) + 1
+        assert batch["input_ids"][rows[i], start:ends[i] + 1].tolist() == s
+        assert batch["position_ids"][rows[i], start:ends[i] + 1].tolist() == list(range(len(s)))
+        allowed = batch["attention_mask"][rows[i], 0] == 0
+        for t in range(start, ends[i] + 1):  # causal within the sequence, nothing outside it
+            assert allowed[t].nonzero().flatten().tolist() == list(range(start, t + 1))
+    assert int((batch["input_ids"] != 0).sum()) == sum(map(len, seqs))
+    width = batch["input_ids"].shape[1]
+    assert width < max(map(len, seqs)) * len(seqs) / 3  # fuller than the padded batch's rows
+    one = engine.collate_packed(seqs, pad_id=0, row_tokens=4)  # rows at least the longest sequence wide
+    assert one["input_ids"].shape[1] >= 9
+
+
+@pytest.mark.parametrize("kind", ["llama-lm", "llama-head", "qwen2-lm", "mistral-lm"])
+@pytest.mark.parametrize("row_tokens", [256, 24])
+def test_packed_batch_gives_the_padded_loss_and_gradients(tokenizer, kind, row_tokens):
+    """The same batch (TEXTS, 2-40 tokens) padded and packed (one row, or several): the same class logits in the
+    same order, the same loss and the same gradients in fp32, with eager attention as training uses it."""
+    seqs, _ = engine.encode(tokenizer, TEXTS)
+    labels = torch.tensor([i % 2 for i in range(len(seqs))])
+    arch, objective = kind.split("-")
+    results = []
+    for packed in (False, True):
+        if arch == "llama":
+            model = (make_tiny_lm if objective == "lm" else make_tiny_classifier)(tokenizer, seed=6, **SHARP)
+        else:
+            model = _other_rope_lm(tokenizer, arch)
+        model.config._attn_implementation = "sdpa"
+        model.train()
+        assert engine.packing_supported(model, CPU)
+        batch = (engine.collate_packed(seqs, tokenizer.pad_token_id, row_tokens=row_tokens) if packed
+                 else engine.collate(seqs, tokenizer.pad_token_id))
+        with engine._attention_implementation(model, "eager"):
+            logits = engine.class_logits(model, batch, word_ids(tokenizer)[:2] if objective == "lm" else None)
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        loss.backward()
+        results.append((logits.detach(), loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (l0, loss0, g0), (l1, loss1, g1) = results
+    assert l0.shape == l1.shape == (len(seqs), 2)
+    assert (l0 - l1).abs().max() <= 1e-4 and abs(float(loss0 - loss1)) <= 1e-5
+    assert g0.keys() == g1.keys()
+    scale = max(float(g.abs().max()) for g in g0.values())
+    assert max(float((g0[n] - g1[n]).abs().max()) for n in g0) <= 1e-5 * max(1.0, scale)
+    assert float(l0.std()) > 1e-3  # the rows differ: a mix-up of their order would show
+
+
+def test_packed_training_gives_the_padded_weights(tokenizer, monkeypatch):
+    """engine.train packs where it can: 2 epochs packed and padded end at the same weights (fp32)."""
+    label_ids = word_ids(tokenizer)[:2]
+    seqs, _ = engine.encode(tokenizer, TEXTS)
+    items = [{"ids": s, "label": i % 2} for i, s in enumerate(seqs)]
+    seen, weights = [], []
+    real = engine.collate_packed
+    monkeypatch.setattr(engine, "collate_packed", lambda *a, **k: seen.append(1) or real(*a, **k))
+    for pack in (True, False):
+        model = make_tiny_lm(tokenizer, seed=5, **SHARP)
+        settings = engine.TrainSettings(epochs=2, batch_size=8, lr=1e-3, warmup_ratio=0.0)
+        out = engine.train(model, items, _lm_loss(label_ids), settings, CPU, pad_id=tokenizer.pad_token_id,
+                           progress=False, pack=pack)
+        assert out.tokens == 2 * sum(map(len, seqs))  # real tokens, however the batch is laid out
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        if pack:
+            assert len(seen) == 4  # 2 epochs x 2 batches
+    start = dict(make_tiny_lm(tokenizer, seed=5, **SHARP).named_parameters())
+    assert any(not torch.equal(weights[0][n], start[n]) for n in start)
+    assert len(seen) == 4  # pack=False: never packed
+    assert max(float((weights[0][n] - weights[1][n]).abs().max()) for n in start) <= 1e-5
+
+
+def test_packing_only_where_the_model_takes_it(tokenizer, monkeypatch):
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    llama = make_tiny_lm(tokenizer)
+    assert engine.packing_supported(llama, CPU)
+    assert engine.packing_supported(make_tiny_classifier(tokenizer), CPU)
+    assert not engine.packing_supported(make_tiny_lm(tokenizer, arch="gpt2"), CPU)  # learned absolute positions
+    assert not engine.packing_supported(make_tiny_lm(tokenizer, attention_dropout=0.1), CPU)
+    assert not engine.packing_supported(llama, torch.device("cuda"))
+    lora = get_peft_model(make_tiny_lm(tokenizer), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert engine.packing_supported(lora, CPU)
+    prompt = get_peft_model(make_tiny_lm(tokenizer), PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    assert not engine.packing_supported(prompt, CPU)  # virtual tokens are prepended to every row
+    monkeypatch.setenv("FEWTUNE_NO_SPEEDUPS", "1")
+    assert not engine.packing_supported(llama, CPU)

@@ -116,7 +116,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
                                             seed=train_seed, dtype=dtype)
             cost["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             tr = engine.train(model, items, method.loss(ctx), settings, device, method.param_groups(ctx, model),
-                              pad_id=tokenizer.pad_token_id, progress=progress)
+                              pad_id=tokenizer.pad_token_id, progress=progress, pack=method.packs(ctx))
             method.after_train(ctx)
         train_seconds = time.perf_counter() - t_train
         cost.update(train_seconds=round(train_seconds, 3), train_loop_seconds=round(tr.seconds, 3),

@@ -147,6 +147,10 @@ class Adaptive(Method):
         out["inputs_embeds"] = embeds
         return out
 
+    def packs(self, ctx):
+        # the cached hidden states are laid out as the padded batch (_cached_batch)
+        return not ctx.extra.get("frozen_cache")
+
     def loss(self, ctx):
         base = super().loss(ctx)
 

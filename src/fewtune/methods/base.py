@@ -74,6 +74,11 @@ class Method:
     def train_items(self, ctx: RunContext, model, seqs: list, examples: list) -> list[dict]:
         return [{"ids": s, "label": ex.label} for s, ex in zip(seqs, examples)]
 
+    def packs(self, ctx: RunContext) -> bool:
+        """Whether the training loop may pack this method's batches (engine.collate_packed): its loss reads the
+        batch only through engine.class_logits."""
+        return True
+
     def eval_prefix(self, ctx: RunContext) -> str | None:
         """Text scored before every evaluation query (icl's demonstrations); None for trained methods."""
         return None
