@@ -222,16 +222,23 @@ def icl_bench(lm, tokenizer, device, dtypes, shots_list, n, reps, peaks, check_n
             e["max_logit_diff_vs_prefix_cache"] = float(np.abs(a - b).max())
             e["predictions_changed_vs_prefix_cache"] = int((a.argmax(-1) != b.argmax(-1)).sum())
         out[dt] = res
-    # the reference: the uncached full prompt, in fp32, on the first check_n examples of the longest prompt
-    k = max(shots_list)
-    prefix, queries, label_ids, _ = inputs[k]
-    ref = {}
-    for name, kw in [("shared-prefix", {}), ("prefix-cache", {"shared_prefix": False}), ("full-prompt", {"reuse_prefix": False})]:
-        ref[name] = engine.score(lm, tokenizer, queries[:check_n], label_ids, device, "fp32", 16, prefix_ids=prefix, **kw).logits
-    out["fp32_check"] = {"shots": k, "n": check_n, **{
-        f"{name}_vs_full_prompt": {"max_logit_diff": float(np.abs(ref[name] - ref["full-prompt"]).max()),
-                                   "same_predictions": bool((ref[name].argmax(-1) == ref["full-prompt"].argmax(-1)).all())}
-        for name in ("shared-prefix", "prefix-cache")}}
+    # the reference: the uncached full prompt, in fp32, on the first examples of every prompt (2 of them past
+    # 2,000 prefix tokens: the full prompt's cost grows with the square of its length); and how far the fast
+    # dtype's shared-prefix scores are from it
+    out["fp32_check"] = []
+    fast = dtypes[0]
+    for k in shots_list[1:]:
+        prefix, queries, label_ids, _ = inputs[k]
+        m = check_n if len(prefix) <= 2000 else 2
+        ref = {}
+        for name, dt, kw in [("shared-prefix", "fp32", {}), ("prefix-cache", "fp32", {"shared_prefix": False}),
+                             ("full-prompt", "fp32", {"reuse_prefix": False}), (f"shared-prefix {fast}", fast, {})]:
+            ref[name] = engine.score(lm, tokenizer, queries[:m], label_ids, device, dt, 16, prefix_ids=prefix, **kw).logits
+        names = ["shared-prefix", "prefix-cache"] + ([f"shared-prefix {fast}"] if fast != "fp32" else [])
+        out["fp32_check"].append({"shots": k, "n": m, **{
+            f"{name}_vs_full_prompt": {"max_logit_diff": float(np.abs(ref[name] - ref["full-prompt"]).max()),
+                                       "same_predictions": bool((ref[name].argmax(-1) == ref["full-prompt"].argmax(-1)).all())}
+            for name in names}})
     return out
 
 
@@ -358,6 +365,8 @@ def main(argv=None):
                    help="only the peer comparisons (ICL 0/16/32-shot, full FT vs Trainer, CD teacher), small sizes, "
                         "one repetition: a few minutes on 2 busy cores")
     p.add_argument("--icl-n", type=int, default=None, help="MNLI examples per ICL measurement (default 96; quick 48)")
+    p.add_argument("--icl-shots", default=None,
+                   help="comma-separated demonstration counts (default 0,16,32,128; quick 0,16,32; 0 is always added)")
     p.add_argument("--reps", type=int, default=None, help="alternating repetitions of each comparison (default 2; quick 1)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time the comparisons by wall clock or by this process's CPU time (for a shared machine; use with --threads 1)")
@@ -388,7 +397,8 @@ def main(argv=None):
     icl_n = args.icl_n or (48 if args.quick else 96)
     dtypes = [fast] if args.quick or fast == "fp32" else [fast, "fp32"]
     if args.only in (None, "icl"):
-        out["icl_mnli"] = icl_bench(lm, tokenizer, device, dtypes, [0, 16, 32], icl_n, reps, peaks, 8 if args.quick else 16)
+        shots = sorted({0, *icl_shots(args.icl_shots or ("0,16,32" if args.quick else "0,16,32,128"))})
+        out["icl_mnli"] = icl_bench(lm, tokenizer, device, dtypes, shots, icl_n, reps, peaks, 8 if args.quick else 16)
         print_icl(out["icl_mnli"], dtypes)
     if args.only in (None, "cd"):
         out["cd_teacher"] = cd_teacher_bench(lm, tokenizer, device, fast, 32 if args.quick else 64, 16, reps)
@@ -480,6 +490,16 @@ def main(argv=None):
     return write(out, args.output)
 
 
+def icl_shots(text: str) -> list[int]:
+    try:
+        shots = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"--icl-shots: expected comma-separated whole numbers, got {text!r}")
+    if any(k < 0 for k in shots):
+        raise SystemExit(f"--icl-shots: demonstration counts cannot be negative: {text!r}")
+    return shots
+
+
 def write(out, path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=2, default=str))
@@ -497,11 +517,12 @@ def print_icl(r, dtypes):
             extra = f"  {e['speedup_vs_prefix_cache']:.2f}x vs prefix cache" if "speedup_vs_prefix_cache" in e else ""
             print(f"{name + ', ' + dt:30s} {e['examples_per_s']:7.1f} {e['cost_vs_zero_shot']:6.2f} "
                   f"{e.get('cost_with_prefix', 1.0):8.2f} {e['gflops']:8.0f} {e['fraction_of_peak']:8.0%}{extra}")
-    c = r["fp32_check"]
-    for name in ("shared-prefix", "prefix-cache"):
-        d = c[f"{name}_vs_full_prompt"]
-        print(f"  fp32, {c['shots']}-shot, {c['n']} examples: {name} vs the full prompt: max logit diff {d['max_logit_diff']:.1e}, "
-              f"same predictions: {d['same_predictions']}")
+    for c in r["fp32_check"]:
+        for key, d in c.items():
+            if key.endswith("_vs_full_prompt"):
+                name = key[: -len("_vs_full_prompt")]
+                print(f"  {c['shots']}-shot, {c['n']} examples: {name if ' ' in name else name + ' fp32'} vs the fp32 full prompt: "
+                      f"max logit diff {d['max_logit_diff']:.1e}, same predictions: {d['same_predictions']}")
 
 
 def print_cd(r):

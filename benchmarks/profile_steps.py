@@ -30,6 +30,7 @@ def main(argv=None):
     p.add_argument("--path", default="shared", choices=["shared", "expand", "full"])
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--no-pack", action="store_true", help="train: padded batches (the default packs them where supported)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a busy shared machine)")
     args = p.parse_args(argv)
     if args.threads:
@@ -57,15 +58,16 @@ def main(argv=None):
         items = ft_batches(tokenizer, args.n)
         settings = engine.TrainSettings(epochs=1, batch_size=8, lr=1e-5, warmup_ratio=0.0, dtype=args.dtype)
         loss = lambda m, chunk, batch: _ft_loss(m, chunk, batch)  # noqa: E731
-        engine.train(model, items[:8], loss, settings, device, pad_id=tokenizer.pad_token_id, progress=False)
+        kw = dict(pad_id=tokenizer.pad_token_id, progress=False, pack=not args.no_pack)
+        engine.train(model, items[:8], loss, settings, device, **kw)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            r = engine.train(model, items, loss, settings, device, pad_id=tokenizer.pad_token_id, progress=False)
-        print(f"{len(items)} examples, {r.steps} steps: {r.seconds:.2f} s")
+            r = engine.train(model, items, loss, settings, device, **kw)
+        print(f"{len(items)} examples, {r.steps} steps, {'packed' if r.packed else 'padded'} batches: {r.seconds:.2f} s")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 def _ft_loss(model, chunk, batch):
-    logits = model(**batch).logits.float()
+    logits = engine.class_logits(model, batch, None).float()  # padded or packed
     labels = torch.tensor([it["label"] for it in chunk])
     return torch.nn.functional.cross_entropy(logits, labels), logits
 

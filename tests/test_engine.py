@@ -443,9 +443,13 @@ def test_collate_packed_lays_sequences_end_to_end():
         start = ends[i] - len(s) + 1
         assert batch["input_ids"][rows[i], start:ends[i] + 1].tolist() == s
         assert batch["position_ids"][rows[i], start:ends[i] + 1].tolist() == list(range(len(s)))
-        allowed = batch["attention_mask"][rows[i], 0] == 0
-        for t in range(start, ends[i] + 1):  # causal within the sequence, nothing outside it
-            assert allowed[t].nonzero().flatten().tolist() == list(range(start, t + 1))
+    assert "attention_mask" not in batch  # transformers builds the block-diagonal mask from the positions
+    from transformers.masking_utils import find_packed_sequence_indices
+    segments = find_packed_sequence_indices(batch["position_ids"])
+    for i, s in enumerate(seqs):  # transformers reads one sequence per packed sequence, padding apart
+        row = segments[rows[i]].tolist()
+        inside = row[ends[i] - len(s) + 1:ends[i] + 1]
+        assert len(set(inside)) == 1 and row.count(inside[0]) == len(s)
     assert int((batch["input_ids"] != 0).sum()) == sum(map(len, seqs))
     width = batch["input_ids"].shape[1]
     assert width < max(map(len, seqs)) * len(seqs) / 3  # fuller than the padded batch's rows

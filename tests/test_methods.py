@@ -171,6 +171,18 @@ def test_trained_model_is_scored_without_gradients_in_eval_mode(recorded, case):
     assert True in run.grad_enabled and False in run.grad_enabled  # trained with, scored without
 
 
+PACKED = {"ft", "pbft", "lora", "lora-ft", "cd", "cd-fewshot", "cd-lora", "peft-ia3", "peft-ia3-ft", "peft-loha",
+          "peft-vera"}
+
+
+@pytest.mark.parametrize("case", TRAINED, ids=ids(TRAINED))
+def test_training_packs_batches_where_the_method_allows(recorded, case):
+    """Every method's batches are packed on the tiny Llama, except adaptive's (its frozen-block cache is laid
+    out as the padded batch) and peft's prompt learning (virtual tokens go before each row)."""
+    run = recorded(case)
+    assert run.result["training"]["packed_batches"] is (case.id in PACKED)
+
+
 def test_icl_computes_no_gradients(recorded):
     run = recorded(Case("icl", "icl", {}))
     assert run.grad_enabled and not any(run.grad_enabled)

@@ -117,21 +117,22 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 
 # ----------------------------------------------------------------------------- packed (padding-free) batches
 # A training batch of sequences of different lengths, left-padded to the longest, spends the model's FLOPs on
-# padding: the demo's MNLI pairs (11-126 tokens, batch 8) are 55 % real tokens. Packed, the batch's sequences are
-# laid end to end in a few rows, each sequence with its own positions (0, 1, ...) and a block-diagonal causal mask,
-# so no token attends to another sequence's: the same logits, loss and gradients as the padded batch (within float
-# tolerance; tests/test_engine.py), with ~1/0.55 fewer tokens through every matmul. Rows hold about
-# PACK_ROW_TOKENS tokens (a longer sequence gets a row of its own): a row's [heads, W, W] attention scores are kept
-# for the backward pass, and attention between sequences of one row is computed and then masked.
+# padding: the benchmark's MNLI pairs (11-126 tokens, batch 8) are 55 % real tokens. Packed, the batch's sequences
+# are laid end to end in a few rows with `position_ids` restarting at 0 for each sequence and no attention mask:
+# transformers (5.x, `masking_utils.find_packed_sequence_indices`) then builds a block-diagonal causal mask, so
+# no token attends to another sequence's. The same logits, loss and gradients as the padded batch (within float
+# tolerance; tests/test_engine.py), with fewer tokens through every matmul. Rows hold about PACK_ROW_TOKENS tokens
+# (a longer sequence gets a row of its own): a row's [heads, W, W] attention scores are kept for the backward
+# pass, and the attention between the sequences of one row is computed and then masked.
 PACK_ROW_TOKENS = 256
 
 
 def packing_supported(model, device) -> bool:
     """Whether `train` may pack this model's batches: on CPU (measured there; GPUs keep padded batches), with
-    speedups on, for decoders whose attention takes rotary positions from `position_ids` and a 4D mask from the
-    caller (`SHARED_PREFIX_MODEL_TYPES`), without attention dropout, and not under a peft prompt-learning adapter
-    (its virtual tokens are prepended to each row). A classification head must sit on the base model's body
-    (`model.score`, as transformers' *ForSequenceClassification)."""
+    speedups on, for full-attention decoders with rotary positions from `position_ids` (`SHARED_PREFIX_MODEL_TYPES`),
+    without attention dropout, and not under a peft prompt-learning adapter (its virtual tokens are prepended to
+    each row). The scores come from an LM head, or from a classification head `score` (transformers'
+    *ForSequenceClassification), read at each sequence's last token."""
     if device.type != "cpu" or not speedups_enabled():
         return False
     cfg = _text_config(model)
@@ -148,10 +149,10 @@ def packing_supported(model, device) -> bool:
 
 def collate_packed(seqs: list[list[int]], pad_id: int, device=None, row_tokens: int = PACK_ROW_TOKENS) -> dict:
     """The sequences packed into ceil(total / row_tokens) rows (at least the longest sequence wide), longest first
-    onto the least-filled row; right-padded to the fullest row. `position_ids` restart at 0 for every sequence;
-    `attention_mask` is additive [R, 1, W, W] (0 where a token may attend: earlier tokens of its own sequence and
-    itself; the float minimum elsewhere; a padding position attends to itself only). `packed_rows`/`packed_ends`:
-    the row and last position of sequence i, in the order given."""
+    onto the least-filled row, right-padded to the fullest row. `position_ids` restart at 0 for every sequence
+    (padding: 0 each, so every padding token is a sequence of its own); no `attention_mask` (transformers derives
+    the block-diagonal mask from the positions). `packed_rows`/`packed_ends`: the row and last position of
+    sequence i, in the order given."""
     lengths = [len(s) for s in seqs]
     n_rows = max(1, math.ceil(sum(lengths) / max(row_tokens, max(lengths))))
     fill = [0] * n_rows
@@ -163,25 +164,19 @@ def collate_packed(seqs: list[list[int]], pad_id: int, device=None, row_tokens: 
     width = max(fill)
     ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
     positions = torch.zeros((n_rows, width), dtype=torch.long)
-    segment = torch.full((n_rows, width), -1, dtype=torch.long)
     for i, (r, start) in enumerate(place):
         n = lengths[i]
         ids[r, start:start + n] = torch.tensor(seqs[i], dtype=torch.long)
         positions[r, start:start + n] = torch.arange(n)
-        segment[r, start:start + n] = i
-    allowed = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
-    allowed &= torch.ones(width, width, dtype=torch.bool).tril()
-    allowed |= torch.eye(width, dtype=torch.bool)
-    mask = torch.zeros((n_rows, 1, width, width), dtype=torch.float32)
-    mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
-    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+    batch = {"input_ids": ids, "position_ids": positions,
              "packed_rows": torch.tensor([r for r, _ in place]),
              "packed_ends": torch.tensor([start + n - 1 for (_, start), n in zip(place, lengths)])}
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
 def _packed_class_logits(model, batch: dict, label_ids: list[int] | None) -> torch.Tensor:
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    # use_cache=False: transformers detects packed sequences only without a cache (and without an attention mask)
+    inputs = {k: batch[k] for k in ("input_ids", "position_ids")}
     rows, ends = batch["packed_rows"], batch["packed_ends"]
     keep = torch.zeros(batch["input_ids"].shape, dtype=torch.bool, device=rows.device)
     keep[rows, ends] = True
@@ -518,6 +513,7 @@ class TrainResult:
     epoch_losses: list
     final_loss: float
     train_accuracy: float | None
+    packed: bool = False  # batches laid end to end (collate_packed) rather than padded
 
 
 # Training batches up to this many tokens wide use transformers' "eager" attention (matmul, softmax, matmul)
@@ -621,4 +617,4 @@ def train(model, items: list, loss_fn, settings: TrainSettings, device, param_gr
         raise FewtuneError(f"Training diverged: the loss became {epoch_losses[-1]} (try a lower --lr or --dtype fp32).")
     return TrainResult(seconds=time.perf_counter() - t0, steps=steps, examples_seen=seen, tokens=tokens,
                        epoch_losses=epoch_losses, final_loss=epoch_losses[-1],
-                       train_accuracy=correct / counted if counted else None)
+                       train_accuracy=correct / counted if counted else None, packed=pack)

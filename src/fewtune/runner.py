@@ -123,7 +123,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
                     train_peak_memory_mib=mem.mib, train_tokens=tr.tokens,
                     train_examples_per_s=round(tr.examples_seen / train_seconds, 3))
         training = {"steps": tr.steps, "epochs": hp["epochs"], "final_loss": tr.final_loss, "epoch_losses": tr.epoch_losses,
-                    "train_accuracy": tr.train_accuracy, "truncated_examples": truncated}
+                    "train_accuracy": tr.train_accuracy, "truncated_examples": truncated, "packed_batches": tr.packed}
 
     # evaluation
     if cfg.method == "icl" and train_examples:
