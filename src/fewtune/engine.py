@@ -23,7 +23,8 @@ from .errors import FewtuneError
 
 
 def speedups_enabled() -> bool:
-    """False when $FEWTUNE_NO_SPEEDUPS=1: no prefix KV reuse, no frozen-block cache, no fused optimizer.
+    """False when $FEWTUNE_NO_SPEEDUPS=1: no prefix KV reuse, no frozen-block cache, no fused optimizer, no packed
+    batches, no eager training attention.
 
     For measuring what the speed techniques buy (benchmarks, before/after timings); results are the same
     within float tolerance either way. Precision is separate: `--dtype fp32`.
@@ -271,9 +272,10 @@ SHARED_PREFIX_ATTENTION = "fewtune_shared_prefix"
 SHARED_PREFIX_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-# Elements of one block of prefix scores ([KV, rows, P] bf16, ~2.4 MB): small enough to stay in a core's L2
-# cache between the score matmul, the softmax passes and the value matmul. Measured on a 2-core EPYC (1 MB L2 per
-# core): 0.3M-2.4M elements all within 10 % of each other, ~2x the fused kernel.
+# Elements of one block of prefix scores ([KV, rows, P] bf16, ~2.4 MB): small enough to stay in cache between the
+# score matmul, the exponential and the value matmul (the unblocked scores of a batch of 16 MNLI queries after 32
+# demonstrations, ~17 MB, do not, and ran slower than the fused kernel). Measured on a 2-core AMD EPYC (1 MB L2
+# per core, 32 MB L3): of 0.3M, 0.6M and 1.2M elements, 1.2M was fastest at 1,467- and 5,812-token prefixes.
 _PREFIX_BLOCK_ELEMENTS = 1_200_000
 # Below this softmax denominator (a row whose largest score is under -60) terms may have underflowed: the block
 # is redone with the row max subtracted.
@@ -282,13 +284,13 @@ _MIN_DENOMINATOR = math.exp(-60)
 
 def _prefix_attention_chunked(query, kt, vaug, scale):
     """Attention of query [KV, M, d] (bf16) to one prefix, in row blocks: scores as one bf16 matmul per block
-    ([KV, C, d] x [KV, d, P]), the row max subtracted and exponentiated in place, then one matmul with the values
+    ([KV, C, d] x [KV, d, P]), exponentiated in place, then one matmul with the values
     and a column of ones ([KV, P, d+16] from `PrefixCache.prepared`), which yields the weighted values and the
     softmax's denominator together (no separate sum pass). Returns out [KV, M, d] fp32 and lse [KV, M] fp32.
 
     Why not the fused kernel: on CPU, `_scaled_dot_product_flash_attention_for_cpu` runs at ~90 GFLOP/s-equivalent
-    at these shapes (fp32 or bf16); the two bf16 matmuls here run near the bf16 peak and the exponentials over a
-    cache-resident block cost about as much again, ~2x faster in all. The scores are rounded to bf16 before the
+    at these shapes (fp32 or bf16); the two bf16 matmuls here run near the bf16 peak and the exponential over a
+    cache-resident block costs about as much again: ~2x faster in all (docs/speed.md). The scores are rounded to bf16 before the
     softmax, as in transformers' eager attention under bf16 autocast (the fused kernel keeps them in fp32); fp32
     inputs keep the fused kernel, whose scores match the full prompt to ~1e-5."""
     KV, M, d = query.shape
