@@ -410,6 +410,7 @@ def main(argv=None):
                                                   2 if args.quick else 3, reps) for dt in dtypes}
         print_trainer(out["ft_vs_trainer"])
     out["load_average_at_end"] = os.getloadavg()
+    check_peak(out)
     if args.quick or args.only:
         return write(out, args.output)
     n_ne = nonembedding_params(lm)
@@ -490,6 +491,18 @@ def main(argv=None):
               f"(max logit diff {out['eval']['bf16']['max_logit_diff_vs_fp32']:.2f}, predictions changed: "
               f"{out['eval']['bf16']['predictions_changed']}/{args.n})")
     return write(out, args.output)
+
+
+def check_peak(out) -> None:
+    """The "of peak" fractions divide by the matmul peak measured at the start; measured again here, a change of
+    more than 25 % (a neighbour took or left a core) is said, and both are kept in the JSON."""
+    end = {"fp32": matmul_peak(torch.float32, seconds=1.0), "bf16": matmul_peak(torch.bfloat16, seconds=1.0)}
+    out["matmul_peak_gflops_at_end"] = end
+    start = out["matmul_peak_gflops"]
+    moved = [k for k in end if abs(end[k] / start[k] - 1) > 0.25]
+    if moved:
+        print(f"note: the matmul peak moved during the run ({', '.join(f'{k} {start[k]:.0f} -> {end[k]:.0f}' for k in moved)} "
+              "GFLOP/s): the 'of peak' columns are relative to the first; compare ratios, or use --clock cpu --threads 1")
 
 
 def icl_shots(text: str) -> list[int]:

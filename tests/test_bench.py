@@ -1,0 +1,57 @@
+"""benchmarks/bench.py's comparisons run end to end (on a tiny model, tiny sizes) and its options parse."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, SHARP, make_tiny_lm
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+def test_icl_shots_parse_and_refuse(bench):
+    assert bench.icl_shots("0,16, 32,128") == [0, 16, 32, 128]
+    for bad in ("16,x", "-4"):
+        with pytest.raises(SystemExit, match="--icl-shots"):
+            bench.icl_shots(bad)
+
+
+def test_icl_comparison_runs_and_checks_against_the_full_prompt(bench, tokenizer):
+    """Every path of every shot count is timed, the cost ratios are positive, and the fp32 check against the full
+    prompt holds for the shared-prefix and prefix-cache paths (real MNLI demonstrations, tiny Llama)."""
+    lm = make_tiny_lm(tokenizer, **SHARP)
+    out = bench.icl_bench(lm, tokenizer, CPU, ["fp32"], [0, 2, 4], n=4, reps=1, peaks={"fp32": 100.0}, check_n=2)
+    rows = out["fp32"]
+    assert set(rows) == {"0-shot none", "2-shot shared-prefix", "2-shot prefix-cache", "4-shot shared-prefix", "4-shot prefix-cache"}
+    assert all(r["cost_vs_zero_shot"] > 0 and r["examples_per_s"] > 0 for r in rows.values())
+    assert out["prefix_tokens"][4] > out["prefix_tokens"][2] > 0
+    assert [c["shots"] for c in out["fp32_check"]] == [2, 4]
+    for c in out["fp32_check"]:
+        for name in ("shared-prefix", "prefix-cache"):
+            assert c[f"{name}_vs_full_prompt"]["max_logit_diff"] <= 1e-4
+            assert c[f"{name}_vs_full_prompt"]["same_predictions"]
+
+
+def test_peak_check_says_when_the_peak_moved(bench, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype, seconds=1.0: 50.0 if dtype == torch.float32 else 400.0)
+    out = {"matmul_peak_gflops": {"fp32": 100.0, "bf16": 410.0}}
+    bench.check_peak(out)
+    said = capsys.readouterr().out
+    assert out["matmul_peak_gflops_at_end"] == {"fp32": 50.0, "bf16": 400.0}
+    assert "fp32 100 -> 50" in said and "bf16" not in said
