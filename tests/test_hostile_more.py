@@ -51,6 +51,19 @@ def truncated_weights(env: Env) -> Path:
     return folder
 
 
+def without_tokenizer(env: Env) -> Path:
+    folder = saved(env)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+def damaged_tokenizer(env: Env) -> Path:
+    folder = saved(env)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    return folder
+
+
 def folder(env: Env, name: str) -> Path:
     (env.root / name).mkdir()
     return env.root / name
@@ -84,6 +97,8 @@ CASES = [
     ("predict-weights-missing", lambda e: predict(e, without_weights(e)), ["saved", "model.safetensors", "missing"]),
     ("predict-weights-truncated", lambda e: predict(e, truncated_weights(e)),
      ["model.safetensors is damaged or truncated"]),
+    ("predict-tokenizer-missing", lambda e: predict(e, without_tokenizer(e)), ["saved", "tokenizer", "missing"]),
+    ("predict-tokenizer-damaged", lambda e: predict(e, damaged_tokenizer(e)), ["saved tokenizer cannot be read"]),
     # 20: silently wrong
     ("run-save-model-into-a-users-folder", lambda e: e.run("--save-model", str(e.write("mine/README.md", "# mine").parent)),
      ["--save-model", "mine", "other files", "new or empty folder"]),

@@ -108,6 +108,39 @@ def test_stale_running_row_is_reclaimed_live_one_is_busy(tmp_path):
         assert len(s.rows()) == 2
 
 
+@pytest.mark.parametrize("damaged", ["{not json", "[1, 2]", "42"])
+def test_damaged_owner_claim_belongs_to_nobody(tmp_path, damaged):
+    """A running row whose owner column is damaged is claimed again and the result is written (no traceback, no
+    lost result); the claim that replaced it is respected."""
+    c = cfg()
+    with Store(tmp_path / "r.db") as s:
+        assert s.claim(c) == "claimed"
+        with s.transaction() as conn:
+            conn.execute("UPDATE runs SET owner=? WHERE config_hash=?", (damaged, c.hash()))
+        assert s.get(c.hash())["owner"] is None  # read as nobody's, the row not left out
+        assert s.finish(c.hash(), result_for(c))  # the run that was running can still record its result
+        assert s.get(c.hash())["status"] == "success" and s.get(c.hash())["owner"] == this_process()
+        other = cfg(seed=3)
+        s.claim(other)
+        with s.transaction() as conn:
+            conn.execute("UPDATE runs SET owner=? WHERE config_hash=?", (damaged, other.hash()))
+        assert s.claim(other) == "claimed" and s.get(other.hash())["owner"] == this_process()
+        assert s.get(other.hash())["attempts"] == 2
+
+
+def test_write_atomic_leaves_no_temporary_file_when_the_rename_fails(tmp_path, monkeypatch):
+    from fewtune import store
+    target = tmp_path / "out.json"
+    target.write_text("old")
+
+    def broken(src, dst):
+        raise OSError("rename refused")
+    monkeypatch.setattr(store.os, "replace", broken)
+    with pytest.raises(OSError, match="rename refused"):
+        store.write_atomic(target, "new")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
 def test_another_hosts_claim_counts_as_alive():
     assert owner_alive({"host": "some-other-host", "pid": 1, "started": 0.0})
     assert not owner_alive(None)

@@ -55,6 +55,20 @@ def check_weights(folder: Path, adapter: bool) -> None:
                                "again with --save-model.") from None
 
 
+def load_tokenizer(folder: Path):
+    """The saved tokenizer, or a one-line error: transformers would look a folder without tokenizer files up on
+    the Hub (a repository id) and fail with a traceback, and a damaged file fails inside the tokenizers library."""
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")):
+        raise FewtuneError(f"{folder}: the saved tokenizer (tokenizer.json, tokenizer_config.json) is missing; save the "
+                           "model again with --save-model.")
+    try:
+        from transformers import AutoTokenizer
+        return models.prepare_tokenizer(AutoTokenizer.from_pretrained(str(folder), local_files_only=True))
+    except Exception as e:  # JSONDecodeError, OSError, the tokenizers library's exceptions: one line
+        raise FewtuneError(f"{folder}: the saved tokenizer cannot be read ({models.load_error(e, 160)}); save the model "
+                           "again with --save-model.") from None
+
+
 def save(directory, model, tokenizer, cfg, task, pattern, method, result, prefix: str | None = None) -> None:
     """Write what `predict` needs. icl trains nothing: it saves its demonstrations (`prefix`, the text scored before
     every query) and the name of the base model, not a copy of the weights."""
@@ -98,7 +112,7 @@ def load(directory, device="cpu"):
     if manifest.get("weights") is not False:  # a save that names its base model instead carries no weights
         check_weights(folder, bool(manifest["adapter"]))
     n_labels = len(manifest["task"]["labels"])
-    tokenizer = models.prepare_tokenizer(__import__("transformers").AutoTokenizer.from_pretrained(str(folder)))
+    tokenizer = load_tokenizer(folder)
     if manifest.get("weights") is False:  # icl: the base model itself, with the saved demonstrations
         model = models.load_model(manifest["base_model"], manifest["objective"], n_labels)
         models.set_pad_token(model, tokenizer)

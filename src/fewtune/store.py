@@ -85,6 +85,17 @@ def this_process() -> dict:
     return {"host": socket.gethostname(), "pid": pid, "started": round(psutil.Process(pid).create_time(), 2)}
 
 
+def read_owner(text: str | None) -> dict | None:
+    """A row's owner column; None when empty or damaged (not a JSON object): such a claim belongs to nobody."""
+    if not text:
+        return None
+    try:
+        owner = json.loads(text)
+    except (ValueError, TypeError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
 def owner_alive(owner: dict | None) -> bool:
     """Whether the process that claimed a run still runs. Another host's process is assumed alive
     (it cannot be checked from here); `fewtune grid --reclaim` takes such runs over."""
@@ -268,7 +279,7 @@ class Store:
             if row and row["status"] == "success":
                 return "done"
             if row and row["status"] == "running" and not reclaim:
-                current = json.loads(row["owner"]) if row["owner"] else None
+                current = read_owner(row["owner"])
                 if current != owner and owner_alive(current):
                     return "busy"
             if row is None:
@@ -299,20 +310,21 @@ class Store:
         error = " ".join(str(error).split()) if error else None  # one line
         with self.transaction() as c:
             row = c.execute("SELECT status, owner FROM runs WHERE config_hash=?", (key,)).fetchone()
-            if row is None or row["status"] != "running" or (row["owner"] and json.loads(row["owner"]) != owner):
+            current = read_owner(row["owner"]) if row is not None else None
+            if row is None or row["status"] != "running" or (current is not None and current != owner):
                 return False
             if result is None:
-                c.execute("UPDATE runs SET status=?, error=?, finished_at=?, updated_at=? WHERE config_hash=?",
-                          (status, error, t, t, key))
+                c.execute("UPDATE runs SET status=?, error=?, owner=?, finished_at=?, updated_at=? WHERE config_hash=?",
+                          (status, error, dumps(owner), t, t, key))
             else:
                 predictions = result.get("predictions")
                 result = {k: v for k, v in result.items() if k != "predictions"}  # kept compactly, in their own table
                 c.execute("DELETE FROM predictions WHERE config_hash=?", (key,))
                 for split, p in (predictions or {}).items():
                     c.execute("INSERT INTO predictions VALUES (?, ?, ?, ?, ?, ?)", (key, split, *pack_predictions(p)))
-                c.execute("UPDATE runs SET status=?, error=?, metrics=?, cost=?, versions=?, result=?, finished_at=?, "
-                          "updated_at=? WHERE config_hash=?",
-                          (status, error, dumps(result.get("evals")), dumps(result.get("cost")),
+                c.execute("UPDATE runs SET status=?, error=?, owner=?, metrics=?, cost=?, versions=?, result=?, "
+                          "finished_at=?, updated_at=? WHERE config_hash=?",
+                          (status, error, dumps(owner), dumps(result.get("evals")), dumps(result.get("cost")),
                            dumps(result.get("versions")), dumps(result), t, t, key))
         return True
 
@@ -342,7 +354,9 @@ class Store:
                 d = dict(r)
                 damaged = None
                 for col, value in d.items():
-                    if col in JSON_COLUMNS and value is not None:
+                    if col == "owner":  # bookkeeping, not the result: a damaged one belongs to nobody
+                        d[col] = read_owner(value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value)
+                    elif col in JSON_COLUMNS and value is not None:
                         try:
                             d[col] = json.loads(value)
                         except (ValueError, TypeError) as e:  # JSONDecodeError, UnicodeDecodeError
@@ -430,8 +444,11 @@ def dumps(obj) -> str | None:
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and a rename: a reader sees the whole file or the old one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only when the write or the rename failed
 
 
 def json_default(o):
