@@ -143,6 +143,24 @@ def test_config_hash_is_the_runs_identity(toy, tmp_path):
     assert RunConfig(**cd).hash() != RunConfig(**cd, method_options={"alpha": 0.7}).hash()
 
 
+def test_a_local_model_folder_is_identified_by_its_content(toy, tiny_model_dir, tmp_path):
+    """A model folder's path is not its identity, its files are: the same files elsewhere are the same model;
+    weights written again into the same folder are another (no pooling of the old runs with the new)."""
+    import shutil
+    base = dict(task=str(toy.task_file), data_root=str(toy.root), method="pbft", shots=4)
+    a = RunConfig(**base, model=str(tiny_model_dir))
+    copy = tmp_path / "elsewhere" / tiny_model_dir.name
+    shutil.copytree(tiny_model_dir, copy)
+    assert a.hash() == RunConfig(**base, model=str(copy)).hash()
+    assert a.identity()["model"]["folder"] == tiny_model_dir.name
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight
+    weights.write_bytes(bytes(data))
+    assert a.hash() != RunConfig(**base, model=str(copy)).hash()
+    assert RunConfig(**base).identity()["model"] == "smollm2-135m"  # a bundled name stays as given
+
+
 def test_predict_uses_a_saved_model(recorded, tmp_path, capsys):
     from conftest import Case
     from fewtune import saving
