@@ -283,6 +283,26 @@ def test_shared_prefix_attention_scores_like_the_full_prompt(tokenizer, arch, mo
     assert np.abs(bf16.logits - full.logits).max() < 0.1 * max(1.0, np.abs(full.logits).max())
 
 
+def test_prefix_store_computes_the_prefix_once_across_calls(tokenizer, monkeypatch):
+    """With a prefix_store, a second call (another evaluation split) reuses the first call's KV cache: one
+    PrefixCache built, the same scores as without the store, the prefix counted once."""
+    model = make_tiny_lm(tokenizer, **SHARP)
+    prefix_ids, queries = _icl_inputs(tokenizer)
+    label_ids = word_ids(tokenizer)
+    built = []
+    real = engine.PrefixCache
+    monkeypatch.setattr(engine, "PrefixCache", lambda *a: built.append(1) or real(*a))
+    store = {}
+    first = engine.score(model, tokenizer, queries[:6], label_ids, CPU, "fp32", 4, prefix_ids=prefix_ids, prefix_store=store)
+    second = engine.score(model, tokenizer, queries[6:], label_ids, CPU, "fp32", 4, prefix_ids=prefix_ids, prefix_store=store)
+    assert len(built) == 1 and len(store) == 1 and second.prefix_seconds < first.prefix_seconds
+    assert first.tokens == len(prefix_ids) + sum(map(len, queries[:6])) and second.tokens == sum(map(len, queries[6:]))
+    alone = engine.score(model, tokenizer, queries[6:], label_ids, CPU, "fp32", 4, prefix_ids=prefix_ids)
+    assert len(built) == 2 and np.abs(alone.logits - second.logits).max() <= 1e-6
+    engine.score(model, tokenizer, queries[:2], label_ids, CPU, "bf16", 4, prefix_ids=prefix_ids, prefix_store=store)
+    assert len(built) == 3 and len(store) == 2  # another dtype: another cache
+
+
 def test_shared_prefix_attention_merges_exactly():
     """The log-sum-exp merge of prefix and own-key attention equals one softmax over both, with GQA and padding."""
     torch.manual_seed(0)

@@ -183,6 +183,20 @@ def test_training_packs_batches_where_the_method_allows(recorded, case):
     assert run.result["training"]["packed_batches"] is (case.id in PACKED)
 
 
+def test_icl_computes_its_demonstrations_once_for_all_evaluation_splits(toy, tiny_model_dir, monkeypatch):
+    """The toy task has two evaluation splits: one PrefixCache for the run, the prefix counted once in its tokens."""
+    from conftest import record_run, tiny_run_config
+    built = []
+    real = engine.PrefixCache
+    monkeypatch.setattr(engine, "PrefixCache", lambda *a: built.append(len(a[1])) or real(*a))
+    run = record_run(tiny_run_config(Case("icl", "icl", {}), toy, tiny_model_dir))
+    assert len(run.result["evals"]) == 2 and len(built) == 1
+    prefix = built[0]
+    assert run.result["cost"]["predict_context_tokens"] == prefix
+    queries = run.result["cost"]["eval_tokens"] - prefix  # the prefix once, then only the queries' own tokens
+    assert 0 < queries < prefix * 2
+
+
 def test_icl_computes_no_gradients(recorded):
     run = recorded(Case("icl", "icl", {}))
     assert run.grad_enabled and not any(run.grad_enabled)

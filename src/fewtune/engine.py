@@ -448,12 +448,14 @@ class ScoreOutput:
 
 def score(model, tokenizer, seqs: list[list[int]], label_ids: list[int] | None, device, dtype: str = "fp32",
           batch_size: int = 16, prefix_ids: list[int] | None = None, reuse_prefix: bool = True,
-          shared_prefix: bool = True) -> ScoreOutput:
+          shared_prefix: bool = True, prefix_store: dict | None = None) -> ScoreOutput:
     """Class logits for every sequence, optionally after a shared prefix (whose KV cache is reused).
 
     `seqs` are query token ids (from `encode`); with a prefix they must not start with BOS (the prefix has it).
     `reuse_prefix=False` scores the full prompts (the reference); `shared_prefix=False` keeps the prefix cache but
     not the cascade attention (for measuring what it buys). The path taken is in the output's `path`.
+    `prefix_store`: a dict the caller keeps across calls on the SAME model weights (e.g. one run's evaluation
+    splits): the prefix's KV cache is computed by the first call and reused by the next (`prefix_seconds` 0).
     """
     model.eval()
     t0 = time.perf_counter()
@@ -467,9 +469,14 @@ def score(model, tokenizer, seqs: list[list[int]], label_ids: list[int] | None, 
         if path == "shared-prefix" and not shared_prefix:
             path = "prefix-cache"
     if path in ("shared-prefix", "prefix-cache"):
-        with torch.profiler.record_function("fewtune.prefix_cache"):
-            cache = PrefixCache(model, prefix_ids, device, dtype)
-        tokens += len(prefix_ids)
+        key = (tuple(prefix_ids), dtype, str(device))
+        cache = prefix_store.get(key) if prefix_store is not None else None
+        if cache is None:
+            with torch.profiler.record_function("fewtune.prefix_cache"):
+                cache = PrefixCache(model, prefix_ids, device, dtype)
+            tokens += len(prefix_ids)
+            if prefix_store is not None:
+                prefix_store[key] = cache
     prefix_seconds = time.perf_counter() - t0
     switch = contextlib.nullcontext()
     if path == "shared-prefix":

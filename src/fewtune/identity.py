@@ -6,9 +6,9 @@
 - `method_options` normalised, defaults filled in (cd `{}` and `{context = "instruction"}` are one run);
 - `data_source` and `data_root` replaced by the provenance of every split the run reads (a local file's sha256,
   or the Hub dataset, config, split and revision): the same files in another folder are the same experiment;
-- `model`, when it is a local folder, replaced by the folder's name and the sha256 of its config and weight files
-  (a folder is where a model is, not what it is: weights trained again in the same folder are another model);
-  bundled names and Hub ids stay as given;
+- `model`, when it is a local folder, replaced by the folder's name and the sha256 of its config, weight and
+  tokenizer files (a folder is where a model is, not what it is: weights trained again in the same folder are
+  another model); bundled names and Hub ids stay as given;
 - where and how it runs left out (`device`, `eval_batch_size`);
 - `retention` left out at its default (it adds a measurement; results stored before it existed keep their hash),
   a retention text file replaced by the sha256 of its content.

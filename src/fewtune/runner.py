@@ -137,12 +137,14 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     prefix_ids = engine.encode(tokenizer, [prefix_text])[0][0] if prefix_text else None
     evals, predictions = {}, {}
     eval_seconds = eval_tokens = eval_n = query_tokens = 0
+    prefix_store = {}  # icl's demonstrations: their KV cache computed once for all evaluation splits
     with record.PeakMemory(device) as mem:
         for name, examples in eval_sets.items():
             texts = [method.text(ctx, ex) for ex in examples]
             # one rule with or without demonstrations: the query is cut to max_length, the demonstrations fitted to the context
             seqs, truncated = engine.encode(tokenizer, texts, cfg.max_length, with_bos=prefix_ids is None)
-            out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids)
+            out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids,
+                               prefix_store=prefix_store)
             if prefix_ids:  # shared-prefix attention, the prefix KV cache, or the full prompt (engine.shared_prefix_path)
                 ctx.extra["prefix_path"] = out.path
             preds = out.logits.argmax(-1).tolist()
