@@ -333,6 +333,32 @@ def test_runs_of_another_identity_are_not_pooled(tmp_path, toy):
     assert len(table) == 4 and all(re.match(r"icl \[[0-9a-f]{8}\]", line[0]) for line in table[2:])
 
 
+@pytest.mark.parametrize("resolved", [("bf16", "fp32"), ("bf16", "bf16")])
+def test_dtype_auto_pools_only_runs_of_one_resolved_precision(tmp_path, toy, resolved):
+    """Seeds of one dtype="auto" cell that ran in bf16 on one machine and in fp32 on another are two options;
+    in the same precision, one option with both seeds."""
+    path = tmp_path / "auto.db"
+    with Store(path) as store:
+        for seed, dtype in enumerate(resolved):
+            cfg = RunConfig(task=str(toy.task_file), data_root=str(toy.root), model="m", method="icl", shots=4,
+                            seed=seed, dtype="auto")
+            gold = [0, 1, 0, 1]
+            r = {"config": cfg.to_dict(), "identity": cfg.identity(), "dtype": dtype,
+                 "task": {"name": "toy", "primary_metric": "accuracy", "labels": ["negative", "positive"]},
+                 "evals": {"dev": {"role": "in_domain", **metrics.evaluation(gold, gold, np.log(np.full((4, 2), .5)),
+                                                                            ["negative", "positive"], ("accuracy",))}},
+                 "predictions": {"dev": {"idx": [0, 1, 2, 3], "gold": gold, "pred": gold,
+                                         "logprobs": np.log(np.full((4, 2), .5)).tolist()}}, "cost": {}}
+            assert store.claim(cfg, label="icl") == "claimed"
+            store.finish(cfg.hash(), r)
+    md = write_report(path, tmp_path / "rep")["markdown"].read_text()
+    table = md_tables_after(md, "### toy / m")[0]
+    if resolved[0] != resolved[1]:
+        assert len(table) == 4 and all(re.match(r"icl \[[0-9a-f]{8}\]", line[0]) for line in table[2:])
+    else:
+        assert len(table) == 3 and table[2][0] == "icl"
+
+
 def test_pareto_front_on_hand_made_options():
     def g(label, value, mem):
         return {"label": label, "id_primary": stats.Estimate(value, value, value, 0, 2, 3, 100, 0, 0, 0.5),

@@ -35,11 +35,16 @@ def split_roles(evals: dict | None) -> tuple[str | None, str | None]:
 
 
 def variant_of(row: dict) -> str:
-    """Id of a run's identity up to its seeds. Rows written before identities were stored are keyed on their
-    config and marked legacy, so they never pool with newer runs."""
+    """Id of a run's identity up to its seeds, with `dtype = "auto"` resolved to the precision the run used (its
+    result's `dtype`). Rows written before identities were stored are keyed on their config and marked legacy, so
+    they never pool with newer runs."""
     result = row.get("result") or {}
     if result.get("identity"):
-        return variant_hash(result["identity"])
+        ident = result["identity"]
+        if ident.get("dtype") == "auto" and result.get("dtype"):
+            # what "auto" resolved to where the run ran (bf16 on one machine, fp32 on another): never pooled
+            ident = {**ident, "dtype": f"auto:{result['dtype']}"}
+        return variant_hash(ident)
     cfg = row.get("config") or {}
     d = {k: v for k, v in cfg.items() if k not in VARIANT_IGNORES}
     return "legacy-" + digest(d, 6)
