@@ -222,6 +222,23 @@ def test_byte_order_mark_in_a_data_file_is_accepted(env, capsys):
     assert with_bom.split(" | ")[0] == capsys.readouterr().out.split(" | ")[0]  # the same accuracies
 
 
+def test_byte_order_mark_in_a_task_spec_or_config_file_is_accepted(env, capsys, tmp_path):
+    """Notepad saves TOML with a byte-order mark: the task file, grid spec and run config still load, and the task
+    is the same task (the same identity) as without it."""
+    from fewtune.config import RunConfig
+    bom_task = env.write("bom-task.toml", "\ufeff" + env.task.read_text(encoding="utf-8"))
+    assert main(["check", str(bom_task), "--data-root", str(env.data)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    same = dict(data_root=str(env.data), method="icl", shots=2)
+    assert RunConfig(task=str(bom_task), **same).hash() == RunConfig(task=str(env.task), **same).hash()
+    spec_path = env.write("bom-grid.toml", "\ufeff" + GRID_SPEC)
+    assert main(["grid", str(spec_path), "--dry-run"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    config = env.write("bom-run.toml", f'\ufefftask = "{env.task}"\ndata_root = "{env.data}"\nmethod = "icl"\n')
+    args = env.run("-q", "-o", str(tmp_path / "r.json"))
+    assert main(["run", "--config", str(config), *args[1:]]) == 0, capsys.readouterr().err
+
+
 def test_byte_order_mark_in_predict_input_is_accepted(env, capsys):
     folder = saved(env)
     plain = env.write("plain.jsonl", '{"text": "A fine film."}\n')

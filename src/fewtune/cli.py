@@ -126,7 +126,7 @@ def config_from_args(args) -> "RunConfig":
     if args.config:
         path = Path(args.config)
         try:
-            fields = tomllib.loads(path.read_text(encoding="utf-8"))
+            fields = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is not TOML
         except FileNotFoundError:
             raise FewtuneError(f"Config file {path} does not exist.") from None
         except UnicodeDecodeError as e:
@@ -280,7 +280,7 @@ def task_files(folder: Path):
     out = []
     for path in sorted(folder.glob("*.toml")):
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
             continue
         if not isinstance(raw.get("patterns"), list) and not isinstance(raw.get("splits"), dict):

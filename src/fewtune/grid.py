@@ -116,7 +116,7 @@ def resolve_task_path(task, spec_dir: Path):
 
 def read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad) is not TOML
     except UnicodeDecodeError as e:
         raise FewtuneError(f"Grid spec {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
 

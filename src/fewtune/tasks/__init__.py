@@ -118,7 +118,7 @@ def _parse_cached(path: Path) -> Task:
 
 def parse_task_file(path: Path) -> Task:
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Notepad) is not TOML
     except UnicodeDecodeError as e:
         raise FewtuneError(f"Task file {path} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
     except tomllib.TOMLDecodeError as e:
