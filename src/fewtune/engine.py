@@ -128,6 +128,17 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 PACK_ROW_TOKENS = 256
 
 
+def attention_dropout(cfg) -> float:
+    """The attention dropout a model config declares, under the names transformers' architectures use."""
+    names = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+    return max(float(getattr(cfg, k, 0.0) or 0.0) for k in names)
+
+
+def _unwrapped(model):
+    """The transformers model inside a peft wrapper (the model itself when not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def packing_supported(model, device) -> bool:
     """Whether `train` may pack this model's batches: on CPU (measured there; GPUs keep padded batches), with
     speedups on, for full-attention decoders with rotary positions from `position_ids` (`SHARED_PREFIX_MODEL_TYPES`),
@@ -139,12 +150,12 @@ def packing_supported(model, device) -> bool:
     cfg = _text_config(model)
     if getattr(cfg, "model_type", None) not in SHARED_PREFIX_MODEL_TYPES or not supports_prefix_cache(model):
         return False
-    if max(float(getattr(cfg, k, 0.0) or 0.0) for k in ("attention_dropout", "attn_pdrop")) > 0:
+    if attention_dropout(cfg) > 0:
         return False
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     return hasattr(base, "lm_head") or isinstance(getattr(base, "score", None), torch.nn.Module)
 
 
@@ -188,7 +199,7 @@ def _packed_class_logits(model, batch: dict, label_ids: list[int] | None) -> tor
         return logits[order][:, label_ids]
     # A classification model pools each row's last token; here the head's output at every position is taken
     # from the head itself (a hook: the model's own forward still runs, with its hooks) and read at the ends.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _unwrapped(model)
     seen = []
     handle = base.score.register_forward_hook(lambda module, args, output: seen.append(output))
     try:
@@ -538,7 +549,7 @@ def training_attention(model, width: int, device, packed: bool = False) -> str |
     Packed rows (at most PACK_ROW_TOKENS wide unless one sequence is longer) use eager up to that width."""
     cfg = _text_config(model)
     # With attention dropout the two implementations draw different random masks: not the same run any more.
-    dropout = max(float(getattr(cfg, k, 0.0) or 0.0) for k in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"))
+    dropout = attention_dropout(cfg)
     limit = EAGER_TRAINING_ATTENTION_MAX_LEN
     if packed and limit:
         limit = max(limit, PACK_ROW_TOKENS)
