@@ -72,12 +72,17 @@ def test_finds_the_best_option_and_never_claims_what_the_intervals_do_not_suppor
             d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lambda _: None,
                                    in_process=True, runner=fake_runner(TRUE, trial))
         (st,) = d.state.values()
-        found += st["best"]["label"] == "a"
-        for g, diff in st["worse"]:  # every "worse" claim: the interval excludes 0 and the truth agrees
-            assert diff.lo > 0 and TRUE[g["label"]] < TRUE[st["best"]["label"]]
+        v = st["final"].verdict
+        label = {n: g["label"] for n, g in st["final"].by_name.items()}
+        found += label[v.best] == "a"
+        for worse, better in v.worse.items():  # every "worse" claim: the interval excludes 0 and the truth agrees
+            assert v.pairs[(better, worse)].diff.lo > 0 and TRUE[label[worse]] < TRUE[label[better]]
+            assert v.min_seeds >= 2
         runs += d.runs
     assert found / trials >= 0.9
-    assert runs / trials < 0.6 * 4 * 6  # it spends fewer runs than the full grid of 4 options x 6 seeds
+    # fewer runs than the full grid of 4 options x 6 seeds (measured 19.5 of 24: every option needs 2 seeds before
+    # it is judged, and the family-wise intervals need more seeds than the old one-seed, one-pair rule)
+    assert runs / trials < 0.9 * 4 * 6
 
 
 def test_a_close_contest_gets_the_seeds_and_the_rest_stops(toy, tmp_path):
@@ -89,11 +94,14 @@ def test_a_close_contest_gets_the_seeds_and_the_rest_stops(toy, tmp_path):
         d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lines.append, in_process=True,
                                runner=fake_runner(true, 0, calls=calls))
     seeds = {label: sorted(s for lab, s in calls if lab == label) for label in true}
-    assert seeds["c"] == [0]                       # clearly worse after one seed: never run again
+    # clearly worse, but judged only once it has 2 seeds, and shown worse only when the family-wise interval says so
+    # (with 2 seeds the seed variance has ~1 degree of freedom: here it takes 3)
+    assert 2 <= len(seeds["c"]) < 4 and seeds["c"] == list(range(len(seeds["c"])))
     assert seeds["a"] == seeds["b"] == [0, 1, 2, 3]  # the open contest got every seed
     assert not d.resolved and any(line.startswith("OPEN") for line in d.lines)
     assert any("still open" in line and ("seeds" in line or "evaluation examples" in line) for line in d.lines)
-    assert any(line.startswith("round 1") and "settled (worse)" in line for line in lines)
+    assert not any("shown worse" in line for line in lines if line.startswith("round 1"))  # nothing from one seed
+    assert any(line.startswith(f"round {len(seeds['c'])}") and "out (shown worse): c" in line for line in lines)
 
 
 def test_time_budget_stops_starting_runs_and_a_rerun_resumes(toy, tmp_path):

@@ -61,6 +61,17 @@ def test_summary_line_shows_every_listed_metric():
     assert "macro-F1 0.250" in line and "acc" not in line.split("|")[0].split(":", 1)[1]
 
 
+def test_console_lines_show_the_primary_metric_and_the_task_name_not_its_path():
+    from fewtune.runner import brief, summary_line
+    r = _result({"accuracy": 0.7, "macro_f1": 0.6, "mcc": 0.12})
+    r["config"]["task"] = "/home/me/tasks/sst2.toml"
+    r["task"] = {"name": "sst2", "primary_metric": "mcc"}
+    line = summary_line(r)
+    assert "on sst2," in line and "/home/me" not in line
+    assert line.index("mcc 0.120 (primary)") < line.index("acc 0.700")
+    assert brief(r) == "sst2: dev mcc 0.120"
+
+
 # ----------------------------------------------------------------------------- 12-15: data and task files
 def _task(tmp_path, splits: dict, **top):
     from fewtune.tasks import task_from_dict

@@ -11,7 +11,8 @@ import pytest
 
 from conftest import TOY_TASK
 
-from fewtune import metrics, stats
+from fewtune import compare, metrics, stats
+from fewtune.report import data as report_data
 from fewtune.cli import main
 from fewtune.config import RunConfig
 from fewtune.report import write_report
@@ -170,14 +171,22 @@ def test_score_tables_are_the_paired_statistics_of_the_stored_predictions(db, re
                 assert line[2] == str(len(SEEDS))
                 gold, preds = stored(db, task, model, label, shots, ind)
                 assert line[3] == fmt(stats.estimate(gold, preds, None, 2, metric), metric)
+                # the family's verdict, recomputed here from the stored predictions of every option
+                fam = compare.family(gold, [compare.OptionRuns(f"{lab} ({sh} shots)", tuple(SEEDS),
+                                                               stored(db, task, model, lab, sh, ind)[1])
+                                            for lab in LABELS for sh in SHOTS], 2, metric)
+                me = f"{label} ({shots} shots)"
+                assert fam.best == f"{best[0]} ({best[1]} shots)"
                 if (label, shots) != best:
-                    _, best_preds = stored(db, task, model, *best, ind)
-                    d = stats.estimate(gold, best_preds, preds, 2, metric)
+                    d = fam.vs_best[me].diff
                     assert d.value >= 0
-                    assert line[5] == f"{d.p_positive:.2f}"
+                    assert line[4] == report_data.signed(d, metric)
+                    expected = (f"worse than {fam.worse[me]}" if me in fam.worse else
+                                "equivalent to best" if me in fam.equivalent_to_best else "not shown different")
+                    assert line[5] == expected
                 majority = np.full_like(preds, np.bincount(gold).argmax())
-                vm = stats.estimate(gold, preds, majority, 2, metric)
-                assert line[6] == ("yes" if vm.lo > 0 else ("no (worse)" if vm.hi < 0 else "no"))
+                vm = stats.estimate(gold, preds, majority, 2, metric, confidence=1 - 0.05 / fam.looks / len(fam.options))
+                assert line[6] == ("yes" if vm.lo > 0 else ("no (worse)" if vm.hi < 0 else "not shown"))
                 ogold, opreds = stored(db, task, model, label, shots, ood)
                 assert line[7 + 2] == fmt(stats.estimate(ogold, opreds, None, 2, metric), metric)
                 checked += 1
@@ -237,9 +246,9 @@ def test_budget_section_follows_the_paired_intervals(report):
     section = md[md.index("## Which method for which budget"):]
     line = next(x for x in section.splitlines() if x.startswith("- mnli / tiny-a, in-domain"))
     # pbft (86%) and lora (84.5%) are too close to tell apart at 3 seeds x 200 examples; icl (60%) is clearly worse
-    assert "the best mean is pbft (8 shots)" in line
-    assert "cannot be told apart from" in line and "lora (8 shots)" in line.split("cannot be told apart from")[1]
-    assert "icl (4 shots)" in line.split("it is better than")[1].split(";")[0]
+    assert "the highest estimate is pbft (8 shots)" in line
+    assert "not shown different from it" in line and "lora (8 shots)" in line.split("not shown different from it")[1]
+    assert "icl (4 shots) (than" in line.split("shown worse:")[1].split(";")[0]
     memory = next(t for t in md_tables_after(section, "### mnli / tiny-a") if t[2][0].endswith("MiB"))
     # the lowest memory level is icl's (500 MiB + shots in the synthetic data), and only icl fits in it
     assert memory[2][:2] == ["≤ 504 MiB", "icl (4 shots)"]
@@ -266,8 +275,10 @@ def test_no_option_beating_the_majority_is_the_answer(tmp_path):
                 store.finish(cfg.hash(), r)
     paths = write_report(path, tmp_path / "rep")
     md = paths["markdown"].read_text()
-    line = next(x for x in md.splitlines() if x.startswith("- cola / m, in-domain"))
-    assert "No option beats the majority-class baseline" in line and "'acceptable'" in line
+    lines = md.splitlines()
+    at = next(i for i, x in enumerate(lines) if x.startswith("- cola / m, in-domain"))
+    floor = lines[at + 1]  # the floor: its own sentence after the family's verdict
+    assert "No option is shown to beat the floor" in floor and "'acceptable'" in floor and "MCC > 0" in floor
 
 
 USER_TASK = TOY_TASK.replace('name = "toy"', 'name = "sst2-like"').split("[splits.ood]")[0].replace(
@@ -392,7 +403,8 @@ def test_one_seed_is_flagged(tmp_path):
     md = write_report(path, tmp_path / "rep")["markdown"].read_text()
     assert "†" in md_tables_after(md, "### mnli / m")[0][2][3]
     line = next(x for x in md.splitlines() if x.startswith("- mnli / m, in-domain"))
-    assert "covers the evaluation-sample noise only, not training instability" in line
+    assert "nothing is claimed" in line and "shown worse" not in line and "not shown different" not in line
+    assert "covers the evaluation-sample noise only, not training instability" in md
     assert not math.isnan(0.0)
 
 

@@ -26,7 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import claims, compare
 from .errors import FewtuneError
+from .fmt import METRIC_NAMES, signed, with_interval
 from .grid import Cell, Grid, run_grid
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
@@ -89,7 +91,7 @@ def options_of(grid: Grid) -> dict[tuple, list[Option]]:
 
 
 def run_until_resolved(grid: Grid, store, log_dir: Path, time_budget_s: float, echo=print, in_process: bool = False,
-                       runner=None, reclaim: bool = False) -> Decision:
+                       runner=None, reclaim: bool = False, equivalence_margin: float | None = None) -> Decision:
     """Run `grid` by the allocation rule above within `time_budget_s` seconds of this invocation."""
     t0 = time.perf_counter()
     groups_of = options_of(grid)
@@ -125,7 +127,7 @@ def run_until_resolved(grid: Grid, store, log_dir: Path, time_budget_s: float, e
                 all_seconds.append(o.seconds[-1])
                 runs += 1
             depth[o.key] += 1
-        state = _assess(store, groups_of, depth)
+        state = _assess(store, groups_of, depth, equivalence_margin)
         active = {}
         for mt, st in state.items():
             if st["open"]:
@@ -136,7 +138,8 @@ def run_until_resolved(grid: Grid, store, log_dir: Path, time_budget_s: float, e
     lines = _answer(state, out_of_time)
     for line in lines:
         echo(line)
-    resolved = all(st["best"] is not None and not st["tied"] and not st["unpaired"] for st in state.values())
+    resolved = all(st.get("final") is not None and st["final"].verdict.resolved
+                   and st["final"].verdict.min_seeds >= compare.MIN_SEEDS for st in state.values())
     return Decision(resolved=resolved, lines=lines, rounds=rounds, runs=runs, seconds=time.perf_counter() - t0,
                     state=state)
 
@@ -152,10 +155,15 @@ def _estimate(o: Option, all_seconds: list[float]) -> float | None:
     return SAFETY * (sum(all_seconds) / len(all_seconds)) if all_seconds else None
 
 
-def _assess(store, groups_of, depth) -> dict:
-    """Per model × task: the options (report groups of the runs given so far), the best, settled and open ones."""
-    from .report.budget import compare_to_best, finite, mean_of
-    from .report.data import flat_row, group_runs, predictions_reader
+def _assess(store, groups_of, depth, margin: float | None = None) -> dict:
+    """Per model × task, from the runs given so far: the verdict of the in-domain family at level 1 − α/L (L = the
+    spec's seeds − 1: every round from the second is a look; docs/statistics.md), and where the next seeds go.
+
+    Allocation only: options below 2 seeds get their next seed (nothing is judged from one); then every option
+    that is still a candidate for the best and not shown equivalent to it. Options shown worse, or shown
+    equivalent to the best within the task's margin, get no more seeds. The answer is not taken from these looks:
+    it is the final verdict (`_answer`), on all the runs, made once."""
+    from .options import flat_row, group_runs, predictions_reader
     given = {c.key for opts in groups_of.values() for o in opts for c in o.cells[:depth[o.key]]}
     rows = [r for r in store.rows(["success"]) if r["config_hash"] in given]
     groups = group_runs([flat_row(r) for r in rows], rows, predictions_reader(store))
@@ -163,40 +171,65 @@ def _assess(store, groups_of, depth) -> dict:
     for (model, task), opts in groups_of.items():
         option_of = {c.key: o.key for o in opts for c in o.cells}  # run hash -> its option
         by_key = {option_of[h]: g for g in groups for h in g["runs"] if h in option_of}
-        gs = [g for g in by_key.values() if finite(mean_of(g, "id"))]
-        if not gs:
-            state[(model, task)] = {"groups": [], "best": None, "worse": [], "tied": [], "unpaired": [],
-                                    "open": False, "next": set(), "failed": [o for o in opts if o.key not in by_key]}
+        most = max(len(o.cells) for o in opts)
+        fv = claims.view(list(by_key.values()), "id", _margin(margin, opts), looks=compare.looks_for(most))
+        key_of = {claims.name(g): k for k, g in by_key.items()}
+        failed = [o for o in opts if o.key not in by_key]
+        left = {o.key for o in opts if depth[o.key] < len(o.cells)}
+        if fv is None:
+            nxt = {o.key for o in opts if o.key in left and not o.seconds}
+            state[(model, task)] = {"view": None, "groups": [], "next": nxt, "open": bool(nxt), "best_key": None,
+                                    "failed": failed}
             continue
-        c = compare_to_best(gs, "id")
-        key_of = {id(g): k for k, g in by_key.items()}
-        open_ = [g for g, _ in c["tied"]] + c["unpaired"]
-        st = {"groups": gs, "best": c["best"], "worse": c["worse"], "tied": c["tied"], "unpaired": c["unpaired"],
-              "failed": [o for o in opts if o.key not in by_key], "best_key": key_of[id(c["best"])]}
-        nxt = {key_of[id(g)] for g in [c["best"], *open_]}
-        st["next"] = {k for k in nxt if depth[k] < len(next(o for o in opts if o.key == k).cells)}
-        # open while some comparison with the best is open and a seed is left for at least one side of it
-        st["open"] = bool(open_) and bool(st["next"])
-        state[(model, task)] = st
+        v = fv.verdict
+        wanted, resolved = allocate(v, {claims.name(g): g["n_runs"] for g in by_key.values()})
+        nxt = {key_of[n] for n in wanted if n in key_of} & left
+        state[(model, task)] = {"view": fv, "groups": list(by_key.values()), "next": nxt,
+                                "open": bool(nxt) and not resolved, "best_key": key_of.get(v.best), "failed": failed}
     return state
 
 
+def allocate(v: compare.Verdict, seeds: dict[str, int]) -> tuple[set[str], bool]:
+    """Where the next seeds go after a look, and whether the family is resolved: options with fewer than 2 seeds
+    first (nothing is judged from one); then every candidate for the best that is not shown equivalent to it. An
+    option shown worse, or shown equivalent to the best, gets no more seeds. The simulation in
+    tests/test_compare.py runs this function, as the grid does, to measure the false-claim rate of the whole rule."""
+    young = {n for n, k in seeds.items() if k < compare.MIN_SEEDS}
+    if young:
+        return young, False
+    return {n for n in v.candidates if n not in v.equivalent_to_best}, v.resolved
+
+
+def _margin(override: float | None, opts: list[Option]) -> float | None:
+    """The equivalence margin, fixed before the run: --equivalence-margin, else the task file's."""
+    if override is not None:
+        return override
+    from .tasks import load_task
+    return load_task(opts[0].cells[0].config.task).equivalence_margin
+
+
 def _print_round(n, state, active, all_seconds, left, echo) -> None:
-    from .report.budget import name
-    from .report.data import METRIC_NAMES, signed, with_interval
     for (model, task), st in state.items():
-        if st["best"] is None:
+        fv = st["view"]
+        if fv is None:
             echo(f"round {n} · {task} / {model}: no successful run yet")
             continue
-        metric = st["best"]["primary_metric"]
-        parts = [f"best {name(st['best'])} {METRIC_NAMES[metric]} {with_interval(st['best']['id_primary'], metric)}"]
-        if st["worse"]:
-            parts.append("settled (worse): " + ", ".join(f"{name(g)} {signed(d, metric)}" for g, d in st["worse"]))
-        if st["tied"]:
-            parts.append("open: " + ", ".join(f"{name(g)} {signed(d, metric)}" for g, d in st["tied"]))
+        v, metric = fv.verdict, fv.metric
+        best = fv.best
+        parts = [f"highest {v.best} {METRIC_NAMES[metric]} {with_interval(best['id_primary'], metric)}"]
+        if v.reason:
+            parts.append(f"nothing judged yet ({v.reason.split(':')[0]})")
+        else:
+            if v.worse:
+                parts.append("out (shown worse): " + ", ".join(f"{o} < {w}" for o, w in v.worse.items()))
+            if v.equivalent_to_best:
+                parts.append("shown equivalent to it: " + ", ".join(v.equivalent_to_best))
+            if v.undecided:
+                parts.append("open: " + ", ".join(f"{o} {signed(v.vs_best[o].diff, metric)}" if o in v.vs_best else o
+                                                  for o in v.undecided))
         if st["failed"]:
             parts.append("failed: " + ", ".join(o.describe() for o in st["failed"]))
-        echo(f"round {n} · {task} / {model}: " + "; ".join(parts))
+        echo(f"round {n} · {task} / {model} (looks allocate seeds; the answer comes at the end): " + "; ".join(parts))
     pending = sum(1 for opts in active.values() for _ in opts)
     if pending:
         mean = sum(all_seconds) / len(all_seconds) if all_seconds else math.nan
@@ -205,43 +238,21 @@ def _print_round(n, state, active, all_seconds, left, echo) -> None:
 
 
 def _answer(state, out_of_time) -> list[str]:
-    from .report.budget import conclusion, name
+    """The final verdict, once, on all the runs: the same analysis as `fewtune report` (α spent over the looks the
+    data can have had). RESOLVED only when every claim it needs holds at that level on ≥ 2 seeds per option."""
     lines = []
     for (model, task), st in state.items():
         if not st["groups"]:
             lines.append(f"{task} / {model}: no option produced a result; see `fewtune results --status failed`.")
             continue
-        verdict = "RESOLVED" if not st["tied"] and not st["unpaired"] else "OPEN"
-        lines.append(f"{verdict} · " + " ".join(conclusion(st["groups"], task, model, ("id",))))
-        if verdict == "OPEN":
+        fv = claims.view(st["groups"], "id", st["view"].verdict.margin if st["view"] else None)
+        st["final"] = fv
+        resolved = fv.verdict.resolved and fv.verdict.min_seeds >= compare.MIN_SEEDS
+        lines.append(f"{'RESOLVED' if resolved else 'OPEN'} · " + " ".join(claims.sentences(fv, task, model)))
+        if not resolved:
             why = "the time budget ran out" if out_of_time else "every seed of the spec is used"
-            for g, d in st["tied"]:
-                lines.append(f"  still open: {name(st['best'])} vs {name(g)} ({why}). {_what_it_takes(d)}")
+            if fv.verdict.reason:
+                lines.append(f"  still open ({why}): {fv.verdict.reason}.")
+            for o in fv.verdict.undecided:
+                lines.append(f"  still open ({why}): {fv.verdict.best} vs {o}. {claims.what_it_takes(fv, o)}")
     return lines
-
-
-def _what_it_takes(d) -> str:
-    """How many seeds, or how many evaluation examples, would make the interval of this difference exclude 0 if
-    the difference and the variances stay as measured."""
-    from scipy import stats as st
-    effect = abs(d.value)
-    if effect == 0 or math.isnan(d.lo):
-        return "The measured difference is 0: no number of runs will separate them; they are equivalent here."
-    if d.n_seeds < 2:
-        return ("More seeds: with one common seed the interval covers evaluation noise only, and how unstable "
-                "training is stays unknown until a second seed of both runs.")
-    z = st.t.ppf(0.975, max(d.n_examples - 1, 1))
-    if z * math.sqrt(d.example_var) >= effect:  # seeds cannot help: the example part alone is too wide
-        factor = (z * math.sqrt(d.example_var) / effect) ** 2 * 1.1
-        if factor > 20:
-            return (f"The difference measured ({effect:.3f}) is far inside the evaluation noise: about "
-                    f"{math.ceil(d.n_examples * factor):,} evaluation examples would be needed; for a choice at this "
-                    "budget, treat them as equivalent and take the cheaper.")
-        return (f"Evaluation sampling limits it: about {math.ceil(d.n_examples * factor):,} evaluation examples "
-                f"(now {d.n_examples:,}; raise eval_limit) would be needed, more seeds would not do it.")
-    per_seed_var = d.seed_var * d.n_seeds
-    for n in range(max(d.n_seeds, 2), 201):
-        half = math.sqrt(st.t.ppf(0.975, n - 1) ** 2 * per_seed_var / n + z ** 2 * d.example_var)
-        if half < effect:
-            return f"About {n} seeds in all (now {d.n_seeds}) would resolve it if the difference holds."
-    return "Hundreds of seeds would be needed: for this purpose they are equivalent."

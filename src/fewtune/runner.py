@@ -55,7 +55,11 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     for name in eval_names:
         if name not in task.splits:
             raise FewtuneError(f"Task '{task.name}' has no split '{name}' (splits: {', '.join(task.splits)}).")
-    eval_sets = {name: eval_subsample(load_split(task, name, cfg.data_root, cfg.data_source), eval_limit) for name in eval_names}
+    eval_sets, population = {}, {}
+    for name in eval_names:  # the split's size is kept: advice never asks for more examples than it holds
+        full = load_split(task, name, cfg.data_root, cfg.data_source)
+        population[name] = len(full)
+        eval_sets[name] = eval_subsample(full, eval_limit)
     excluded = {}  # an evaluation on the training data leaves the few-shot sample (and so every demonstration) out
     for name in eval_names:
         eval_sets[name], n_out = exclude_training(task, name, eval_sets[name], train_examples)
@@ -93,6 +97,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
               "config_hash": digest(identity), "identity": identity,
               "task": {"name": task.name, "version": task.version, "source": task.source, "sha256": task.sha256,
                        "primary_metric": task.primary_metric, "metrics": list(task.metrics),
+                       "equivalence_margin": task.equivalence_margin,
                        "pattern": pattern.template, "verbalizer": list(pattern.verbalizer), "labels": list(task.labels)},
               "data": identity["data"],
               "seeds": {"data_seed": cfg.seed, "train_seed": train_seed, "eval_subsample_seed": 0},
@@ -152,7 +157,8 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
             logprobs = torch.log_softmax(torch.as_tensor(out.logits, dtype=torch.float64), -1).numpy()
             m = metrics.evaluation(gold, preds, logprobs, task.labels, task.metrics, [ex.groups for ex in examples])
             role = "in_domain" if name == task.in_domain else ("out_of_domain" if name in task.out_of_domain else "other")
-            evals[name] = {"role": role, **m, "truncated_examples": truncated, "seconds": round(out.seconds, 3)}
+            evals[name] = {"role": role, **m, "population": population[name], "truncated_examples": truncated,
+                           "seconds": round(out.seconds, 3)}
             # per example, in the split's data order: what the paired statistics and calibration are computed from
             predictions[name] = {"idx": [ex.idx for ex in examples], "gold": gold, "pred": preds,
                                  "logprobs": logprobs.astype("float32").tolist(),
@@ -202,15 +208,33 @@ def use_cost(cost: dict, eval_seconds: float, eval_n: int, query_tokens: int, pr
     }
 
 
+SHORT_NAMES = {"accuracy": "acc", "mcc": "mcc", "macro_f1": "macro-F1"}
+
+
+def task_name(result: dict) -> str:
+    """The task's name as recorded (a user task's `name`, not the path of its file)."""
+    return (result.get("task") or {}).get("name") or result["config"]["task"]
+
+
+def brief(result: dict) -> str:
+    """One run in a few words, for the grid's per-run line: the task's name and its primary metric per split."""
+    primary = (result.get("task") or {}).get("primary_metric") or "accuracy"
+    parts = [f"{name} {SHORT_NAMES.get(primary, primary)} {e[primary]:.3f}"
+             for name, e in (result.get("evals") or {}).items()
+             if isinstance(e, dict) and isinstance(e.get(primary), (int, float))]
+    return f"{task_name(result)}: " + (", ".join(parts) or "done") if parts else "done"
+
+
 def summary_line(result: dict) -> str:
+    """The console line of `fewtune run`: every metric the task lists, its primary metric first and marked."""
+    primary = (result.get("task") or {}).get("primary_metric")
     parts = []
-    short = {"accuracy": "acc", "mcc": "mcc", "macro_f1": "macro-F1"}
     for name, e in result["evals"].items():
-        # every metric the task lists, in its order (an eval holds exactly those; see metrics.compute)
-        shown = " ".join(f"{short[k]} {v:.3f}" for k, v in e.items() if k in short)
+        # every metric the task lists (an eval holds exactly those; see metrics.compute), the primary one first
+        keys = sorted((k for k in e if k in SHORT_NAMES), key=lambda k: k != primary)
+        shown = " ".join(f"{SHORT_NAMES[k]} {e[k]:.3f}" + (" (primary)" if k == primary else "") for k in keys)
         parts.append(f"{name}: {shown} (n={e['n']})")
     c = result["cost"]
-    return (f"{result['config']['method']} on {result['config']['task']}, {result['config']['shots']} shots, seed "
+    return (f"{result['config']['method']} on {task_name(result)}, {result['config']['shots']} shots, seed "
             f"{result['config']['seed']}: " + "; ".join(parts) +
             f" | train {c['train_seconds']:.1f}s eval {c['eval_seconds']:.1f}s peak {c['peak_memory_mib']:.0f} MiB")
-

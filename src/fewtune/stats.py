@@ -8,9 +8,11 @@ has two sources of error, and the interval accounts for both (docs/statistics.md
   seed. Its share of the variance of the mean is V_seed = s²(d_s) / n, estimated from the n seeds, so it carries
   n − 1 degrees of freedom (none with one seed);
 - **evaluation sampling** (which N examples were scored): the examples are shared by all seeds, so this error does
-  not average out over seeds. Its share V_examples is estimated by resampling the examples (the same resample for
-  every seed and both options: that is the pairing), or exactly for accuracy from the two-way (seed × example)
-  analysis of variance: (MS_examples − MS_residual) / (n·N), which does not count the per-seed noise twice.
+  not average out over seeds. Its share V_examples comes from the two-way (seed × example) analysis of variance of
+  per-example values, (MS_examples − MS_residual) / (n·N), which does not count the per-seed noise twice: for
+  accuracy the values are 1/0 (right/wrong), for MCC and macro-F1, which do not split into per-example terms,
+  their jackknife pseudo-values (the same decomposition, linearised). Pairing: both options' values are taken
+  on the same examples and seeds, and differenced there.
 
 The half-width is sqrt(t(n−1)² · V_seed + t(N−1)² · V_examples): each part is widened by the t quantile of its own
 degrees of freedom. With 2-3 seeds the seed part's quantile is large (12.7, 4.3): two or three runs cannot tell how
@@ -30,9 +32,6 @@ import numpy as np
 from scipy import stats as _scipy_stats
 
 CONFIDENCE = 0.95
-BOOTSTRAP_SAMPLES = 2000
-BOOTSTRAP_SEED = 0           # fixed: the same database gives the same report
-_CHUNK = 250                 # bootstrap resamples per matrix product (bounds memory at HANS's 30,000 examples)
 
 
 @dataclass(frozen=True)
@@ -47,7 +46,6 @@ class Estimate:
     n_examples: int
     seed_var: float          # V_seed: training instability's share of the variance of `value` (0 with one seed)
     example_var: float       # V_examples: evaluation sampling's share
-    p_positive: float        # P(true value > 0) under the same approximation: for a difference, P(A beats B)
 
     @property
     def excludes_zero(self) -> bool:
@@ -59,7 +57,7 @@ class Estimate:
         return self.n_seeds < 2
 
 
-NAN_ESTIMATE = Estimate(math.nan, math.nan, math.nan, math.nan, math.nan, 0, 0, math.nan, math.nan, math.nan)
+NAN_ESTIMATE = Estimate(math.nan, math.nan, math.nan, math.nan, math.nan, 0, 0, math.nan, math.nan)
 
 
 # ----------------------------------------------------------------------------- metrics from confusion counts
@@ -92,13 +90,15 @@ def metric_value(gold, pred, n_classes: int, metric: str) -> float:
 
 # ----------------------------------------------------------------------------- the estimate
 def estimate(gold, preds_a, preds_b=None, n_classes: int = 2, metric: str = "accuracy",
-             samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> Estimate:
-    """Metric of option A, or the paired difference A − B, with its `CONFIDENCE` interval.
+             confidence: float = None) -> Estimate:
+    """Metric of option A, or the paired difference A − B, with its `confidence` interval [CONFIDENCE].
 
     `gold`: [N] labels of the evaluation examples (the same for every seed). `preds_a`, `preds_b`: [n_seeds, N]
-    predictions, row s of both under data seed s, column i for example i. Accuracy's example variance is exact
-    (closed form); other metrics resample the examples `samples` times (seeded).
+    predictions, row s of both under data seed s, column i for example i. The example variance comes from the
+    two-way (seed × example) analysis of variance of the per-example jackknife pseudo-values (exact for accuracy,
+    where a pseudo-value is 1/0 for right/wrong), which does not count the per-seed noise twice.
     """
+    confidence = CONFIDENCE if confidence is None else confidence
     gold = np.asarray(gold, dtype=np.int64)
     a = np.atleast_2d(np.asarray(preds_a, dtype=np.int64))
     b = None if preds_b is None else np.atleast_2d(np.asarray(preds_b, dtype=np.int64))
@@ -108,15 +108,33 @@ def estimate(gold, preds_a, preds_b=None, n_classes: int = 2, metric: str = "acc
     if a.shape[1] != len(gold) or (b is not None and b.shape != a.shape):
         raise ValueError(f"shapes do not pair: gold {gold.shape}, A {a.shape}, B {None if b is None else b.shape}")
     per_seed = np.array([metric_value(gold, a[s], n_classes, metric) for s in range(n)])
+    d = pseudo_values(gold, a, n_classes, metric)
     if b is not None:
         per_seed = per_seed - np.array([metric_value(gold, b[s], n_classes, metric) for s in range(n)])
+        d = d - pseudo_values(gold, b, n_classes, metric)
     value = float(per_seed.mean())
     seed_var = float(per_seed.var(ddof=1) / n) if n > 1 else 0.0
+    example_var = anova_example_var(d)
+    return clip(_interval(value, seed_var, example_var, n, big_n, confidence), metric, difference=b is not None)
+
+
+def pseudo_values(gold, pred, n_classes: int, metric: str) -> np.ndarray:
+    """Jackknife pseudo-values [n_seeds, N]: N·m − (N−1)·m(without example i), per seed. Their mean over the
+    examples is the (bias-corrected) metric and their variance / N its jackknife variance; for accuracy they are
+    exactly 1/0 for right/wrong. Leaving one example out changes one confusion cell, so only C² leave-one-out values
+    are computed per seed."""
+    gold = np.asarray(gold, dtype=np.int64)
+    pred = np.atleast_2d(np.asarray(pred, dtype=np.int64))
+    n, big_n = pred.shape
     if metric == "accuracy":
-        example_var = _anova_example_var(gold, a, b)
-    else:
-        example_var = _bootstrap_example_var(gold, a, b, n_classes, metric, samples, seed)
-    return clip(_interval(value, seed_var, example_var, n, big_n), metric, difference=b is not None)
+        return (pred == gold[None, :]).astype(np.float64)
+    cc = n_classes * n_classes
+    cells = gold[None, :] * n_classes + pred  # [n, N]: each example's confusion cell
+    counts = np.stack([np.bincount(c, minlength=cc) for c in cells]).astype(np.float64)  # [n, C*C]
+    full = from_confusion(counts.reshape(n, n_classes, n_classes), metric)  # [n]
+    loo = counts[:, None, :] - np.eye(cc)[None, :, :]  # [n, C*C (cell removed), C*C]
+    loo_values = from_confusion(np.maximum(loo, 0).reshape(n, cc, n_classes, n_classes), metric)  # [n, C*C]
+    return big_n * full[:, None] - (big_n - 1) * np.take_along_axis(loo_values, cells, axis=1)
 
 
 RANGES = {"accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "mcc": (-1.0, 1.0)}
@@ -131,11 +149,11 @@ def clip(est: Estimate, metric: str, difference: bool) -> Estimate:
     return dataclasses.replace(est, lo=max(est.lo, lo), hi=min(est.hi, hi))
 
 
-def _anova_example_var(gold, a, b) -> float:
-    """Evaluation sampling's share of the variance of the mean accuracy (difference), from the two-way random-
-    effects decomposition of the per-seed, per-example scores D[s, i] (1/0 correct, or the difference of two):
-    (MS_examples − MS_residual) / (n·N); with one seed Var_i(D) / N."""
-    d = (a == gold).astype(np.float64) - ((b == gold).astype(np.float64) if b is not None else 0.0)
+def anova_example_var(d: np.ndarray) -> float:
+    """Evaluation sampling's share of the variance of the seed-averaged mean of D[s, i] (per-example values, or
+    the difference of two options'), from the two-way random-effects decomposition: (MS_examples − MS_residual) /
+    (n·N); with one seed Var_i(D) / N (that seed's evaluation noise is all there is to see)."""
+    d = np.atleast_2d(np.asarray(d, dtype=np.float64))
     n, big_n = d.shape
     if big_n < 2:
         return 0.0
@@ -148,40 +166,14 @@ def _anova_example_var(gold, a, b) -> float:
     return float(max(0.0, ms_examples - ms_resid) / (n * big_n))
 
 
-def _bootstrap_example_var(gold, a, b, n_classes, metric, samples, seed) -> float:
-    """Variance of the seed-averaged metric (difference) when the N examples are resampled: one resample of the
-    examples is applied to every seed and to both options (multinomial counts as weights, no copying)."""
-    rng = np.random.default_rng(seed)
-    big_n = len(gold)
-    cc = n_classes * n_classes
-    cells = [(gold * n_classes + a[s], 1.0) for s in range(a.shape[0])]  # confusion cell of each example
-    if b is not None:
-        cells += [(gold * n_classes + b[s], -1.0) for s in range(b.shape[0])]
-    values = []
-    for start in range(0, samples, _CHUNK):
-        k = min(_CHUNK, samples - start)
-        draws = rng.integers(0, big_n, size=(k, big_n))  # k resamples of the N examples, with replacement
-        offsets = (np.arange(k) * cc)[:, None]
-        total = np.zeros(k)
-        for c, sign in cells:  # the same resample for every seed and both options: the pairing
-            counts = np.bincount((offsets + c[draws]).ravel(), minlength=k * cc).reshape(k, n_classes, n_classes)
-            total += sign * from_confusion(counts, metric)
-        values.append(total / a.shape[0])
-    v = np.concatenate(values)
-    return float(v.var(ddof=1))
-
-
-def _interval(value: float, seed_var: float, example_var: float, n: int, big_n: int) -> Estimate:
-    t_seed = float(_scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) if n > 1 else 0.0
-    t_examples = float(_scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, max(big_n - 1, 1))) if big_n > 0 else 0.0
+def _interval(value: float, seed_var: float, example_var: float, n: int, big_n: int,
+              confidence: float = CONFIDENCE) -> Estimate:
+    t_seed = float(_scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) if n > 1 else 0.0
+    t_examples = float(_scipy_stats.t.ppf(0.5 + confidence / 2, max(big_n - 1, 1))) if big_n > 0 else 0.0
     half = math.sqrt(t_seed ** 2 * seed_var + t_examples ** 2 * example_var)
-    z = float(_scipy_stats.norm.ppf(0.5 + CONFIDENCE / 2))
-    se = half / z  # the normal standard error the interval amounts to; P(> 0) is read from it, consistently
-    if se == 0:
-        p_positive = 1.0 if value > 0 else (0.0 if value < 0 else 0.5)
-    else:
-        p_positive = float(_scipy_stats.norm.cdf(value / se))
-    return Estimate(value, value - half, value + half, se, float(n - 1), n, big_n, seed_var, example_var, p_positive)
+    z = float(_scipy_stats.norm.ppf(0.5 + confidence / 2))
+    se = half / z  # the normal standard error the interval amounts to
+    return Estimate(value, value - half, value + half, se, float(n - 1), n, big_n, seed_var, example_var)
 
 
 def seed_only(values) -> Estimate:
@@ -191,5 +183,5 @@ def seed_only(values) -> Estimate:
     if len(v) == 0:
         return NAN_ESTIMATE
     if len(v) < 2:
-        return Estimate(float(v[0]), math.nan, math.nan, math.nan, math.nan, 1, 0, math.nan, math.nan, math.nan)
+        return Estimate(float(v[0]), math.nan, math.nan, math.nan, math.nan, 1, 0, math.nan, math.nan)
     return _interval(float(v.mean()), float(v.var(ddof=1) / len(v)), 0.0, len(v), 0)

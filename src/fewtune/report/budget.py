@@ -1,24 +1,27 @@
-""""Which method for which budget": the table read the way the study's conclusion reads it, on the task's own
-metric and with paired intervals.
+""""Which method for which budget": the family's verdict (fewtune.claims) read at each budget level.
 
 For a budget (peak memory, training time, labelled examples used) the candidates are the options that fit in it;
-the best is the highest mean of the task's primary metric over seeds. Every other candidate is compared with it
-*paired* (same seeds, same evaluation examples; fewtune.stats): it is "worse" only when the 95% interval of the
-difference excludes 0, otherwise "not distinguishable". Budget levels are the costs of the Pareto-optimal options:
-below the first level nothing measured fits; each next level is where a better option becomes affordable.
+the one with the highest estimate is named, with the options that fit and are not shown different from it. Every
+pair is read from the family's simultaneous intervals (one family-wise procedure per model × task × split): a budget
+table makes no claim of its own. Budget levels are the costs of the Pareto-optimal options; costs that differ by less
+than the run-to-run variation measured for that cost are the same level (process peak memory that differs by 1 %
+between two options is measurement noise, not a reason to prefer one).
 """
 
 from __future__ import annotations
 
 import math
 
-from .data import METRIC_NAMES, majority_class, mib, paired, seconds, signed, versus_majority, with_interval
+from ..claims import name, sentences
+from .data import METRIC_NAMES, mib, seconds, signed, with_interval
 
 BUDGETS = (  # group field, heading, how a level prints
     ("peak_memory_mib", "Memory limit (peak MiB)", lambda v: f"≤ {mib(v)} MiB"),
     ("train_seconds", "Training-time limit (s)", lambda v: f"≤ {seconds(v)} s"),
     ("examples_used", "Labelled examples", lambda v: f"≤ {int(v)} examples"),
 )
+UNMEASURED_TOLERANCE = 0.05  # when no option has 2 runs, its run-to-run variation is unknown: 5 % (peak memory and
+#                            training time of one option were seen to vary by 1-10 % between seeds on a shared CPU)
 
 
 def finite(x) -> bool:
@@ -30,128 +33,99 @@ def mean_of(g: dict, prefix: str) -> float:
     return est.value if est is not None else math.nan
 
 
-def pareto_front(groups: list[dict], cost: str, prefix: str) -> list[dict]:
-    """Options that no other option beats on both: lower-or-equal cost and a higher primary-metric mean
-    (ascending cost)."""
+def tolerance(groups: list[dict], cost: str) -> float:
+    """The relative run-to-run variation of a cost: the largest (max − min) / mean over the runs of one option, among
+    options with 2+ runs (UNMEASURED_TOLERANCE when none has); 0 for labelled examples, which are counted."""
+    if cost == "examples_used":
+        return 0.0
+    spreads = []
+    for g in groups:
+        lo, hi = (g.get("cost_range") or {}).get(cost, (None, None))
+        if finite(lo) and finite(hi) and finite(g.get(cost)) and g[cost] > 0:
+            spreads.append((hi - lo) / g[cost])
+    return max(spreads) if spreads else UNMEASURED_TOLERANCE
+
+
+def pareto_front(groups: list[dict], cost: str, prefix: str, tol: float = 0.0) -> list[dict]:
+    """Options that no other option beats on both: a cost that is lower or within `tol` (relative) and a higher
+    primary-metric mean (ascending cost)."""
     usable = [g for g in groups if finite(g.get(cost)) and finite(mean_of(g, prefix))]
     usable.sort(key=lambda g: (g[cost], -mean_of(g, prefix)))
-    front, best = [], -math.inf
+    front = []
     for g in usable:
-        if mean_of(g, prefix) > best:
+        rivals = [h for h in usable if h is not g and h[cost] <= g[cost] * (1 + tol)]
+        if all(mean_of(h, prefix) < mean_of(g, prefix) for h in rivals):
             front.append(g)
-            best = mean_of(g, prefix)
     return front
 
 
-def compare_to_best(fits: list[dict], prefix: str) -> dict:
-    """{best, worse: [(g, diff)], tied: [(g, diff)], unpaired: [g]} among `fits` (diff = best − g, paired)."""
-    best = max(fits, key=lambda g: mean_of(g, prefix))
-    out = {"best": best, "worse": [], "tied": [], "unpaired": []}
+def best_under(fv, groups: list[dict], cost: str, level: float, tol: float, prefix: str):
+    """(option with the highest estimate among those within the budget, [(option, its comparison or None)] of the
+    others that fit and are not shown worse than it) from the family's verdict; None when nothing fits."""
+    fits = [g for g in groups if finite(g.get(cost)) and g[cost] <= level * (1 + tol) and finite(mean_of(g, prefix))]
+    if not fits:
+        return None
+    v = fv.verdict if fv else None
+    effects = v.effects if v else {}
+    best = max(fits, key=lambda g: effects.get(name(g), -math.inf) if effects else mean_of(g, prefix))
+    ties, worse = [], 0
     for g in fits:
         if g is best:
             continue
-        d = paired(best, g, prefix, best["primary_metric"])
-        if d is None or math.isnan(d.lo):
-            out["unpaired"].append(g)
-        elif d.lo > 0:
-            out["worse"].append((g, d))
+        pair = v.pairs.get((name(best), name(g))) if v else None
+        if pair is not None and pair.shown:
+            worse += 1
         else:
-            out["tied"].append((g, d))
-    return out
+            ties.append((g, pair))
+    return best, ties, worse
 
 
-def best_under(groups: list[dict], cost: str, level: float, prefix: str) -> dict | None:
-    fits = [g for g in groups if finite(g.get(cost)) and g[cost] <= level and finite(mean_of(g, prefix))]
-    return compare_to_best(fits, prefix) if fits else None
-
-
-def name(g: dict) -> str:
-    used = g.get("examples_used")
-    shots = f"{g['shots']} shots" if used is None or used == g["shots"] else f"{g['shots']} shots, {used} used"
-    return f"{g['label']} ({shots})"
-
-
-def describe(c: dict | None, prefix: str) -> list[str]:
-    if c is None:
+def describe(found, prefix: str, metric: str) -> list[str]:
+    if found is None:
         return ["–", "–", "–"]
-    best, metric = c["best"], c["best"]["primary_metric"]
-    ties = [f"{name(g)} {signed(d, metric)}" for g, d in c["tied"]] + [f"{name(g)} (not paired)" for g in c["unpaired"]]
+    best, ties, worse = found
+    text = "; ".join(f"{name(g)} {signed(p.diff, metric)}" if p else f"{name(g)} (not judged)" for g, p in ties)
     return [name(best), with_interval(best[f"{prefix}_primary"], metric),
-            "; ".join(ties) if ties else ("none: every other option is worse" if c["worse"] else "no other option")]
+            text or ("none: every other option is shown worse" if worse else "no other option")]
 
 
-def budget_tables(groups: list[dict], prefixes: tuple[str, ...], volume: float | None = None
+def budget_tables(groups: list[dict], prefixes: tuple[str, ...], views: dict, volume: float | None = None
                   ) -> list[tuple[str, list[str], list[list[str]]]]:
     """For one task × model: per budget kind, a table with one row per budget level. With a prediction `volume`,
     also the compute for training plus that many predictions (report.use.with_volume sets `use_seconds`)."""
-    metric = METRIC_NAMES[groups[0]["primary_metric"]]
+    metric_key = groups[0]["primary_metric"]
+    metric = METRIC_NAMES[metric_key]
     tables = []
     kinds = list(BUDGETS)
     if volume:
         kinds.append(("use_seconds", f"Compute for training + {volume:,.0f} predictions (s)", lambda v: f"≤ {seconds(v)} s"))
     for cost, heading, fmt in kinds:
-        levels = sorted({g[cost] for prefix in prefixes for g in pareto_front(groups, cost, prefix)})
+        tol = tolerance(groups, cost)
+        levels = []
+        for level in sorted({g[cost] for prefix in prefixes for g in pareto_front(groups, cost, prefix, tol)}):
+            if not levels or level > levels[-1] * (1 + tol):  # within the measured variation: the same level
+                levels.append(level)
         rows = []
         for level in levels:
             row = [fmt(level)]
             for prefix in prefixes:
-                row += describe(best_under(groups, cost, level, prefix), prefix)
+                row += describe(best_under(views.get(prefix), groups, cost, level, tol, prefix), prefix, metric_key)
             rows.append(row)
         if rows:
-            headers = ["budget"]
+            # costs within the measured run-to-run variation of that cost count as equal
+            headers = [f"budget (±{100 * tol:.0f} % = equal)" if tol else "budget"]
             for prefix in prefixes:
                 where = "ID" if prefix == "id" else "OOD"
-                headers += [f"best {where}", f"{where} {metric} [95% CI]", f"not distinguishable ({where}): best − it"]
+                headers += [f"highest {where}", f"{where} {metric} [95% CI]",
+                            f"not shown different ({where}): highest − it [simultaneous]"]
             tables.append((heading, headers, rows))
     return tables
 
 
-def conclusion(groups: list[dict], task: str, model: str, prefixes: tuple[str, ...]) -> list[str]:
-    """Sentences that follow from the paired intervals: the best option, what it beats, what it cannot be told
-    apart from (and the cheapest of those), and whether anything beats the majority-class baseline."""
+def conclusion(views: dict, task: str, model: str) -> list[str]:
+    """The family's verdict in plain words, per split (fewtune.claims.sentences)."""
     lines = []
-    for prefix in prefixes:
-        fits = [g for g in groups if finite(mean_of(g, prefix))]
-        if not fits:
-            continue
-        c = compare_to_best(fits, prefix)
-        best, metric = c["best"], c["best"]["primary_metric"]
-        where = "in-domain" if prefix == "id" else "out-of-domain"
-        split = best[f"{prefix}_split"]
-        text = (f"{task} / {model}, {where} ({split}, {METRIC_NAMES[metric]}): the best mean is {name(best)} at "
-                f"{with_interval(best[f'{prefix}_primary'], metric)}")
-        if c["worse"]:
-            text += (f"; it is better than {len(c['worse'])} option(s) (paired 95% intervals of the difference "
-                     f"exclude 0: {', '.join(name(g) for g, _ in c['worse'])})")
-        if c["tied"]:
-            cheap = min([best] + [g for g, _ in c["tied"]],
-                        key=lambda g: (g["peak_memory_mib"] if finite(g["peak_memory_mib"]) else math.inf,
-                                       g["train_seconds"] if finite(g["train_seconds"]) else math.inf))
-            text += (f"; it cannot be told apart from {', '.join(f'{name(g)} ({signed(d, metric)})' for g, d in c['tied'])}")
-            if cheap is not best:
-                text += (f", of which the cheapest is {name(cheap)} ({mib(cheap['peak_memory_mib'])} MiB peak, "
-                         f"{seconds(cheap['train_seconds'])} s training)")
-        if c["unpaired"]:
-            text += f"; not compared (no common seed or no stored predictions): {', '.join(name(g) for g in c['unpaired'])}"
-        if not c["worse"] and not c["tied"] and not c["unpaired"]:
-            text += "; it is the only option"
-        vs = versus_majority(best, prefix, metric)
-        beaters = [g for g in fits if (m := versus_majority(g, prefix, metric)) is not None and m.lo > 0]
-        if vs is not None and not beaters:
-            text += (f". No option beats the majority-class baseline here (best − majority: {signed(vs, metric)}): "
-                     f"at this budget, predicting '{_majority_label(best, prefix)}' for everything is as good")
-        elif vs is not None and vs.lo <= 0:
-            text += f". It does not beat the majority-class baseline ({signed(vs, metric)})"
-        if any(g[f"{prefix}_primary"].eval_noise_only for g in fits if g.get(f"{prefix}_primary") is not None):
-            text += (". † With one seed an interval covers the evaluation-sample noise only, not training "
-                     "instability: run more seeds before acting on a ranking")
-        lines.append(text + ".")
+    for prefix in ("id", "ood"):
+        if prefix in views:
+            lines += sentences(views[prefix], task, model)
     return lines
-
-
-def _majority_label(g: dict, prefix: str) -> str:
-    """The majority class's name, as stored with the run's baselines (else from its predictions)."""
-    if g.get(f"{prefix}_majority_label"):
-        return g[f"{prefix}_majority_label"]
-    k = majority_class(g["preds"][prefix])
-    return g["labels"][k] if k < len(g.get("labels") or []) else str(k)

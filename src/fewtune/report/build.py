@@ -3,13 +3,15 @@ stored per-example predictions."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from pathlib import Path
 
+from .. import claims
 from . import budget, figures, use
-from .data import (METRIC_NAMES, flat_row, group_runs, mib, model_order, num, paired, params, pct, scale_for,
-                   seconds, signed, size, versus_majority, with_interval)
+from .data import (METRIC_NAMES, flat_row, group_runs, mib, model_order, num, params, pct, scale_for, seconds,
+                   signed, size, with_interval)
 from .render import Doc
 
 
@@ -23,30 +25,63 @@ def shots_text(g: dict) -> str:
     return str(g["shots"]) if used is None or used == g["shots"] else f"{g['shots']} ({used} used)"
 
 
-def score_table(gs: list[dict], prefixes) -> tuple[list[str], list[list[str]]]:
-    """Per option: the primary metric with its interval, the paired difference to the best option, whether it
-    beats the majority baseline, and the task's other metrics (means over seeds)."""
+def family_views(gs: list[dict], prefixes, margin: float | None = None) -> dict:
+    """prefix -> the family's verdict (fewtune.claims.view): one per (model, task, split), shared by every table
+    and sentence of the report, so every claim in it belongs to one family-wise procedure."""
+    out = {}
+    for p in prefixes:
+        fv = claims.view(gs, p, margin if margin is not None else gs[0].get("equivalence_margin"))
+        if fv is not None:
+            out[p] = fv
+    return out
+
+
+def verdict_cell(fv, g: dict) -> str:
+    """What the family's verdict says about one option."""
+    n = claims.name(g)
+    v = fv.verdict
+    if n not in fv.by_name:
+        return "not compared"
+    if v.reason:
+        return "best estimate" if n == v.best else "not judged"
+    if n == v.best:
+        return "best" if v.resolved else "highest estimate"
+    if n in v.worse:
+        return f"worse than {v.worse[n]}"
+    if n in v.equivalent_to_best:
+        return "equivalent to best"
+    return "not shown different"
+
+
+def floor_cell(fv, g: dict) -> str:
+    e = fv.floor.get(claims.name(g)) if fv else None
+    if e is None or math.isnan(e.lo):
+        return "–"
+    return "yes" if e.lo > 0 else ("no (worse)" if e.hi < 0 else "not shown")
+
+
+def score_table(gs: list[dict], prefixes, views: dict) -> tuple[list[str], list[list[str]]]:
+    """Per option: the primary metric with its own interval; against the highest estimate, the simultaneous
+    interval of the difference and what the family's verdict says; whether it is shown to beat the majority-class
+    baseline; the task's other metrics (means over seeds)."""
     metric = gs[0]["primary_metric"]
     mname = METRIC_NAMES[metric]
     others = [m for m in gs[0]["metrics"] if m != metric]
     headers = ["method", "shots", "seeds"]
-    bests = {p: budget.compare_to_best([g for g in gs if budget.finite(budget.mean_of(g, p))], p)["best"]
-             for p in prefixes if any(budget.finite(budget.mean_of(g, p)) for g in gs)}
     for p in prefixes:
         w = "ID" if p == "id" else "OOD"
-        headers += [f"{w} {mname} [95% CI]", f"{w} best − it", f"{w} P(best better)", f"{w} > majority?"]
+        headers += [f"{w} {mname} [95% CI]", f"{w} best − it [simultaneous]", f"{w} verdict", f"{w} > majority?"]
         headers += [f"{w} {METRIC_NAMES[m]}" for m in others]
     rows = []
     for g in gs:
         row = [g["label"], shots_text(g), str(g["n_runs"])]
         for p in prefixes:
-            best = bests.get(p)
-            d = None if best is None or best is g else paired(best, g, p, metric)
-            vm = versus_majority(g, p, metric)
+            fv = views.get(p)
+            n = claims.name(g)
+            c = fv.verdict.vs_best.get(n) if fv else None
             row += [with_interval(g.get(f"{p}_primary"), metric),
-                    "best" if best is g else signed(d, metric),
-                    "–" if d is None or best is g else f"{d.p_positive:.2f}",
-                    "–" if vm is None else ("yes" if vm.lo > 0 else ("no (worse)" if vm.hi < 0 else "no"))]
+                    "best" if fv and n == fv.verdict.best else (signed(c.diff, metric) if c else "–"),
+                    verdict_cell(fv, g) if fv else "–", floor_cell(fv, g)]
             row += [scale_for(m)(g[f"{p}_{m}"].value) if g.get(f"{p}_{m}") is not None else "–" for m in others]
         rows.append(row)
     return headers, rows
@@ -120,10 +155,12 @@ def hans_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: float | None = None,
-          max_latency_ms: float | None = None, max_retention_loss: float | None = None) -> Doc:
+          max_latency_ms: float | None = None, max_retention_loss: float | None = None,
+          margin: float | None = None) -> Doc:
     """The report. `volume`: a number of predictions to include in a "training + use" budget; `max_latency_ms`:
     options slower per prediction are left out of "which method"; `max_retention_loss`: so are options whose
-    general-text LM loss rose by more (nats/token) or was not measured (all from `fewtune report` options)."""
+    general-text LM loss rose by more (nats/token) or was not measured; `margin`: the equivalence margin, instead
+    of each task's `equivalence_margin` (all from `fewtune report` options)."""
     flat = [flat_row(r) for r in rows]
     groups = group_runs(flat, rows, predictions)
     use.with_volume(groups, volume)
@@ -135,15 +172,21 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
              + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ".")
     doc.para("Every number is read from the database (each run's stored result and per-example predictions), never "
              "recomputed from a model. Options are ranked by each task's own primary metric (its task file's "
-             "primary_metric: MCC for CoLA, accuracy for MNLI). Values are means over data seeds; [95% CI] is a "
-             "paired, seed-aware interval (docs/statistics.md): it covers both training instability (between seeds) "
-             "and evaluation sampling (which examples were scored). 'best − it' is the paired difference to the "
-             "best option of the table, same seeds and same examples; an option is worse only when that interval "
-             "excludes 0. † one seed: the interval covers evaluation-sample noise only, not training instability. "
-             "'> majority?': the paired interval against predicting the evaluation set's most frequent class "
-             "everywhere lies above 0. ECE (15 bins) and Brier score from the stored class probabilities. Costs are "
-             "means over seeds: train s (including a teacher's forward passes), eval s (all evaluation splits), "
-             "peak MiB (process RSS on CPU, max allocated on GPU), trainable parameters.", note=True)
+             "primary_metric: MCC for CoLA, accuracy for MNLI). Values are means over data seeds; [95% CI] is an "
+             "option's own paired, seed-aware interval (docs/statistics.md): it covers both training instability "
+             "(between seeds) and evaluation sampling (which examples were scored). † one seed: evaluation noise only. "
+             "Claims are made per family (one model, task and split) by one procedure: simultaneous intervals for "
+             "every pair of options (Tukey–Kramer on a model with option and seed effects, each option with its own "
+             "seed variance), at a level that spends the family-wise 5% over the looks the data can have had (one per "
+             "seed count from 2), so the best can be chosen from the same data and 'worse' still holds. Nothing is "
+             "judged before every option has 2 seeds. 'best − it' is that simultaneous interval against the highest "
+             "estimate; 'verdict': worse (than the named option), equivalent to the best (only when the interval lies "
+             "within the task's equivalence margin, fixed before the run), or not shown different. '> majority?': "
+             "shown to beat predicting the evaluation set's most frequent class everywhere (for MCC: MCC > 0, which "
+             "that constant answer scores), paired by example, Bonferroni over the family's options. ECE (15 bins) and "
+             "Brier score from the stored class probabilities. Costs are means over seeds: train s (including a "
+             "teacher's forward passes), eval s (all evaluation splits), peak MiB (process RSS on CPU, max allocated "
+             "on GPU), trainable parameters.", note=True)
     if not groups:
         doc.para("No successful runs yet: run `fewtune grid SPEC` first.")
 
@@ -162,9 +205,12 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
                 splits.append("no out-of-domain split")
             doc.para(f"Ranked by {metric}, {task}'s primary metric. {'; '.join(splits)}. "
                      f"Floor on the same examples: {floor_text(gs, pre)}.")
-            headers, table_rows = score_table(gs, pre)
-            doc.table(headers, table_rows, caption=f"{metric} ({task}'s primary metric) with paired 95% intervals; "
-                                                   "other metrics: means over seeds")
+            views = family_views(gs, pre, margin)
+            headers, table_rows = score_table(gs, pre, views)
+            level = next((f"{100 * fv.verdict.level:.1f}%" for fv in views.values()), "95%")
+            doc.table(headers, table_rows, caption=f"{metric} ({task}'s primary metric): each option's own 95% "
+                                                   f"interval; against the highest estimate, {level} simultaneous "
+                                                   "intervals and the family's verdict; other metrics: means over seeds")
             headers, table_rows = cost_table(gs, pre)
             doc.table(headers, table_rows, caption="Calibration (means over seeds) and costs: to train, and to use "
                                                    "(measured on the evaluation pass at its batch size; icl's "
@@ -200,12 +246,12 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
 
     if groups:
         doc.heading(2, "Which method for which budget")
-        doc.para("For each budget, the best option is the one with the highest mean of the task's primary metric "
-                 "among those that fit; every other option is compared with it paired (same seeds, same examples). "
-                 "It is called worse only when the 95% interval of the difference excludes 0; otherwise it is not "
-                 "distinguishable from the best at these seeds and examples. Budget levels are the costs at which a "
-                 "better option becomes affordable (the Pareto front). Labelled examples count what a run used "
-                 "(icl: the demonstrations that fit the context).", note=True)
+        doc.para("The verdict of each family first (the same claims as the tables above), then, for each budget, the "
+                 "option with the highest estimate among those that fit, and the options that fit and are not shown "
+                 "different from it (pairs read from the same family-wise intervals: no new claims). Budget levels are "
+                 "the costs at which a better option becomes affordable (the Pareto front); costs within the "
+                 "run-to-run variation measured for that cost count as equal. Labelled examples count what a run "
+                 "used (icl: the demonstrations that fit the context).", note=True)
         if volume or max_latency_ms or max_retention_loss is not None:
             doc.para("Use: " + "; ".join(x for x in (
                 f"the budgets include training plus {volume:,.0f} predictions" if volume else "",
@@ -226,8 +272,11 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
                          note=True)
             if not gs:
                 continue
-            doc.bullets(budget.conclusion(gs, task, model, pre))
-            for heading, headers, table_rows in budget.budget_tables(gs, pre, volume):
+            views = family_views([g for g in groups if g["task"] == task and g["model"] == model], pre, margin)
+            if too_slow or forgot:  # the same family-wise intervals, read over the options within the limits
+                views = {p: claims.restrict(fv, gs) for p, fv in views.items()}
+            doc.bullets(budget.conclusion(views, task, model))
+            for heading, headers, table_rows in budget.budget_tables(gs, pre, views, volume):
                 doc.table(headers, table_rows, caption=heading)
 
     bad = [r for r in rows if r["status"] != "success"]

@@ -18,7 +18,12 @@ BUILTIN_DIR = Path(__file__).parent
 DROP = "__drop__"  # label_map value: leave the row out (MNLI's neutral in the binary task)
 
 _TOP_KEYS = {"name", "version", "description", "labels", "fields", "metrics", "primary_metric", "instruction",
-             "raw_separator", "train", "in_domain", "out_of_domain", "patterns", "splits"}
+             "raw_separator", "train", "in_domain", "out_of_domain", "patterns", "splits", "equivalence_margin"}
+# How a run is analysed, not what it computes: left out of the task's content hash (a run's identity), so setting
+# or changing a margin never makes finished runs look like another experiment.
+ANALYSIS_KEYS = ("equivalence_margin",)
+# what each metric can span: a margin (a difference) can be at most the width of that range
+METRIC_RANGES = {"accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "mcc": (-1.0, 1.0)}
 _SPLIT_KEYS = {"local", "columns", "label_map", "hub", "hub_columns", "hub_label_map", "hub_note", "group_by"}
 _LOCAL_KEYS = {"path", "format", "header", "delimiter"}
 _HUB_KEYS = {"path", "name", "split", "revision"}
@@ -65,6 +70,9 @@ class Task:
     raw_separator: str = "\n"
     source: str = ""  # the file it was read from
     sha256: str = ""  # of the task's content as loaded (canonical JSON of the parsed file): part of a run's identity
+    # two options are called equivalent only when their simultaneous interval lies within ±this (primary metric's
+    # units), fixed before the run; None: equivalence is never claimed (docs/statistics.md)
+    equivalence_margin: float | None = None
     eval_splits: tuple[str, ...] = field(init=False)
 
     def __post_init__(self):
@@ -129,8 +137,10 @@ def parse_task_file(path: Path) -> Task:
 
 
 def content_sha256(raw: dict) -> str:
-    """Hash of a task's parsed content: comments and layout do not change it, any key or value does."""
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    """Hash of a task's parsed content: comments and layout do not change it, any key or value does (but the
+    analysis-only keys, ANALYSIS_KEYS)."""
+    content = {k: v for k, v in raw.items() if k not in ANALYSIS_KEYS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def _check_keys(d: dict, allowed: set, where: str):
@@ -208,10 +218,23 @@ def task_from_dict(raw: dict, where: str = "<task>") -> Task:
     version = raw.get("version", 1)
     if not isinstance(version, int) or isinstance(version, bool):
         raise FewtuneError(f"{where}: 'version' must be an integer.")
-    return Task(name=name, version=version, labels=labels, fields=fields, patterns=tuple(patterns), splits=splits,
+    margin = check_margin(raw["equivalence_margin"], primary, f"{where}: 'equivalence_margin'") \
+        if "equivalence_margin" in raw else None
+    return Task(equivalence_margin=margin, name=name, version=version, labels=labels, fields=fields, patterns=tuple(patterns), splits=splits,
                 train=train, in_domain=in_domain, out_of_domain=ood, metrics=metrics, primary_metric=primary,
                 sha256=content_sha256(raw), description=raw.get("description", ""), instruction=raw.get("instruction", ""),
                 raw_separator=raw.get("raw_separator", "\n"), source=where)
+
+
+def check_margin(value, metric: str, what: str) -> float:
+    """An equivalence margin: a number > 0 and at most the width of the metric's range (1 for accuracy and
+    macro-F1, 2 for MCC); `what` names where it was given, for the one-line error."""
+    lo, hi = METRIC_RANGES[metric]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise FewtuneError(f"{what} must be a number (a difference of {metric}), got {value!r:.60}.")
+    if not 0 < value <= hi - lo:  # also refuses nan
+        raise FewtuneError(f"{what} must be > 0 and at most {hi - lo:g} (the range of {metric}), got {value!r}.")
+    return float(value)
 
 
 def _check_template(template: str, fields, where: str):

@@ -1,0 +1,78 @@
+"""How numbers print, in one place, so the report, `--until-resolved` and the tests read the same digits:
+accuracy and macro-F1 in %, MCC as a coefficient, intervals in brackets († one seed: evaluation noise only)."""
+
+from __future__ import annotations
+
+import math
+
+PERCENT = ("accuracy", "macro_f1")  # printed in %; MCC as a coefficient
+METRIC_NAMES = {"accuracy": "accuracy", "mcc": "MCC", "macro_f1": "macro-F1"}
+
+
+def pct(x, digits: int = 1) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.{digits}f}"
+
+
+def num(x, digits: int = 3) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def scale_for(metric: str):
+    """How a metric prints: accuracy and macro-F1 in %, MCC as a coefficient with 3 decimals."""
+    return pct if metric in PERCENT else num
+
+
+def value(est, metric: str) -> str:
+    if est is None or math.isnan(est.value):
+        return "–"
+    return scale_for(metric)(est.value)
+
+
+def interval(est, metric: str) -> str:
+    if est is None or math.isnan(est.lo):
+        return "–"
+    f = scale_for(metric)
+    return f"[{f(est.lo)}, {f(est.hi)}]" + ("†" if getattr(est, "eval_noise_only", False) else "")
+
+
+def with_interval(est, metric: str) -> str:
+    v, i = value(est, metric), interval(est, metric)
+    return v if i == "–" else f"{v} {i}"
+
+
+def signed(est, metric: str) -> str:
+    if est is None or math.isnan(est.value):
+        return "–"
+    f = scale_for(metric)
+    sign = lambda x: ("+" if x >= 0 else "") + f(x)  # noqa: E731
+    body = sign(est.value)
+    if not math.isnan(est.lo):
+        body += f" [{sign(est.lo)}, {sign(est.hi)}]" + ("†" if getattr(est, "eval_noise_only", False) else "")
+    return body
+
+
+def seconds(x) -> str:
+    return "–" if x is None or math.isnan(x) else (f"{x:.1f}" if x < 100 else f"{x:.0f}")
+
+
+def mib(x) -> str:
+    return "–" if x is None or math.isnan(x) else f"{x:.0f}"
+
+
+def size(x) -> str:
+    """Bytes as B/kB/MB/GB (decimal)."""
+    if x is None or math.isnan(x):
+        return "–"
+    for unit, n in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if x >= n:
+            return f"{x / n:.1f} {unit}"
+    return f"{x:.0f} B"
+
+
+def params(x) -> str:
+    if x is None or math.isnan(x):
+        return "–"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= size:
+            return f"{x / size:.2f}{unit}"
+    return f"{x:.0f}"

@@ -1,0 +1,243 @@
+"""Options: the runs of one identity up to their seeds, read from the results database, with the task's metrics
+over seeds and their paired, seed-aware intervals (fewtune.stats) from the stored per-example predictions. The
+report and `--until-resolved` both read options here, and ask fewtune.compare what may be claimed about them.
+Nothing is recomputed from models: every number is read from the stored result or aggregated from the stored
+predictions.
+
+An *option* is every run of one identity up to its seeds (identity.variant_hash): runs whose identity differs
+(task content, data, normalised method options, anything but the seeds) are never pooled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from . import stats
+from .identity import digest, variant_hash
+
+VARIANT_IGNORES = ("seed", "train_seed", "data_root", "device", "eval_batch_size")  # legacy rows (no identity)
+COST_KEYS = ("train_seconds", "eval_seconds", "peak_memory_mib", "trainable_params", "total_params",
+             "predict_seconds_per_1k", "predict_tokens_per_1k", "predict_peak_memory_mib", "shipped_bytes",
+             "retention_delta")
+
+
+def split_roles(evals: dict | None) -> tuple[str | None, str | None]:
+    """The in-domain split and the first out-of-domain split of a run's evaluations."""
+    evals = evals or {}
+    ind = next((k for k, e in evals.items() if isinstance(e, dict) and e.get("role") == "in_domain"), None)
+    ood = next((k for k, e in evals.items() if isinstance(e, dict) and e.get("role") == "out_of_domain"), None)
+    return ind, ood
+
+
+def variant_of(row: dict) -> str:
+    """Id of a run's identity up to its seeds, with `dtype = "auto"` resolved to the precision the run used (its
+    result's `dtype`). Rows written before identities were stored are keyed on their config and marked legacy, so
+    they never pool with newer runs."""
+    result = row.get("result") or {}
+    if result.get("identity"):
+        ident = result["identity"]
+        if ident.get("dtype") == "auto" and result.get("dtype"):
+            # what "auto" resolved to where the run ran (bf16 on one machine, fp32 on another): never pooled
+            ident = {**ident, "dtype": f"auto:{result['dtype']}"}
+        return variant_hash(ident)
+    cfg = row.get("config") or {}
+    d = {k: v for k, v in cfg.items() if k not in VARIANT_IGNORES}
+    return "legacy-" + digest(d, 6)
+
+
+def primary_metric(row: dict) -> str:
+    """The task's primary metric as recorded with the run (accuracy for runs recorded before it was)."""
+    return ((row.get("result") or {}).get("task") or {}).get("primary_metric") or "accuracy"
+
+
+def flat_row(row: dict) -> dict:
+    """One database row as flat columns (for `fewtune results` and the report)."""
+    cfg = row.get("config") or {}
+    evals = row.get("metrics") or {}
+    cost = row.get("cost") or {}
+    result = row.get("result") or {}
+    ind, ood = split_roles(evals)
+    primary = primary_metric(row)
+    method_info = result.get("method_info") or {}
+    out = {"config_hash": row["config_hash"], "status": row["status"], "label": row.get("label") or cfg.get("method"),
+           "grid": row.get("grid"), "model": row.get("model"), "task": row.get("task"), "method": row.get("method"),
+           "shots": row.get("shots"), "seed": row.get("seed"),
+           "examples_used": result.get("examples_used", row.get("shots")),
+           "variant": variant_of(row) if (cfg or result) else None, "primary_metric": primary,
+           "equivalence_margin": (result.get("task") or {}).get("equivalence_margin"),
+           "id_split": ind, "ood_split": ood}
+    for prefix, split in (("id", ind), ("ood", ood)):
+        e = evals.get(split, {}) if split else {}
+        for metric in ("accuracy", "mcc", "macro_f1", "n", "ece", "brier", "population"):
+            out[f"{prefix}_{metric}"] = e.get(metric)
+        out[f"{prefix}_primary"] = e.get(primary)
+        baselines = e.get("baselines") or {}  # stored with the run, on its evaluation examples
+        out[f"{prefix}_majority_{primary}"] = (baselines.get("majority") or {}).get(primary)
+        out[f"{prefix}_majority_label"] = (baselines.get("majority") or {}).get("label")
+        out[f"{prefix}_majority_accuracy"] = (baselines.get("majority") or {}).get("accuracy")
+        out[f"{prefix}_uniform_{primary}"] = (baselines.get("uniform") or {}).get(primary)
+    for key in COST_KEYS:
+        out[key] = cost.get(key)
+    if "demonstrations_dropped" in method_info:
+        out["demonstrations_dropped"] = method_info["demonstrations_dropped"]
+    # LM loss after - before adaptation on the retention text (nats/token); None where not measured (head methods)
+    out["retention_delta"] = ((row.get("result") or {}).get("retention") or {}).get("delta")
+    out.update(attempts=row.get("attempts"), error=row.get("error"), started_at=row.get("started_at"),
+               finished_at=row.get("finished_at"), log_path=row.get("log_path"),
+               config=json.dumps(cfg, sort_keys=True))
+    return out
+
+
+# ----------------------------------------------------------------------------- options and their statistics
+def predictions_reader(store):
+    """`store.predictions`, each run's read once (the report and --until-resolved ask for a run many times)."""
+    cache: dict[str, dict] = {}
+
+    def predictions(key: str) -> dict:
+        if key not in cache:
+            cache[key] = store.predictions(key)
+        return cache[key]
+    return predictions
+
+
+def group_runs(flat: list[dict], rows: list[dict], predictions) -> list[dict]:
+    """Successful runs grouped into options: (task, model, label, shots, variant), with per-split metrics over seeds
+    and their intervals. `predictions(config_hash)` returns a run's stored per-example predictions ({} if none).
+    A label used with two variants gets the variant appended, so nothing is pooled silently."""
+    by_hash = {r["config_hash"]: r for r in rows}
+    groups: dict[tuple, list[dict]] = {}
+    for f in flat:
+        if f["status"] == "success":
+            groups.setdefault((f["task"], f["model"], f["label"], f["shots"], f["variant"]), []).append(f)
+    variants: dict[tuple, set] = {}
+    for task, model, label, shots, variant in groups:
+        variants.setdefault((task, model, label, shots), set()).add(variant)
+    out = []
+    for (task, model, label, shots, variant), runs in groups.items():
+        runs.sort(key=lambda r: r["seed"])
+        name = label if len(variants[(task, model, label, shots)]) == 1 else f"{label} [{variant}]"
+        first = runs[0]
+        g = {"task": task, "model": model, "label": name, "method": first["method"], "shots": shots,
+             "variant": variant, "seeds": [r["seed"] for r in runs], "n_runs": len(runs),
+             "examples_used": _used(runs), "primary_metric": first["primary_metric"],
+             "equivalence_margin": first.get("equivalence_margin"),
+             "id_split": first["id_split"], "ood_split": first["ood_split"],
+             "id_n": first["id_n"], "ood_n": first["ood_n"], "runs": [r["config_hash"] for r in runs],
+             "metrics": [m for m in ("accuracy", "mcc", "macro_f1") if first.get(f"id_{m}") is not None],
+             "labels": list(((by_hash[first["config_hash"]].get("result") or {}).get("task") or {}).get("labels") or []),
+             "preds": {}}
+        for prefix, split in (("id", g["id_split"]), ("ood", g["ood_split"])):
+            if split is None:
+                continue
+            g["preds"][prefix] = _aligned(runs, split, predictions)
+            for metric in {*g["metrics"], g["primary_metric"]}:
+                if metric in (g["primary_metric"], "accuracy"):
+                    g[f"{prefix}_{metric}"] = option_estimate(g, prefix, metric, runs)
+                else:  # shown as a mean only: no interval to compute
+                    g[f"{prefix}_{metric}"] = stats.seed_only([r[f"{prefix}_{metric}"] for r in runs])
+            g[f"{prefix}_primary"] = g[f"{prefix}_{g['primary_metric']}"]
+            for cal in ("ece", "brier"):
+                g[f"{prefix}_{cal}"] = _mean([r[f"{prefix}_{cal}"] for r in runs])
+            g[f"{prefix}_population"] = first.get(f"{prefix}_population")  # the split's size (None: not recorded)
+            g[f"{prefix}_majority"] = first.get(f"{prefix}_majority_{g['primary_metric']}")
+            g[f"{prefix}_uniform"] = first.get(f"{prefix}_uniform_{g['primary_metric']}")
+            for key in ("majority_label", "majority_accuracy"):
+                g[f"{prefix}_{key}"] = first.get(f"{prefix}_{key}")
+        g["cost_range"] = {}
+        for key in COST_KEYS:
+            g[key] = _mean([r[key] for r in runs])
+            vals = [r[key] for r in runs if r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
+            if len(vals) >= 2:  # what the same option's runs differ by: costs closer than this are ties in budgets
+                g["cost_range"][key] = (min(vals), max(vals))
+        out.append(g)
+    out.sort(key=lambda g: (g["task"], g["model"], g["label"], g["shots"]))
+    return out
+
+
+def _used(runs) -> int | None:
+    used = [r["examples_used"] for r in runs if r.get("examples_used") is not None]
+    return max(used) if used else None
+
+
+def _mean(values) -> float:
+    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.mean(v)) if v else math.nan
+
+
+def _aligned(runs, split, predictions) -> dict | None:
+    """{"seeds", "idx", "gold", "pred" [n_seeds, N]} for the runs' stored predictions on `split`, aligned by example
+    id; None when any run has none (recorded before predictions were stored) or the runs saw different examples."""
+    per_run = []
+    for r in runs:
+        p = predictions(r["config_hash"]).get(split)
+        if p is None:
+            return None
+        per_run.append(p)
+    idx = per_run[0]["idx"]
+    if any(len(p["idx"]) != len(idx) or not np.array_equal(p["idx"], idx) for p in per_run):
+        return None
+    return {"seeds": [r["seed"] for r in runs], "idx": np.asarray(idx), "gold": np.asarray(per_run[0]["gold"]),
+            "pred": np.stack([np.asarray(p["pred"]) for p in per_run]),
+            "n_classes": per_run[0]["logprobs"].shape[1], "groups": per_run[0].get("groups")}
+
+
+def option_estimate(g: dict, prefix: str, metric: str, runs) -> stats.Estimate:
+    p = g["preds"].get(prefix)
+    if p is None:  # legacy runs: the stored per-seed values only
+        return stats.seed_only([r[f"{prefix}_{metric}"] for r in runs])
+    return stats.estimate(p["gold"], p["pred"], None, p["n_classes"], metric)
+
+
+def paired(a: dict, b: dict, prefix: str, metric: str) -> stats.Estimate | None:
+    """A − B paired by data seed and by example (their common seeds, the same evaluation examples); None when
+    they cannot be paired (no predictions stored, no common seed, or different evaluation examples)."""
+    memo = a.setdefault("_paired", {})  # the report asks for the same pair at every budget level
+    key = (id(b), prefix, metric)
+    if key not in memo:
+        memo[key] = _paired(a, b, prefix, metric)
+    return memo[key]
+
+
+def _paired(a: dict, b: dict, prefix: str, metric: str) -> stats.Estimate | None:
+    pa, pb = a["preds"].get(prefix), b["preds"].get(prefix)
+    if pa is None or pb is None or not np.array_equal(pa["idx"], pb["idx"]):
+        return None
+    common = sorted(set(pa["seeds"]) & set(pb["seeds"]))
+    if not common:
+        return None
+    rows_a = [pa["seeds"].index(s) for s in common]
+    rows_b = [pb["seeds"].index(s) for s in common]
+    return stats.estimate(pa["gold"], pa["pred"][rows_a], pb["pred"][rows_b], pa["n_classes"], metric)
+
+
+def versus_majority(g: dict, prefix: str, metric: str) -> stats.Estimate | None:
+    """The option minus the majority-class baseline on the same examples (the baseline predicts the evaluation
+    set's most frequent class everywhere), paired by example."""
+    memo = g.setdefault("_paired", {})
+    if ("majority", prefix, metric) not in memo:
+        memo[("majority", prefix, metric)] = _versus_majority(g, prefix, metric)
+    return memo[("majority", prefix, metric)]
+
+
+def _versus_majority(g: dict, prefix: str, metric: str) -> stats.Estimate | None:
+    p = g["preds"].get(prefix)
+    if p is None:
+        return None
+    return stats.estimate(p["gold"], p["pred"], np.full_like(p["pred"], majority_class(p)), p["n_classes"], metric)
+
+
+def majority_class(p: dict) -> int:
+    """The evaluation set's most frequent class (as metrics.baselines picks it) from aligned predictions."""
+    return int(np.bincount(p["gold"], minlength=p["n_classes"]).argmax())
+
+
+def model_order(groups: list[dict]) -> list[tuple[str, str]]:
+    """(task, model) pairs in report order."""
+    seen = []
+    for g in groups:
+        if (g["task"], g["model"]) not in seen:
+            seen.append((g["task"], g["model"]))
+    return seen
