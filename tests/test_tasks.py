@@ -116,6 +116,10 @@ def test_base_task_is_valid():
     (("splits", "train", "local", "pth"), "x", r"unknown key 'pth'\. Did you mean: path\?"),
     (("splits", "train", "local"), DELETE, r"needs 'local'"),
     (("version",), "2", r"'version' must be an integer"),
+    (("equivalence_margin",), -0.1, r"my.toml: 'equivalence_margin' must be > 0 and at most 1"),
+    (("equivalence_margin",), "0.05", r"my.toml: 'equivalence_margin' must be a number"),
+    (("equivalence_margin",), 1.5, r"'equivalence_margin' must be > 0 and at most 1 \(the range of accuracy\)"),
+    (("equivalence_margin",), float("nan"), r"'equivalence_margin' must be > 0"),
 ])
 def test_bad_task_files_name_the_key(path, value, message):
     with pytest.raises(FewtuneError, match=message):
@@ -159,6 +163,21 @@ def test_task_content_hash_ignores_layout_not_content(toy, tmp_path):
     b = tmp_path / "b.toml"
     b.write_text(text.replace("Is this review positive?", "Is this review good?"))
     assert load_task(str(a)).sha256 == load_task(str(toy.task_file)).sha256 != load_task(str(b)).sha256
+
+
+def test_equivalence_margin_is_analysis_not_identity(toy, tmp_path):
+    """A margin is fixed before the run and read by the analysis; setting it does not make finished runs another
+    experiment (the task's content hash, part of every run's identity, leaves it out)."""
+    text = toy.task_file.read_text()
+    with_margin = tmp_path / "m.toml"
+    with_margin.write_text(text.replace('metrics = [', 'equivalence_margin = 0.04\nmetrics = ['))
+    task = load_task(str(with_margin))
+    assert task.equivalence_margin == 0.04 and load_task(str(toy.task_file)).equivalence_margin is None
+    assert task.sha256 == load_task(str(toy.task_file)).sha256
+    assert load_task("cola").equivalence_margin == 0.05  # MCC ranges over 2: margins up to 2 are allowed there
+    mcc = tmp_path / "mcc.toml"
+    mcc.write_text(text.replace('metrics = [', 'primary_metric = "mcc"\nequivalence_margin = 1.5\nmetrics = ['))
+    assert load_task(str(mcc)).equivalence_margin == 1.5
 
 
 def test_hub_cola_has_no_in_domain_split():
