@@ -142,7 +142,7 @@ def test_files_exist_and_html_is_self_contained(report):
             for kind in ("vs-shots", "vs-train-seconds", "vs-peak-memory-mib"):
                 name = f"{metric}-{kind}-{task}-{model}"
                 assert f"{name}.png" in figures and f"{name}.svg" in figures, (name, figures)
-        assert f"hans-{model}.png" in figures
+        assert f"hans-heuristic-{model}.png" in figures
     assert "id-vs-ood-cola.svg" in figures and "id-vs-ood-mnli.svg" in figures
     assert all((out / "figures" / f).stat().st_size > 1000 for f in figures)
     linked = re.findall(r"\]\(figures/([^)]+)\.png\)", md)
@@ -231,7 +231,7 @@ def test_appendix_lists_every_run_with_its_stored_numbers(db, report):
 
 def test_hans_table_equals_the_database(db, report):
     _, md, _ = report
-    (table,) = md_tables_after(md, "## HANS: accuracy per heuristic and gold label")
+    (table,) = md_tables_after(md, "## hans: accuracy per heuristic and gold label")
     assert table[0][4:] == HANS_KEYS
     with Store(db, readonly=True) as store:
         rows = [r for r in store.rows(["success"]) if r["task"] == "mnli"]
@@ -372,7 +372,7 @@ def test_dtype_auto_pools_only_runs_of_one_resolved_precision(tmp_path, toy, res
 
 def test_pareto_front_on_hand_made_options():
     def g(label, value, mem):
-        return {"label": label, "id_primary": stats.Estimate(value, value, value, 0, 2, 3, 100, 0, 0, 0.5),
+        return {"label": label, "id_primary": stats.Estimate(value, value, value, 0, 2, 3, 100, 0, 0),
                 "peak_memory_mib": mem}
     a, b, c = g("a", 0.60, 100), g("b", 0.80, 1000), g("c", 0.79, 3000)
     assert [x["label"] for x in pareto_front([c, b, a], "peak_memory_mib", "id")] == ["a", "b"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 
-PERCENT = ("accuracy", "macro_f1")  # printed in %; MCC as a coefficient
-METRIC_NAMES = {"accuracy": "accuracy", "mcc": "MCC", "macro_f1": "macro-F1"}
+from .metrics import METRICS
+
+PERCENT = tuple(m.name for m in METRICS.values() if m.percent)  # printed in %; the others as coefficients
+METRIC_NAMES = {m.name: m.display for m in METRICS.values()}
 
 
 def pct(x, digits: int = 1) -> str:

@@ -1,11 +1,80 @@
-"""Classification metrics and the per-group breakdown (HANS heuristic x label)."""
+"""Classification metrics: the registry (one entry per metric: how to compute it, its range, how it prints), the
+per-group breakdown (HANS heuristic x label), calibration, and the baselines on the same examples."""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
+
+
+# ----------------------------------------------------------------------------- the metric registry
+@dataclass(frozen=True)
+class Metric:
+    """A classification metric: one entry here is all fewtune needs to compute it per run, to give it a paired,
+    seed-aware interval (fewtune.stats, from its jackknife pseudo-values), to claim differences (fewtune.compare),
+    to print it and to accept it in a task file. Computed from confusion counts, vectorised over leading axes."""
+    name: str                                   # the key task files use (lower case)
+    display: str                                # in tables and sentences
+    short: str                                  # on the console line
+    of_confusion: Callable[[np.ndarray], np.ndarray]  # counts [..., C, C] (rows gold) -> values [...]
+    lo: float                                   # the range it can take: a difference spans (lo − hi, hi − lo)
+    hi: float
+    percent: bool = False                       # printed in % (else as a coefficient with 3 decimals)
+    higher_is_better: bool = True
+    aliases: tuple[str, ...] = ()               # what other tools call it (suggested in errors)
+    per_example: bool = False                   # a mean of per-example right/wrong: pseudo-values are exactly 1/0
+
+    def value(self, gold, pred, n_labels: int) -> float:
+        """The metric of one labelling (NaN for no examples)."""
+        if len(gold) == 0:
+            return float("nan")
+        return float(self.of_confusion(confusion(gold, pred, n_labels).astype(np.float64)))
+
+
+def _accuracy(cm: np.ndarray) -> np.ndarray:
+    total = cm.sum((-1, -2))
+    return np.divide(np.diagonal(cm, axis1=-2, axis2=-1).sum(-1), total, out=np.full_like(total, np.nan),
+                     where=total > 0)
+
+
+def _mcc(cm: np.ndarray) -> np.ndarray:
+    """Matthews correlation, multi-class form (Gorodkin 2004); 0 when a marginal is constant, as sklearn does."""
+    total = cm.sum((-1, -2))
+    t, p = cm.sum(-1), cm.sum(-2)
+    c = np.diagonal(cm, axis1=-2, axis2=-1).sum(-1)
+    num = c * total - (t * p).sum(-1)
+    den = np.sqrt(np.maximum(total ** 2 - (p * p).sum(-1), 0)) * np.sqrt(np.maximum(total ** 2 - (t * t).sum(-1), 0))
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def _macro_f1(cm: np.ndarray) -> np.ndarray:
+    t, p = cm.sum(-1), cm.sum(-2)
+    den = t + p  # 2tp + fp + fn
+    f1 = np.divide(2 * np.diagonal(cm, axis1=-2, axis2=-1), den, out=np.zeros_like(den), where=den > 0)
+    return f1.mean(-1)
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(m: Metric) -> Metric:
+    if m.name != m.name.lower() or not m.name.isidentifier():
+        raise ValueError(f"metric name {m.name!r} must be a lower-case identifier")
+    if m.name in METRICS:
+        raise ValueError(f"metric {m.name!r} is registered twice")
+    METRICS[m.name] = m
+    return m
+
+
+register_metric(Metric("accuracy", "accuracy", "acc", _accuracy, 0.0, 1.0, percent=True, aliases=("acc",),
+                       per_example=True))
+register_metric(Metric("mcc", "MCC", "mcc", _mcc, -1.0, 1.0, aliases=("matthews", "matthews_correlation")))
+register_metric(Metric("macro_f1", "macro-F1", "macro-F1", _macro_f1, 0.0, 1.0, percent=True,
+                       aliases=("f1", "macro-f1", "f1_macro", "macrof1")))
 
 
 def accuracy(gold, pred) -> float:
@@ -15,19 +84,11 @@ def accuracy(gold, pred) -> float:
 
 def mcc(gold, pred, n_labels: int) -> float:
     """Matthews correlation (multi-class form, Gorodkin 2004); 0 when a marginal is constant, as sklearn does."""
-    cm = confusion(gold, pred, n_labels).astype(np.float64)
-    t, p, c, s = cm.sum(1), cm.sum(0), np.trace(cm), cm.sum()
-    denom = math.sqrt(max(s * s - (p * p).sum(), 0.0)) * math.sqrt(max(s * s - (t * t).sum(), 0.0))
-    return float((c * s - (t * p).sum()) / denom) if denom else 0.0
+    return METRICS["mcc"].value(gold, pred, n_labels) if len(gold) else 0.0
 
 
 def macro_f1(gold, pred, n_labels: int) -> float:
-    cm = confusion(gold, pred, n_labels).astype(np.float64)
-    f1s = []
-    for k in range(n_labels):
-        tp, fp, fn = cm[k, k], cm[:, k].sum() - cm[k, k], cm[k, :].sum() - cm[k, k]
-        f1s.append(2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0)
-    return float(np.mean(f1s))
+    return METRICS["macro_f1"].value(gold, pred, n_labels)
 
 
 def confusion(gold, pred, n_labels: int) -> np.ndarray:
@@ -114,9 +175,7 @@ def baselines(gold, labels, metrics) -> dict:
 
 def scores(gold, pred, n_labels: int, metrics) -> dict:
     """The named metrics of one labelling (`compute` and the baselines both use this)."""
-    fns = {"accuracy": lambda: accuracy(gold, pred), "mcc": lambda: mcc(gold, pred, n_labels),
-           "macro_f1": lambda: macro_f1(gold, pred, n_labels)}
-    return {m: fns[m]() for m in metrics}
+    return {m: METRICS[m].value(gold, pred, n_labels) for m in metrics}
 
 
 def evaluation(gold, pred, logprobs, labels, metrics=("accuracy", "macro_f1", "mcc"), groups=None) -> dict:

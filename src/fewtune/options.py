@@ -17,6 +17,7 @@ import numpy as np
 
 from . import stats
 from .identity import digest, variant_hash
+from .metrics import METRICS
 
 VARIANT_IGNORES = ("seed", "train_seed", "data_root", "device", "eval_batch_size")  # legacy rows (no identity)
 COST_KEYS = ("train_seconds", "eval_seconds", "peak_memory_mib", "trainable_params", "total_params",
@@ -71,7 +72,7 @@ def flat_row(row: dict) -> dict:
            "id_split": ind, "ood_split": ood}
     for prefix, split in (("id", ind), ("ood", ood)):
         e = evals.get(split, {}) if split else {}
-        for metric in ("accuracy", "mcc", "macro_f1", "n", "ece", "brier", "population"):
+        for metric in (*METRICS, "n", "ece", "brier", "population"):
             out[f"{prefix}_{metric}"] = e.get(metric)
         out[f"{prefix}_primary"] = e.get(primary)
         baselines = e.get("baselines") or {}  # stored with the run, on its evaluation examples
@@ -126,7 +127,7 @@ def group_runs(flat: list[dict], rows: list[dict], predictions) -> list[dict]:
              "equivalence_margin": first.get("equivalence_margin"),
              "id_split": first["id_split"], "ood_split": first["ood_split"],
              "id_n": first["id_n"], "ood_n": first["ood_n"], "runs": [r["config_hash"] for r in runs],
-             "metrics": [m for m in ("accuracy", "mcc", "macro_f1") if first.get(f"id_{m}") is not None],
+             "metrics": [m for m in METRICS if first.get(f"id_{m}") is not None],
              "labels": list(((by_hash[first["config_hash"]].get("result") or {}).get("task") or {}).get("labels") or []),
              "preds": {}}
         for prefix, split in (("id", g["id_split"]), ("ood", g["ood_split"])):

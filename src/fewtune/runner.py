@@ -208,7 +208,7 @@ def use_cost(cost: dict, eval_seconds: float, eval_n: int, query_tokens: int, pr
     }
 
 
-SHORT_NAMES = {"accuracy": "acc", "mcc": "mcc", "macro_f1": "macro-F1"}
+SHORT_NAMES = {m.name: m.short for m in metrics.METRICS.values()}
 
 
 def task_name(result: dict) -> str:

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as _scipy_stats
 
+from .metrics import METRICS
+
 CONFIDENCE = 0.95
 
 
@@ -63,23 +65,10 @@ NAN_ESTIMATE = Estimate(math.nan, math.nan, math.nan, math.nan, math.nan, 0, 0, 
 # ----------------------------------------------------------------------------- metrics from confusion counts
 def from_confusion(cm: np.ndarray, metric: str) -> np.ndarray:
     """`metric` of confusion count arrays [..., C, C] (rows gold, columns predicted), vectorised over the leading
-    axes. The same definitions as fewtune.metrics (MCC: Gorodkin's multi-class form, 0 for a constant marginal)."""
-    cm = np.asarray(cm, dtype=np.float64)
-    total = cm.sum((-1, -2))
-    diag = np.diagonal(cm, axis1=-2, axis2=-1)
-    if metric == "accuracy":
-        return np.divide(diag.sum(-1), total, out=np.full_like(total, np.nan), where=total > 0)
-    t, p = cm.sum(-1), cm.sum(-2)
-    if metric == "mcc":
-        c = diag.sum(-1)
-        num = c * total - (t * p).sum(-1)
-        den = np.sqrt(np.maximum(total ** 2 - (p * p).sum(-1), 0)) * np.sqrt(np.maximum(total ** 2 - (t * t).sum(-1), 0))
-        return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-    if metric == "macro_f1":
-        den = t + p  # 2tp + fp + fn
-        f1 = np.divide(2 * diag, den, out=np.zeros_like(den), where=den > 0)
-        return f1.mean(-1)
-    raise ValueError(f"unknown metric {metric!r}")
+    axes: the registry's definition (fewtune.metrics.METRICS)."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}")
+    return METRICS[metric].of_confusion(np.asarray(cm, dtype=np.float64))
 
 
 def metric_value(gold, pred, n_classes: int, metric: str) -> float:
@@ -126,7 +115,7 @@ def pseudo_values(gold, pred, n_classes: int, metric: str) -> np.ndarray:
     gold = np.asarray(gold, dtype=np.int64)
     pred = np.atleast_2d(np.asarray(pred, dtype=np.int64))
     n, big_n = pred.shape
-    if metric == "accuracy":
+    if METRICS[metric].per_example:  # a mean of right/wrong: the pseudo-values are exactly 1/0
         return (pred == gold[None, :]).astype(np.float64)
     cc = n_classes * n_classes
     cells = gold[None, :] * n_classes + pred  # [n, N]: each example's confusion cell
@@ -137,13 +126,10 @@ def pseudo_values(gold, pred, n_classes: int, metric: str) -> np.ndarray:
     return big_n * full[:, None] - (big_n - 1) * np.take_along_axis(loo_values, cells, axis=1)
 
 
-RANGES = {"accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "mcc": (-1.0, 1.0)}
-
-
 def clip(est: Estimate, metric: str, difference: bool) -> Estimate:
     """Bounds cut to what the metric can be (a wide 2-seed interval for MCC would reach past ±1): the parameter
     lies in that range, so cutting there loses no coverage."""
-    lo, hi = RANGES.get(metric, (-math.inf, math.inf))
+    lo, hi = (METRICS[metric].lo, METRICS[metric].hi) if metric in METRICS else (-math.inf, math.inf)
     if difference:
         lo, hi = -(hi - lo), hi - lo
     return dataclasses.replace(est, lo=max(est.lo, lo), hi=min(est.hi, hi))

@@ -138,8 +138,22 @@ def floor_text(gs: list[dict], prefixes) -> str:
     return "; ".join(parts) or "not recorded (runs from before fewtune stored baselines)"
 
 
-def hans_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
-    keys = sorted({k for r in runs for k in r["metrics"]["hans"]["by_heuristic"] if "/" in k})
+def breakdowns(rows: list[dict]) -> list[tuple[str, str]]:
+    """(split, key) of every per-group breakdown stored with successful runs: the task's `group_by` columns (HANS:
+    heuristic), read from the results, not from a split's name."""
+    found = []
+    for r in rows:
+        if r["status"] != "success":
+            continue
+        for split, e in (r.get("metrics") or {}).items():
+            for k, v in (e.items() if isinstance(e, dict) else ()):
+                if k.startswith("by_") and k != "by_label" and isinstance(v, dict) and (split, k[3:]) not in found:
+                    found.append((split, k[3:]))
+    return found
+
+
+def group_table(runs: list[dict], split: str, key: str) -> tuple[list[str], list[list[str]]]:
+    keys = sorted({k for r in runs for k in r["metrics"][split][f"by_{key}"] if "/" in k})
     groups: dict[tuple, list[dict]] = {}
     for r in runs:  # one row per option: runs of another identity (variant) are never pooled
         groups.setdefault((r["model"], r["label"], r["shots"]), []).append(r)
@@ -147,7 +161,7 @@ def hans_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     for (model, label, shots), sel in sorted(groups.items()):
         row = [model, label, str(shots), str(len(sel))]
         for k in keys:
-            vals = [r["metrics"]["hans"]["by_heuristic"].get(k, {}).get("accuracy") for r in sel]
+            vals = [r["metrics"][split][f"by_{key}"].get(k, {}).get("accuracy") for r in sel]
             vals = [v for v in vals if v is not None]
             row.append(pct(sum(vals) / len(vals)) if vals else "–")
         rows.append(row)
@@ -232,17 +246,19 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
             doc.figure(figures.id_vs_ood(groups, task, fig_dir, color), f"{task}: in-domain vs out-of-domain {metric}")
 
     label_of = {h: g["label"] for g in groups for h in g["runs"]}
-    hans = [dict(f, metrics=r["metrics"], label=label_of.get(f["config_hash"], f["label"]))  # the option's name
-            for f, r in zip(flat, rows)
-            if r["status"] == "success" and ((r.get("metrics") or {}).get("hans") or {}).get("by_heuristic")]
-    if hans:
-        doc.heading(2, "HANS: accuracy per heuristic and gold label")
-        doc.para("Accuracy % on the HANS subsets, mean over seeds. 'non-entailment' subsets are where a model that "
-                 "relies on word overlap fails; 50 % is chance.", note=True)
-        headers, table_rows = hans_table(hans)
+    for split, key in breakdowns(rows):
+        runs = [dict(f, metrics=r["metrics"], label=label_of.get(f["config_hash"], f["label"]))  # the option's name
+                for f, r in zip(flat, rows)
+                if r["status"] == "success" and ((r.get("metrics") or {}).get(split) or {}).get(f"by_{key}")]
+        doc.heading(2, f"{split}: accuracy per {key} and gold label")
+        doc.para(f"Accuracy % on the {split} split per value of its '{key}' column (the task file's group_by) and "
+                 "gold label, mean over seeds; chance is 50 % for two classes. On HANS, the non-entailment subsets "
+                 "are where a model that relies on word overlap fails.", note=True)
+        headers, table_rows = group_table(runs, split, key)
         doc.table(headers, table_rows)
-        for model in dict.fromkeys(r["model"] for r in hans):
-            doc.figure(figures.hans_bars(hans, model, fig_dir, color), f"HANS / {model}: accuracy per heuristic and label")
+        for model in dict.fromkeys(r["model"] for r in runs):
+            doc.figure(figures.group_bars(runs, model, fig_dir, color, split, key),
+                       f"{split} / {model}: accuracy per {key} and label")
 
     if groups:
         doc.heading(2, "Which method for which budget")

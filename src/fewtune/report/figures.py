@@ -186,13 +186,14 @@ def metric_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabel:
     return save(fig, out, f"{key_slug(mname)}-vs-{key_slug(cost)}-{slug(task)}-{slug(model)}")
 
 
-def hans_bars(runs: list[dict], model: str, out: Path, color: dict) -> str | None:
-    """Per heuristic x gold label accuracy on HANS, mean over seeds, one panel per sample size.
-    `runs`: successful database rows whose metrics have hans.by_heuristic."""
+def group_bars(runs: list[dict], model: str, out: Path, color: dict, split: str = "hans",
+               key: str = "heuristic") -> str | None:
+    """Per group (the task's group_by column `key`, e.g. HANS's heuristic) x gold label accuracy on `split`, mean over
+    seeds, one panel per sample size. `runs`: successful database rows whose metrics have split.by_<key>."""
     rows = [r for r in runs if r["model"] == model]
     if not rows:
         return None
-    keys = sorted({k for r in rows for k in r["metrics"]["hans"]["by_heuristic"] if "/" in k})
+    keys = sorted({k for r in rows for k in r["metrics"][split][f"by_{key}"] if "/" in k})
     shots = sorted({r["shots"] for r in rows})
     labels = sorted({r["label"] for r in rows})
     fig, axes = plt.subplots(len(shots), 1, figsize=(10, 2.6 * len(shots)), squeeze=False, sharey=True)
@@ -204,7 +205,7 @@ def hans_bars(runs: list[dict], model: str, out: Path, color: dict) -> str | Non
                 continue
             heights = []
             for k in keys:
-                vals = [r["metrics"]["hans"]["by_heuristic"].get(k, {}).get("accuracy") for r in sel]
+                vals = [r["metrics"][split][f"by_{key}"].get(k, {}).get("accuracy") for r in sel]
                 vals = [v for v in vals if v is not None]
                 heights.append(100 * sum(vals) / len(vals) if vals else 0.0)
             ax.bar([i + j * width - 0.4 + width / 2 for i in range(len(keys))], heights, width,
@@ -214,5 +215,5 @@ def hans_bars(runs: list[dict], model: str, out: Path, color: dict) -> str | Non
         ax.set_ylabel(f"{n} shots\naccuracy %")
         ax.set_ylim(0, 100)
     axes[0, 0].legend(fontsize=7, ncol=min(len(labels), 4), loc="upper right")
-    fig.suptitle(f"HANS / {model}: accuracy per heuristic and gold label (mean over seeds; dashed: chance)")
-    return save(fig, out, f"hans-{slug(model)}")
+    fig.suptitle(f"{split} / {model}: accuracy per {key} and gold label (mean over seeds; dashed: chance)")
+    return save(fig, out, f"{slug(split)}-{slug(key)}-{slug(model)}")

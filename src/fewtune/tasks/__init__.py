@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FewtuneError, did_you_mean, unknown
+from ..metrics import METRICS
 
 BUILTIN_DIR = Path(__file__).parent
 DROP = "__drop__"  # label_map value: leave the row out (MNLI's neutral in the binary task)
@@ -23,14 +24,13 @@ _TOP_KEYS = {"name", "version", "description", "labels", "fields", "metrics", "p
 # or changing a margin never makes finished runs look like another experiment.
 ANALYSIS_KEYS = ("equivalence_margin",)
 # what each metric can span: a margin (a difference) can be at most the width of that range
-METRIC_RANGES = {"accuracy": (0.0, 1.0), "macro_f1": (0.0, 1.0), "mcc": (-1.0, 1.0)}
+METRIC_RANGES = {m.name: (m.lo, m.hi) for m in METRICS.values()}
 _SPLIT_KEYS = {"local", "columns", "label_map", "hub", "hub_columns", "hub_label_map", "hub_note", "group_by"}
 _LOCAL_KEYS = {"path", "format", "header", "delimiter"}
 _HUB_KEYS = {"path", "name", "split", "revision"}
-_METRICS = {"accuracy", "mcc", "macro_f1"}
+_METRICS = set(METRICS)  # the metric registry (fewtune.metrics)
 # names other tools use for the same metrics, too far from ours for difflib to suggest
-_METRIC_ALIASES = {"f1": "macro_f1", "macro-f1": "macro_f1", "f1_macro": "macro_f1", "macrof1": "macro_f1",
-                   "acc": "accuracy", "matthews": "mcc", "matthews_correlation": "mcc"}
+_METRIC_ALIASES = {alias: m.name for m in METRICS.values() for alias in m.aliases}
 
 
 @dataclass(frozen=True)
