@@ -132,7 +132,7 @@ def test_cli_refuses_what_cannot_be_decided(toy, tmp_path, capsys):
         (["grid", str(one), "--until-resolved"], "has only one"),
         (["grid", str(one), "--time-budget", "5m"], "goes with --until-resolved"),
         (["grid", "demo", "--until-resolved", "--time-budget", "soon"], "not a duration"),
-        (["grid", "demo", "--until-resolved", "--backend", "ray"], "does not go with --backend ray"),
+        (["grid", "demo", "--until-resolved", "--backend", "ray", "--workers", "2"], "does not go with --backend ray"),
     ]:
         assert main(argv + ["--db", str(tmp_path / "x.db")]) == 2
         err = capsys.readouterr().err.strip()
