@@ -137,6 +137,9 @@ def warm_worker_main(conn, threads: int | None, workers: int, env: dict) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.update(env)
+    for entry in reversed(env.get("PYTHONPATH", "").split(os.pathsep)):  # what a fresh child would import from
+        if entry and entry not in sys.path:
+            sys.path.insert(0, entry)
     watch_parent()
     configure_cell_process()
     set_threads(threads)
