@@ -37,6 +37,7 @@ log = logging.getLogger("fewtune")
 TERMINATE_GRACE_S = 10
 POLL_S = 0.2           # the driver wakes this often to notice Ctrl-C / SIGTERM and finished cells
 MAX_PER_GPU = 4        # warm workers per GPU at most by default: past ~4, kernel queues interleave and gain little
+STARTUP_LIMIT_S = 300  # a warm worker that has not finished its imports after this long (with --cell-timeout) is stuck
 RSS_GROWTH = 1.5       # a warm worker whose RSS after a cell exceeds 1.5x (+512 MiB) its RSS after its first cell is
 RSS_SLACK_MIB = 512    # replaced: something the cells left behind (a leak) would otherwise grow until the OOM killer
 
@@ -333,6 +334,7 @@ class _Worker:
     t0: float = 0.0
     baseline_rss_mib: float | None = None
     cells: int = 0
+    ready: bool = False   # its imports are done (the cell timeout counts from here)
 
 
 class WarmBackend:
@@ -401,6 +403,9 @@ class WarmBackend:
                     data = json.loads(w.conn.recv_bytes())
                 except (EOFError, OSError):
                     data = None
+                if data is not None and data.get("ready"):  # started: its imports do not count against the timeout
+                    w.t0, w.ready = time.monotonic(), True
+                    continue
                 if data is not None:
                     w.job, w.cells = None, w.cells + 1
                     o = Outcome("success", result=data["result"]) if data.get("ok") else Outcome("failed", error=data["error"])
@@ -416,7 +421,8 @@ class WarmBackend:
                 out.append((job, Outcome("died", error=f"warm worker {how} without a result (out of memory?); "
                                                        f"see {job.log_path}")))
                 self._drop(w)
-            elif self.cell_timeout_s and time.monotonic() - w.t0 > self.cell_timeout_s:
+            elif self.cell_timeout_s and time.monotonic() - w.t0 > (self.cell_timeout_s if w.ready else
+                                                                   max(self.cell_timeout_s, STARTUP_LIMIT_S)):
                 self._log(job, f"warm worker {w.index} (pid {w.process.pid}) hung past {self.cell_timeout_s:.0f} s: killed")
                 self._kill(w)
                 out.append((job, Outcome("died", error=f"warm worker hung: no result after {self.cell_timeout_s:.0f} s "

@@ -147,6 +147,7 @@ def warm_worker_main(conn, threads: int | None, workers: int, env: dict) -> None
     from . import models, warm
     cache = warm.WarmModels()
     models.set_model_provider(cache)
+    conn.send_bytes(b'{"ready": true}')  # the driver times the first cell from here, not from the spawn
     while True:
         try:
             raw = conn.recv_bytes()
