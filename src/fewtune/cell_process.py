@@ -73,8 +73,9 @@ def run_config(config_json: str) -> dict:
     """Run one cell's config with the grid's runner: {"ok": True, "result": ...} or {"ok": False, "error": one line}.
     Any exception is a failed cell (its traceback goes to the log); KeyboardInterrupt propagates."""
     try:
+        runner = resolve_runner()  # first: a plug-in runner may register what its configs need
         cfg = RunConfig.from_dict(json.loads(config_json))
-        return {"ok": True, "result": resolve_runner()(cfg, progress=False)}
+        return {"ok": True, "result": runner(cfg, progress=False)}
     except Exception as e:
         traceback.print_exc()
         return {"ok": False, "error": f"{type(e).__name__}: {e}"}

@@ -138,13 +138,16 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     evals, predictions = {}, {}
     eval_seconds = eval_tokens = eval_n = query_tokens = 0
     prefix_store = {}  # icl's demonstrations: their KV cache computed once for all evaluation splits
+    token_budget = engine.scoring_token_budget(device, cfg.eval_batch_size)  # CUDA: batches sized to the device
+    max_batch = 0
     with record.PeakMemory(device) as mem:
         for name, examples in eval_sets.items():
             texts = [method.text(ctx, ex) for ex in examples]
             # one rule with or without demonstrations: the query is cut to max_length, the demonstrations fitted to the context
             seqs, truncated = engine.encode(tokenizer, texts, cfg.max_length, with_bos=prefix_ids is None)
             out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids,
-                               prefix_store=prefix_store)
+                               prefix_store=prefix_store, token_budget=token_budget)
+            max_batch = max(max_batch, out.max_batch)
             if prefix_ids:  # shared-prefix attention, the prefix KV cache, or the full prompt (engine.shared_prefix_path)
                 ctx.extra["prefix_path"] = out.path
             preds = out.logits.argmax(-1).tolist()
@@ -163,6 +166,8 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
             eval_tokens += out.tokens
             eval_n += len(examples)
             query_tokens += sum(len(q) for q in seqs)
+    # the batch the figures were measured at: the cost of use depends on it (the report compares like with like)
+    cost.update(eval_batch_size=max_batch, eval_batching=f"tokens:{token_budget}" if token_budget else "rows")
     cost.update(eval_seconds=round(eval_seconds, 3), eval_peak_memory_mib=mem.mib, eval_tokens=eval_tokens,
                 eval_examples_per_s=round(eval_n / eval_seconds, 3) if eval_seconds else None)
     # labelled examples the run used: icl may have dropped demonstrations to fit the context (the
