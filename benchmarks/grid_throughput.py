@@ -60,6 +60,34 @@ def run_variant(name: str, grid: Grid, workers: int, root: Path) -> dict:
     return {"seconds": seconds, "preds": preds, "runner_seconds": per_cell}
 
 
+def measure(mini: bool, reps: int, workers: int, echo=print) -> dict:
+    """Each variant `reps` times, interleaved; cells/hour, speed-up over fresh processes, identical predictions."""
+    grid = cells(mini)
+    variants = ["fresh", "warm"] + ([f"warm×{workers}"] if workers > 1 else [])
+    root = Path(tempfile.mkdtemp(prefix="fewtune-grid-bench-"))
+    times = {v: [] for v in variants}
+    preds = {}
+    try:
+        for rep in range(reps):
+            for v in (variants if rep % 2 == 0 else list(reversed(variants))):
+                r = run_variant(v, grid, workers if "×" in v else 1, root)
+                times[v].append(r["seconds"])
+                preds.setdefault(v, r["preds"])
+                echo(f"  rep {rep + 1} {v:8s} {len(grid.cells)} cells in {r['seconds']:.1f} s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    same = {v: preds[v] == preds["fresh"] for v in variants}
+    out = {"cells": len(grid.cells), "grid": grid.name, "reps": reps, "seconds": times,
+           "cells_per_hour": {v: 3600 * len(grid.cells) * len(t) / sum(t) for v, t in times.items()},
+           "speedup_vs_fresh": {v: sum(times["fresh"]) / sum(t) for v, t in times.items()},
+           "identical_predictions": same, "machine": platform.processor() or platform.machine(),
+           "python": sys.version.split()[0]}
+    for v in variants:
+        echo(f"  {v:8s} {out['cells_per_hour'][v]:7.0f} cells/h  {out['speedup_vs_fresh'][v]:.2f}x fresh  "
+             f"identical predictions: {same[v]}")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mini", action="store_true", help="every method at tiny sizes instead of the demo's first round")
@@ -67,37 +95,11 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="also warm workers ×N (N > 1) [1: fresh vs warm only]")
     ap.add_argument("--output", help="write the figures as JSON here")
     args = ap.parse_args(argv)
-    grid = cells(args.mini)
-    variants = ["fresh", "warm"]
-    if args.workers > 1:
-        variants.append(f"warm×{args.workers}")
-    root = Path(tempfile.mkdtemp(prefix="fewtune-grid-bench-"))
-    times = {v: [] for v in variants}
-    preds = {}
-    try:
-        for rep in range(args.reps):
-            order = variants if rep % 2 == 0 else list(reversed(variants))
-            for v in order:
-                workers = args.workers if "×" in v else 1
-                r = run_variant(v, grid, workers, root)
-                times[v].append(r["seconds"])
-                preds.setdefault(v, r["preds"])
-                print(f"rep {rep + 1} {v:8s} {len(grid.cells)} cells in {r['seconds']:.1f} s", flush=True)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    same = {v: preds[v] == preds["fresh"] for v in variants}
-    out = {"cells": len(grid.cells), "grid": grid.name, "reps": args.reps, "seconds": times,
-           "cells_per_hour": {v: 3600 * len(grid.cells) * len(t) / sum(t) for v, t in times.items()},
-           "speedup_vs_fresh": {v: sum(times["fresh"]) / sum(t) for v, t in times.items()},
-           "identical_predictions": same, "machine": platform.processor() or platform.machine(),
-           "python": sys.version.split()[0]}
-    for v in variants:
-        print(f"{v:8s} {out['cells_per_hour'][v]:7.0f} cells/h  {out['speedup_vs_fresh'][v]:.2f}x fresh  "
-              f"identical predictions: {same[v]}")
+    out = measure(args.mini, args.reps, args.workers)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(out, indent=2))
-    return 0 if all(same.values()) else 1
+    return 0 if all(out["identical_predictions"].values()) else 1
 
 
 if __name__ == "__main__":
