@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fewtune.backends import ProcessBackend, WarmBackend, machine_plan, model_need_bytes
+from fewtune.backends import ProcessBackend, WarmBackend, WorkerPlan, machine_plan, model_need_bytes
 from fewtune.driver import run_grid
 from fewtune.grid_spec import Grid, expand, load_grid
 from fewtune.store import Store
@@ -42,11 +42,13 @@ def cells(mini: bool) -> Grid:
     return Grid(name="demo-round1", source=demo.source, cells=[c for c in demo.cells if c.config.seed == first])
 
 
-def run_variant(name: str, grid: Grid, workers: int, root: Path) -> dict:
+def run_variant(name: str, grid: Grid, workers: int, root: Path, threads: int | None = None) -> dict:
     folder = root / f"{name}-{time.monotonic_ns()}"
     folder.mkdir()
     need = model_need_bytes([c.config.model for c in grid.cells])
     plan = machine_plan(workers, need, use_gpu=False)
+    if threads and workers == 1:
+        plan = WorkerPlan(1, threads, (None,))
     backend = (ProcessBackend if name.startswith("fresh") else WarmBackend)(plan)
     t0 = time.perf_counter()
     with Store(folder / "r.db") as store:
@@ -60,7 +62,7 @@ def run_variant(name: str, grid: Grid, workers: int, root: Path) -> dict:
     return {"seconds": seconds, "preds": preds, "runner_seconds": per_cell}
 
 
-def measure(mini: bool, reps: int, workers: int, echo=print) -> dict:
+def measure(mini: bool, reps: int, workers: int, echo=print, threads: int | None = None) -> dict:
     """Each variant `reps` times, interleaved; cells/hour, speed-up over fresh processes, identical predictions."""
     grid = cells(mini)
     variants = ["fresh", "warm"] + ([f"warm×{workers}"] if workers > 1 else [])
@@ -70,7 +72,7 @@ def measure(mini: bool, reps: int, workers: int, echo=print) -> dict:
     try:
         for rep in range(reps):
             for v in (variants if rep % 2 == 0 else list(reversed(variants))):
-                r = run_variant(v, grid, workers if "×" in v else 1, root)
+                r = run_variant(v, grid, workers if "×" in v else 1, root, threads)
                 times[v].append(r["seconds"])
                 preds.setdefault(v, r["preds"])
                 echo(f"  rep {rep + 1} {v:8s} {len(grid.cells)} cells in {r['seconds']:.1f} s")
@@ -93,9 +95,12 @@ def main(argv=None) -> int:
     ap.add_argument("--mini", action="store_true", help="every method at tiny sizes instead of the demo's first round")
     ap.add_argument("--reps", type=int, default=2, help="runs of each variant, interleaved [2]")
     ap.add_argument("--workers", type=int, default=1, help="also warm workers ×N (N > 1) [1: fresh vs warm only]")
+    ap.add_argument("--threads", type=int, help="torch threads of each single-worker variant (1 on a busy machine: "
+                                                "threads spinning beside other jobs' threads measure the neighbours)")
     ap.add_argument("--output", help="write the figures as JSON here")
     args = ap.parse_args(argv)
-    out = measure(args.mini, args.reps, args.workers)
+    out = measure(args.mini, args.reps, args.workers, threads=args.threads)
+    out["threads"] = args.threads
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(out, indent=2))

@@ -383,3 +383,32 @@ def test_same_config_and_seed_give_identical_results(toy, tiny_model_dir):
     assert measured(a["evals"]) == measured(b["evals"])
     other_seed = run(RunConfig(**{**cfg.to_dict(), "seed": 4}), progress=False)
     assert other_seed["train_indices"] != a["train_indices"]  # the seed is not ignored
+
+
+def test_until_resolved_runs_on_ray(on_cluster, toy, tmp_path, monkeypatch):
+    """--until-resolved through the one driver on the Ray backend: the same allocation as on the local backends
+    (tests/test_decide.py::test_until_resolved_on_every_backend), a round's cells at once on the cluster."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import test_decide
+    finally:
+        sys.path.pop(0)
+    from dataclasses import field, make_dataclass
+    from fewtune.decide import run_until_resolved
+    from fewtune.grid import expand
+    from fewtune.methods import icl
+    from fewtune.ray_backend import RayBackend
+    tagged = make_dataclass("TaggedIcl", [("label_tag", str, field(default=""))], bases=(icl.IclOptions,))
+    monkeypatch.setattr(icl.ICL, "Options", tagged)  # as test_decide's _tag_option fixture
+    (on_cluster.code / "decide_runner.py").write_text(test_decide.DECIDE_RUNNER.format(tests=str(Path(__file__).parent)))
+    monkeypatch.setenv("FEWTUNE_GRID_RUNNER", "decide_runner:run")
+    true = {"a": 0.80, "b": 0.79, "c": 0.50}
+    grid = expand(test_decide.spec(toy, labels=tuple(true), seeds=range(4)), where="test")
+    with Store(tmp_path / "ray.db") as store:
+        d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lambda _: None,
+                               backend=RayBackend(grid.resources, on_cluster.address))
+        rows = store.rows()
+    seeds = {label: sorted(r["seed"] for r in rows if r["label"] == label) for label in true}
+    assert {r["status"] for r in rows} == {"success"}
+    assert seeds["c"] == [0] and seeds["a"] == seeds["b"] == [0, 1, 2, 3]
+    assert d.runs == 9 and not d.resolved
