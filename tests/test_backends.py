@@ -263,3 +263,25 @@ def test_a_worker_that_cannot_load_the_model_fails_its_cells_and_the_grid_goes_o
     bad = next(x for x in r if x["model"] == str(broken))
     assert bad["status"] == "failed" and "Could not load the tokenizer" in bad["error"] or "Could not load" in bad["error"]
     assert next(x for x in r if x["model"] == str(tiny_model_dir))["status"] == "success"
+
+
+def test_dry_run_estimates_from_stored_timings_of_similar_cells(fake, tmp_path, capsys):
+    """Seed 0 ran (its results say how long each took); --dry-run of seeds 0-2 estimates seeds 1-2 from them."""
+    grid = load_grid(str(tmp_path / "tiny.toml"))
+
+    def timed(cfg, progress=False):
+        return {"config": cfg.to_dict(), "evals": {}, "versions": {}, "wall_seconds": 100.0,
+                "cost": {"load_seconds": 10.0}}
+    from fewtune.grid_spec import Grid
+    with Store(tmp_path / "r.db") as store:
+        run_grid(Grid("tiny", "t", cells=[c for c in grid.cells if c.config.seed == 0]), store, tmp_path / "logs",
+                 runner=timed, progress=False, echo=lambda _: None)
+    spec = tmp_path / "three.toml"
+    spec.write_text(SPEC.replace("seeds = [0, 1]", "seeds = [0, 1, 2]"))
+    assert main(["grid", str(spec), "--db", str(tmp_path / "r.db"), "--dry-run", "--workers", "2"]) == 0
+    out = capsys.readouterr()
+    assert len(out.out.strip().splitlines()) == 10  # 9 cells + the summary line: the estimate is on stderr
+    err = out.err
+    assert "6 cells to run; 6 timed from similar stored runs" in err
+    # 6 cells x 90 s of work: a fresh process adds 4 s of imports + 10 s of loading to each; warm, once per worker
+    assert "1 worker: process ~10 min, warm ~9 min" in err and "2 workers: process ~5 min" in err

@@ -294,9 +294,10 @@ def test_killed_worker_is_retried_then_recorded_nothing_lost(on_cluster, tmp_pat
     assert sorted(r["attempts"] for r in after.values() if r["method"] == "lora") == [3, 3]
 
 
-def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_path):
-    """SIGINT to a `fewtune grid --backend ray` process: the running tasks are cancelled, their cells recorded
-    cancelled, exit 130; the next run finishes them in the same rows."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_path, sig):
+    """SIGINT (or SIGTERM) to a `fewtune grid --backend ray` process: the running tasks are cancelled, their cells
+    recorded cancelled, exit 130 (143); the next run finishes them in the same rows."""
     on_cluster.control(slow=["pbft"])
     spec = tmp_path / "tiny.toml"
     spec.write_text(FAKE_SPEC)
@@ -309,17 +310,17 @@ def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_
         while not list((on_cluster.code / "marks").glob("*.pid")):
             assert time.monotonic() < deadline and grid.poll() is None, "no slow cell started"
             time.sleep(0.2)
-        grid.send_signal(signal.SIGINT)
+        grid.send_signal(sig)
         out, err = grid.communicate(timeout=60)
     finally:
         if grid.poll() is None:
             grid.kill()
             grid.wait()
-    assert grid.returncode == 130, err
+    assert grid.returncode == 128 + sig, err
     assert "Traceback" not in err and "rerun the same command to resume" in err
     rows = rows_by_hash(db)
     assert {r["status"] for r in rows.values() if r["method"] == "pbft"} == {"cancelled"}
-    assert all("cancelled by SIGINT" in r["error"] for r in rows.values() if r["method"] == "pbft")
+    assert all(f"cancelled by {sig.name}" in r["error"] for r in rows.values() if r["method"] == "pbft")
     assert "running" not in {r["status"] for r in rows.values()}
 
     on_cluster.control()

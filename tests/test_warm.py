@@ -76,16 +76,17 @@ def test_a_warm_worker_gives_a_fresh_process_results_for_every_method(toy, tiny_
     # the warm worker runs seed 0 of every method first: by seed 1 every model it needs comes from its cache
     warm_grid = load_grid(str(spec(tmp_path, toy, tiny_model_dir, "warm", [0, 1])))
     one_thread = WorkerPlan(1, 1, (None,))
+    two_fresh = WorkerPlan(2, 1, (None, None))  # two fresh processes at once, one thread each: the same sums
     quiet = dict(progress=False, echo=lambda _: None)
     with Store(tmp_path / "fresh.db") as fresh_db, Store(tmp_path / "warm.db") as warm_db:
-        s = run_grid(fresh_grid, fresh_db, tmp_path / "logs-fresh", backend=ProcessBackend(one_thread), **quiet)
+        s = run_grid(fresh_grid, fresh_db, tmp_path / "logs-fresh", backend=ProcessBackend(two_fresh), **quiet)
         assert (s.success, s.failed) == (7, 0), s.failures
         w = run_grid(warm_grid, warm_db, tmp_path / "logs-warm", backend=WarmBackend(one_thread), **quiet)
         assert (w.success, w.failed) == (14, 0), w.failures
         for cell in fresh_grid.cells:
             a, b = fresh_db.get(cell.key), warm_db.get(cell.key)
             assert b["result"]["cost"]["backend"] == "warm" and b["result"]["cost"]["warm_model_cache"] is True
-            assert a["result"]["cost"]["backend"] == "process"
+            assert a["result"]["cost"]["backend"] == "process" and a["result"]["cost"]["torch_threads"] == 1
             assert a["result"]["train_indices"] == b["result"]["train_indices"]
             pa, pb = fresh_db.predictions(cell.key), warm_db.predictions(cell.key)
             assert pa.keys() == pb.keys() and pa
