@@ -38,8 +38,9 @@ TERMINATE_GRACE_S = 10
 POLL_S = 0.2           # the driver wakes this often to notice Ctrl-C / SIGTERM and finished cells
 MAX_PER_GPU = 4        # warm workers per GPU at most by default: past ~4, kernel queues interleave and gain little
 STARTUP_LIMIT_S = 300  # a warm worker that has not finished its imports after this long (with --cell-timeout) is stuck
-RSS_GROWTH = 1.5       # a warm worker whose RSS after a cell exceeds 1.5x (+512 MiB) its RSS after its first cell is
-RSS_SLACK_MIB = 512    # replaced: something the cells left behind (a leak) would otherwise grow until the OOM killer
+GROWTH_STEP_MIB = 200  # a warm worker whose RSS after a cell rose by more than this after each of its last 3 cells is
+GROWTH_CELLS = 3       # leaking (the allocator's cache plateaus after the largest cell; a leak keeps growing): replaced
+RAM_SHARE = 0.8        # ... as is one holding more than 80 % of the machine's memory divided among the workers
 
 
 @dataclass(frozen=True)
@@ -332,7 +333,7 @@ class _Worker:
     device: int | None
     job: Job | None = None
     t0: float = 0.0
-    baseline_rss_mib: float | None = None
+    rss_mib: list = field(default_factory=list)  # after each cell
     cells: int = 0
     ready: bool = False   # its imports are done (the cell timeout counts from here)
 
@@ -340,8 +341,7 @@ class _Worker:
 class WarmBackend:
     """N long-lived worker processes (multiprocessing, spawn) that keep the models they have loaded and run many cells
     each, from a pristine copy of the weights (fewtune.warm). The driver replaces a worker that dies (its cell 'died':
-    retried or recorded failed, never lost), that hangs past --cell-timeout, or whose memory grows past RSS_GROWTH
-    times what it held after its first cell. Workers never touch the database: results come back over a pipe."""
+    retried or recorded failed, never lost), that hangs past --cell-timeout, or whose memory keeps growing (a leak). Workers never touch the database: results come back over a pipe."""
     name, worker_noun, default_retries, synchronous = "warm", "warm worker", 1, False
 
     def __init__(self, plan: WorkerPlan | None = None, cell_timeout_s: float | None = None,
@@ -430,15 +430,21 @@ class WarmBackend:
         return out
 
     def _check_memory(self, w: _Worker, rss_mib: float | None) -> None:
+        """Replace a worker that leaks: its RSS after a cell grew by > GROWTH_STEP_MIB after each of its last
+        GROWTH_CELLS cells (RSS after a full fine-tune stays high, as the allocator keeps what it freed, but it
+        plateaus), or it holds more than --max-rss / its share of the machine's memory."""
         if rss_mib is None:
             return
-        if w.baseline_rss_mib is None:
-            w.baseline_rss_mib = rss_mib
-            return
-        limit = self.max_rss_mib or (w.baseline_rss_mib * RSS_GROWTH + RSS_SLACK_MIB)
-        if rss_mib > limit:
-            log.warning("warm worker %d holds %.0f MiB after %d cells (limit %.0f MiB): replaced", w.index, rss_mib,
-                        w.cells, limit)
+        import psutil
+        w.rss_mib.append(rss_mib)
+        share = RAM_SHARE * psutil.virtual_memory().total / 2**20 / max(self.plan.workers, 1)
+        recent = w.rss_mib[-GROWTH_CELLS - 1:]
+        growing = len(recent) > GROWTH_CELLS and all(b - a > GROWTH_STEP_MIB for a, b in zip(recent, recent[1:]))
+        limit = self.max_rss_mib or share
+        if growing or rss_mib > limit:
+            why = (f"grew after each of its last {GROWTH_CELLS} cells ({' -> '.join(f'{x:.0f}' for x in recent)} MiB)"
+                   if growing else f"holds {rss_mib:.0f} MiB (limit {limit:.0f} MiB)")
+            log.warning("warm worker %d %s: replaced", w.index, why)
             self._kill(w)
 
     @staticmethod

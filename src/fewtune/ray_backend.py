@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .backends import Job, Outcome
-from .cell_process import configure_cell_process, output_to, run_config
+from .cell_process import configure_cell_process, mark_shared, output_to, run_config
 from .driver import Summary, run_grid
 from .errors import FewtuneError
 from .grid_spec import Grid
@@ -55,7 +55,12 @@ def run_cell_task(config_json: str, env: dict) -> str:
         log_file = Path(tmp) / "cell.log"
         with output_to(log_file):
             configure_cell_process()
-            out = run_config(config_json)
+            import torch
+            # a Ray worker shares its node with whatever else the cluster schedules there: say only what is known
+            out = mark_shared(run_config(config_json), "ray", 1, torch.get_num_threads())
+            if out.get("ok") and isinstance(out["result"].get("cost"), dict):
+                for k in ("workers", "shared_with"):
+                    out["result"]["cost"][k] = None
         with open(log_file, "rb") as f:
             f.seek(max(0, log_file.stat().st_size - LOG_LIMIT))
             text = f.read().decode("utf-8", errors="replace")
