@@ -39,14 +39,20 @@ def set_clock(kind: str, threads: int | None) -> None:
     clock = time.process_time if kind == "cpu" else time.perf_counter
 
 
-def matmul_peak(dtype, n=2048, seconds=2.0) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype, n=2048, seconds=2.0, device=None) -> float:
+    """GFLOP/s of an n x n matmul on `device` (the device being measured: on a GPU, dividing its throughput by the
+    CPU's peak, as this did before, made every "of peak" figure meaningless)."""
+    device = torch.device(device or "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     for _ in range(3):
         a @ b
+    sync()
     reps, t0 = 0, clock()
     while clock() - t0 < seconds:
         a @ b
         reps += 1
+    sync()
     return 2 * n ** 3 * reps / (clock() - t0) / 1e9
 
 
@@ -373,7 +379,10 @@ def main(argv=None):
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time the comparisons by wall clock or by this process's CPU time (for a shared machine; use with --threads 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--only", choices=["icl", "cd", "ft"], default=None, help="run only this comparison (implies --quick's scope)")
+    p.add_argument("--only", choices=["icl", "cd", "ft", "grid"], default=None,
+                   help="run only this comparison (implies --quick's scope)")
+    p.add_argument("--grid-workers", type=int, default=2,
+                   help="grid throughput: also warm workers x N (0: skip the grid throughput) [2]")
     args = p.parse_args(argv)
     set_clock(args.clock, args.threads)
     device = engine.pick_device("auto")
@@ -387,7 +396,9 @@ def main(argv=None):
            "quick": args.quick, "reps": reps, "clock": args.clock, "threads": torch.get_num_threads(),
            "load_average_at_start": os.getloadavg()}
 
-    out["matmul_peak_gflops"] = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    out["matmul_peak_gflops"] = {"fp32": matmul_peak(torch.float32, device=device),
+                                 "bf16": matmul_peak(torch.bfloat16, device=device)}
+    out["matmul_peak_device"] = str(device)
     peaks = out["matmul_peak_gflops"]
     print(f"matmul peak: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
 
@@ -409,6 +420,12 @@ def main(argv=None):
         out["ft_vs_trainer"] = {dt: ft_vs_trainer(args.model, tokenizer, device, dt, 16 if args.quick else 64,
                                                   2 if args.quick else 3, reps) for dt in dtypes}
         print_trainer(out["ft_vs_trainer"])
+    if args.only in (None, "grid") and args.grid_workers:
+        # cells/hour of a fixed mini-grid (every method, 1 seed, tiny sizes): fresh processes vs warm workers, and
+        # warm workers x N sharing the cores; the cells run in child processes while this one waits
+        from grid_throughput import measure
+        print("\ngrid throughput (mini-grid: every method, 1 seed, tiny sizes; fresh processes vs warm workers):")
+        out["grid_throughput"] = measure(mini=True, reps=1 if args.quick else 2, workers=args.grid_workers)
     out["load_average_at_end"] = os.getloadavg()
     check_peak(out)
     if args.quick or args.only:
@@ -496,7 +513,8 @@ def main(argv=None):
 def check_peak(out) -> None:
     """The "of peak" fractions divide by the matmul peak measured at the start; measured again here, a change of
     more than 25 % (a neighbour took or left a core) is said, and both are kept in the JSON."""
-    end = {"fp32": matmul_peak(torch.float32, seconds=1.0), "bf16": matmul_peak(torch.bfloat16, seconds=1.0)}
+    on = {"device": out["matmul_peak_device"]} if out.get("matmul_peak_device", "cpu") != "cpu" else {}
+    end = {"fp32": matmul_peak(torch.float32, seconds=1.0, **on), "bf16": matmul_peak(torch.bfloat16, seconds=1.0, **on)}
     out["matmul_peak_gflops_at_end"] = end
     start = out["matmul_peak_gflops"]
     moved = [k for k in end if abs(end[k] / start[k] - 1) > 0.25]

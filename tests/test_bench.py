@@ -55,3 +55,28 @@ def test_peak_check_says_when_the_peak_moved(bench, capsys, monkeypatch):
     said = capsys.readouterr().out
     assert out["matmul_peak_gflops_at_end"] == {"fp32": 50.0, "bf16": 400.0}
     assert "fp32 100 -> 50" in said and "bf16" not in said
+
+
+def test_device_check_runs_on_cpu_with_a_tiny_model(tmp_path, capsys):
+    """benchmarks/device_check.py, the one-command GPU check, end to end on CPU with a tiny model of the bundled
+    vocabulary: every figure is there and positive; the token budget scores in batches larger than 16."""
+    import json
+    spec = importlib.util.spec_from_file_location("device_check", REPO / "benchmarks" / "device_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--tiny", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert report["device"] == "cpu" and report["model"]["params"] < 5e6
+    assert all(v > 0 for v in report["matmul_peak_gflops"].values())
+    budget = next(v for k, v in report["scoring"].items() if k.startswith("token budget"))
+    assert report["scoring"]["batch 16"]["max_batch"] == 16 and budget["max_batch"] > 16
+    assert all(r["ms_per_step"] > 0 for r in report["training"])
+    assert "scoring, batch 16" in capsys.readouterr().out
+
+
+def test_matmul_peak_allocates_on_the_device_it_measures(bench, monkeypatch):
+    seen = []
+    real = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **kw: seen.append(kw.get("device")) or real(*a, **kw))
+    assert bench.matmul_peak(torch.float32, n=64, seconds=0.05, device="cpu") > 0
+    assert seen and all(str(d) == "cpu" for d in seen)

@@ -140,9 +140,45 @@ def test_cli_refuses_what_cannot_be_decided(toy, tmp_path, capsys):
         (["grid", str(one), "--until-resolved"], "has only one"),
         (["grid", str(one), "--time-budget", "5m"], "goes with --until-resolved"),
         (["grid", "demo", "--until-resolved", "--time-budget", "soon"], "not a duration"),
-        (["grid", "demo", "--until-resolved", "--backend", "ray"], "does not go with --backend ray"),
+        (["grid", "demo", "--until-resolved", "--backend", "ray", "--workers", "2"], "does not go with --backend ray"),
     ]:
         assert main(argv + ["--db", str(tmp_path / "x.db")]) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, err
     assert not (tmp_path / "x.db").exists()
+
+
+DECIDE_RUNNER = """
+import sys
+from dataclasses import field, make_dataclass
+from fewtune.methods import icl
+if "label_tag" not in icl.ICL.Options.__dataclass_fields__:  # as the _tag_option fixture does in this process
+    icl.ICL.Options = make_dataclass("TaggedIcl", [("label_tag", str, field(default=""))], bases=(icl.IclOptions,))
+sys.path.insert(0, {tests!r})
+import test_decide
+run = test_decide.fake_runner({{"a": 0.80, "b": 0.79, "c": 0.50}}, 0)
+"""
+
+
+@pytest.mark.parametrize("backend", ["process", "warm2"])
+def test_until_resolved_on_every_backend(toy, tmp_path, monkeypatch, backend):
+    """The same allocation on a fresh process per cell and on warm workers (two: a round's cells run at once)."""
+    import os
+    from pathlib import Path
+    from fewtune.backends import ProcessBackend, WarmBackend, WorkerPlan
+    (tmp_path / "decide_runner.py").write_text(DECIDE_RUNNER.format(tests=str(Path(__file__).parent)))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("FEWTUNE_GRID_RUNNER", "decide_runner:run")
+    true = {"a": 0.80, "b": 0.79, "c": 0.50}
+    grid = expand(spec(toy, labels=tuple(true), seeds=range(4)), where="test")
+    plan = WorkerPlan(2, 1, (None, None)) if backend == "warm2" else WorkerPlan(1, 1, (None,))
+    runs_on = ProcessBackend(plan) if backend == "process" else WarmBackend(plan)
+    with Store(tmp_path / "b.db") as store:
+        d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lambda _: None, backend=runs_on)
+        rows = store.rows()
+    seeds = {label: sorted(r["seed"] for r in rows if r["label"] == label) for label in true}
+    assert {r["status"] for r in rows} == {"success"}
+    assert seeds["c"] == [0] and seeds["a"] == seeds["b"] == [0, 1, 2, 3]
+    assert d.runs == 9 and not d.resolved
+    if backend != "process":
+        assert {r["result"]["cost"]["workers"] for r in rows} == {plan.workers}

@@ -216,11 +216,16 @@ def test_any_exception_is_recorded_and_the_grid_goes_on(fake, tmp_path):
         assert {r["error"] for r in store.rows(["failed"])} == {"RuntimeError: CUDA out of memory second line"}
 
 
-# --- running in child processes through the CLI
-def test_child_processes_isolate_crashes_and_keep_logs(fake, tmp_path, monkeypatch, capsys):
+# --- running in child processes through the CLI: a fresh process per cell, or warm workers
+BACKENDS = [["--backend", "process"], ["--backend", "warm"], ["--backend", "warm", "--workers", "2"]]
+BACKEND_IDS = ["process", "warm", "warm2"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=BACKEND_IDS)
+def test_child_processes_isolate_crashes_and_keep_logs(fake, tmp_path, monkeypatch, capsys, backend):
     monkeypatch.setenv("FAKE_CRASH", "lora")
     db = tmp_path / "res" / "r.db"
-    assert main(["grid", str(tmp_path / "tiny.toml"), "--db", str(db), "--quiet"]) == 1  # some cells failed
+    assert main(["grid", str(tmp_path / "tiny.toml"), "--db", str(db), "--quiet", *backend]) == 1  # some failed
     captured = capsys.readouterr()
     assert "4 succeeded now, 2 failed" in captured.out
     with Store(db) as store:
@@ -237,10 +242,10 @@ def test_child_processes_isolate_crashes_and_keep_logs(fake, tmp_path, monkeypat
     assert not list((db.parent / "logs").glob(".*result*"))  # no leftovers of the result hand-over
 
 
-def start_grid(tmp_path, db, env_extra):
+def start_grid(tmp_path, db, env_extra, backend=()):
     env = {**os.environ, **env_extra}
     return subprocess.Popen([sys.executable, "-m", "fewtune.cli", "grid", str(tmp_path / "tiny.toml"), "--db", str(db),
-                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--quiet", *backend], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for_running(db, marks, method, timeout=60):
@@ -270,14 +275,15 @@ def wait_gone(pid, timeout=15):
     return False
 
 
-def test_kill_and_interrupt_then_resume(fake, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS[:2], ids=BACKEND_IDS[:2])  # one cell at a time: counts are exact
+def test_kill_and_interrupt_then_resume(fake, tmp_path, backend):
     db = tmp_path / "res" / "r.db"
     marks = tmp_path / "marks"
     marks.mkdir()
     slow = {"FAKE_SLOW": "lora", "FAKE_MARKS": str(marks)}
 
     # 1. kill -9 the grid while a cell runs: the row stays 'running' with a dead owner, the child exits too
-    grid = start_grid(tmp_path, db, slow)
+    grid = start_grid(tmp_path, db, slow, backend)
     row, child = wait_for_running(db, marks, "lora")
     grid.kill()
     grid.communicate(timeout=30)
@@ -288,7 +294,7 @@ def test_kill_and_interrupt_then_resume(fake, tmp_path):
 
     # 2. rerun, then SIGINT (Ctrl-C) while the same cell runs again: it is marked cancelled, exit 130
     (marks / f"{row['config_hash']}.pid").unlink()
-    grid = start_grid(tmp_path, db, slow)
+    grid = start_grid(tmp_path, db, slow, backend)
     row2, child2 = wait_for_running(db, marks, "lora")
     assert row2["config_hash"] == row["config_hash"] and row2["attempts"] == 2
     grid.send_signal(signal.SIGINT)
@@ -301,7 +307,7 @@ def test_kill_and_interrupt_then_resume(fake, tmp_path):
         assert r["status"] == "cancelled" and "SIGINT" in r["error"]
 
     # 3. rerun to the end: every cell exactly once, none running, the interrupted one on its third attempt
-    grid = start_grid(tmp_path, db, {"FAKE_MARKS": str(marks)})
+    grid = start_grid(tmp_path, db, {"FAKE_MARKS": str(marks)}, backend)
     out, err = grid.communicate(timeout=120)
     assert grid.returncode == 0, err
     assert "2 done before, 4 succeeded now, 0 failed" in out

@@ -294,9 +294,10 @@ def test_killed_worker_is_retried_then_recorded_nothing_lost(on_cluster, tmp_pat
     assert sorted(r["attempts"] for r in after.values() if r["method"] == "lora") == [3, 3]
 
 
-def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_path):
-    """SIGINT to a `fewtune grid --backend ray` process: the running tasks are cancelled, their cells recorded
-    cancelled, exit 130; the next run finishes them in the same rows."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_path, sig):
+    """SIGINT (or SIGTERM) to a `fewtune grid --backend ray` process: the running tasks are cancelled, their cells
+    recorded cancelled, exit 130 (143); the next run finishes them in the same rows."""
     on_cluster.control(slow=["pbft"])
     spec = tmp_path / "tiny.toml"
     spec.write_text(FAKE_SPEC)
@@ -309,17 +310,17 @@ def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_
         while not list((on_cluster.code / "marks").glob("*.pid")):
             assert time.monotonic() < deadline and grid.poll() is None, "no slow cell started"
             time.sleep(0.2)
-        grid.send_signal(signal.SIGINT)
+        grid.send_signal(sig)
         out, err = grid.communicate(timeout=60)
     finally:
         if grid.poll() is None:
             grid.kill()
             grid.wait()
-    assert grid.returncode == 130, err
+    assert grid.returncode == 128 + sig, err
     assert "Traceback" not in err and "rerun the same command to resume" in err
     rows = rows_by_hash(db)
     assert {r["status"] for r in rows.values() if r["method"] == "pbft"} == {"cancelled"}
-    assert all("cancelled by SIGINT" in r["error"] for r in rows.values() if r["method"] == "pbft")
+    assert all(f"cancelled by {sig.name}" in r["error"] for r in rows.values() if r["method"] == "pbft")
     assert "running" not in {r["status"] for r in rows.values()}
 
     on_cluster.control()
@@ -383,3 +384,32 @@ def test_same_config_and_seed_give_identical_results(toy, tiny_model_dir):
     assert measured(a["evals"]) == measured(b["evals"])
     other_seed = run(RunConfig(**{**cfg.to_dict(), "seed": 4}), progress=False)
     assert other_seed["train_indices"] != a["train_indices"]  # the seed is not ignored
+
+
+def test_until_resolved_runs_on_ray(on_cluster, toy, tmp_path, monkeypatch):
+    """--until-resolved through the one driver on the Ray backend: the same allocation as on the local backends
+    (tests/test_decide.py::test_until_resolved_on_every_backend), a round's cells at once on the cluster."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        import test_decide
+    finally:
+        sys.path.pop(0)
+    from dataclasses import field, make_dataclass
+    from fewtune.decide import run_until_resolved
+    from fewtune.grid import expand
+    from fewtune.methods import icl
+    from fewtune.ray_backend import RayBackend
+    tagged = make_dataclass("TaggedIcl", [("label_tag", str, field(default=""))], bases=(icl.IclOptions,))
+    monkeypatch.setattr(icl.ICL, "Options", tagged)  # as test_decide's _tag_option fixture
+    (on_cluster.code / "decide_runner.py").write_text(test_decide.DECIDE_RUNNER.format(tests=str(Path(__file__).parent)))
+    monkeypatch.setenv("FEWTUNE_GRID_RUNNER", "decide_runner:run")
+    true = {"a": 0.80, "b": 0.79, "c": 0.50}
+    grid = expand(test_decide.spec(toy, labels=tuple(true), seeds=range(4)), where="test")
+    with Store(tmp_path / "ray.db") as store:
+        d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lambda _: None,
+                               backend=RayBackend(grid.resources, on_cluster.address))
+        rows = store.rows()
+    seeds = {label: sorted(r["seed"] for r in rows if r["label"] == label) for label in true}
+    assert {r["status"] for r in rows} == {"success"}
+    assert seeds["c"] == [0] and seeds["a"] == seeds["b"] == [0, 1, 2, 3]
+    assert d.runs == 9 and not d.resolved

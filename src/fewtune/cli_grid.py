@@ -28,18 +28,30 @@ def add_parser(sub) -> None:
     g.add_argument("--reclaim", action="store_true",
                    help="also re-run cells marked running by a live process or another host (it must be gone)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar; one line per cell")
-    g.add_argument("--backend", choices=["local", "ray"], default="local",
-                   help="local: one cell at a time on this machine; ray: every cell a task on a Ray cluster "
-                        "(pip install 'fewtune[ray]') [local]")
+    g.add_argument("--backend", choices=["process", "warm", "ray", "local"], default="process",
+                   help="process: each cell in a fresh child process (isolated; pays imports and model loading per "
+                        "cell); warm: --workers processes that keep the model loaded and run many cells each (same "
+                        "results, less start-up); ray: every cell a task on a Ray cluster (pip install 'fewtune[ray]'); "
+                        "local = process [process]")
+    g.add_argument("--workers", type=int,
+                   help="process/warm: cells at once on this machine, each with its share of the CPU cores as threads "
+                        "(on GPUs: several per device, by default as many as free memory holds) [spec workers, 1]")
+    g.add_argument("--cell-timeout", help="process/warm: a cell with no result after this long (e.g. 30m) is killed "
+                                          "and retried or recorded failed [no limit]")
     g.add_argument("--address", help="ray: the cluster, auto or HOST:PORT [$RAY_ADDRESS, a running local Ray, "
                                      "else a new local one]")
-    g.add_argument("--max-retries", type=int, help="ray: re-runs of a cell whose worker died [spec max_retries, 2]")
+    g.add_argument("--max-retries", type=int, help="re-runs of a cell whose worker process died (killed, out of "
+                                                   "memory, hung) [spec max_retries; process 0, warm 1, ray 2]")
     g.add_argument("--max-cells", type=int, help="refuse a spec that expands to more cells than this [10000]")
     g.add_argument("--until-resolved", action="store_true",
                    help="run a first seed of every option, then more seeds only where the comparison with the best "
                         "is still open (docs/grid.md); ends with the answer and its confidence")
     g.add_argument("--time-budget", help="with --until-resolved: stop starting runs after this long, e.g. 15m, 1h30m "
                                          "[no limit]")
+    g.add_argument("--equivalence-margin", type=float,
+                   help="with --until-resolved: options are called equivalent only when their simultaneous interval "
+                        "lies within ±this (the primary metric's units), fixed before the run [each task's "
+                        "equivalence_margin]")
 
     r = sub.add_parser("results", help="list or export the runs in the results database")
     r.add_argument("--db", help=db_help)
@@ -60,7 +72,11 @@ def add_parser(sub) -> None:
                    help="leave out of 'which method' the options slower than this per prediction (as measured)")
     p.add_argument("--max-retention-loss", type=float,
                    help="leave out of 'which method' the options whose LM loss on the retention text rose by more "
-                        "than this (nats/token; options without a measurement too)")
+                        "than this (nats/token, ≥ 0; options without a measurement too)")
+    p.add_argument("--equivalence-margin", type=float,
+                   help="options are called equivalent only when their simultaneous interval lies within ±this (the "
+                        "primary metric's units); set it before looking at the results [each task's "
+                        "equivalence_margin]")
 
 
 def db_path(args) -> Path:
@@ -68,67 +84,85 @@ def db_path(args) -> Path:
 
 
 def cmd_grid(args) -> int:
-    from .grid import MAX_CELLS, Interrupted, load_grid, run_grid, signals_raise
+    import os
+    from .grid import MAX_CELLS, RUNNER_ENV, Interrupted, check_max_retries, check_models, load_grid, signals_raise
     from .store import Store
     if args.max_cells is not None and args.max_cells < 1:
         raise FewtuneError(f"--max-cells must be ≥ 1, got {args.max_cells}.")
+    backend_name = "process" if args.backend == "local" else args.backend
+    if args.workers is not None and args.workers < 1:
+        raise FewtuneError(f"--workers must be ≥ 1, got {args.workers}.")
     grid = load_grid(args.spec, max_cells=args.max_cells or MAX_CELLS)
     path = db_path(args)
-    if args.backend == "ray":
-        if args.in_process:
-            raise FewtuneError("--in-process runs cells in this process; it does not go with --backend ray.")
-        if args.max_retries is not None:
-            from .grid import check_max_retries
-            check_max_retries(args.max_retries, "--max-retries")
+    if args.max_retries is not None:
+        check_max_retries(args.max_retries, "--max-retries")
+    if backend_name == "ray":
+        for flag, what in (("in_process", "--in-process runs cells in this process"),
+                           ("workers", "--workers sets how many cells run at once on this machine; on Ray the spec's "
+                                       "[resources] decide it"),
+                           ("cell_timeout", "--cell-timeout applies to the process and warm backends")):
+            if getattr(args, flag):
+                raise FewtuneError(f"{what}; it does not go with --backend ray.")
         if not args.dry_run:  # not installed, or no cluster there: say so before the database is touched
             from .ray_backend import check_address, import_ray
             import_ray()
             check_address(args.address)
     else:
-        for flag in ("address", "max_retries"):
-            if getattr(args, flag) is not None:
-                raise FewtuneError(f"--{flag.replace('_', '-')} applies to --backend ray only.")
+        if args.address is not None:
+            raise FewtuneError("--address applies to --backend ray only.")
+        if args.in_process and (backend_name == "warm" or args.workers not in (None, 1)):
+            raise FewtuneError("--in-process runs one cell at a time in this process; it does not go with "
+                               "--backend warm or --workers.")
+    cell_timeout = None
+    if args.cell_timeout is not None:
+        from .decide import parse_duration
+        cell_timeout = parse_duration(args.cell_timeout, "--cell-timeout")
     budget_s = None
     if args.time_budget is not None and not args.until_resolved:
         raise FewtuneError("--time-budget goes with --until-resolved (a plain grid runs every cell).")
+    if args.equivalence_margin is not None and not args.until_resolved:
+        raise FewtuneError("--equivalence-margin goes with --until-resolved (or `fewtune report`); a plain grid "
+                           "makes no claims.")
     if args.until_resolved:
         from .decide import options_of, parse_duration
-        if args.backend == "ray":
-            raise FewtuneError("--until-resolved runs round by round on this machine; it does not go with --backend ray.")
         budget_s = parse_duration(args.time_budget) if args.time_budget is not None else math.inf
         options_of(grid)  # at least two options and two seeds: say so before anything runs
+        if args.equivalence_margin is not None:
+            from .tasks import check_margin, load_task
+            for task in dict.fromkeys(c.config.task for c in grid.cells):
+                check_margin(args.equivalence_margin, load_task(task).primary_metric, "--equivalence-margin")
+    if not os.environ.get(RUNNER_ENV):  # a plug-in runner decides what its model names mean
+        check_models(grid)
+    workers = args.workers if args.workers is not None else grid.workers
+    plan = None
+    if backend_name != "ray" and not args.in_process:
+        from .backends import machine_plan, model_need_bytes
+        plan = machine_plan(workers, model_need_bytes([c.config.model for c in grid.cells]),
+                            use_gpu=any(c.config.device in ("auto", "cuda") or str(c.config.device).startswith("cuda")
+                                        for c in grid.cells))
     if args.dry_run:
-        status = {}
-        # a 0-byte file is a new database here as in a real run (which creates the tables in it)
-        if path.exists() and not (path.is_file() and path.stat().st_size == 0):
-            with Store(path, readonly=True) as store:
-                status = store.statuses()
-        for cell in grid.cells:
-            print(f"{cell.key}  {status.get(cell.key, 'new'):9s}  {cell.describe()}")
-        todo = sum(status.get(c.key) != "success" for c in grid.cells)
-        print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells, {todo} to run, database {path}")
-        return 0
+        return dry_run(grid, path, backend_name, plan)
     with Store(path) as store:
         print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells; database {path}; "
-              f"logs {path.parent / 'logs'}", file=sys.stderr)
+              f"logs {path.parent / 'logs'}" + (f"; {plan.workers} {backend_name} workers × {plan.threads} threads"
+                                                if plan and plan.workers > 1 else ""), file=sys.stderr)
         try:
             progress = not args.quiet and sys.stderr.isatty()
             echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
             with signals_raise():
+                backend = make_backend(backend_name, grid, plan, args.in_process, args.address, cell_timeout)
+                retries = args.max_retries if args.max_retries is not None else grid.max_retries
                 if args.until_resolved:
                     from .decide import run_until_resolved
                     d = run_until_resolved(grid, store, path.parent / "logs", budget_s, echo=echo,
-                                           in_process=args.in_process, reclaim=args.reclaim)
+                                           reclaim=args.reclaim, backend=backend, retries=retries,
+                                           equivalence_margin=args.equivalence_margin)
                     print(f"grid {grid.name}: {'resolved' if d.resolved else 'not resolved'} after {d.rounds} round(s), "
                           f"{d.runs} run(s) in {d.seconds:.0f} s; `fewtune report --db {path}` for the tables")
                     return 0
-                if args.backend == "ray":
-                    from .ray_backend import run_grid_ray
-                    s = run_grid_ray(grid, store, path.parent / "logs", address=args.address,
-                                     max_retries=args.max_retries, reclaim=args.reclaim, progress=progress, echo=echo)
-                else:
-                    s = run_grid(grid, store, path.parent / "logs", in_process=args.in_process, reclaim=args.reclaim,
-                                 progress=progress, echo=echo)
+                from .grid import run_grid
+                s = run_grid(grid, store, path.parent / "logs", reclaim=args.reclaim, progress=progress, echo=echo,
+                             backend=backend, retries=retries)
         except Interrupted as e:
             print(f"fewtune: grid interrupted ({e}); rerun the same command to resume", file=sys.stderr)
             return 128 + e.signum
@@ -137,6 +171,38 @@ def cmd_grid(args) -> int:
           + (f", {s.lost} finished but not recorded (taken over by another grid)" if s.lost else "")
           + (f" (see `fewtune results --status failed --db {path}`)" if s.failed else ""))
     return 1 if s.failed or s.lost else 0
+
+
+def make_backend(name: str, grid, plan, in_process: bool, address: str | None, cell_timeout: float | None):
+    """The backend that runs the cells (backends.py, ray_backend.py); the driver is the same for all."""
+    from .backends import InlineBackend, ProcessBackend, WarmBackend
+    if name == "ray":
+        from .ray_backend import RayBackend
+        return RayBackend(grid.resources, address)
+    if in_process:
+        return InlineBackend()
+    if name == "warm":
+        return WarmBackend(plan, cell_timeout)
+    return ProcessBackend(plan, cell_timeout)
+
+
+def dry_run(grid, path: Path, backend_name: str, plan) -> int:
+    """List the cells and their status, and estimate the grid's time from stored timings of similar cells."""
+    from .estimate import estimate_grid
+    from .store import Store
+    status, rows = {}, []
+    # a 0-byte file is a new database here as in a real run (which creates the tables in it)
+    if path.exists() and not (path.is_file() and path.stat().st_size == 0):
+        with Store(path, readonly=True) as store:
+            status = store.statuses()
+            rows = store.rows(["success"])
+    for cell in grid.cells:
+        print(f"{cell.key}  {status.get(cell.key, 'new'):9s}  {cell.describe()}")
+    todo = [c for c in grid.cells if status.get(c.key) != "success"]
+    print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells, {len(todo)} to run, database {path}")
+    for line in estimate_grid(todo, rows, backend_name, plan.workers if plan else None):
+        print(line, file=sys.stderr)  # stdout stays the list of cells, one per line
+    return 0
 
 
 def cmd_results(args) -> int:
@@ -308,10 +374,17 @@ def cmd_report(args) -> int:
         if value is not None and (not math.isfinite(value) or value <= 0):
             raise FewtuneError(f"--{flag.replace('_', '-')} must be a positive number, got {value:g}.")
     volume = args.predictions_per_day * args.days if args.predictions_per_day else None
-    if args.max_retention_loss is not None and not math.isfinite(args.max_retention_loss):
-        raise FewtuneError(f"--max-retention-loss must be a number, got {args.max_retention_loss:g}.")
+    if args.max_retention_loss is not None and not (math.isfinite(args.max_retention_loss)
+                                                    and args.max_retention_loss >= 0):
+        # a negative limit would leave out every option whose loss did not fall: it cannot mean anything
+        raise FewtuneError(f"--max-retention-loss must be a number ≥ 0 (nats/token the LM loss may rise), got "
+                           f"{args.max_retention_loss:g}.")
+    if args.equivalence_margin is not None and not (math.isfinite(args.equivalence_margin)
+                                                    and 0 < args.equivalence_margin <= 2):
+        raise FewtuneError(f"--equivalence-margin must be > 0 and at most the metric's range (1 for accuracy, 2 for "
+                           f"MCC), got {args.equivalence_margin:g}.")
     paths = write_report(db_path(args), out, volume=volume, max_latency_ms=args.max_latency_ms,
-                         max_retention_loss=args.max_retention_loss)
+                         max_retention_loss=args.max_retention_loss, margin=args.equivalence_margin)
     print(f"report written to {paths['markdown']} and {paths['html']} (figures in {paths['figures']})")
     return 0
 

@@ -30,20 +30,20 @@ from pathlib import Path
 from . import claims, compare
 from .errors import FewtuneError
 from .fmt import METRIC_NAMES, signed, with_interval
-from .grid import Cell, Grid, run_grid
+from .grid_spec import Cell, Grid
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, flag: str = "--time-budget") -> float:
     """'15m', '90s', '1h30m', '1.5h' -> seconds. A bare number is refused (minutes or seconds?)."""
     m = _DURATION.match(str(text)) if text is not None else None
     if not m or not any(m.groups()):
-        raise FewtuneError(f"--time-budget {text!r} is not a duration; write e.g. 15m, 90s or 1h30m.")
+        raise FewtuneError(f"{flag} {text!r} is not a duration; write e.g. 15m, 90s or 1h30m.")
     h, mi, s = (float(x) if x else 0.0 for x in m.groups())
     seconds = 3600 * h + 60 * mi + s
     if not seconds > 0:
-        raise FewtuneError(f"--time-budget {text!r} must be longer than zero.")
+        raise FewtuneError(f"{flag} {text!r} must be longer than zero.")
     return seconds
 
 
@@ -92,50 +92,68 @@ def options_of(grid: Grid) -> dict[tuple, list[Option]]:
 
 
 def run_until_resolved(grid: Grid, store, log_dir: Path, time_budget_s: float, echo=print, in_process: bool = False,
-                       runner=None, reclaim: bool = False, equivalence_margin: float | None = None) -> Decision:
-    """Run `grid` by the allocation rule above within `time_budget_s` seconds of this invocation."""
+                       runner=None, reclaim: bool = False, backend=None, retries: int | None = None,
+                       equivalence_margin: float | None = None) -> Decision:
+    """Run `grid` by the allocation rule above within `time_budget_s` seconds of this invocation, on `backend`
+    (default: a fresh process per cell; this process with `in_process`/`runner`). A round's cells run at once as far
+    as the backend's capacity allows (several warm workers); the backend stays open across rounds."""
+    from .backends import InlineBackend, ProcessBackend
+    from .driver import Driver
     t0 = time.perf_counter()
     groups_of = options_of(grid)
+    option_of = {c.key: o for opts in groups_of.values() for o in opts for c in o.cells}
     active = {mt: list(opts) for mt, opts in groups_of.items()}  # options still getting seeds
     depth = {o.key: 0 for opts in groups_of.values() for o in opts}  # seeds given so far
     all_seconds: list[float] = []
     runs = rounds = 0
     out_of_time = False
     state: dict[tuple, dict] = {}
-    while True:
-        todo = [o for opts in active.values() for o in opts if depth[o.key] < len(o.cells)]
-        if not todo:
-            break
-        # the best option first: every open comparison is with it, so its next seed is worth the most
-        bests = {st["best_key"] for st in state.values() if st.get("best_key")}
-        todo.sort(key=lambda o: o.key not in bests)
-        rounds += 1
-        for o in todo:
-            cell = o.cells[depth[o.key]]
-            status = store.statuses().get(cell.key)
-            if status != "success":
-                estimate = _estimate(o, all_seconds)
-                left = time_budget_s - (time.perf_counter() - t0)
-                if estimate is not None and estimate > left:
-                    out_of_time = True
-                    echo(f"time budget: {o.describe()} on {o.key[1]} would take about {estimate:.0f} s, "
-                         f"{max(left, 0):.0f} s are left: not started")
-                    break
-                t = time.perf_counter()
-                run_grid(Grid(name=grid.name, source=grid.source, cells=[cell]), store, log_dir, runner=runner,
-                         in_process=in_process, reclaim=reclaim, progress=False, echo=echo)
-                o.seconds.append(time.perf_counter() - t)
-                all_seconds.append(o.seconds[-1])
-                runs += 1
-            depth[o.key] += 1
-        state = _assess(store, groups_of, depth, equivalence_margin)
-        active = {}
-        for mt, st in state.items():
-            if st["open"]:
-                active[mt] = [o for o in groups_of[mt] if o.key in st["next"]]
-        _print_round(rounds, state, active, all_seconds, time_budget_s - (time.perf_counter() - t0), echo)
-        if out_of_time or not active:
-            break
+    if backend is None:
+        backend = InlineBackend(runner) if in_process or runner is not None else ProcessBackend()
+    if retries is None:
+        retries = grid.max_retries
+
+    def admit(cell) -> bool:  # asked right before each cell starts: would it finish within the budget?
+        nonlocal out_of_time
+        o = option_of[cell.key]
+        estimate = _estimate(o, all_seconds)
+        left = time_budget_s - (time.perf_counter() - t0)
+        if estimate is not None and estimate > left:
+            out_of_time = True
+            echo(f"time budget: {o.describe()} on {o.key[1]} would take about {estimate:.0f} s, "
+                 f"{max(left, 0):.0f} s are left: not started")
+            return False
+        return True
+
+    def on_done(cell, outcome, seconds) -> None:
+        nonlocal runs
+        option_of[cell.key].seconds.append(seconds)
+        all_seconds.append(seconds)
+        runs += 1
+
+    with Driver(backend, store, log_dir, grid.name, reclaim=reclaim, retries=retries, echo=echo) as driver:
+        while True:
+            todo = [o for opts in active.values() for o in opts if depth[o.key] < len(o.cells)]
+            if not todo:
+                break
+            # the best option first: every open comparison is with it, so its next seed is worth the most
+            bests = {st["best_key"] for st in state.values() if st.get("best_key")}
+            todo.sort(key=lambda o: o.key not in bests)
+            rounds += 1
+            cells = [o.cells[depth[o.key]] for o in todo]
+            summary = driver.run(cells, admit=admit, on_done=on_done)
+            kept = set(summary.not_started)
+            for o in todo:
+                if o.cells[depth[o.key]].key not in kept:
+                    depth[o.key] += 1
+            state = _assess(store, groups_of, depth, equivalence_margin)
+            active = {}
+            for mt, st in state.items():
+                if st["open"]:
+                    active[mt] = [o for o in groups_of[mt] if o.key in st["next"]]
+            _print_round(rounds, state, active, all_seconds, time_budget_s - (time.perf_counter() - t0), echo)
+            if out_of_time or not active:
+                break
     lines = _answer(state, out_of_time)
     for line in lines:
         echo(line)

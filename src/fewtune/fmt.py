@@ -78,3 +78,36 @@ def params(x) -> str:
         if x >= size:
             return f"{x / size:.2f}{unit}"
     return f"{x:.0f}"
+
+
+# --- the console lines of a run (`fewtune run`, and the grid's line per finished cell)
+SHORT_NAMES = {m.name: m.short for m in METRICS.values()}
+
+
+def task_name(result: dict) -> str:
+    """The task's name as recorded (a user task's `name`, not the path of its file)."""
+    return (result.get("task") or {}).get("name") or result["config"]["task"]
+
+
+def brief(result: dict) -> str:
+    """One run in a few words, for the grid's per-run line: the task's name and its primary metric per split."""
+    primary = (result.get("task") or {}).get("primary_metric") or "accuracy"
+    parts = [f"{name} {SHORT_NAMES.get(primary, primary)} {e[primary]:.3f}"
+             for name, e in (result.get("evals") or {}).items()
+             if isinstance(e, dict) and isinstance(e.get(primary), (int, float))]
+    return f"{task_name(result)}: " + (", ".join(parts) or "done") if parts else "done"
+
+
+def summary_line(result: dict) -> str:
+    """The console line of `fewtune run`: every metric the task lists, its primary metric first and marked."""
+    primary = (result.get("task") or {}).get("primary_metric")
+    parts = []
+    for name, e in result["evals"].items():
+        # every metric the task lists (an eval holds exactly those; see metrics.compute), the primary one first
+        keys = sorted((k for k in e if k in SHORT_NAMES), key=lambda k: k != primary)
+        shown = " ".join(f"{SHORT_NAMES[k]} {e[k]:.3f}" + (" (primary)" if k == primary else "") for k in keys)
+        parts.append(f"{name}: {shown} (n={e['n']})")
+    c = result["cost"]
+    return (f"{result['config']['method']} on {task_name(result)}, {result['config']['shots']} shots, seed "
+            f"{result['config']['seed']}: " + "; ".join(parts) +
+            f" | train {c['train_seconds']:.1f}s eval {c['eval_seconds']:.1f}s peak {c['peak_memory_mib']:.0f} MiB")

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import FewtuneError, unknown
 from .settings import cache_dir
@@ -168,6 +169,39 @@ def resolve(spec: str) -> str:
     raise unknown("model", spec, list(BUNDLED) + ["<Hub id like facebook/opt-125m>", "<local folder>"])
 
 
+def check_resolvable(spec: str) -> None:
+    """What `resolve` checks, without converting a bundled model: a FewtuneError naming what is wrong, or None."""
+    if spec in BUNDLED:
+        b = BUNDLED[spec]
+        cached = cache_dir() / "models" / spec
+        if not (cached / "config.json").exists() and bundled_gguf(b) is None:
+            raise FewtuneError(f"Bundled model '{spec}' is not installed: {b.install}.")
+        return
+    resolve(spec)
+
+
+# --- where the runner's model comes from
+@dataclass(frozen=True)
+class ModelRequest:
+    """What `load_model` was asked for: a warm worker's cache key (with the folder's resolved path)."""
+    spec: str
+    objective: str
+    num_labels: int
+    trust_remote_code: bool
+    allow_unsafe_weights: bool
+
+
+# A process-level hook: a warm grid worker (fewtune.warm) sets it to hand out a pristine copy of a model it keeps
+# loaded, instead of reading the weights again; None (the default, every other process) loads from disk.
+_provider: Callable[[ModelRequest, Callable[[], object]], object] | None = None
+
+
+def set_model_provider(provider: Callable[[ModelRequest, Callable[[], object]], object] | None) -> None:
+    """Route `load_model` through `provider(request, load)`, where `load()` reads the model from disk; None resets."""
+    global _provider
+    _provider = provider
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
     where = resolve(spec)
@@ -199,7 +233,15 @@ def prepare_tokenizer(tok):
 
 def load_model(spec: str, objective: str = "lm", num_labels: int = 2, trust_remote_code: bool = False,
                allow_unsafe_weights: bool = False):
-    """The model in fp32 (training and autocast need fp32 master weights)."""
+    """The model in fp32 (training and autocast need fp32 master weights); through the process's model provider
+    when one is set (a warm grid worker), else from disk."""
+    load = lambda: _load_model(spec, objective, num_labels, trust_remote_code, allow_unsafe_weights)  # noqa: E731
+    if _provider is None:
+        return load()
+    return _provider(ModelRequest(spec, objective, num_labels, trust_remote_code, allow_unsafe_weights), load)
+
+
+def _load_model(spec: str, objective: str, num_labels: int, trust_remote_code: bool, allow_unsafe_weights: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     where = resolve(spec)

@@ -1,8 +1,8 @@
 """`fewtune grid SPEC --backend ray`: the same grid, each cell a Ray task somewhere on a cluster.
 
-The driver (the `fewtune grid` process) is still the only writer of the results database: it claims a
-cell, submits it as a task with the spec's `[resources]` (num_cpus, num_gpus, memory_gib), and records
-what comes back, through the same `claim_cell` / `record_outcome` / `cancel_cell` as the local backend.
+The driver (driver.py, the `fewtune grid` process) is still the only writer of the results database: it claims a
+cell, this backend submits it as a task with the spec's `[resources]` (num_cpus, num_gpus, memory_gib), and the
+driver records what comes back, exactly as for the local backends.
 A task runs `grid.run_config` in a fresh Ray worker process (`max_calls=1`: its memory and CUDA context go
 back when the cell ends, as with the local backend's child processes) and returns the result record and the
 cell's log as JSON text; the driver appends the log to `<db folder>/logs/<hash>.log`.
@@ -14,19 +14,19 @@ counted in the row's `attempts`; then the cell is recorded failed with the error
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import tempfile
 import time
 from pathlib import Path
 
+from .backends import Job, Outcome
+from .cell_process import configure_cell_process, mark_shared, output_to, run_config
+from .driver import Summary, run_grid
 from .errors import FewtuneError
-from .grid import (Cell, Grid, Interrupted, Summary, cancel_cell, claim_cell, configure_cell_process, record_outcome,
-                   run_config, start)
+from .grid_spec import Grid
 from .store import Store, dumps, now
 
 log = logging.getLogger("fewtune")
@@ -47,27 +47,6 @@ def import_ray():
 
 
 # --- in the Ray worker
-@contextlib.contextmanager
-def output_to(path: Path):
-    """Send this process's stdout and stderr (file descriptors 1 and 2: C libraries too) to `path`."""
-    import sys
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (fd, *saved):
-            os.close(f)
-
-
 def run_cell_task(config_json: str, env: dict) -> str:
     """The Ray task: one cell in this (fresh, dedicated) worker process. Returns JSON text:
     {"ok", "result" | "error", "log", "host", "pid"} (JSON, like the local child's hand-over, not a pickle)."""
@@ -76,7 +55,12 @@ def run_cell_task(config_json: str, env: dict) -> str:
         log_file = Path(tmp) / "cell.log"
         with output_to(log_file):
             configure_cell_process()
-            out = run_config(config_json)
+            import torch
+            # a Ray worker shares its node with whatever else the cluster schedules there: say only what is known
+            out = mark_shared(run_config(config_json), "ray", 1, torch.get_num_threads())
+            if out.get("ok") and isinstance(out["result"].get("cost"), dict):
+                for k in ("workers", "shared_with"):
+                    out["result"]["cost"][k] = None
         with open(log_file, "rb") as f:
             f.seek(max(0, log_file.stat().st_size - LOG_LIMIT))
             text = f.read().decode("utf-8", errors="replace")
@@ -144,80 +128,64 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
 
 
+class RayBackend:
+    """Each cell a Ray task (`max_calls=1`: a fresh worker process per cell) with the spec's [resources]; capacity is
+    how many cells the live nodes can run at once, so the driver claims only what the cluster can start now."""
+    name, worker_noun, default_retries, synchronous = "ray", "Ray worker", MAX_RETRIES, False
+
+    def __init__(self, resources: dict, address: str | None = None):
+        self.resources, self.address = resources, address
+        self.ray = None
+        self.pending: dict = {}  # ObjectRef -> Job
+        self.window = 1
+
+    def open(self) -> None:
+        self.ray = import_ray()
+        connect(self.ray, self.address)
+        self.window = cells_that_fit(self.ray, self.resources)
+        self.remote = self.ray.remote(max_calls=1, max_retries=0)(run_cell_task).options(**task_options(self.resources))
+        self.env = {k: v for k, v in os.environ.items() if k.startswith("FEWTUNE_")}
+
+    def capacity(self) -> int:
+        return self.window
+
+    def start(self, job: Job) -> None:
+        with open(job.log_path, "a", encoding="utf-8") as logf:
+            logf.write(f"\n=== {now()} fewtune grid: {job.cell.describe()} [{job.key}], Ray task, try {job.attempt}\n")
+        self.pending[self.remote.remote(json.dumps(job.cell.config.to_dict()), self.env)] = job
+
+    def poll(self, timeout: float) -> list[tuple[Job, Outcome]]:
+        if not self.pending:
+            time.sleep(timeout)
+            return []
+        ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=max(timeout, WAIT_S))
+        out = []
+        for ref in ready:
+            job = self.pending.pop(ref)
+            status, payload = collect(self.ray, ref, job.log_path)
+            out.append((job, Outcome(status, result=payload) if status == "success" else Outcome(status, error=payload)))
+        return out
+
+    def cancel(self, job: Job) -> None:
+        # Nothing here: the driver records the cell cancelled, then close() disconnects, and Ray kills a job's
+        # workers when its driver leaves. `ray.cancel(force=True)` sometimes aborted the driver inside Ray
+        # (ray 2.60: "Tried to complete task that was not pending"), losing the exit code.
+        for ref, j in list(self.pending.items()):
+            if j.key == job.key:
+                del self.pending[ref]
+
+    def close(self) -> None:
+        if self.ray is not None:
+            self.ray.shutdown()
+            self.ray = None
+
+
 def run_grid_ray(grid: Grid, store: Store, log_dir: Path, address: str | None = None, max_retries: int | None = None,
                  reclaim: bool = False, progress: bool = True, echo=print) -> Summary:
-    """Run every cell that has not succeeded yet as a Ray task; record each outcome (only here, in the driver).
-    Interrupted (Ctrl-C, SIGTERM) cancels the tasks in flight, records their cells as cancelled and propagates."""
-    ray = import_ray()
-    retries = max_retries if max_retries is not None else (grid.max_retries if grid.max_retries is not None
-                                                           else MAX_RETRIES)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    connect(ray, address)
-    # ray.init installs its own SIGTERM handler (sys.exit), and an exception raised by a handler while Ray's C++
-    # code waits comes out as a SystemError: note the signal, and raise Interrupted between two waits instead
-    received = []
-
-    def note(signum, frame):
-        received.append(signum)
-
-    def own_signals():  # Ray may install handlers of its own after connecting: keep ours in place
-        for s in handlers:
-            if signal.getsignal(s) is not note:
-                signal.signal(s, note)
-    own_signals()
-    try:
-        window = cells_that_fit(ray, grid.resources)
-        remote = ray.remote(max_calls=1, max_retries=0)(run_cell_task).options(**task_options(grid.resources))
-        env = {k: v for k, v in os.environ.items() if k.startswith("FEWTUNE_")}
-        owner, summary, bar, write, todo = start(grid, store, log_dir, progress, echo)
-        todo.reverse()  # popped from the end: grid order
-        pending: dict = {}  # ObjectRef -> [cell, log_path, try number, start time]
-
-        def submit(cell: Cell, log_path: Path, attempt: int, t0: float):
-            with open(log_path, "a", encoding="utf-8") as logf:
-                logf.write(f"\n=== {now()} fewtune grid: {cell.describe()} [{cell.key}], Ray task, try {attempt}\n")
-            pending[remote.remote(json.dumps(cell.config.to_dict()), env)] = [cell, log_path, attempt, t0]
-
-        try:
-            while todo or pending:
-                while todo and len(pending) < window:  # claim only what the cluster can start now
-                    cell = todo.pop()
-                    log_path = claim_cell(cell, grid, store, log_dir, owner, reclaim, summary, bar, write)
-                    if log_path is not None:
-                        submit(cell, log_path, 1, time.perf_counter())
-                own_signals()
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_S) if pending else ([], [])
-                if received:
-                    raise Interrupted(received[0])
-                for ref in ready:
-                    cell, log_path, attempt, t0 = pending.pop(ref)
-                    outcome, payload = collect(ray, ref, log_path)
-                    if outcome == "died" and attempt <= retries:
-                        write(f"! {cell.describe()}: {payload}; retry {attempt}/{retries}")
-                        # the same row, attempts + 1 (claim succeeds: the row is ours)
-                        if claim_cell(cell, grid, store, log_dir, owner, False, summary, bar, write) is not None:
-                            submit(cell, log_path, attempt + 1, t0)
-                        continue
-                    if outcome == "died":
-                        payload = f"Ray worker died on each of {attempt} tries; last: {payload}; see {log_path}"
-                        outcome = "failed"
-                    record_outcome(cell, store, outcome, payload, owner, time.perf_counter() - t0, log_path,
-                                   summary, bar, write)
-        except (KeyboardInterrupt, Interrupted) as e:
-            why = e if isinstance(e, Interrupted) else "SIGINT"
-            # Record first, then let the driver's disconnect (ray.shutdown below) end the job: Ray kills a job's
-            # workers when its driver leaves. `ray.cancel(force=True)` here sometimes aborted the driver inside
-            # Ray (ray 2.60: "Tried to complete task that was not pending"), losing the exit code.
-            for ref, (cell, log_path, _, t0) in pending.items():
-                cancel_cell(cell, store, why, time.perf_counter() - t0, owner, write)
-            raise
-        finally:
-            bar.close()
-        return summary
-    finally:
-        ray.shutdown()
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    """Run every cell that has not succeeded yet as a Ray task, through the one driver (driver.py)."""
+    return run_grid(grid, store, log_dir, reclaim=reclaim, progress=progress, echo=echo,
+                    backend=RayBackend(grid.resources, address),
+                    retries=max_retries if max_retries is not None else grid.max_retries)
 
 
 def collect(ray, ref, log_path: Path) -> tuple[str, dict | str]:

@@ -8,6 +8,7 @@ import time
 import torch
 
 from . import __version__, engine, metrics, models, record, retention
+from .fmt import brief, summary_line  # noqa: F401  (the console lines: `fewtune run` and the grid)
 from .config import RunConfig
 from .data import eval_subsample, exclude_training, label_counts, load_split, sample_train, shares_training_data
 from .errors import FewtuneError
@@ -143,13 +144,16 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     evals, predictions = {}, {}
     eval_seconds = eval_tokens = eval_n = query_tokens = 0
     prefix_store = {}  # icl's demonstrations: their KV cache computed once for all evaluation splits
+    token_budget = engine.scoring_token_budget(device, cfg.eval_batch_size)  # CUDA: batches sized to the device
+    max_batch = 0
     with record.PeakMemory(device) as mem:
         for name, examples in eval_sets.items():
             texts = [method.text(ctx, ex) for ex in examples]
             # one rule with or without demonstrations: the query is cut to max_length, the demonstrations fitted to the context
             seqs, truncated = engine.encode(tokenizer, texts, cfg.max_length, with_bos=prefix_ids is None)
             out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids,
-                               prefix_store=prefix_store)
+                               prefix_store=prefix_store, token_budget=token_budget)
+            max_batch = max(max_batch, out.max_batch)
             if prefix_ids:  # shared-prefix attention, the prefix KV cache, or the full prompt (engine.shared_prefix_path)
                 ctx.extra["prefix_path"] = out.path
             preds = out.logits.argmax(-1).tolist()
@@ -169,6 +173,8 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
             eval_tokens += out.tokens
             eval_n += len(examples)
             query_tokens += sum(len(q) for q in seqs)
+    # the batch the figures were measured at: the cost of use depends on it (the report compares like with like)
+    cost.update(eval_batch_size=max_batch, eval_batching=f"tokens:{token_budget}" if token_budget else "rows")
     cost.update(eval_seconds=round(eval_seconds, 3), eval_peak_memory_mib=mem.mib, eval_tokens=eval_tokens,
                 eval_examples_per_s=round(eval_n / eval_seconds, 3) if eval_seconds else None)
     # labelled examples the run used: icl may have dropped demonstrations to fit the context (the
@@ -206,35 +212,3 @@ def use_cost(cost: dict, eval_seconds: float, eval_n: int, query_tokens: int, pr
         "shipped_bytes": 4 * int(cost.get("trainable_params") or 0) + demo_bytes,
         "shipped_text_bytes": demo_bytes,
     }
-
-
-SHORT_NAMES = {m.name: m.short for m in metrics.METRICS.values()}
-
-
-def task_name(result: dict) -> str:
-    """The task's name as recorded (a user task's `name`, not the path of its file)."""
-    return (result.get("task") or {}).get("name") or result["config"]["task"]
-
-
-def brief(result: dict) -> str:
-    """One run in a few words, for the grid's per-run line: the task's name and its primary metric per split."""
-    primary = (result.get("task") or {}).get("primary_metric") or "accuracy"
-    parts = [f"{name} {SHORT_NAMES.get(primary, primary)} {e[primary]:.3f}"
-             for name, e in (result.get("evals") or {}).items()
-             if isinstance(e, dict) and isinstance(e.get(primary), (int, float))]
-    return f"{task_name(result)}: " + (", ".join(parts) or "done") if parts else "done"
-
-
-def summary_line(result: dict) -> str:
-    """The console line of `fewtune run`: every metric the task lists, its primary metric first and marked."""
-    primary = (result.get("task") or {}).get("primary_metric")
-    parts = []
-    for name, e in result["evals"].items():
-        # every metric the task lists (an eval holds exactly those; see metrics.compute), the primary one first
-        keys = sorted((k for k in e if k in SHORT_NAMES), key=lambda k: k != primary)
-        shown = " ".join(f"{SHORT_NAMES[k]} {e[k]:.3f}" + (" (primary)" if k == primary else "") for k in keys)
-        parts.append(f"{name}: {shown} (n={e['n']})")
-    c = result["cost"]
-    return (f"{result['config']['method']} on {task_name(result)}, {result['config']['shots']} shots, seed "
-            f"{result['config']['seed']}: " + "; ".join(parts) +
-            f" | train {c['train_seconds']:.1f}s eval {c['eval_seconds']:.1f}s peak {c['peak_memory_mib']:.0f} MiB")

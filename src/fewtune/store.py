@@ -263,17 +263,23 @@ class Store:
 
     # --- the run life cycle: claim -> finish | fail | cancel
     def claim(self, cfg, label: str | None = None, grid: str | None = None, log_path: str | None = None,
-              owner: dict | None = None, reclaim: bool = False) -> str:
+              owner: dict | None = None, reclaim: bool = False, key: str | None = None) -> str:
         """Mark a run `running` for `owner` (default: this process) unless it need not or cannot run.
 
-        Returns 'claimed', 'done' (already succeeded), or 'busy' (claimed by a process that is alive).
-        Failed, cancelled and stale running rows are claimed again (same row, attempts + 1).
+        `key` is the run's identity hash when the caller has it (a grid cell's `cell.key`): computing the identity
+        again hashes the task file, the data files and a model folder's content. Returns 'claimed', 'done' (already
+        succeeded), or 'busy' (claimed by a process that is alive). Failed, cancelled and stale running rows are
+        claimed again (same row, attempts + 1).
         """
         owner = owner or this_process()
-        from .identity import digest
-        ident = cfg.identity()
-        key, d, t = digest(ident), cfg.to_dict(), now()  # = cfg.hash(), without computing the identity twice
-        d_task = ident["task"]["name"]  # a task file's name, not its path
+        d, t = cfg.to_dict(), now()
+        if key is None:
+            from .identity import digest
+            ident = cfg.identity()
+            key, d_task = digest(ident), ident["task"]["name"]  # = cfg.hash(), without computing the identity twice
+        else:
+            from .tasks import load_task
+            d_task = load_task(cfg.task).name  # parsed once per process (tasks._PARSED)
         with self.transaction() as c:
             row = c.execute("SELECT status, owner FROM runs WHERE config_hash=?", (key,)).fetchone()
             if row and row["status"] == "success":

@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from .. import claims
+from ..tasks import check_margin
 from . import budget, figures, use
 from .data import (METRIC_NAMES, flat_row, group_runs, mib, model_order, num, params, pct, scale_for, seconds,
                    signed, size, with_interval)
@@ -29,6 +30,8 @@ def family_views(gs: list[dict], prefixes, margin: float | None = None) -> dict:
     """prefix -> the family's verdict (fewtune.claims.view): one per (model, task, split), shared by every table
     and sentence of the report, so every claim in it belongs to one family-wise procedure."""
     out = {}
+    if margin is not None:  # --equivalence-margin: at most the width of this family's metric range
+        check_margin(margin, gs[0]["primary_metric"], "--equivalence-margin")
     for p in prefixes:
         fv = claims.view(gs, p, margin if margin is not None else gs[0].get("equivalence_margin"))
         if fv is not None:

@@ -1,0 +1,486 @@
+"""Where a grid's cells run: the backends the driver (driver.py) drives, all behind one small interface.
+
+| backend | a cell runs in | start-up per cell | isolation |
+|---|---|---|---|
+| `process` (default) | a fresh `python -m fewtune.cell_process` child | imports + model load (~3-6 s on CPU, 8-10 s on a GPU) | complete: its memory goes back when it exits |
+| `warm` | one of N long-lived workers that keep the model loaded (fewtune.warm) | a copy of the weights (~0.1-0.3 s for 135M params) | a crash, hang or memory growth replaces the worker |
+| `ray` | a Ray task on a cluster (ray_backend.py) | as `process`, on the node | as `process` |
+| in-process (`--in-process`) | the driver's own process (debugging) | none | none |
+
+The driver claims cells, starts them while `capacity()` allows, polls for outcomes, records them (it alone writes the
+database), retries a cell whose worker died, and cancels what runs when interrupted. A backend only runs cells.
+`--workers N` runs N cells at once on this machine (process and warm backends), each process with its share of the
+cores as torch threads (`plan_workers`): never more threads than cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_ready
+from pathlib import Path
+from typing import Protocol
+
+from .errors import FewtuneError
+from .grid_spec import Cell
+from .store import now
+
+log = logging.getLogger("fewtune")
+TERMINATE_GRACE_S = 10
+POLL_S = 0.2           # the driver wakes this often to notice Ctrl-C / SIGTERM and finished cells
+MAX_PER_GPU = 4        # warm workers per GPU at most by default: past ~4, kernel queues interleave and gain little
+STARTUP_LIMIT_S = 300  # a warm worker that has not finished its imports after this long (with --cell-timeout) is stuck
+GROWTH_STEP_MIB = 200  # a warm worker whose RSS after a cell rose by more than this after each of its last 3 cells is
+GROWTH_CELLS = 3       # leaking (the allocator's cache plateaus after the largest cell; a leak keeps growing): replaced
+RAM_SHARE = 0.8        # ... as is one holding more than 80 % of the machine's memory divided among the workers
+
+
+@dataclass(frozen=True)
+class Job:
+    """One try of one cell, as the driver hands it to a backend."""
+    cell: Cell
+    log_path: Path
+    attempt: int = 1
+    started: float = field(default_factory=time.perf_counter)  # the first try's start: the cell's wall time
+
+    @property
+    def key(self) -> str:
+        return self.cell.key
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What came back for a job: 'success' with the result record, 'failed' with a one-line error (the cell raised:
+    it would fail again), or 'died' (the worker process died or hung: worth another try)."""
+    status: str
+    result: dict | None = None
+    error: str | None = None
+
+
+class Backend(Protocol):
+    name: str
+    worker_noun: str         # what dies when a cell "dies": "worker process", "warm worker", "Ray worker"
+    default_retries: int     # re-runs of a died cell when neither --max-retries nor the spec says
+    synchronous: bool        # start() runs the whole cell (in-process): a signal must interrupt it there
+
+    def open(self) -> None: ...
+    def capacity(self) -> int: ...
+    def start(self, job: Job) -> None: ...
+    def poll(self, timeout: float) -> list[tuple[Job, Outcome]]: ...
+    def cancel(self, job: Job) -> None: ...
+    def close(self) -> None: ...
+
+
+# --- how many workers this machine holds
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    free_bytes: int
+    total_bytes: int
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    workers: int
+    threads: int | None            # torch threads per worker (None: torch's default, one worker alone)
+    devices: tuple                 # per worker: the GPU index it is pinned to, or None (CPU)
+
+
+def plan_workers(requested: int | None, cores: int, ram_available: int, need_bytes: int,
+                 gpus: list[GpuInfo] = ()) -> WorkerPlan:
+    """How many cells run at once and with how many threads each. On CPU: at most one worker per core, each with
+    cores // workers threads (two processes that each take every core slow each other 10-27x on 2 cores); on GPUs:
+    by default as many per device as its free memory holds at `need_bytes` each (at most MAX_PER_GPU), spread over
+    the devices. More than the machine holds is an error, never oversubscription."""
+    if requested is not None and requested < 1:
+        raise FewtuneError(f"--workers must be ≥ 1, got {requested}.")
+    gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
+    if gpus:
+        fits = [max(0, g.free_bytes // max(need_bytes, 1)) for g in gpus]
+        most = sum(fits)
+        if most == 0:
+            raise FewtuneError(f"No GPU has {gib(need_bytes)} free for one worker (free: "
+                               f"{', '.join(gib(g.free_bytes) for g in gpus)}); free memory or lower the batch size.")
+        if requested is None:
+            requested = sum(min(f, MAX_PER_GPU) for f in fits)
+        elif requested > most:
+            raise FewtuneError(f"--workers {requested}: the GPUs hold at most {most} workers at {gib(need_bytes)} "
+                               f"each (free: {', '.join(gib(g.free_bytes) for g in gpus)}).")
+        devices, left = [], list(fits)
+        while len(devices) < requested:  # round robin over devices that still have room
+            for i, g in enumerate(gpus):
+                if left[i] > 0 and len(devices) < requested:
+                    devices.append(g.index)
+                    left[i] -= 1
+        return WorkerPlan(requested, max(1, cores // requested), tuple(devices))
+    requested = requested or 1
+    if requested > cores:
+        raise FewtuneError(f"--workers {requested}: this machine has {cores} usable CPU core(s), so at most {cores} "
+                           "workers (one core each) without oversubscribing them.")
+    if requested * need_bytes > ram_available:
+        raise FewtuneError(f"--workers {requested}: each worker needs about {gib(need_bytes)} and "
+                           f"{gib(ram_available)} of memory is available; at most {max(1, ram_available // need_bytes)}.")
+    return WorkerPlan(requested, None if requested == 1 else cores // requested, (None,) * requested)
+
+
+def machine_plan(requested: int | None, need_bytes: int, use_gpu: bool) -> WorkerPlan:
+    """plan_workers for this machine: its usable cores, available memory, and free GPU memory when cells use a GPU."""
+    import psutil
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    gpus = []
+    if use_gpu:
+        import torch
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                free, total = torch.cuda.mem_get_info(i)
+                gpus.append(GpuInfo(i, free, total))
+    return plan_workers(requested, cores, psutil.virtual_memory().available, need_bytes, gpus)
+
+
+def model_need_bytes(models: list[str], measured_peak_mib: float | None = None) -> int:
+    """Memory one worker needs: the largest measured peak of similar cells, else 6x the largest model's weights
+    (weights, the warm copy, gradients and Adam's two moments of a full fine-tune), at least 1 GiB."""
+    if measured_peak_mib:
+        return int(measured_peak_mib * 2**20 * 1.2)
+    from .models import BUNDLED, cache_dir, resolve
+    largest = 0
+    for spec in models:
+        try:
+            where = Path(cache_dir() / "models" / spec) if spec in BUNDLED else Path(resolve(spec))
+        except FewtuneError:
+            continue
+        if where.is_dir():
+            largest = max(largest, sum(p.stat().st_size for p in where.glob("*.safetensors")))
+    return max(6 * largest, 2**30)
+
+
+# --- a fresh process per cell
+def _died(code: int, log_path: Path) -> str:
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+    return f"worker process {how} without a result (out of memory?); see {log_path}"
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(TERMINATE_GRACE_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@dataclass
+class _Child:
+    job: Job
+    proc: subprocess.Popen
+    result_path: Path
+    logf: object
+    t0: float
+
+
+class ProcessBackend:
+    """Each cell in its own child process: a crash, an out-of-memory kill or a hung native library ends that cell
+    only; its memory (model, optimizer, CUDA context) goes back when it exits; its stdout/stderr, C extensions
+    included, go to the cell's log at the file-descriptor level. The cost: imports and model loading per cell."""
+    name, worker_noun, default_retries, synchronous = "process", "worker process", 0, False
+
+    def __init__(self, plan: WorkerPlan | None = None, cell_timeout_s: float | None = None):
+        self.plan = plan or WorkerPlan(1, None, (None,))
+        self.cell_timeout_s = cell_timeout_s
+        self.children: dict[str, _Child] = {}
+        self.free_devices = list(self.plan.devices)
+
+    def open(self) -> None:
+        pass
+
+    def capacity(self) -> int:
+        return self.plan.workers
+
+    def start(self, job: Job) -> None:
+        result_path = job.log_path.with_name(f".{job.log_path.stem}.result-{os.getpid()}.json")
+        result_path.unlink(missing_ok=True)
+        env = dict(os.environ)
+        package_root = str(Path(__file__).resolve().parents[1])  # the child imports this same fewtune
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        device = self.free_devices.pop(0) if self.free_devices else None
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(device)
+        cmd = [sys.executable, "-m", "fewtune.cell_process", _config_json(job.cell), str(result_path),
+               str(self.plan.threads or 0), str(self.plan.workers)]
+        logf = open(job.log_path, "a", encoding="utf-8")
+        logf.write(f"\n=== {now()} fewtune grid: {job.cell.describe()} [{job.key}], child process, try {job.attempt}\n")
+        logf.flush()
+        # own session: a terminal's Ctrl-C reaches the grid only, which then stops the child and records it
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                start_new_session=True)
+        proc.device = device
+        self.children[job.key] = _Child(job, proc, result_path, logf, time.monotonic())
+
+    def poll(self, timeout: float) -> list[tuple[Job, Outcome]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            done = []
+            for key, c in list(self.children.items()):
+                code = c.proc.poll()
+                if code is None and self.cell_timeout_s and time.monotonic() - c.t0 > self.cell_timeout_s:
+                    stop_process(c.proc)
+                    done.append((c, Outcome("died", error=f"worker process hung: no result after "
+                                                          f"{self.cell_timeout_s:.0f} s (--cell-timeout); see {c.job.log_path}")))
+                elif code is not None:
+                    done.append((c, self._outcome(c, code)))
+            if done or time.monotonic() >= deadline:
+                return [self._finish(c, o) for c, o in done]
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _outcome(self, c: _Child, code: int) -> Outcome:
+        import json
+        try:
+            if c.result_path.exists():
+                out = json.loads(c.result_path.read_text())
+                return Outcome("success", result=out["result"]) if out.get("ok") else Outcome("failed", error=out["error"])
+        finally:
+            c.result_path.unlink(missing_ok=True)
+        return Outcome("died", error=_died(code, c.job.log_path))
+
+    def _finish(self, c: _Child, o: Outcome) -> tuple[Job, Outcome]:
+        c.logf.write(f"\n=== {now()} child process exit code {c.proc.returncode}\n")
+        c.logf.close()
+        self.children.pop(c.job.key, None)
+        if getattr(c.proc, "device", None) is not None:
+            self.free_devices.append(c.proc.device)
+        return c.job, o
+
+    def cancel(self, job: Job) -> None:
+        c = self.children.pop(job.key, None)
+        if c is not None:
+            stop_process(c.proc)
+            c.logf.write(f"\n=== {now()} stopped by the grid (interrupted)\n")
+            c.logf.close()
+            c.result_path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        for key in list(self.children):
+            self.cancel(self.children[key].job)
+
+
+def _config_json(cell: Cell) -> str:
+    import json
+    return json.dumps(cell.config.to_dict())
+
+
+# --- in the driver's process (debugging, tests with an injected runner)
+class InlineBackend:
+    """Cells run in the driver's own process, one at a time, their prints and log records going to the cell's
+    log. A crash ends the grid: for debugging (`--in-process`) and for tests that inject a runner."""
+    name, worker_noun, default_retries, synchronous = "in-process", "grid process", 0, True
+
+    def __init__(self, runner=None):
+        self.runner = runner
+        self.done: list[tuple[Job, Outcome]] = []
+
+    def open(self) -> None:
+        if self.runner is None:
+            from .cell_process import resolve_runner
+            self.runner = resolve_runner()
+
+    def capacity(self) -> int:
+        return 1
+
+    def start(self, job: Job) -> None:
+        with open(job.log_path, "a", encoding="utf-8") as logf:
+            logf.write(f"\n=== {now()} fewtune grid: {job.cell.describe()} [{job.key}], in process\n")
+            handler = logging.StreamHandler(logf)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+            root = logging.getLogger()
+            root.addHandler(handler)
+            try:
+                with contextlib.redirect_stdout(logf), contextlib.redirect_stderr(logf):
+                    result = self.runner(job.cell.config, progress=False)
+                if isinstance(result, dict) and isinstance(result.get("cost"), dict):
+                    result["cost"].update(backend=self.name, workers=1, shared_with=0)
+                self.done.append((job, Outcome("success", result=result)))
+            except Exception as e:
+                traceback.print_exc(file=logf)
+                self.done.append((job, Outcome("failed", error=f"{type(e).__name__}: {e}")))
+            finally:
+                root.removeHandler(handler)
+
+    def poll(self, timeout: float) -> list[tuple[Job, Outcome]]:
+        out, self.done = self.done, []
+        return out
+
+    def cancel(self, job: Job) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# --- warm workers
+@dataclass
+class _Worker:
+    index: int
+    process: multiprocessing.Process
+    conn: object
+    device: int | None
+    job: Job | None = None
+    t0: float = 0.0
+    rss_mib: list = field(default_factory=list)  # after each cell
+    cells: int = 0
+    ready: bool = False   # its imports are done (the cell timeout counts from here)
+
+
+class WarmBackend:
+    """N long-lived worker processes (multiprocessing, spawn) that keep the models they have loaded and run many cells
+    each, from a pristine copy of the weights (fewtune.warm). The driver replaces a worker that dies (its cell 'died':
+    retried or recorded failed, never lost), that hangs past --cell-timeout, or whose memory keeps growing (a leak). Workers never touch the database: results come back over a pipe."""
+    name, worker_noun, default_retries, synchronous = "warm", "warm worker", 1, False
+
+    def __init__(self, plan: WorkerPlan | None = None, cell_timeout_s: float | None = None,
+                 max_rss_mib: float | None = None):
+        self.plan = plan or WorkerPlan(1, None, (None,))
+        self.cell_timeout_s = cell_timeout_s
+        self.max_rss_mib = max_rss_mib
+        self.workers: list[_Worker | None] = [None] * self.plan.workers
+        self.ctx = multiprocessing.get_context("spawn")  # fork after torch's threads started is unsafe
+        self.replaced = 0
+
+    def open(self) -> None:
+        pass
+
+    def capacity(self) -> int:
+        return self.plan.workers
+
+    def _spawn(self, i: int) -> _Worker:
+        from .cell_process import warm_worker_main
+        device = self.plan.devices[i] if i < len(self.plan.devices) else None
+        env = {k: v for k, v in os.environ.items() if k.startswith(("FEWTUNE_", "PYTHONPATH", "HF_", "TOKENIZERS"))}
+        if device is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(device)
+        parent, child = self.ctx.Pipe()
+        p = self.ctx.Process(target=warm_worker_main, args=(child, self.plan.threads, self.plan.workers, env),
+                             name=f"fewtune-warm-{i}", daemon=True)
+        p.start()
+        child.close()
+        w = _Worker(i, p, parent, device)
+        self.workers[i] = w
+        return w
+
+    def start(self, job: Job) -> None:
+        import json
+        i = next(i for i, w in enumerate(self.workers) if w is None or w.job is None)
+        w = self.workers[i]
+        if w is None or not w.process.is_alive():
+            w = self._spawn(i)
+        with open(job.log_path, "a", encoding="utf-8") as logf:
+            logf.write(f"\n=== {now()} fewtune grid: {job.cell.describe()} [{job.key}], warm worker {i} "
+                       f"(pid {w.process.pid}, cell {w.cells + 1}), try {job.attempt}\n")
+        w.job, w.t0 = job, time.monotonic()
+        # JSON bytes both ways, never pickles: the pipe carries text only
+        w.conn.send_bytes(json.dumps({"config": _config_json(job.cell), "log": str(job.log_path)}).encode())
+
+    def poll(self, timeout: float) -> list[tuple[Job, Outcome]]:
+        import json
+        busy = [w for w in self.workers if w is not None and w.job is not None]
+        if not busy:
+            time.sleep(timeout)
+            return []
+        ready = set(id(r) for r in wait_ready([w.conn for w in busy] + [w.process.sentinel for w in busy],
+                                              timeout=timeout))
+        out = []
+        for w in busy:
+            job = w.job
+            if id(w.conn) in ready:
+                try:
+                    data = json.loads(w.conn.recv_bytes())
+                except (EOFError, OSError):
+                    data = None
+                if data is not None and data.get("ready"):  # started: its imports do not count against the timeout
+                    w.t0, w.ready = time.monotonic(), True
+                    continue
+                if data is not None:
+                    w.job, w.cells = None, w.cells + 1
+                    o = Outcome("success", result=data["result"]) if data.get("ok") else Outcome("failed", error=data["error"])
+                    out.append((job, o))
+                    self._check_memory(w, data.get("rss_mib"))
+                    continue
+            if id(w.conn) in ready or id(w.process.sentinel) in ready or not w.process.is_alive():
+                w.process.join(1)
+                code = w.process.exitcode
+                how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+                       else f"exited with code {code}")
+                self._log(job, f"warm worker {w.index} (pid {w.process.pid}) {how}")
+                out.append((job, Outcome("died", error=f"warm worker {how} without a result (out of memory?); "
+                                                       f"see {job.log_path}")))
+                self._drop(w)
+            elif self.cell_timeout_s and time.monotonic() - w.t0 > (self.cell_timeout_s if w.ready else
+                                                                   max(self.cell_timeout_s, STARTUP_LIMIT_S)):
+                self._log(job, f"warm worker {w.index} (pid {w.process.pid}) hung past {self.cell_timeout_s:.0f} s: killed")
+                self._kill(w)
+                out.append((job, Outcome("died", error=f"warm worker hung: no result after {self.cell_timeout_s:.0f} s "
+                                                       f"(--cell-timeout); see {job.log_path}")))
+        return out
+
+    def _check_memory(self, w: _Worker, rss_mib: float | None) -> None:
+        """Replace a worker that leaks: its RSS after a cell grew by > GROWTH_STEP_MIB after each of its last
+        GROWTH_CELLS cells (RSS after a full fine-tune stays high, as the allocator keeps what it freed, but it
+        plateaus), or it holds more than --max-rss / its share of the machine's memory."""
+        if rss_mib is None:
+            return
+        import psutil
+        w.rss_mib.append(rss_mib)
+        share = RAM_SHARE * psutil.virtual_memory().total / 2**20 / max(self.plan.workers, 1)
+        recent = w.rss_mib[-GROWTH_CELLS - 1:]
+        growing = len(recent) > GROWTH_CELLS and all(b - a > GROWTH_STEP_MIB for a, b in zip(recent, recent[1:]))
+        limit = self.max_rss_mib or share
+        if growing or rss_mib > limit:
+            why = (f"grew after each of its last {GROWTH_CELLS} cells ({' -> '.join(f'{x:.0f}' for x in recent)} MiB)"
+                   if growing else f"holds {rss_mib:.0f} MiB (limit {limit:.0f} MiB)")
+            log.warning("warm worker %d %s: replaced", w.index, why)
+            self._kill(w)
+
+    @staticmethod
+    def _log(job: Job, text: str) -> None:
+        with open(job.log_path, "a", encoding="utf-8") as f:
+            f.write(f"\n=== {now()} {text}\n")
+
+    def _kill(self, w: _Worker) -> None:
+        if w.process.is_alive():
+            w.process.kill()
+        w.process.join(5)
+        self._drop(w)
+
+    def _drop(self, w: _Worker) -> None:
+        with contextlib.suppress(OSError):
+            w.conn.close()
+        self.workers[w.index] = None
+        self.replaced += 1
+
+    def cancel(self, job: Job) -> None:
+        for w in self.workers:
+            if w is not None and w.job is not None and w.job.key == job.key:
+                self._log(job, "stopped by the grid (interrupted)")
+                w.process.terminate()
+                w.process.join(TERMINATE_GRACE_S)
+                self._kill(w)
+
+    def close(self) -> None:
+        for w in list(self.workers):
+            if w is None:
+                continue
+            with contextlib.suppress(OSError, BrokenPipeError):
+                w.conn.send_bytes(b"")
+            w.process.join(5)
+            self._kill(w)
+        self.replaced = 0
+
+
+BACKENDS = ("process", "warm", "ray")
