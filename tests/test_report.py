@@ -372,7 +372,7 @@ def test_dtype_auto_pools_only_runs_of_one_resolved_precision(tmp_path, toy, res
 
 def test_pareto_front_on_hand_made_options():
     def g(label, value, mem):
-        return {"label": label, "id_primary": stats.Estimate(value, value, value, 0, 2, 3, 100, 0, 0, 0.5),
+        return {"label": label, "id_primary": stats.Estimate(value, value, value, 0, 2, 3, 100, 0, 0),
                 "peak_memory_mib": mem}
     a, b, c = g("a", 0.60, 100), g("b", 0.80, 1000), g("c", 0.79, 3000)
     assert [x["label"] for x in pareto_front([c, b, a], "peak_memory_mib", "id")] == ["a", "b"]
