@@ -9,7 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 from .. import claims
+from ..findings import resolve as resolve_findings
+from ..findings.judge import judge
 from . import budget, figures, use
+from . import findings as findings_section
 from .data import (METRIC_NAMES, flat_row, group_runs, mib, model_order, num, params, pct, scale_for, seconds,
                    signed, size, with_interval)
 from .render import Doc
@@ -156,11 +159,13 @@ def hans_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: float | None = None,
           max_latency_ms: float | None = None, max_retention_loss: float | None = None,
-          margin: float | None = None) -> Doc:
+          margin: float | None = None, findings="auto") -> Doc:
     """The report. `volume`: a number of predictions to include in a "training + use" budget; `max_latency_ms`:
     options slower per prediction are left out of "which method"; `max_retention_loss`: so are options whose
     general-text LM loss rose by more (nats/token) or was not measured; `margin`: the equivalence margin, instead
-    of each task's `equivalence_margin` (all from `fewtune report` options)."""
+    of each task's `equivalence_margin`; `findings`: a findings file (path or shipped name) whose claims open the
+    report, 'auto' for the shipped study on the tasks it covers, 'none' for no such section (all from `fewtune report`
+    options)."""
     flat = [flat_row(r) for r in rows]
     groups = group_runs(flat, rows, predictions)
     use.with_volume(groups, volume)
@@ -189,6 +194,11 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
              "on GPU), trainable parameters.", note=True)
     if not groups:
         doc.para("No successful runs yet: run `fewtune grid SPEC` first.")
+    chosen, default = resolve_findings(findings)
+    if chosen is not None and groups:
+        judged = judge(chosen, groups)
+        if judged.rows or not default:  # the default study says nothing about tasks it does not cover
+            findings_section.section(doc, judged, default)
 
     for task in dict.fromkeys(g["task"] for g in groups):
         doc.heading(2, f"Task {task}")
