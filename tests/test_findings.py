@@ -145,3 +145,179 @@ def test_all_equal_family_wise_false_verdicts_within_5_percent():
         supported += sum(r.verdict == SUPPORTED for r in j.rows)
     assert bad / sims <= 0.05, bad / sims
     assert supported > 0  # the equivalence claims, true here, are shown now and then: the test is not vacuous
+
+
+# ----------------------------------------------------------------------------- a user's file, end to end
+USER_FINDINGS = '''
+title = "toy reviews: my two hypotheses"
+
+[[claims]]
+id = "lora-beats-icl"
+statement = "LoRA beats prompting on my reviews."
+relation = "better"
+a = ["lora"]
+b = ["icl"]
+split = "in_domain"
+
+[[claims]]
+id = "lora-close-to-ft-ood"
+relation = "equivalent"
+a = ["lora"]
+b = ["ft*"]
+split = "out_of_domain"
+margin = 0.2
+'''
+
+
+def store_toy_runs(path, task_file, data_root, accuracies: dict[str, float], seeds=(0, 1, 2, 3), n=120):
+    """Synthetic results of the toy task (a user task given by path), stored as the runner stores them: per split
+    metrics, baselines and per-example predictions; examples share an ease so options are paired."""
+    rng = np.random.default_rng(5)
+    labels = ["negative", "positive"]
+    gold = np.array([0, 1] * (n // 2))
+    ease = rng.normal(0, 1, n)
+    with Store(path) as store:
+        for seed in seeds:
+            for label, acc in accuracies.items():
+                cfg = RunConfig(task=str(task_file), data_root=str(data_root), model="m", method=label.rstrip("2"),
+                                shots=4, seed=seed, eval_limit=n)
+                evals, preds = {}, {}
+                for role, split in (("in_domain", "dev"), ("out_of_domain", "ood")):
+                    p = 1 / (1 + np.exp(-(math.log(acc / (1 - acc)) + ease + rng.normal(0, 0.2))))
+                    pred = np.where(rng.random(n) < p, gold, 1 - gold)
+                    logprobs = np.log(np.full((n, 2), 0.5))
+                    evals[split] = {"role": role, "population": 500, **metrics.evaluation(
+                        gold.tolist(), pred.tolist(), logprobs, labels, ("accuracy", "mcc", "macro_f1"))}
+                    preds[split] = {"idx": list(range(n)), "gold": gold.tolist(), "pred": pred.tolist(),
+                                    "logprobs": logprobs.tolist()}
+                r = {"config": cfg.to_dict(), "identity": cfg.identity(), "examples_used": 4,
+                     "task": {"name": "toy", "primary_metric": "accuracy", "labels": labels},
+                     "evals": evals, "predictions": preds, "cost": {"train_seconds": 1.0, "peak_memory_mib": 100.0}}
+                store.claim(cfg, label=label)
+                assert store.finish(cfg.hash(), r)
+
+
+def test_user_findings_end_to_end(tmp_path, toy, capsys):
+    """Two claims on a user task, through `fewtune report --findings FILE` and `fewtune results --format json
+    --findings FILE`: the section opens the report with a verdict per claim, the same in md, html and json."""
+    db = tmp_path / "toy.db"
+    store_toy_runs(db, toy.task_file, toy.root, {"icl": 0.6, "lora": 0.9, "ft": 0.88})
+    findings = tmp_path / "mine.toml"
+    findings.write_text(USER_FINDINGS)
+    out = tmp_path / "rep"
+    assert main(["report", "--db", str(db), "--out", str(out), "--findings", str(findings)]) == 0
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    heading = "## Your findings on these results (toy reviews: my two hypotheses)"
+    assert heading in md
+    assert md.index(heading) < md.index("## Task toy")  # first, after the header
+    rows = [line for line in md.splitlines() if line.startswith("| lora-")]
+    assert len(rows) == 2
+    assert "| supported |" in rows[0] and "toy / m" in rows[0]
+    assert "lora-close-to-ft-ood" in rows[1] and "| supported |" in rows[1]
+    assert "Supported: {lora} better than {icl}" in html
+    capsys.readouterr()
+    assert main(["results", "--db", str(db), "--format", "json", "--findings", str(findings)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["runs"]) == 12
+    verdicts = {r["claim"]: r for r in doc["findings"]["rows"]}
+    assert verdicts["lora-beats-icl"]["verdict"] == "supported" and verdicts["lora-beats-icl"]["lo"] > 0
+    assert verdicts["lora-close-to-ft-ood"]["options_b"] == ["ft (4 shots)"]
+    assert doc["findings"]["hypotheses"] == 4
+    # without --findings, json is still the list of runs; the default study says nothing about the toy task
+    assert main(["results", "--db", str(db), "--format", "json"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out), list)
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "rep2")]) == 0
+    assert "findings on" not in (tmp_path / "rep2" / "report.md").read_text()
+
+
+def test_study_is_the_default_and_none_turns_it_off(tmp_path, capsys):
+    """A cola database: the report opens with the study's findings (and says they are the default); the demo's
+    labels without lora get 'no runs for lora', never an error; --findings none leaves the section out."""
+    db = tmp_path / "cola.db"
+    rng = np.random.default_rng(3)
+    n = 100
+    gold = np.array([1, 1, 0] * (n // 3) + [1])
+    with Store(db) as store:
+        for seed in (0, 1):
+            for label in ("icl", "ft", "pbft", "cd-fewshot"):
+                cfg = RunConfig(task="cola", model="m", method=label.split("-")[0],
+                                method_options={"context": "few-shot"} if label.startswith("cd") else {},
+                                shots=8, seed=seed, eval_limit=n)
+                evals, preds = {}, {}
+                for role, split in (("in_domain", "in_domain_dev"), ("out_of_domain", "out_of_domain_dev")):
+                    pred = np.where(rng.random(n) < 0.7, gold, 1 - gold)
+                    logprobs = np.log(np.full((n, 2), 0.5))
+                    evals[split] = {"role": role, **metrics.evaluation(
+                        gold.tolist(), pred.tolist(), logprobs, ["unacceptable", "acceptable"], ("accuracy", "mcc"))}
+                    preds[split] = {"idx": list(range(n)), "gold": gold.tolist(), "pred": pred.tolist(),
+                                    "logprobs": logprobs.tolist()}
+                store.claim(cfg, label=label)
+                store.finish(cfg.hash(), {"config": cfg.to_dict(), "identity": cfg.identity(), "examples_used": 8,
+                                          "task": {"name": "cola", "primary_metric": "mcc",
+                                                   "labels": ["unacceptable", "acceptable"]},
+                                          "evals": evals, "predictions": preds, "cost": {"train_seconds": 1.0}})
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "a")]) == 0
+    md = (tmp_path / "a" / "report.md").read_text()
+    section = md[md.index("## The study's findings on your results"):md.index("## Task cola")]
+    assert "No findings file was given" in section
+    for cid in ("alternatives-ood-comparable", "pbft-worse-than-ft-ood", "adaptive-lora-not-better",
+                "cd-better-than-standard", "finetuning-icl-ood-similar"):
+        assert f"| {cid} | cola / m | 8 |" in section
+    assert "no runs for adaptive, lora at 8 shots" in section
+    assert "Source: arXiv 2405.13181" in section
+    closing = md[md.index("## Which method for which budget"):]
+    assert "The study's findings here (first section" in closing and "pbft-worse-than-ft-ood at 8 shots: " in closing
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "b"), "--findings", "none"]) == 0
+    assert "findings" not in (tmp_path / "b" / "report.md").read_text().split("## Task cola")[0]
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+GOOD = 'id = "c"\nrelation = "better"\na = ["lora"]\nb = ["ft"]\nsplit = "in_domain"'
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[[claims]\nid = 1", "is not valid TOML"),
+    ("title = 'no claims'", "needs a [[claims]] list"),
+    (claims_file(GOOD.replace('"better"', '"superior"')), "unknown relation 'superior'"),
+    (claims_file(GOOD.replace('a = ["lora"]', "a = []")), "claim 'c': 'a' is an empty group"),
+    (claims_file(GOOD.replace('"better"', '"equivalent"')), "needs a margin"),
+    (claims_file(GOOD.replace('"better"', '"equivalent"') + "\nmargin = 0"), "must be > 0"),
+    (claims_file(GOOD.replace('"better"', '"equivalent"') + "\nmargin = 2.5"), "at most 2"),
+    (claims_file(GOOD.replace('"better"', '"noninferior"') + '\nmargin = 1.5\ntasks = ["mnli"]'), "at most 1"),
+    (claims_file(GOOD + "\nmargni = 0.1"), "unknown key 'margni'. Did you mean: margin?"),
+    (claims_file(GOOD.replace('"in_domain"', '"ood"')), "unknown split 'ood'"),
+    (claims_file(GOOD.replace('b = ["ft"]', 'b = ["lora"]')), "is in both 'a' and 'b'"),
+    (claims_file(GOOD, GOOD), "claim id 'c' is used twice"),
+    ("titel = 'x'\n" + claims_file(GOOD), "unknown key 'titel'. Did you mean: title?"),
+])
+def test_bad_findings_files_are_one_line_errors(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(FewtuneError) as e:
+        load_findings(path)
+    assert message in str(e.value) and "\n" not in str(e.value) and str(path) in str(e.value)
+    # the same through the CLI: exit 2, one line (check with --spec, so an unparsable file is read as findings)
+    assert main(["check", str(path), "--spec", "demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err
+    assert main(["report", "--db", str(tmp_path / "none.db"), "--out", str(tmp_path / "r"),
+                 "--findings", str(path)]) == 2
+
+
+def test_check_against_a_grid_spec(tmp_path, capsys):
+    f = parse_findings({"claims": [dict(id="c", relation="better", a=["cd-*"], b=["lorra"], split="in_domain")]},
+                       "mine.toml")
+    with pytest.raises(FewtuneError, match=r"mine.toml claim 'c': label 'lorra' names no option of spec x. "
+                                           r"Did you mean: lora\?"):
+        check_against_labels(f, ["lora", "cd-fewshot"], "spec x")
+    with pytest.raises(FewtuneError, match="glob 'cd-\\*' names no option"):
+        check_against_labels(f, ["lora", "lorra"], "spec x")
+    assert main(["check", "study", "--spec", "demo"]) == 0
+    assert "ok: shipped study.toml is a valid findings file" in capsys.readouterr().out
+    path = tmp_path / "f.toml"
+    path.write_text(claims_file(GOOD))
+    assert main(["check", str(path)]) == 0  # recognised as a findings file without --spec
+    assert main(["check", "nosuch.toml", "--spec", "demo"]) == 2
+    assert main(["results", "--db", str(tmp_path / "x.db"), "--findings", "study"]) == 2  # json only
+    assert "--findings goes with --format json" in capsys.readouterr().err

@@ -128,7 +128,8 @@ def parse_findings(raw: dict, where: str) -> Findings:
         raise FewtuneError(f"{where}: 'claims' must be a non-empty list of tables ([[claims]]).")
     claims, seen = [], set()
     for i, item in enumerate(items):
-        c = _parse_claim(item, f"{where} claims[{i}]" + (f" ({item['id']})" if isinstance(item.get("id"), str) else ""))
+        named = isinstance(item.get("id"), str) and item["id"].strip()
+        c = _parse_claim(item, f"{where} claim '{item['id']}'" if named else f"{where} claims[{i}]")
         if c.id in seen:
             raise FewtuneError(f"{where}: claim id '{c.id}' is used twice; give each claim its own id.")
         seen.add(c.id)
@@ -235,12 +236,12 @@ def check_margin_for(claim: Claim, metric: str) -> str | None:
 
 
 def resolve(spec) -> tuple[Findings | None, bool]:
-    """`--findings` as given: None or 'auto' -> the shipped study (it applies to the tasks its claims name: cola,
-    mnli), flagged as the default; 'none' -> no findings; a Findings as is; else a file path or shipped name."""
+    """`--findings` as given: 'auto' -> the shipped study (it applies to the tasks its claims name: cola, mnli),
+    flagged as the default; None or 'none' -> no findings; a Findings as is; else a file path or shipped name."""
     if isinstance(spec, Findings):
         return spec, False
-    if spec is None or str(spec) == "auto":
+    if str(spec) == "auto":
         return load_findings("study"), True
-    if str(spec) == "none":
+    if spec is None or str(spec) == "none":
         return None, False
     return load_findings(spec), False

@@ -195,10 +195,9 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
     if not groups:
         doc.para("No successful runs yet: run `fewtune grid SPEC` first.")
     chosen, default = resolve_findings(findings)
-    if chosen is not None and groups:
-        judged = judge(chosen, groups)
-        if judged.rows or not default:  # the default study says nothing about tasks it does not cover
-            findings_section.section(doc, judged, default)
+    judged = judge(chosen, groups) if chosen is not None and groups else None
+    if judged is not None and (judged.rows or not default):  # the default study is silent on tasks it does not cover
+        findings_section.section(doc, judged, default)
 
     for task in dict.fromkeys(g["task"] for g in groups):
         doc.heading(2, f"Task {task}")
@@ -285,7 +284,8 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
             views = family_views([g for g in groups if g["task"] == task and g["model"] == model], pre, margin)
             if too_slow or forgot:  # the same family-wise intervals, read over the options within the limits
                 views = {p: claims.restrict(fv, gs) for p, fv in views.items()}
-            doc.bullets(budget.conclusion(views, task, model))
+            doc.bullets(budget.conclusion(views, task, model)
+                        + findings_section.closing(judged, task, model))
             for heading, headers, table_rows in budget.budget_tables(gs, pre, views, volume):
                 doc.table(headers, table_rows, caption=heading)
 

@@ -61,3 +61,13 @@ def section(doc: Doc, j: Judgement, default: bool) -> None:
     doc.table(["claim", "task / model", "shots", "split (metric)", "claim reads", "A − B [interval]", "verdict",
                "why"], rows, caption="One row per claim and setting: the verdict, the estimate of mean(A) − mean(B) "
                                      "and the interval behind it (Holm's level for the claim)")
+
+
+def closing(j: Judgement | None, task: str, model: str) -> list[str]:
+    """The findings' verdicts for one (task, model), quoted where the report concludes (one bullet, or none)."""
+    rows = [r for r in (j.rows if j else []) if r.task == task and r.model == model]
+    if not rows:
+        return []
+    what = "The study's findings" if j.findings.shipped else "Your findings"
+    return [f"{what} here (first section, family-wise 5% by Holm): " + "; ".join(
+        f"{r.claim.id}" + ("" if r.shots is None else f" at {r.shots} shots") + f": {r.verdict}" for r in rows) + "."]
