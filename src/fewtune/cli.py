@@ -98,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("what", choices=["tasks", "methods", "models"])
     ls.add_argument("--dir", help="tasks: also list the task files in this folder [the current folder]")
 
-    ck = sub.add_parser("check", help="load and validate a task file: data, columns, label words, sizes; runs nothing")
-    ck.add_argument("task", help="path to a task file (or a built-in task name)")
+    ck = sub.add_parser("check", help="load and validate a task file (data, columns, label words, sizes) or a "
+                                      "findings file; runs nothing")
+    ck.add_argument("task", help="path to a task file (or a built-in task name), or to a findings file (or: study)")
+    ck.add_argument("--spec", help="findings file: check its labels against this grid spec (file or shipped name)")
     ck.add_argument("--model", default=None, help="check the label words against this model's tokenizer [smollm2-135m]")
     ck.add_argument("--data-root", help="folder the task's local paths are relative to [$FEWTUNE_DATA or ../shared/data]")
     ck.add_argument("--data-source", default="auto", help="auto | local | hub [auto]")
@@ -293,8 +295,11 @@ def task_files(folder: Path):
 
 
 def cmd_check(args) -> int:
-    """Validate a task file end to end without loading a model or running anything."""
+    """Validate a task file end to end without loading a model or running anything (or a findings file)."""
     from collections import Counter
+
+    if args.spec is not None or is_findings_file(args.task):
+        return check_findings(args.task, args.spec)
 
     from . import models
     from .data import load_split
@@ -332,6 +337,36 @@ def cmd_check(args) -> int:
         words = ", ".join(f"{w!r}→{tokenizer.convert_ids_to_tokens([t])[0]!r}" for w, t in zip(pattern.verbalizer, ids))
         print(f"  pattern {i}: label words one token each and as the model reads them after the prompt, for {model}: {words}")
     print(f"ok: {task.source} is a valid task")
+    return 0
+
+
+def is_findings_file(name: str) -> bool:
+    """A shipped findings name, or a readable TOML file with a [[claims]] list (task files have none)."""
+    from .findings import SHIPPED, is_findings
+    if name in SHIPPED:
+        return True
+    p = Path(name)
+    if not p.is_file():
+        return False
+    try:
+        return is_findings(tomllib.loads(p.read_text(encoding="utf-8-sig")))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
+        return False  # the task file checks say what is wrong with it
+
+
+def check_findings(name: str, spec: str | None) -> int:
+    """`fewtune check FINDINGS [--spec SPEC]`: the file's format, margins and, with a spec, its labels."""
+    from .findings import check_against_labels, load_findings
+    findings = load_findings(name)
+    print(f"findings {findings.source}: {len(findings.claims)} claim(s): "
+          + ", ".join(f"{c.id} ({c.relation}, {c.split})" for c in findings.claims))
+    if spec is not None:
+        from .grid import load_grid
+        grid = load_grid(spec)
+        labels = sorted({cell.label for cell in grid.cells})
+        check_against_labels(findings, labels, f"grid {grid.name} ({grid.source})")
+        print(f"  every label and glob names an option of grid {grid.name}: {', '.join(labels)}")
+    print(f"ok: {findings.source} is a valid findings file")
     return 0
 
 

@@ -61,6 +61,9 @@ def add_parser(sub) -> None:
     r.add_argument("--status", help=f"comma-separated statuses to keep ({', '.join(STATUSES)}) [all]")
     r.add_argument("--predictions", action="store_true",
                    help="export the per-example predictions instead: one row per run x evaluation example")
+    r.add_argument("--findings", metavar="FILE|study",
+                   help="with --format json: print {\"runs\": [...], \"findings\": {...}}, the findings file's verdicts "
+                        "(docs/findings.md); without it json stays the list of runs")
 
     p = sub.add_parser("report", help="write report.md and a self-contained report.html from the results database")
     p.add_argument("--db", help=db_help)
@@ -77,6 +80,9 @@ def add_parser(sub) -> None:
                    help="options are called equivalent only when their simultaneous interval lies within ±this (the "
                         "primary metric's units); set it before looking at the results [each task's "
                         "equivalence_margin]")
+    p.add_argument("--findings", metavar="FILE|study|none",
+                   help="the claims that open the report, judged on these results (docs/findings.md) [the shipped "
+                        "study's, for the tasks it covers: cola, mnli]")
 
 
 def db_path(args) -> Path:
@@ -222,6 +228,12 @@ def cmd_results(args) -> int:
         args.format = args.format or "table"
         if args.format == "jsonl":
             raise FewtuneError("--format jsonl is for --predictions; runs export as table, csv, json or parquet.")
+    if args.findings is not None and (args.predictions or args.format != "json"):
+        raise FewtuneError("--findings goes with --format json (it adds a findings block to the runs).")
+    findings = None
+    if args.findings is not None:
+        from .findings import resolve
+        findings, _ = resolve(args.findings)
     if args.format == "parquet" and not args.output:
         raise FewtuneError("--format parquet needs --output FILE (parquet is binary).")
     out = None
@@ -234,7 +246,10 @@ def cmd_results(args) -> int:
         rows = store.rows(statuses)
     if args.format == "json":
         from .store import json_default
-        text = json.dumps(rows, indent=2, default=json_default) + "\n"
+        doc = rows
+        if findings is not None:  # an object only when asked for: scripts reading the list keep working
+            doc = {"runs": rows, "findings": findings_block(findings, rows, store_path=db_path(args))}
+        text = json.dumps(doc, indent=2, default=json_default) + "\n"
     elif args.format == "csv":
         import csv
         import io
@@ -261,6 +276,16 @@ def cmd_results(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def findings_block(findings, rows: list[dict], store_path) -> dict:
+    """The findings file's verdicts on the runs, as the report's first section has them (JSON-ready)."""
+    from .findings.judge import judge
+    from .options import flat_row, group_runs, predictions_reader
+    from .store import Store
+    with Store(store_path, readonly=True) as store:
+        groups = group_runs([flat_row(r) for r in rows], rows, predictions_reader(store))
+    return judge(findings, groups).to_dict()
 
 
 def prediction_rows(row: dict, preds: dict):
@@ -374,6 +399,8 @@ def cmd_report(args) -> int:
         if value is not None and (not math.isfinite(value) or value <= 0):
             raise FewtuneError(f"--{flag.replace('_', '-')} must be a positive number, got {value:g}.")
     volume = args.predictions_per_day * args.days if args.predictions_per_day else None
+    from .findings import resolve
+    findings, default = resolve(args.findings or "auto")  # a bad findings file is refused before the database is read
     if args.max_retention_loss is not None and not (math.isfinite(args.max_retention_loss)
                                                     and args.max_retention_loss >= 0):
         # a negative limit would leave out every option whose loss did not fall: it cannot mean anything
@@ -384,7 +411,8 @@ def cmd_report(args) -> int:
         raise FewtuneError(f"--equivalence-margin must be > 0 and at most the metric's range (1 for accuracy, 2 for "
                            f"MCC), got {args.equivalence_margin:g}.")
     paths = write_report(db_path(args), out, volume=volume, max_latency_ms=args.max_latency_ms,
-                         max_retention_loss=args.max_retention_loss, margin=args.equivalence_margin)
+                         max_retention_loss=args.max_retention_loss, margin=args.equivalence_margin,
+                         findings="auto" if default else (findings or "none"))
     print(f"report written to {paths['markdown']} and {paths['html']} (figures in {paths['figures']})")
     return 0
 

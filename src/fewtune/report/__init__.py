@@ -11,9 +11,10 @@ from ..store import Store, write_atomic
 
 def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, volume: float | None = None,
                  max_latency_ms: float | None = None, max_retention_loss: float | None = None,
-                 margin: float | None = None) -> dict[str, Path]:
+                 margin: float | None = None, findings="auto") -> dict[str, Path]:
     """Write <out>/report.md, <out>/report.html and <out>/figures/*.{png,svg}; return their paths. `volume`
-    (predictions) and `max_latency_ms` make "which method" include the cost of use (report.use)."""
+    (predictions) and `max_latency_ms` make "which method" include the cost of use (report.use); `findings`: a
+    findings file (path, or a shipped name: study), 'auto' (the shipped study for the tasks it covers) or 'none'."""
     from .build import build
     from .data import predictions_reader
     from .render import to_html, to_markdown
@@ -24,7 +25,7 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, volume:
         rows = store.rows()
         out.mkdir(parents=True, exist_ok=True)
         doc = build(rows, Path(db_path), fig_dir, predictions_reader(store), volume, max_latency_ms, max_retention_loss,
-                    margin)
+                    margin, findings)
     paths = {"markdown": out / "report.md", "html": out / "report.html", "figures": fig_dir}
     write_atomic(paths["markdown"], to_markdown(doc))
     write_atomic(paths["html"], to_html(doc, "fewtune report", fig_dir))

@@ -9,8 +9,11 @@ from collections import Counter
 from pathlib import Path
 
 from .. import claims
+from ..findings import resolve as resolve_findings
+from ..findings.judge import judge
 from ..tasks import check_margin
 from . import budget, figures, use
+from . import findings as findings_section
 from .data import (METRIC_NAMES, flat_row, group_runs, mib, model_order, num, params, pct, scale_for, seconds,
                    signed, size, with_interval)
 from .render import Doc
@@ -173,11 +176,13 @@ def group_table(runs: list[dict], split: str, key: str) -> tuple[list[str], list
 
 def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: float | None = None,
           max_latency_ms: float | None = None, max_retention_loss: float | None = None,
-          margin: float | None = None) -> Doc:
+          margin: float | None = None, findings="auto") -> Doc:
     """The report. `volume`: a number of predictions to include in a "training + use" budget; `max_latency_ms`:
     options slower per prediction are left out of "which method"; `max_retention_loss`: so are options whose
     general-text LM loss rose by more (nats/token) or was not measured; `margin`: the equivalence margin, instead
-    of each task's `equivalence_margin` (all from `fewtune report` options)."""
+    of each task's `equivalence_margin`; `findings`: a findings file (path or shipped name) whose claims open the
+    report, 'auto' for the shipped study on the tasks it covers, 'none' for no such section (all from `fewtune report`
+    options)."""
     flat = [flat_row(r) for r in rows]
     groups = group_runs(flat, rows, predictions)
     use.with_volume(groups, volume)
@@ -206,6 +211,10 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
              "on GPU), trainable parameters.", note=True)
     if not groups:
         doc.para("No successful runs yet: run `fewtune grid SPEC` first.")
+    chosen, default = resolve_findings(findings)
+    judged = judge(chosen, groups) if chosen is not None and groups else None
+    if judged is not None and (judged.rows or not default):  # the default study is silent on tasks it does not cover
+        findings_section.section(doc, judged, default)
 
     for task in dict.fromkeys(g["task"] for g in groups):
         doc.heading(2, f"Task {task}")
@@ -294,7 +303,8 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
             views = family_views([g for g in groups if g["task"] == task and g["model"] == model], pre, margin)
             if too_slow or forgot:  # the same family-wise intervals, read over the options within the limits
                 views = {p: claims.restrict(fv, gs) for p, fv in views.items()}
-            doc.bullets(budget.conclusion(views, task, model))
+            doc.bullets(budget.conclusion(views, task, model)
+                        + findings_section.closing(judged, task, model))
             for heading, headers, table_rows in budget.budget_tables(gs, pre, views, volume):
                 doc.table(headers, table_rows, caption=heading)
 

@@ -1,0 +1,73 @@
+"""The report's first section: a findings file's claims judged on these results (fewtune.findings.judge), one row
+per claim and setting. Formatting only: every verdict, estimate and interval comes from the judge."""
+
+from __future__ import annotations
+
+from ..findings import Findings
+from ..findings.judge import Judgement, relation_text
+from ..fmt import METRIC_NAMES, scale_for
+from .render import Doc
+
+STUDY_HEADING = "The study's findings on your results"
+
+
+def heading(findings: Findings) -> str:
+    return STUDY_HEADING if findings.shipped else f"Your findings on these results ({findings.title or findings.source})"
+
+
+def _signed(x: float, metric: str) -> str:
+    return ("+" if x >= 0 else "") + scale_for(metric)(x)
+
+
+def estimate_cell(r) -> str:
+    if r.contrast is None or r.estimate != r.estimate:
+        return "–"
+    text = _signed(r.estimate, r.metric)
+    if r.lo == r.lo:
+        text += f" [{_signed(r.lo, r.metric)}, {_signed(r.hi, r.metric)}]"
+    return text
+
+
+def section(doc: Doc, j: Judgement, default: bool) -> None:
+    """Heading, what was judged and how, the claims with their sources, and the table of verdicts."""
+    f = j.findings
+    doc.heading(2, heading(f))
+    lead = (f"Each claim of {f.source}" + (f" ({f.title})" if f.title and not f.shipped else "")
+            + ", fixed before these results were seen, judged on every model, task and number of shots here: "
+            "supported, contradicted (the opposite shown; for 'within ±margin': shown outside it) or not settled "
+            "(with what it would take). The estimate is mean(A) − mean(B) over the claim's options at those shots, "
+            "from one model of every option of that model, task and split (seeds paired through it; "
+            "docs/findings.md). The family-wise error over all of this section's claims and settings is held at "
+            f"{100 * j.alpha:.0f}% by Holm's procedure over {j.hypotheses} one-sided tests (each claim and its "
+            "opposite; 'within ±margin' by two one-sided tests), each spent over the looks the data can have had; the "
+            "interval shown is the one behind the verdict, at the level Holm tested the claim at. Nothing is judged "
+            "from one seed.")
+    if default:
+        lead += (" No findings file was given, so the study's shipped findings (study.toml) are used for the tasks "
+                 "they cover (cola, mnli); `fewtune report --findings FILE` uses yours, `--findings none` leaves this "
+                 "section out.")
+    doc.para(lead, note=True)
+    doc.bullets([f"{c.id}: {c.statement or relation_text(c, 'accuracy')}" + (f" Source: {c.source}" if c.source else "")
+                 for c in f.claims])
+    if not j.rows:
+        doc.para("None of these claims applies to the tasks and models in the database.")
+        return
+    rows = []
+    for r in j.rows:
+        metric = METRIC_NAMES.get(r.metric, r.metric)
+        rows.append([r.claim.id, f"{r.task} / {r.model}", "–" if r.shots is None else str(r.shots),
+                     f"{r.split or r.claim.split} ({metric})", relation_text(r.claim, r.metric),
+                     estimate_cell(r), r.verdict, r.sentence()])
+    doc.table(["claim", "task / model", "shots", "split (metric)", "claim reads", "A − B [interval]", "verdict",
+               "why"], rows, caption="One row per claim and setting: the verdict, the estimate of mean(A) − mean(B) "
+                                     "and the interval behind it (Holm's level for the claim)")
+
+
+def closing(j: Judgement | None, task: str, model: str) -> list[str]:
+    """The findings' verdicts for one (task, model), quoted where the report concludes (one bullet, or none)."""
+    rows = [r for r in (j.rows if j else []) if r.task == task and r.model == model]
+    if not rows:
+        return []
+    what = "The study's findings" if j.findings.shipped else "Your findings"
+    return [f"{what} here (first section, family-wise 5% by Holm): " + "; ".join(
+        f"{r.claim.id}" + ("" if r.shots is None else f" at {r.shots} shots") + f": {r.verdict}" for r in rows) + "."]
