@@ -11,7 +11,7 @@ import torch
 
 from conftest import SHARP, make_tiny_lm
 
-from fewtune import engine
+from fewtune import batching, engine
 from fewtune.cli import main
 from fewtune.errors import FewtuneError
 from fewtune.methods import get_method
@@ -35,7 +35,7 @@ TEXTS = ["The cat sat.", "A much longer sentence about the dog that ran across t
 @pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"])
 def test_virtual_tokens_score_a_padded_batch_like_single_rows(tokenizer, peft_type):
     model = align_virtual_tokens(_wrapped(tokenizer, peft_type, num_virtual_tokens=5))
-    seqs, _ = engine.encode(tokenizer, TEXTS)
+    seqs, _ = batching.encode(tokenizer, TEXTS)
     ids = [tokenizer("No", add_special_tokens=False).input_ids[0], tokenizer("Yes", add_special_tokens=False).input_ids[0]]
     cpu = torch.device("cpu")
     one = engine.score(model, tokenizer, seqs, ids, cpu, "fp32", batch_size=1).logits
@@ -47,7 +47,7 @@ def test_virtual_tokens_score_a_padded_batch_like_single_rows(tokenizer, peft_ty
 def test_peft_own_prompt_tuning_forward_depends_on_padding(tokenizer):
     """Why align_virtual_tokens exists: peft's forward puts the padding between the virtual tokens and the text."""
     model = _wrapped(tokenizer, "PROMPT_TUNING", num_virtual_tokens=5)
-    seqs, _ = engine.encode(tokenizer, TEXTS)
+    seqs, _ = batching.encode(tokenizer, TEXTS)
     ids = [tokenizer("No", add_special_tokens=False).input_ids[0]]
     cpu = torch.device("cpu")
     one = engine.score(model, tokenizer, seqs, ids, cpu, "fp32", batch_size=1).logits

@@ -223,6 +223,12 @@ def load_model(spec: str, objective: str = "lm", num_labels: int = 2, trust_remo
     return model
 
 
+def text_config(model):
+    """The config of the model's text decoder: multimodal configs (Gemma 3) nest it, plain ones are it."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
 def set_pad_token(model, tokenizer):
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id

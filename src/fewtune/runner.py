@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from . import __version__, engine, metrics, models, record, retention
+from . import __version__, batching, devices, engine, metrics, models, record, retention
 from .config import RunConfig
 from .data import eval_subsample, exclude_training, label_counts, load_split, sample_train, shares_training_data
 from .errors import FewtuneError
@@ -43,8 +43,8 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     method = get_method(cfg.method, cfg.method_options)
     hp = hyperparameters(cfg, method)
     eval_limit = cfg.eval_limit if cfg.eval_limit is not None else preset_values(cfg.preset, cfg.method).get("eval_limit")
-    device = engine.pick_device(cfg.device)
-    dtype = engine.resolve_dtype(cfg.dtype, device)
+    device = devices.pick_device(cfg.device)
+    dtype = devices.resolve_dtype(cfg.dtype, device)
     train_seed = cfg.train_seed if cfg.train_seed is not None else cfg.seed
 
     # data: the few-shot sample (same for every method under the same seed) and the evaluation sets
@@ -106,7 +106,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     training = None
     if method.trains:
         texts = [method.text(ctx, ex) for ex in train_examples]
-        seqs, truncated = engine.encode(tokenizer, texts, cfg.max_length)
+        seqs, truncated = batching.encode(tokenizer, texts, cfg.max_length)
         t_train = time.perf_counter()  # includes the method's one-off work (CD teacher, frozen-block cache)
         with record.PeakMemory(device) as mem:
             items = method.train_items(ctx, model, seqs, train_examples)
@@ -128,13 +128,13 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     # evaluation
     if cfg.method == "icl" and train_examples:
         longest = max(len(s) for ex_list in eval_sets.values()
-                      for s in engine.encode(tokenizer, [method.text(ctx, ex) for ex in ex_list], cfg.max_length, with_bos=False)[0])
+                      for s in batching.encode(tokenizer, [method.text(ctx, ex) for ex in ex_list], cfg.max_length, with_bos=False)[0])
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         fit_demonstrations(method, ctx, longest, limit)
         if ctx.extra["demonstrations_used"] == 0:
             log.warning("No demonstration fits the model's context of %d tokens: scoring zero-shot.", limit)
     prefix_text = method.eval_prefix(ctx)
-    prefix_ids = engine.encode(tokenizer, [prefix_text])[0][0] if prefix_text else None
+    prefix_ids = batching.encode(tokenizer, [prefix_text])[0][0] if prefix_text else None
     evals, predictions = {}, {}
     eval_seconds = eval_tokens = eval_n = query_tokens = 0
     prefix_store = {}  # icl's demonstrations: their KV cache computed once for all evaluation splits
@@ -142,10 +142,10 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
         for name, examples in eval_sets.items():
             texts = [method.text(ctx, ex) for ex in examples]
             # one rule with or without demonstrations: the query is cut to max_length, the demonstrations fitted to the context
-            seqs, truncated = engine.encode(tokenizer, texts, cfg.max_length, with_bos=prefix_ids is None)
+            seqs, truncated = batching.encode(tokenizer, texts, cfg.max_length, with_bos=prefix_ids is None)
             out = engine.score(model, tokenizer, seqs, label_ids, device, dtype, cfg.eval_batch_size, prefix_ids=prefix_ids,
                                prefix_store=prefix_store)
-            if prefix_ids:  # shared-prefix attention, the prefix KV cache, or the full prompt (engine.shared_prefix_path)
+            if prefix_ids:  # shared-prefix attention, the prefix KV cache, or the full prompt (prefix_attention.shared_prefix_path)
                 ctx.extra["prefix_path"] = out.path
             preds = out.logits.argmax(-1).tolist()
             gold = [ex.label for ex in examples]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from . import engine, models
+from . import batching, devices, engine, models
 from .errors import FewtuneError
 
 MANIFEST = "fewtune.json"
@@ -132,7 +132,7 @@ def load(directory, device="cpu"):
 
 def predict(directory, rows: list[dict], device="auto", batch_size: int = 16) -> list[dict]:
     """Predictions for rows of text fields (dicts keyed by the task's field names)."""
-    dev = engine.pick_device(device)
+    dev = devices.pick_device(device)
     model, tokenizer, manifest = load(directory, dev)
     t = manifest["task"]
     for n, row in enumerate(rows, 1):
@@ -146,9 +146,9 @@ def predict(directory, rows: list[dict], device="auto", batch_size: int = 16) ->
         texts = [t["raw_separator"].join(str(r[f]) for f in t["fields"]) for r in rows]
         label_ids = None
     prefix = manifest.get("prefix")
-    prefix_ids = engine.encode(tokenizer, [prefix])[0][0] if prefix else None
+    prefix_ids = batching.encode(tokenizer, [prefix])[0][0] if prefix else None
     # as in the run: with demonstrations the BOS goes once before the prefix; the query is cut to max_length either way
-    seqs, _ = engine.encode(tokenizer, texts, manifest["max_length"], with_bos=prefix_ids is None)
+    seqs, _ = batching.encode(tokenizer, texts, manifest["max_length"], with_bos=prefix_ids is None)
     out = engine.score(model, tokenizer, seqs, label_ids, dev, "fp32", batch_size, prefix_ids=prefix_ids)
     probs = torch.softmax(torch.tensor(out.logits), -1).numpy()
     return [{"label": t["labels"][int(p.argmax())], "probabilities": dict(zip(t["labels"], map(float, p)))} for p in probs]

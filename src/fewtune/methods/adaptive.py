@@ -98,10 +98,11 @@ class Adaptive(Method):
     def train_items(self, ctx, model, seqs, examples):
         items = super().train_items(ctx, model, seqs, examples)
         ctx.extra["frozen_cache"] = False
-        from ..engine import speedups_enabled
+        from ..devices import speedups_enabled
         if not self.opts.frozen_cache or not speedups_enabled() or has_dropout(model):
             return items
-        from ..engine import autocast, collate
+        from ..batching import collate
+        from ..devices import autocast
         k = self._depth - self.opts.train_layers
         model.eval()
         with torch.no_grad(), autocast(ctx.dtype, ctx.device):
@@ -129,7 +130,9 @@ class Adaptive(Method):
         return items
 
     def _check_batch(self, ctx, model, chunk, cached=False):
-        from ..engine import autocast, class_logits, collate
+        from ..batching import collate
+        from ..devices import autocast
+        from ..engine import class_logits
         batch = collate([it["ids"] for it in chunk], ctx.tokenizer.pad_token_id, device=ctx.device)
         if cached:
             batch = self._cached_batch(chunk, batch)

@@ -75,7 +75,7 @@ class Method:
         return [{"ids": s, "label": ex.label} for s, ex in zip(seqs, examples)]
 
     def packs(self, ctx: RunContext) -> bool:
-        """Whether the training loop may pack this method's batches (engine.collate_packed): its loss reads the
+        """Whether the training loop may pack this method's batches (batching.collate_packed): its loss reads the
         batch only through engine.class_logits."""
         return True
 

@@ -91,7 +91,7 @@ class ContextDistillation(Method):
     def _fit_context(self, ctx, demos, build):
         """ICL's policy for the teacher's context: drop demonstrations (methods/icl.drop_to_fit) until context +
         the longest training query fit the model's positions; refuse when nothing (or no demonstration) fits."""
-        from ..engine import encode
+        from ..batching import encode
         from .icl import drop_to_fit
         limit = getattr(self, "_context_limit", None) or 2048
         queries = encode(ctx.tokenizer, [ctx.task.format(ctx.pattern, ex) for ex in ctx.train_examples],
@@ -123,7 +123,8 @@ class ContextDistillation(Method):
     def train_items(self, ctx, model, seqs, examples):
         import contextlib
 
-        from ..engine import encode, leading_special_ids, score
+        from ..batching import encode, leading_special_ids
+        from ..engine import score
         context = self.teacher_context(ctx)
         prefix_ids = encode(ctx.tokenizer, [context])[0][0]
         n_bos = len(leading_special_ids(ctx.tokenizer))

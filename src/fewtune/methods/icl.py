@@ -35,7 +35,7 @@ def fit_demonstrations(method: ICL, ctx, longest_query: int, limit: int) -> None
 
     Recorded in the result as `demonstrations_used`/`_dropped` and `demonstration_indices`.
     """
-    from ..engine import encode
+    from ..batching import encode
 
     def length(demos):
         ctx.extra["demonstrations"] = demos
