@@ -99,7 +99,7 @@ def train_speed(spec, task, pattern, tokenizer, method_name, options, seqs, labe
     model.to(device)
     label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
     examples = [type("E", (), {"label": y, "idx": i, "fields": {}})() for i, y in enumerate(labels)]
-    ctx = RunContext(cfg, task, pattern, tokenizer, label_ids, examples, device, dtype, extra={"lr": 1e-5})
+    ctx = RunContext(cfg, task, pattern, tokenizer, label_ids, examples, device, dtype, lr=1e-5, max_positions=models.max_positions(model))
     model = method.prepare(ctx, model)
     if method_name == "cd":  # the teacher needs real examples for its context
         train = load_split(task, task.train)
@@ -115,7 +115,7 @@ def train_speed(spec, task, pattern, tokenizer, method_name, options, seqs, labe
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"seconds": total, "loop_seconds": tr.seconds, "examples_per_s": len(seqs) * epochs / total,
             "per_epoch_seconds": tr.seconds / epochs, "peak_memory_mib": mem.mib, "trainable_params": trainable,
-            "epoch_losses": tr.epoch_losses, "info": {k: v for k, v in ctx.extra.items() if k in ("frozen_cache", "teacher_examples")}}
+            "epoch_losses": tr.epoch_losses, "info": {k: v for k, v in ctx.info.items() if k in ("frozen_cache", "teacher_examples")}}
 
 
 # ----------------------------------------------------------------------------- ICL on MNLI: 0/16/32 shots
@@ -270,7 +270,7 @@ def ft_vs_trainer(spec, tokenizer, device, dtype, n, epochs, reps, batch=8):
     task = load_task("mnli")
     cfg = RunConfig(task="mnli", method="ft", model=spec, shots=n)
     method = get_method("ft", {})
-    ctx = RunContext(cfg, task, task.patterns[0], tokenizer, None, [], device, dtype, extra={})
+    ctx = RunContext(cfg, task, task.patterns[0], tokenizer, None, [], device, dtype)
 
     def fresh():
         torch.manual_seed(0)
@@ -330,7 +330,7 @@ def cd_teacher_bench(lm, tokenizer, device, dtype, n, context_shots, reps):
     train = load_split(task, task.train)[:max(n, 2 * context_shots) + 200]
     method = ContextDistillation({"context": "few-shot", "context_shots": context_shots})
     cfg = RunConfig(task="mnli", method="cd", model="smollm2-135m", shots=n)
-    ctx = RunContext(cfg, task, pattern, tokenizer, None, train[200:200 + max(n, 2 * context_shots)], device, dtype, extra={})
+    ctx = RunContext(cfg, task, pattern, tokenizer, None, train[200:200 + max(n, 2 * context_shots)], device, dtype)
     prefix = batching.encode(tokenizer, [method.teacher_context(ctx)])[0][0]
     queries = batching.encode(tokenizer, [task.format(pattern, ex) for ex in train[:n]], with_bos=False)[0]
     label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
