@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewtune import engine, models, record
+from fewtune import batching, devices, engine, models, record
 from fewtune.config import RunConfig
 from fewtune.data import load_split
 from fewtune.methods import RunContext, get_method
@@ -61,7 +61,7 @@ def inputs(task, pattern, tokenizer, n):
     train = load_split(task, task.train)
     texts = [task.format(pattern, ex) for ex in train[: 4 * n]]
     seqs, filler = [], tokenizer(" ".join(ex.fields["sentence"] for ex in train[:200]), add_special_tokens=False).input_ids
-    for ids in engine.encode(tokenizer, texts)[0]:
+    for ids in batching.encode(tokenizer, texts)[0]:
         ids = (filler[: max(0, TOKENS - len(ids))] + ids)[-TOKENS:]
         seqs.append(ids)
     return seqs[:n], [ex.label for ex in train[:n]]
@@ -76,9 +76,9 @@ def mnli_icl_inputs(tokenizer, shots, n, pattern_index=0):
     by_class = [[ex for ex in train[:2000] if ex.label == c] for c in range(len(task.labels))]
     demos = [by_class[i % len(by_class)][i // len(by_class)] for i in range(shots)]
     text = "".join(task.format(pattern, ex) + pattern.verbalizer[ex.label] + "\n\n" for ex in demos)
-    prefix = engine.encode(tokenizer, [text])[0][0] if shots else []
+    prefix = batching.encode(tokenizer, [text])[0][0] if shots else []
     dev = load_split(task, task.in_domain)[:n]
-    queries = engine.encode(tokenizer, [task.format(pattern, ex) for ex in dev], with_bos=not shots)[0]
+    queries = batching.encode(tokenizer, [task.format(pattern, ex) for ex in dev], with_bos=not shots)[0]
     return prefix, queries, models.verbalizer_token_ids(tokenizer, pattern.verbalizer), [ex.label for ex in dev]
 
 
@@ -87,7 +87,7 @@ def ft_batches(tokenizer, n):
     no pattern; ~15-70 tokens) with their labels."""
     task = load_task("mnli")
     train = load_split(task, task.train)[:n]
-    seqs = engine.encode(tokenizer, [task.raw_separator.join(ex.fields[f] for f in task.fields) for ex in train])[0]
+    seqs = batching.encode(tokenizer, [task.raw_separator.join(ex.fields[f] for f in task.fields) for ex in train])[0]
     return [{"ids": s, "label": ex.label} for s, ex in zip(seqs, train)]
 
 
@@ -105,7 +105,7 @@ def train_speed(spec, task, pattern, tokenizer, method_name, options, seqs, labe
     model.to(device)
     label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
     examples = [type("E", (), {"label": y, "idx": i, "fields": {}})() for i, y in enumerate(labels)]
-    ctx = RunContext(cfg, task, pattern, tokenizer, label_ids, examples, device, dtype, extra={"lr": 1e-5})
+    ctx = RunContext(cfg, task, pattern, tokenizer, label_ids, examples, device, dtype, lr=1e-5, max_positions=models.max_positions(model))
     model = method.prepare(ctx, model)
     if method_name == "cd":  # the teacher needs real examples for its context
         train = load_split(task, task.train)
@@ -121,7 +121,7 @@ def train_speed(spec, task, pattern, tokenizer, method_name, options, seqs, labe
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"seconds": total, "loop_seconds": tr.seconds, "examples_per_s": len(seqs) * epochs / total,
             "per_epoch_seconds": tr.seconds / epochs, "peak_memory_mib": mem.mib, "trainable_params": trainable,
-            "epoch_losses": tr.epoch_losses, "info": {k: v for k, v in ctx.extra.items() if k in ("frozen_cache", "teacher_examples")}}
+            "epoch_losses": tr.epoch_losses, "info": {k: v for k, v in ctx.info.items() if k in ("frozen_cache", "teacher_examples")}}
 
 
 # ----------------------------------------------------------------------------- ICL on MNLI: 0/16/32 shots
@@ -276,7 +276,7 @@ def ft_vs_trainer(spec, tokenizer, device, dtype, n, epochs, reps, batch=8):
     task = load_task("mnli")
     cfg = RunConfig(task="mnli", method="ft", model=spec, shots=n)
     method = get_method("ft", {})
-    ctx = RunContext(cfg, task, task.patterns[0], tokenizer, None, [], device, dtype, extra={})
+    ctx = RunContext(cfg, task, task.patterns[0], tokenizer, None, [], device, dtype)
 
     def fresh():
         torch.manual_seed(0)
@@ -336,9 +336,9 @@ def cd_teacher_bench(lm, tokenizer, device, dtype, n, context_shots, reps):
     train = load_split(task, task.train)[:max(n, 2 * context_shots) + 200]
     method = ContextDistillation({"context": "few-shot", "context_shots": context_shots})
     cfg = RunConfig(task="mnli", method="cd", model="smollm2-135m", shots=n)
-    ctx = RunContext(cfg, task, pattern, tokenizer, None, train[200:200 + max(n, 2 * context_shots)], device, dtype, extra={})
-    prefix = engine.encode(tokenizer, [method.teacher_context(ctx)])[0][0]
-    queries = engine.encode(tokenizer, [task.format(pattern, ex) for ex in train[:n]], with_bos=False)[0]
+    ctx = RunContext(cfg, task, pattern, tokenizer, None, train[200:200 + max(n, 2 * context_shots)], device, dtype)
+    prefix = batching.encode(tokenizer, [method.teacher_context(ctx)])[0][0]
+    queries = batching.encode(tokenizer, [task.format(pattern, ex) for ex in train[:n]], with_bos=False)[0]
     label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
     out = {"n": n, "context_shots": context_shots, "prefix_tokens": len(prefix), "dtype": dtype}
     paths = {"shared-prefix": {}, "prefix-cache": {"shared_prefix": False}, "full-prompt": {"reuse_prefix": False}}
@@ -385,8 +385,8 @@ def main(argv=None):
                    help="grid throughput: also warm workers x N (0: skip the grid throughput) [2]")
     args = p.parse_args(argv)
     set_clock(args.clock, args.threads)
-    device = engine.pick_device("auto")
-    fast = engine.resolve_dtype("auto", device)
+    device = devices.pick_device("auto")
+    fast = devices.resolve_dtype("auto", device)
     task = load_task("cola")
     pattern = task.patterns[0]
     tokenizer = models.load_tokenizer(args.model)
@@ -451,8 +451,8 @@ def main(argv=None):
     # shared-prefix reuse: 16-shot ICL
     train = load_split(task, task.train)
     demos = "".join(task.format(pattern, ex) + pattern.verbalizer[ex.label] + "\n\n" for ex in train[100:116])
-    prefix = engine.encode(tokenizer, [demos])[0][0]
-    queries = engine.encode(tokenizer, [task.format(pattern, ex) for ex in train[: args.n]], with_bos=False)[0]
+    prefix = batching.encode(tokenizer, [demos])[0][0]
+    queries = batching.encode(tokenizer, [task.format(pattern, ex) for ex in train[: args.n]], with_bos=False)[0]
     on = engine.score(lm, tokenizer, queries, label_ids, device, fast, 16, prefix_ids=prefix, reuse_prefix=True)
     off = engine.score(lm, tokenizer, queries, label_ids, device, fast, 16, prefix_ids=prefix, reuse_prefix=False)
     # the difference in fp32 (bf16 rounds the two computation orders differently)

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(__file__))
 from bench import ft_batches, mnli_icl_inputs  # noqa: E402
 
-from fewtune import engine, models  # noqa: E402
+from fewtune import devices, engine, models  # noqa: E402
 
 
 def main(argv=None):
@@ -35,7 +35,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = engine.pick_device("cpu")
+    device = devices.pick_device("cpu")
     tokenizer = models.load_tokenizer(args.model)
     if args.what == "icl":
         lm = models.load_model(args.model, "lm")

@@ -195,7 +195,7 @@ class RecordedRun:
 
 def record_run(cfg, save_model=None) -> RecordedRun:
     """Run `cfg` through `fewtune.runner.run`, keeping references and weight snapshots."""
-    from fewtune import engine, models, runner
+    from fewtune import batching, engine, models, runner
 
     rec = RecordedRun(saved=Path(save_model) if save_model else None)
     real_train, real_score, real_load, real_get_method = engine.train, engine.score, models.load_model, runner.get_method
@@ -231,7 +231,7 @@ def record_run(cfg, save_model=None) -> RecordedRun:
         if "teacher" in items[0]:  # cd: the student's label-word logits before its first update
             model.eval()
             with torch.no_grad():
-                batch = engine.collate([it["ids"] for it in items], kwargs.get("pad_id", 0), device=device)
+                batch = batching.collate([it["ids"] for it in items], kwargs.get("pad_id", 0), device=device)
                 rec.start_logits = engine.class_logits(model, batch, rec.ctx.label_ids).float()
         if param_groups is not None:  # recorded before the scheduler rewrites the lrs in place
             names = {id(p): n for n, p in model.named_parameters()}

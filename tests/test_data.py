@@ -214,6 +214,20 @@ def test_bad_files_name_file_and_line(tmp_path, content, message):
         load_split(tiny_task(), "train", tmp_path)
 
 
+@pytest.mark.parametrize("fmt, content, line", [
+    ("tsv", "text\tlabel\nfine\t1\nnul\x00inside\t0\n", 3),
+    ("csv", "text,label\x00\nfine,1\n", 1),
+    ("jsonl", '{"text": "a", "label": 1}\n\n{"text": "b\x00", "label": 0}\n', 3),
+])
+def test_a_nul_byte_is_refused_with_file_and_line(tmp_path, fmt, content, line):
+    """A NUL byte (a binary, UTF-16 or damaged file) is a malformed row, not text read without a word."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / f"train.{fmt}").write_text(content)
+    with pytest.raises(FewtuneError, match=rf"train.{fmt} line {line}: malformed row, it contains a NUL byte") as e:
+        load_split(tiny_task(f"t/train.{fmt}", fmt), "train", tmp_path)
+    assert "\n" not in str(e.value)
+
+
 def test_missing_file_and_bad_jsonl(tmp_path):
     with pytest.raises(FewtuneError, match=r"t/train.tsv does not exist"):
         load_split(tiny_task(), "train", tmp_path)

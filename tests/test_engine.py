@@ -8,7 +8,7 @@ import torch
 
 from conftest import SHARP, make_tiny_classifier, make_tiny_lm, toy_rows
 
-from fewtune import engine
+from fewtune import batching, devices, engine, prefix_attention
 from fewtune.errors import FewtuneError
 
 CPU = torch.device("cpu")
@@ -45,7 +45,7 @@ def lm(request, tokenizer):
 
 
 def test_padded_batch_scores_like_one_at_a_time(lm, tokenizer):
-    seqs, _ = engine.encode(tokenizer, TEXTS)
+    seqs, _ = batching.encode(tokenizer, TEXTS)
     assert len({len(s) for s in seqs}) > 5  # really padded
     label_ids = word_ids(tokenizer)
     batched = engine.score(lm, tokenizer, seqs, label_ids, CPU, "fp32", batch_size=8)
@@ -56,7 +56,7 @@ def test_padded_batch_scores_like_one_at_a_time(lm, tokenizer):
 
 
 def test_label_word_scores_equal_a_plain_forward_pass(lm, tokenizer):
-    seqs, _ = engine.encode(tokenizer, TEXTS)
+    seqs, _ = batching.encode(tokenizer, TEXTS)
     label_ids = word_ids(tokenizer)
     got = engine.score(lm, tokenizer, seqs, label_ids, CPU, "fp32", batch_size=8).logits
     want = np.stack([plain_last_logits(lm, s, label_ids) for s in seqs])
@@ -66,7 +66,7 @@ def test_label_word_scores_equal_a_plain_forward_pass(lm, tokenizer):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_classifier_head_padded_batch_scores_like_a_plain_forward_pass(tokenizer, arch):
     model = make_tiny_classifier(tokenizer, arch=arch, **SHARP)
-    seqs, _ = engine.encode(tokenizer, TEXTS)
+    seqs, _ = batching.encode(tokenizer, TEXTS)
     batched = engine.score(model, tokenizer, seqs, None, CPU, "fp32", batch_size=8).logits
     single = engine.score(model, tokenizer, seqs, None, CPU, "fp32", batch_size=1).logits
     want = np.stack([plain_last_logits(model, s) for s in seqs])
@@ -76,10 +76,10 @@ def test_classifier_head_padded_batch_scores_like_a_plain_forward_pass(tokenizer
 
 
 def test_prefix_cache_scores_like_the_full_prompt(lm, tokenizer):
-    assert engine.supports_prefix_cache(lm)
+    assert prefix_attention.supports_prefix_cache(lm)
     prefix = "".join(f"{t}\nAnswer: {' Yes' if i % 2 else ' No'}\n\n" for i, t in enumerate(TEXTS[:4]))
-    prefix_ids = engine.encode(tokenizer, [prefix])[0][0]
-    queries, _ = engine.encode(tokenizer, TEXTS, with_bos=False)
+    prefix_ids = batching.encode(tokenizer, [prefix])[0][0]
+    queries, _ = batching.encode(tokenizer, TEXTS, with_bos=False)
     label_ids = word_ids(tokenizer)
     cached = engine.score(lm, tokenizer, queries, label_ids, CPU, "fp32", 8, prefix_ids=prefix_ids, reuse_prefix=True)
     full = engine.score(lm, tokenizer, queries, label_ids, CPU, "fp32", 8, prefix_ids=prefix_ids, reuse_prefix=False)
@@ -88,22 +88,22 @@ def test_prefix_cache_scores_like_the_full_prompt(lm, tokenizer):
     assert (cached.logits.argmax(-1) == full.logits.argmax(-1)).all()
     want = np.stack([plain_last_logits(lm, prefix_ids + q, label_ids) for q in queries])
     assert np.abs(full.logits - want).max() <= 1e-4
-    alone = engine.score(lm, tokenizer, engine.encode(tokenizer, TEXTS)[0], label_ids, CPU, "fp32", 8).logits
+    alone = engine.score(lm, tokenizer, batching.encode(tokenizer, TEXTS)[0], label_ids, CPU, "fp32", 8).logits
     assert np.abs(alone - full.logits).max() > 1e-2  # the prefix matters, so the comparison above means something
 
 
 def test_prefix_cache_is_not_modified_by_scoring(tiny_lm, tokenizer):
-    prefix_ids = engine.encode(tokenizer, ["Some shared context.\n\n"])[0][0]
-    cache = engine.PrefixCache(tiny_lm, prefix_ids, CPU, "fp32")
+    prefix_ids = batching.encode(tokenizer, ["Some shared context.\n\n"])[0][0]
+    cache = prefix_attention.PrefixCache(tiny_lm, prefix_ids, CPU, "fp32")
     before = [(k.clone(), v.clone()) for k, v in cache.layers]
-    batch = engine.collate([[5, 6, 7], [8, 9]], tokenizer.pad_token_id, prefix_len=cache.length)
+    batch = batching.collate([[5, 6, 7], [8, 9]], tokenizer.pad_token_id, prefix_len=cache.length)
     with torch.no_grad():
         engine.class_logits(tiny_lm, batch, [1, 2], past_key_values=cache.expand(2))
     assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(cache.layers, before))
 
 
 def test_bf16_autocast_stays_close_to_fp32(tiny_lm, tokenizer):
-    seqs, _ = engine.encode(tokenizer, TEXTS[:6])
+    seqs, _ = batching.encode(tokenizer, TEXTS[:6])
     label_ids = word_ids(tokenizer)
     fp32 = engine.score(tiny_lm, tokenizer, seqs, label_ids, CPU, "fp32", 8).logits
     bf16 = engine.score(tiny_lm, tokenizer, seqs, label_ids, CPU, "bf16", 8).logits
@@ -113,40 +113,40 @@ def test_bf16_autocast_stays_close_to_fp32(tiny_lm, tokenizer):
 
 # ----------------------------------------------------------------------------- encoding and batches
 def test_collate_left_pads_with_positions_from_the_first_real_token():
-    batch = engine.collate([[11, 12, 13], [21]], pad_id=0)
+    batch = batching.collate([[11, 12, 13], [21]], pad_id=0)
     assert batch["input_ids"].tolist() == [[11, 12, 13], [0, 0, 21]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
-    with_prefix = engine.collate([[11, 12, 13], [21]], pad_id=0, prefix_len=4)
+    with_prefix = batching.collate([[11, 12, 13], [21]], pad_id=0, prefix_len=4)
     assert with_prefix["attention_mask"].tolist() == [[1] * 7, [1, 1, 1, 1, 0, 0, 1]]
     assert with_prefix["position_ids"].tolist() == [[4, 5, 6], [4, 4, 4]]
 
 
 def test_encode_truncates_from_the_left_and_adds_no_eos(tokenizer):
     text = "one two three four five six seven eight nine ten eleven twelve"
-    full = engine.encode(tokenizer, [text])[0][0]
-    (cut,), truncated = engine.encode(tokenizer, [text], max_length=5)
+    full = batching.encode(tokenizer, [text])[0][0]
+    (cut,), truncated = batching.encode(tokenizer, [text], max_length=5)
     assert truncated == 1 and len(cut) == 5 and cut == full[-5:]  # the end (the answer slot) is kept
     assert tokenizer.eos_token_id not in full
-    assert engine.encode(tokenizer, [text], max_length=500)[1] == 0
+    assert batching.encode(tokenizer, [text], max_length=500)[1] == 0
 
 
 def test_length_batches_cover_every_index_once():
     lengths = [5, 1, 9, 3, 3, 7, 2]
-    batches = engine.length_batches(lengths, 3)
+    batches = batching.length_batches(lengths, 3)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(len(b) <= 3 for b in batches)
     assert [lengths[i] for i in batches[0]] == [9, 7, 5]
 
 
 def test_leading_special_ids_of_smollm2_is_empty(tokenizer):
-    assert engine.leading_special_ids(tokenizer) == []
+    assert batching.leading_special_ids(tokenizer) == []
 
 
 # ----------------------------------------------------------------------------- training
 def _items(tokenizer, n=8):
     rows = toy_rows(n)
-    seqs, _ = engine.encode(tokenizer, [t for t, _ in rows])
+    seqs, _ = batching.encode(tokenizer, [t for t, _ in rows])
     return [{"ids": s, "label": int(y)} for s, (_, y) in zip(seqs, rows)]
 
 
@@ -199,14 +199,14 @@ def test_train_refuses_nothing_to_train(tokenizer):
 
 # ----------------------------------------------------------------------------- device and precision
 def test_dtype_auto_is_bf16_only_where_the_cpu_runs_it_fast():
-    assert engine.resolve_dtype("auto", CPU) == ("bf16" if engine.cpu_has_bf16() else "fp32")
-    assert engine.resolve_dtype("fp32", CPU) == "fp32"
+    assert devices.resolve_dtype("auto", CPU) == ("bf16" if devices.cpu_has_bf16() else "fp32")
+    assert devices.resolve_dtype("fp32", CPU) == "fp32"
 
 
 def test_bad_device_is_a_fewtune_error():
-    assert engine.pick_device("cpu") == CPU
+    assert devices.pick_device("cpu") == CPU
     with pytest.raises(FewtuneError, match="not a device"):
-        engine.pick_device("gpu0")
+        devices.pick_device("gpu0")
 
 
 def test_fused_optimizer_trains_like_the_plain_one(tokenizer, monkeypatch):
@@ -215,7 +215,7 @@ def test_fused_optimizer_trains_like_the_plain_one(tokenizer, monkeypatch):
     weights = []
     for off in ("", "1"):
         monkeypatch.setenv("FEWTUNE_NO_SPEEDUPS", off)
-        assert engine.speedups_enabled() == (off == "")
+        assert devices.speedups_enabled() == (off == "")
         model = make_tiny_lm(tokenizer, seed=3)
         settings = engine.TrainSettings(epochs=2, batch_size=4, lr=1e-3, warmup_ratio=0.0)
         engine.train(model, _items(tokenizer), _lm_loss(label_ids), settings, CPU, pad_id=tokenizer.pad_token_id, progress=False)
@@ -226,8 +226,8 @@ def test_fused_optimizer_trains_like_the_plain_one(tokenizer, monkeypatch):
 
 
 def test_no_speedups_scores_the_full_prompt(tiny_lm, tokenizer, monkeypatch):
-    prefix_ids = engine.encode(tokenizer, ["Some shared context.\n\n"])[0][0]
-    queries, _ = engine.encode(tokenizer, TEXTS, with_bos=False)
+    prefix_ids = batching.encode(tokenizer, ["Some shared context.\n\n"])[0][0]
+    queries, _ = batching.encode(tokenizer, TEXTS, with_bos=False)
     on = engine.score(tiny_lm, tokenizer, queries, [1, 2], CPU, "fp32", 8, prefix_ids=prefix_ids)
     monkeypatch.setenv("FEWTUNE_NO_SPEEDUPS", "1")
     off = engine.score(tiny_lm, tokenizer, queries, [1, 2], CPU, "fp32", 8, prefix_ids=prefix_ids)
@@ -250,17 +250,17 @@ def _other_rope_lm(tokenizer, arch):
 
 def _icl_inputs(tokenizer):
     prefix = "".join(f"{t}\nAnswer: {' Yes' if i % 2 else ' No'}\n\n" for i, t in enumerate(TEXTS[:5]))
-    return engine.encode(tokenizer, [prefix])[0][0], engine.encode(tokenizer, TEXTS, with_bos=False)[0]
+    return batching.encode(tokenizer, [prefix])[0][0], batching.encode(tokenizer, TEXTS, with_bos=False)[0]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_shared_prefix_attention_scores_like_the_full_prompt(tokenizer, arch, monkeypatch):
     model = make_tiny_lm(tokenizer, **SHARP) if arch == "llama" else _other_rope_lm(tokenizer, arch)
     assert model.config.num_attention_heads > model.config.num_key_value_heads  # grouped-query attention
-    assert engine.shared_prefix_path(model) == "shared-prefix"
+    assert prefix_attention.shared_prefix_path(model) == "shared-prefix"
     calls = []
-    real = engine.shared_prefix_attention
-    monkeypatch.setattr(engine, "shared_prefix_attention", lambda *a, **k: calls.append(a[0].layer_idx) or real(*a, **k))
+    real = prefix_attention.shared_prefix_attention
+    monkeypatch.setattr(prefix_attention, "shared_prefix_attention", lambda *a, **k: calls.append(a[0].layer_idx) or real(*a, **k))
     prefix_ids, queries = _icl_inputs(tokenizer)
     label_ids = word_ids(tokenizer)
     kind = model.config._attn_implementation
@@ -277,7 +277,7 @@ def test_shared_prefix_attention_scores_like_the_full_prompt(tokenizer, arch, mo
     assert (shared.logits.argmax(-1) == full.logits.argmax(-1)).all()
     one_by_one = engine.score(model, tokenizer, queries, label_ids, CPU, "fp32", 1, prefix_ids=prefix_ids)
     assert np.abs(one_by_one.logits - shared.logits).max() <= 1e-4  # padding in a batch changes nothing
-    alone = engine.score(model, tokenizer, engine.encode(tokenizer, TEXTS)[0], label_ids, CPU, "fp32", 8).logits
+    alone = engine.score(model, tokenizer, batching.encode(tokenizer, TEXTS)[0], label_ids, CPU, "fp32", 8).logits
     assert np.abs(alone - full.logits).max() > 1e-2  # the prefix matters, so the comparisons above mean something
     bf16 = engine.score(model, tokenizer, queries, label_ids, CPU, "bf16", 8, prefix_ids=prefix_ids)
     assert np.abs(bf16.logits - full.logits).max() < 0.1 * max(1.0, np.abs(full.logits).max())
@@ -311,9 +311,9 @@ def test_shared_prefix_attention_merges_exactly():
     pk, pv = torch.randn(1, KV, P, d), torch.randn(1, KV, P, d)
     q, k, v = torch.randn(B, KV * g, Q, d), torch.randn(B, KV, Q, d), torch.randn(B, KV, Q, d)
     pad = torch.tensor([[1] * Q, [0, 0, 1, 1, 1], [0] * (Q - 1) + [1]])
-    mask = engine.query_mask(pad)
+    mask = prefix_attention.query_mask(pad)
     prefix = type("C", (), {"layers": [(pk, pv)]})()
-    got, _ = engine.shared_prefix_attention(module, q, k, v, mask, scaling=d ** -0.5, shared_prefix=prefix)
+    got, _ = prefix_attention.shared_prefix_attention(module, q, k, v, mask, scaling=d ** -0.5, shared_prefix=prefix)
     keys = torch.cat([pk.expand(B, -1, -1, -1), k], 2).repeat_interleave(g, 1)
     values = torch.cat([pv.expand(B, -1, -1, -1), v], 2).repeat_interleave(g, 1)
     full_mask = torch.cat([torch.ones(B, 1, Q, P, dtype=torch.bool), mask], -1)
@@ -332,7 +332,7 @@ def _bf16_reference(q, k, v, scale):
 
 
 def _chunk_operands(k, v):
-    cache = engine.PrefixCache.__new__(engine.PrefixCache)
+    cache = prefix_attention.PrefixCache.__new__(prefix_attention.PrefixCache)
     cache.layers, cache._prepared = [(k[None], v[None])], {}
     return cache.prepared(0, torch.bfloat16)
 
@@ -342,7 +342,7 @@ def test_chunked_prefix_attention_is_the_softmax_of_its_bf16_scores(monkeypatch,
     """bf16 prefix attention in row blocks: outputs and log-sum-exps equal an exact softmax over the same bf16
     scores, in several blocks; scores beyond exp's range (q_scale 40: |s| ~ 200) and rows whose every score is
     below -60 (q_scale -40) take the max-subtracting branch and stay finite and exact."""
-    monkeypatch.setattr(engine, "_PREFIX_BLOCK_ELEMENTS", 2 * 37 * 16 * 3)  # blocks of 32 rows: 5 blocks + a partial one
+    monkeypatch.setattr(prefix_attention, "_PREFIX_BLOCK_ELEMENTS", 2 * 37 * 16 * 3)  # blocks of 32 rows: 5 blocks + a partial one
     torch.manual_seed(0)
     KV, M, P, d = 2, 170, 37, 16
     q, k, v = torch.randn(KV, M, d) * abs(q_scale), torch.randn(KV, P, d), torch.randn(KV, P, d)
@@ -352,7 +352,7 @@ def test_chunked_prefix_attention_is_the_softmax_of_its_bf16_scores(monkeypatch,
     scale = d ** -0.5
     s_max = float(torch.matmul(q.float() * scale, k.float().transpose(-1, -2)).abs().max())
     assert (s_max > 100) == (abs(q_scale) == 40)
-    out, lse = engine._prefix_attention_chunked(q, *_chunk_operands(k, v), scale)
+    out, lse = prefix_attention._prefix_attention_chunked(q, *_chunk_operands(k, v), scale)
     want, want_lse = _bf16_reference(q, k, v, scale)
     assert out.dtype == lse.dtype == torch.float32 and out.shape == (KV, M, d) and lse.shape == (KV, M)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
@@ -365,8 +365,8 @@ def test_bf16_shared_prefix_scoring_runs_the_chunked_kernel(tokenizer, monkeypat
     queries arrive in fp32 from the rotary embedding and are cast); fp32 scoring keeps the fused kernel."""
     model = make_tiny_lm(tokenizer, **SHARP)
     calls = []
-    real = engine._prefix_attention_chunked
-    monkeypatch.setattr(engine, "_prefix_attention_chunked", lambda q, *a: calls.append(q.dtype) or real(q, *a))
+    real = prefix_attention._prefix_attention_chunked
+    monkeypatch.setattr(prefix_attention, "_prefix_attention_chunked", lambda q, *a: calls.append(q.dtype) or real(q, *a))
     prefix_ids, queries = _icl_inputs(tokenizer)
     label_ids = word_ids(tokenizer)
     full = engine.score(model, tokenizer, queries, label_ids, CPU, "bf16", 8, prefix_ids=prefix_ids, reuse_prefix=False)
@@ -386,8 +386,8 @@ def test_shared_prefix_falls_back_where_the_model_is_not_supported(tokenizer, mo
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, sliding_window=4, pad_token_id=tokenizer.pad_token_id)).eval()
     gpt2 = make_tiny_lm(tokenizer, arch="gpt2", **SHARP)
-    assert engine.shared_prefix_path(gemma) == "full-prompt"      # sliding-window layers: no reuse at all
-    assert engine.shared_prefix_path(gpt2) == "prefix-cache"      # learned absolute positions: today's cache
+    assert prefix_attention.shared_prefix_path(gemma) == "full-prompt"      # sliding-window layers: no reuse at all
+    assert prefix_attention.shared_prefix_path(gpt2) == "prefix-cache"      # learned absolute positions: today's cache
     prefix_ids, queries = _icl_inputs(tokenizer)
     label_ids = word_ids(tokenizer)
     for model, path in [(gemma, "full-prompt"), (gpt2, "prefix-cache")]:
@@ -397,7 +397,7 @@ def test_shared_prefix_falls_back_where_the_model_is_not_supported(tokenizer, mo
         assert np.abs(got.logits - full.logits).max() <= 1e-4
     llama = make_tiny_lm(tokenizer, **SHARP)
     monkeypatch.setenv("FEWTUNE_NO_SPEEDUPS", "1")
-    assert engine.shared_prefix_path(llama) == "full-prompt"
+    assert prefix_attention.shared_prefix_path(llama) == "full-prompt"
 
 
 def test_eager_training_attention_trains_like_sdpa(tokenizer, monkeypatch):
@@ -426,7 +426,7 @@ def test_eager_attention_gives_sdpa_loss_and_gradients(tokenizer, arch):
     """One padded batch: loss and gradients with eager attention equal sdpa's (GPT-2 without attention dropout).
     (Over several AdamW steps GPT-2's tiny float differences grow: Adam turns near-zero gradients into lr-sized steps.)"""
     label_ids = word_ids(tokenizer)[:2]
-    batch = engine.collate([it["ids"] for it in _items(tokenizer)], tokenizer.pad_token_id)
+    batch = batching.collate([it["ids"] for it in _items(tokenizer)], tokenizer.pad_token_id)
     chunk = _items(tokenizer)
     grads = []
     for attn in ("eager", "sdpa"):
@@ -434,7 +434,7 @@ def test_eager_attention_gives_sdpa_loss_and_gradients(tokenizer, arch):
         model.config._attn_implementation = "sdpa"
         model.train()
         torch.manual_seed(0)
-        with engine._attention_implementation(model, attn):
+        with prefix_attention.attention_implementation(model, attn):
             loss, _ = _lm_loss(label_ids)(model, chunk, batch)
         loss.backward()
         grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
@@ -456,7 +456,7 @@ def test_eager_training_attention_not_with_attention_dropout(tokenizer):
 # ----------------------------------------------------------------------------- packed (padding-free) training batches
 def test_collate_packed_lays_sequences_end_to_end():
     seqs = [[5] * 7, [6] * 3, [7] * 9, [8] * 2, [9] * 5]
-    batch = engine.collate_packed(seqs, pad_id=0, row_tokens=12)
+    batch = batching.collate_packed(seqs, pad_id=0, row_tokens=12)
     rows, ends = batch["packed_rows"].tolist(), batch["packed_ends"].tolist()
     assert batch["input_ids"].shape[0] == 3  # ceil(26 / 12)
     for i, s in enumerate(seqs):  # each sequence whole, in one row, with positions 0..n-1
@@ -473,7 +473,7 @@ def test_collate_packed_lays_sequences_end_to_end():
     assert int((batch["input_ids"] != 0).sum()) == sum(map(len, seqs))
     width = batch["input_ids"].shape[1]
     assert width < max(map(len, seqs)) * len(seqs) / 3  # fuller than the padded batch's rows
-    one = engine.collate_packed(seqs, pad_id=0, row_tokens=4)  # rows at least the longest sequence wide
+    one = batching.collate_packed(seqs, pad_id=0, row_tokens=4)  # rows at least the longest sequence wide
     assert one["input_ids"].shape[1] >= 9
 
 
@@ -482,7 +482,7 @@ def test_collate_packed_lays_sequences_end_to_end():
 def test_packed_batch_gives_the_padded_loss_and_gradients(tokenizer, kind, row_tokens):
     """The same batch (TEXTS, 2-40 tokens) padded and packed (one row, or several): the same class logits in the
     same order, the same loss and the same gradients in fp32, with eager attention as training uses it."""
-    seqs, _ = engine.encode(tokenizer, TEXTS)
+    seqs, _ = batching.encode(tokenizer, TEXTS)
     labels = torch.tensor([i % 2 for i in range(len(seqs))])
     arch, objective = kind.split("-")
     results = []
@@ -494,9 +494,9 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(tokenizer, kind, row_t
         model.config._attn_implementation = "sdpa"
         model.train()
         assert engine.packing_supported(model, CPU)
-        batch = (engine.collate_packed(seqs, tokenizer.pad_token_id, row_tokens=row_tokens) if packed
-                 else engine.collate(seqs, tokenizer.pad_token_id))
-        with engine._attention_implementation(model, "eager"):
+        batch = (batching.collate_packed(seqs, tokenizer.pad_token_id, row_tokens=row_tokens) if packed
+                 else batching.collate(seqs, tokenizer.pad_token_id))
+        with prefix_attention.attention_implementation(model, "eager"):
             logits = engine.class_logits(model, batch, word_ids(tokenizer)[:2] if objective == "lm" else None)
             loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         loss.backward()
@@ -513,10 +513,10 @@ def test_packed_batch_gives_the_padded_loss_and_gradients(tokenizer, kind, row_t
 def test_packed_training_gives_the_padded_weights(tokenizer, monkeypatch):
     """engine.train packs where it can: 2 epochs packed and padded end at the same weights (fp32)."""
     label_ids = word_ids(tokenizer)[:2]
-    seqs, _ = engine.encode(tokenizer, TEXTS)
+    seqs, _ = batching.encode(tokenizer, TEXTS)
     items = [{"ids": s, "label": i % 2} for i, s in enumerate(seqs)]
     seen, weights = [], []
-    real = engine.collate_packed
+    real = batching.collate_packed
     monkeypatch.setattr(engine, "collate_packed", lambda *a, **k: seen.append(1) or real(*a, **k))
     for pack in (True, False):
         model = make_tiny_lm(tokenizer, seed=5, **SHARP)

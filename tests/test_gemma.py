@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewtune import engine, models
+from fewtune import batching, engine, models, prefix_attention
 from fewtune.config import RunConfig
 
 GEMMA = "gemma3-270m"
@@ -36,7 +36,7 @@ def gemma_lm(gemma_tokenizer):
 @pytest.mark.integration
 def test_gemma_is_what_the_generic_code_must_handle(gemma_tokenizer, gemma_lm):
     tok, cfg = gemma_tokenizer, gemma_lm.config
-    assert engine.leading_special_ids(tok) == [tok.bos_token_id]           # a BOS before every text
+    assert batching.leading_special_ids(tok) == [tok.bos_token_id]           # a BOS before every text
     assert "sliding_attention" in cfg.layer_types and cfg.sliding_window  # sliding-window layers
     assert len(tok) > 250_000 and cfg.tie_word_embeddings
     assert models.verbalizer_token_ids(tok, [" Yes", " No"], GEMMA)        # one token each, with the leading space
@@ -54,14 +54,14 @@ def test_icl_prefix_cache_equals_the_full_prompt(gemma_tokenizer, gemma_lm, data
     train = load_split(task, "train", data_dir)[:40]
     queries = load_split(task, "in_domain_dev", data_dir)[:6]
     prefix_text = "".join(task.format(pattern, ex) + pattern.verbalizer[ex.label] + "\n\n" for ex in train)
-    prefix = engine.encode(tok, [prefix_text])[0][0]
+    prefix = batching.encode(tok, [prefix_text])[0][0]
     assert len(prefix) > gemma_lm.config.sliding_window
-    seqs = engine.encode(tok, [task.format(pattern, ex) for ex in queries], with_bos=False)[0]
+    seqs = batching.encode(tok, [task.format(pattern, ex) for ex in queries], with_bos=False)[0]
     label_ids = models.verbalizer_token_ids(tok, pattern.verbalizer, GEMMA)
     cpu = torch.device("cpu")
     cached = engine.score(gemma_lm, tok, seqs, label_ids, cpu, "fp32", batch_size=3, prefix_ids=prefix).logits
     full = engine.score(gemma_lm, tok, [prefix + s for s in seqs], label_ids, cpu, "fp32", batch_size=3).logits
-    fallback = not engine.supports_prefix_cache(gemma_lm)
+    fallback = not prefix_attention.supports_prefix_cache(gemma_lm)
     assert np.abs(cached - full).max() <= 2e-3, f"fallback taken: {fallback}"
     assert np.abs(full[:, 0] - full[:, 1]).max() > 1e-3  # real logits, not constants
 

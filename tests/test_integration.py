@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fewtune import engine, models
+from fewtune import batching, engine, models, prefix_attention
 from fewtune.cli import main
 from fewtune.data import eval_subsample, load_split
 from fewtune.tasks import load_task
@@ -86,8 +86,8 @@ def mnli_icl_inputs(tokenizer, data_dir, queries: int, demonstrations: int):
     examples = eval_subsample(load_split(task, "dev_matched", data_dir), queries)
     demos = eval_subsample(load_split(task, "train", data_dir), demonstrations)
     prefix = "".join(task.format(pattern, ex) + pattern.verbalizer[ex.label] + "\n\n" for ex in demos)
-    prefix_ids = engine.encode(tokenizer, [prefix])[0][0]
-    query_ids, _ = engine.encode(tokenizer, [task.format(pattern, ex) for ex in examples], with_bos=False)
+    prefix_ids = batching.encode(tokenizer, [prefix])[0][0]
+    query_ids, _ = batching.encode(tokenizer, [task.format(pattern, ex) for ex in examples], with_bos=False)
     return label_ids, prefix_ids, query_ids
 
 
@@ -113,7 +113,7 @@ def test_bundled_model_shared_prefix_attention_scores_like_the_full_prompt(data_
     attention gives the full prompt's scores in fp32, as closely as the plain prefix cache does."""
     tokenizer = models.load_tokenizer("smollm2-135m")
     model = models.load_model("smollm2-135m").eval()
-    assert engine.shared_prefix_path(model) == "shared-prefix"
+    assert prefix_attention.shared_prefix_path(model) == "shared-prefix"
     label_ids, prefix_ids, queries = mnli_icl_inputs(tokenizer, data_dir, queries=8, demonstrations=8)
     cpu = torch.device("cpu")
     shared = engine.score(model, tokenizer, queries, label_ids, cpu, "fp32", 8, prefix_ids=prefix_ids)

@@ -12,7 +12,7 @@ import torch
 
 from conftest import TINY_DEPTH, Case
 
-from fewtune import engine, saving
+from fewtune import batching, engine, saving
 from fewtune.data import load_split
 from fewtune.errors import FewtuneError
 from fewtune.methods import REGISTRY, get_method
@@ -237,7 +237,7 @@ def test_saved_model_reloads_with_identical_predictions(recorded, toy, case):
     pattern = task.patterns[0]
     lm = manifest["objective"] == "lm"
     texts = [task.format(pattern, ex) if lm else task.raw_text(ex) for ex in examples]
-    seqs, _ = engine.encode(tokenizer, texts, manifest["max_length"])
+    seqs, _ = batching.encode(tokenizer, texts, manifest["max_length"])
     label_ids = [tokenizer(w, add_special_tokens=False).input_ids[0] for w in pattern.verbalizer] if lm else None
     device = torch.device("cpu")
     reloaded = engine.score(model, tokenizer, seqs, label_ids, device, "fp32", 4).logits
@@ -286,7 +286,7 @@ def test_bad_method_options_name_the_field(method, options, words):
 
 def test_method_registry_names_are_lower_case():
     assert all(name == name.lower() and name.isidentifier() for name in REGISTRY)
-    from fewtune.config import METHODS
+    from fewtune.config import REGISTRY as METHODS  # config validates against the methods registry itself
     assert set(METHODS) == set(REGISTRY)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import SHARP, make_tiny_lm
 
-from fewtune import engine
+from fewtune import batching, engine
 from fewtune.cli import main
 from fewtune.errors import FewtuneError
 from fewtune.methods import get_method
@@ -35,7 +35,7 @@ TEXTS = ["The cat sat.", "A much longer sentence about the dog that ran across t
 @pytest.mark.parametrize("peft_type", ["PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"])
 def test_virtual_tokens_score_a_padded_batch_like_single_rows(tokenizer, peft_type):
     model = align_virtual_tokens(_wrapped(tokenizer, peft_type, num_virtual_tokens=5))
-    seqs, _ = engine.encode(tokenizer, TEXTS)
+    seqs, _ = batching.encode(tokenizer, TEXTS)
     ids = [tokenizer("No", add_special_tokens=False).input_ids[0], tokenizer("Yes", add_special_tokens=False).input_ids[0]]
     cpu = torch.device("cpu")
     one = engine.score(model, tokenizer, seqs, ids, cpu, "fp32", batch_size=1).logits
@@ -47,7 +47,7 @@ def test_virtual_tokens_score_a_padded_batch_like_single_rows(tokenizer, peft_ty
 def test_peft_own_prompt_tuning_forward_depends_on_padding(tokenizer):
     """Why align_virtual_tokens exists: peft's forward puts the padding between the virtual tokens and the text."""
     model = _wrapped(tokenizer, "PROMPT_TUNING", num_virtual_tokens=5)
-    seqs, _ = engine.encode(tokenizer, TEXTS)
+    seqs, _ = batching.encode(tokenizer, TEXTS)
     ids = [tokenizer("No", add_special_tokens=False).input_ids[0]]
     cpu = torch.device("cpu")
     one = engine.score(model, tokenizer, seqs, ids, cpu, "fp32", batch_size=1).logits
@@ -81,6 +81,10 @@ def test_types_and_fields_come_from_peft():
     ({"peft_type": "IA3", "objective": "mlm"}, "objective must be pbft or ft"),
     ({"peft_type": "PROMPT_TUNING", "prompt_tuning_init": "TEXT"}, "peft PROMPT_TUNING: .*prompt_tuning_init_text"),
     ({"peft_type": 3}, "must be a string"),
+    # a value of the wrong type: named with the field and the type peft declares, before any model is loaded
+    ({"peft_type": "LORA", "r": "eight"}, r"LoraConfig field 'r' must be int, got 'eight' \(str\)"),
+    ({"peft_type": "LOHA", "target_modules": 3}, r"LoHaConfig field 'target_modules' must be .*list\[str\].*, got 3"),
+    ({"peft_type": "LORA", "use_dora": "yes"}, r"field 'use_dora' must be bool, got 'yes'"),
 ])
 def test_bad_peft_options_are_one_line_errors(options, words):
     with pytest.raises(FewtuneError, match=words) as e:
@@ -133,7 +137,7 @@ def test_unknown_architecture_falls_back_to_attention_linears(tokenizer, monkeyp
     ctx = RunContext(config=None, task=None, pattern=None, tokenizer=tokenizer, label_ids=[0, 1], train_examples=[],
                      device=torch.device("cpu"), dtype="fp32")
     wrapped = method.prepare(ctx, model)
-    assert ctx.extra["peft_target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert ctx.info["peft_target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert any("hada_" in n for n, _ in wrapped.named_parameters())
 
 
@@ -142,10 +146,18 @@ def test_unknown_architecture_falls_back_to_attention_linears(tokenizer, monkeyp
 ])
 def test_learning_rate_by_kind_of_type(peft_type, default_lr, quick_lr):
     from fewtune.config import RunConfig
-    from fewtune.runner import hyperparameters
+    from fewtune.hyperparameters import for_run as hyperparameters
     options = {"peft_type": peft_type}
     method = get_method("peft", options)
     assert hyperparameters(RunConfig(method="peft", method_options=options), method)["lr"] == default_lr
     quick = hyperparameters(RunConfig(method="peft", method_options=options, preset="quick"), method)
     assert quick["lr"] == quick_lr and quick["epochs"] == 5
     assert hyperparameters(RunConfig(method="peft", method_options=options, preset="quick", lr=0.5), method)["lr"] == 0.5
+
+
+def test_cli_peft_option_of_the_wrong_type_is_one_line(capsys):
+    """`--peft-option r="eight"` is refused before loading, naming the field, the value and peft's type (it used to
+    fail inside peft's wrapping of the model: "'<=' not supported between instances of 'str' and 'int'")."""
+    assert main(["run", "--method", "peft", "--peft-type", "LORA", "--peft-option", 'r="eight"']) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "field 'r' must be int, got 'eight'" in err

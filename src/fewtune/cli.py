@@ -14,23 +14,9 @@ import tomllib
 from pathlib import Path
 
 from .errors import FewtuneError
+from .methods import REGISTRY, option_flags
+from .util import check_writable, json_default, write_atomic  # check_writable: also cli_grid's, through cli
 
-# flag -> {method: its option name} (--lora-r is lora's `r` but cd's `lora_r`, for a LoRA student)
-METHOD_FLAGS = {
-    "train_layers": {"adaptive": "train_layers"},
-    "lr_decay": {"adaptive": "lr_decay"},
-    "objective": {"adaptive": "objective", "lora": "objective", "peft": "objective"},
-    "peft_type": {"peft": "peft_type"},
-    "lora_r": {"lora": "r", "cd": "lora_r"},
-    "lora_alpha": {"lora": "alpha", "cd": "lora_alpha"},
-    "lora_dropout": {"lora": "dropout"},
-    "lora_targets": {"lora": "target_modules"},
-    "context": {"cd": "context"},
-    "context_shots": {"cd": "context_shots"},
-    "alpha": {"cd": "alpha"},
-    "temperature": {"cd": "temperature"},
-    "student": {"cd": "student"},
-}
 RUN_FIELDS = ("task", "method", "model", "shots", "seed", "train_seed", "pattern", "eval_limit", "data_root",
               "data_source", "epochs", "batch_size", "micro_batch_size", "lr", "weight_decay", "warmup_ratio",
               "max_length", "eval_batch_size", "dtype", "device", "preset", "retention")
@@ -49,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one method on one task and write a result record")
     r.add_argument("--config", help="TOML file with run fields (flags override it)")
     r.add_argument("--task", help="built-in task (cola, mnli) or path to a task file [mnli]")
-    r.add_argument("--method", help="icl, ft, pbft, adaptive, lora, cd, peft [icl]")
+    r.add_argument("--method", help=f"{', '.join(REGISTRY)} [icl]")
     r.add_argument("--model", help="bundled name (smollm2-135m), local folder or Hub id [smollm2-135m]")
     r.add_argument("--shots", type=int, help="few-shot training examples in total, all classes together (icl: demonstrations) [16]")
     r.add_argument("--shots-per-class", type=int, metavar="K",
@@ -71,23 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "[mnli-premises: 500 MNLI dev_matched premises]")
     r.add_argument("--dtype", help="auto | fp32 | bf16 (autocast; never fp16 on CPU) [auto]")
     r.add_argument("--device", help="auto | cpu | cuda [auto]")
-    g = r.add_argument_group("method options")
-    g.add_argument("--train-layers", type=int, help="adaptive: top blocks that train [2]")
-    g.add_argument("--lr-decay", type=float, help="adaptive: per-block learning-rate decay from the top [0.8]")
-    g.add_argument("--objective", help="adaptive, lora, peft: pbft or ft [pbft]")
-    g.add_argument("--peft-type", help="peft: a peft.PeftType, e.g. IA3, LOHA, VERA, PROMPT_TUNING (fewtune ls methods)")
-    g.add_argument("--peft-option", action="append", metavar="KEY=VALUE",
-                   help="peft: a field of the type's peft config; VALUE is a TOML value (8, 0.1, true, [\"q_proj\"]) "
-                        "or else a string; repeatable")
-    g.add_argument("--lora-r", type=int, help="lora, cd with --student lora: rank [8]")
-    g.add_argument("--lora-alpha", type=int, help="lora, cd with --student lora: alpha [16]")
-    g.add_argument("--lora-dropout", type=float, help="lora: dropout [0.05]")
-    g.add_argument("--lora-targets", help="lora: comma-separated module names [attention projections]")
-    g.add_argument("--context", help="cd: instruction or few-shot [instruction]")
-    g.add_argument("--context-shots", type=int, help="cd: demonstrations in the teacher's context [4]")
-    g.add_argument("--alpha", type=float, help="cd: weight of the distillation term [0.5]")
-    g.add_argument("--temperature", type=float, help="cd: distillation temperature [2.0]")
-    g.add_argument("--student", help="cd: full or lora [full]")
+    g = r.add_argument_group("method options")  # each declared by the method's own Options (methods/base.option)
+    for entry in option_flags().values():
+        if entry.flag.key_value:
+            g.add_argument(entry.flag.flag, dest=entry.dest, action="append", metavar="KEY=VALUE", help=entry.help)
+        else:
+            g.add_argument(entry.flag.flag, dest=entry.dest, type=entry.flag.kind, help=entry.help)
     r.add_argument("--output", "-o", help="write the result record (JSON) here")
     r.add_argument("--save-model", help="save the trained model/adapter with its pattern and verbalizer here")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -161,22 +136,26 @@ def config_from_args(args) -> "RunConfig":
         fields["allow_unsafe_weights"] = True
     method = fields.get("method", "icl")
     options = dict(fields.get("method_options", {}))
-    for flag, methods in METHOD_FLAGS.items():
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        if method not in methods:
-            raise FewtuneError(f"--{flag.replace('_', '-')} applies to method(s) {', '.join(methods)}, not '{method}'.")
-        if flag == "lora_targets":
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        options[methods[method]] = value
-    for item in getattr(args, "peft_option", None) or []:
-        if method != "peft":
-            raise FewtuneError(f"--peft-option applies to method peft, not '{method}'.")
-        key, value = parse_option(item, "--peft-option")
-        options[key] = value
+    for entry in option_flags().values():
+        options.update(flag_options(entry, getattr(args, entry.dest, None), method))
     fields["method_options"] = options
     return RunConfig.from_dict(fields, where=str(args.config or "flags"))
+
+
+def flag_options(entry, value, method: str) -> dict:
+    """The method options a method flag's value sets: {option: value}, or {KEY: VALUE, ...} for a KEY=VALUE flag."""
+    if value is None or value == []:
+        return {}
+    flag, methods = entry.flag, entry.fields
+    if method not in methods:
+        if flag.key_value:
+            raise FewtuneError(f"{flag.flag} applies to method {', '.join(methods)}, not '{method}'.")
+        raise FewtuneError(f"{flag.flag} applies to method(s) {', '.join(methods)}, not '{method}'.")
+    if flag.key_value:
+        return dict(parse_option(item, flag.flag) for item in value)
+    if flag.split:
+        value = [v.strip() for v in value.split(flag.split) if v.strip()]
+    return {methods[method]: value}
 
 
 def shots_for_per_class(k, fields: dict, what: str) -> int:
@@ -203,20 +182,6 @@ def parse_option(item: str, flag: str) -> tuple[str, object]:
     return key, value
 
 
-def check_writable(path: str, flag: str) -> Path:
-    p = Path(path)
-    if p.is_dir():  # checked before the run: writing would fail only after it, leaving a temporary file
-        raise FewtuneError(f"{flag} {p} is a folder; give a file path.")
-    parent = p.parent if str(p.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise FewtuneError(f"{flag} {p}: {parent} is a file, not a folder.")
-    if not parent.is_dir():
-        raise FewtuneError(f"{flag} {p}: folder {parent} does not exist.")
-    if not os.access(parent, os.W_OK):
-        raise FewtuneError(f"{flag} {p}: folder {parent} is not writable.")
-    return p
-
-
 def cmd_run(args) -> int:
     from .methods import get_method
     from .runner import run, summary_line
@@ -231,7 +196,6 @@ def cmd_run(args) -> int:
         check_writable(str(target / "fewtune.json") if target.is_dir() else str(target), "--save-model")
     result = run(cfg, progress=not args.quiet and sys.stderr.isatty(), save_model=args.save_model)
     if out:
-        from .store import json_default, write_atomic
         write_atomic(out, json.dumps(result, indent=2, default=json_default))
     print(summary_line(result))
     if out:
@@ -258,14 +222,11 @@ def cmd_ls(args) -> int:
                 print(f"{str(path):10s} (not valid: {error})")
         print(f"(your own task: --task path/to/task.toml, see docs/tasks.md; task files listed from {folder.resolve()})")
     elif args.what == "methods":
-        from .methods import REGISTRY
         for name, cls in REGISTRY.items():
             doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             print(f"{name:9s} {doc}")
-            if name == "peft":
-                from .methods.peft import UNSUPPORTED, peft_types
-                offered = [t for t in sorted(peft_types()) if t not in UNSUPPORTED]
-                print(f"{'':9s} --peft-type: {', '.join(offered)}")
+            for line in cls.listing():
+                print(f"{'':9s} {line}")
     else:
         from .models import list_models
         for m in list_models():

@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import FewtuneError, did_you_mean, unknown
+from .methods import REGISTRY
 
-METHODS = ("icl", "ft", "pbft", "adaptive", "lora", "cd", "peft")
 DTYPES = ("auto", "fp32", "bf16")
 MAX_COUNT = 10**9        # shots, epochs, sizes: more is a typo, and would overflow SQLite/numpy/torch integers later
 MAX_SEED = 2**32 - 1     # numpy and torch both take seeds in [0, 2**32)
@@ -54,8 +54,9 @@ class RunConfig:
     retention: str = "mnli-premises"
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise FewtuneError(f"Unknown method '{self.method}'.{did_you_mean(self.method, METHODS)} Known: {', '.join(METHODS)}.")
+        if self.method not in REGISTRY:  # the methods registry is the one list of methods
+            raise FewtuneError(f"Unknown method '{self.method}'.{did_you_mean(self.method, list(REGISTRY))} "
+                               f"Known: {', '.join(REGISTRY)}.")
         for name in ("task", "model", "method", "data_source", "dtype", "device"):
             if not isinstance(getattr(self, name), str):
                 raise FewtuneError(f"Config field '{name}' must be a string, got {getattr(self, name)!r:.60}.")
@@ -82,8 +83,9 @@ class RunConfig:
                 raise FewtuneError(f"Config field '{name}' must be at most {MAX_COUNT}, got {getattr(self, name)}.")
         if self.pattern < 0:
             raise FewtuneError(f"Config field 'pattern' must be ≥ 0, got {self.pattern}.")
-        if self.shots == 0 and self.method != "icl":
-            raise FewtuneError(f"Method '{self.method}' trains and needs --shots ≥ 1 (only icl runs zero-shot).")
+        if self.shots == 0 and REGISTRY[self.method].trains:
+            zero_shot = ", ".join(name for name, cls in REGISTRY.items() if not cls.trains)
+            raise FewtuneError(f"Method '{self.method}' trains and needs --shots ≥ 1 (only {zero_shot} runs zero-shot).")
         for name in ("epochs", "batch_size", "micro_batch_size", "eval_limit"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_COUNT):
@@ -93,7 +95,7 @@ class RunConfig:
             if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
                                       or not math.isfinite(value) or value < 0):
                 raise FewtuneError(f"Config field '{name}' must be a non-negative number, got {value!r:.60}.")
-        if self.lr == 0 and self.method != "icl":  # zero steps' worth of change, stored as if it were a result
+        if self.lr == 0 and REGISTRY[self.method].trains:  # zero steps' worth of change, stored as if it were a result
             raise FewtuneError(f"Config field 'lr' must be > 0 for method '{self.method}' (it trains); got 0.")
         if self.eval_batch_size < 1:  # caught here, not after the model has loaded
             raise FewtuneError(f"Config field 'eval_batch_size' must be ≥ 1, got {self.eval_batch_size}.")
@@ -106,7 +108,7 @@ class RunConfig:
         if self.data_source not in ("auto", "local", "hub"):
             raise FewtuneError(f"Config field 'data_source' must be auto, local or hub, got {self.data_source!r}.")
         if self.preset is not None:
-            from .run_presets import PRESETS
+            from .hyperparameters import PRESETS
             if self.preset not in PRESETS:  # before a grid's dry run passes, not in every cell at run time
                 raise unknown("preset", self.preset, PRESETS)
         if not isinstance(self.method_options, dict):

@@ -111,6 +111,12 @@ def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
         raise FewtuneError(f"Data file {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
     except OSError as e:
         raise FewtuneError(f"Data file {path} cannot be read: {e.strerror}.") from None
+    if "\x00" in text:
+        # A NUL byte is no character of any text field: the file is binary, UTF-16 or damaged. csv would end the
+        # row's field there or read it into the text, silently; refused like any other malformed row.
+        line_no = next(n for n, line in enumerate(text.splitlines(), 1) if "\x00" in line)
+        raise FewtuneError(f"{path} line {line_no}: malformed row, it contains a NUL byte (\\x00): not a text data "
+                           f"file, or a damaged one (task '{task.name}', split '{split.name}').")
     has_header = fmt != "jsonl" and split.local.get("header", True)
     if not text.strip():
         what = "0 bytes" if not text else "only blank lines"

@@ -22,3 +22,9 @@ def unknown(kind: str, name: str, choices) -> FewtuneError:
     """`Unknown task 'mnly'. Did you mean: mnli? Known: cola, mnli.`"""
     choices = sorted(choices)
     return FewtuneError(f"Unknown {kind} '{name}'.{did_you_mean(name, choices)} Known: {', '.join(choices)}.")
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """A library exception's message on one line, cut to `limit` characters (its type's name when it has none)."""
+    text = " ".join(str(e).split())
+    return text[:limit] if text else type(e).__name__

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import FewtuneError, unknown
+from .errors import FewtuneError, one_line, unknown
 from .settings import cache_dir
 
 log = logging.getLogger("fewtune")
@@ -214,11 +214,10 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
 
 def load_error(e: Exception, limit: int = 240) -> str:
     """One line for an exception from `from_pretrained`, with what the user can do about remote code."""
-    text = " ".join(str(e).split())
-    if "trust_remote_code" in text:
+    if "trust_remote_code" in str(e):
         return ("it contains its own Python code (auto_map in config.json), which fewtune runs only when asked: "
                 "--trust-remote-code, or trust_remote_code = true in a config or grid spec, once you have read that code")
-    return text[:limit] if text else type(e).__name__
+    return one_line(e, limit)
 
 
 def prepare_tokenizer(tok):
@@ -263,6 +262,22 @@ def _load_model(spec: str, objective: str, num_labels: int, trust_remote_code: b
         raise FewtuneError(f"Could not load model '{spec}': {first}{hint}") from None
     log.info("loaded %s in %.1f s", spec, time.perf_counter() - t0)
     return model
+
+
+def text_config(model):
+    """The config of the model's text decoder: multimodal configs (Gemma 3) nest it, plain ones are it."""
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+# A model config that does not declare its positions (max_position_embeddings) is taken to have OPT's and
+# GPT-2-era models' 2,048: the limit the study's prompts were fitted to.
+DEFAULT_MAX_POSITIONS = 2048
+
+
+def max_positions(model) -> int:
+    """The longest prompt the model takes, in tokens (DEFAULT_MAX_POSITIONS when its config does not say)."""
+    return getattr(model.config, "max_position_embeddings", None) or DEFAULT_MAX_POSITIONS
 
 
 def set_pad_token(model, tokenizer):

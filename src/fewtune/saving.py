@@ -8,8 +8,12 @@ from pathlib import Path
 
 import torch
 
-from . import engine, models
+from . import batching, devices, engine, models
+from .data import Example
 from .errors import FewtuneError
+from .methods.base import input_text
+from .methods.peft import align_virtual_tokens
+from .tasks import Pattern, Task
 
 MANIFEST = "fewtune.json"
 FORMAT = 1  # the manifest's "format" as `save` writes it; a folder of another format is refused, never half-read
@@ -121,7 +125,6 @@ def load(directory, device="cpu"):
         base = models.load_model(manifest["base_model"], manifest["objective"], n_labels)
         models.set_pad_token(base, tokenizer)
         model = PeftModel.from_pretrained(base, str(folder))
-        from .methods.peft import align_virtual_tokens
         model = align_virtual_tokens(model)  # prompt tuning scores as it did in training
     else:
         model = models.load_model(str(folder), manifest["objective"], n_labels)
@@ -132,23 +135,24 @@ def load(directory, device="cpu"):
 
 def predict(directory, rows: list[dict], device="auto", batch_size: int = 16) -> list[dict]:
     """Predictions for rows of text fields (dicts keyed by the task's field names)."""
-    dev = engine.pick_device(device)
+    dev = devices.pick_device(device)
     model, tokenizer, manifest = load(directory, dev)
     t = manifest["task"]
     for n, row in enumerate(rows, 1):
         missing = [f for f in t["fields"] if f not in row]
         if missing:
             raise FewtuneError(f"input row {n}: missing field(s) {missing}; this model expects {t['fields']}.")
-    if manifest["objective"] == "lm":
-        texts = [t["pattern"].format(**{f: str(r[f]) for f in t["fields"]}) for r in rows]
-        label_ids = models.verbalizer_token_ids(tokenizer, t["verbalizer"])
-    else:
-        texts = [t["raw_separator"].join(str(r[f]) for f in t["fields"]) for r in rows]
-        label_ids = None
+    # the saved task, as far as formatting a query needs it (no splits: no data is read)
+    task = Task(name=t["name"], version=t["version"], labels=tuple(t["labels"]), fields=tuple(t["fields"]),
+                patterns=(Pattern(t["pattern"], tuple(t["verbalizer"])),), splits={}, train="", in_domain="",
+                out_of_domain=(), raw_separator=t["raw_separator"])
+    examples = [Example(idx=n, fields={f: str(r[f]) for f in t["fields"]}, label=0) for n, r in enumerate(rows)]
+    texts = [input_text(task, task.patterns[0], ex, manifest["objective"]) for ex in examples]
+    label_ids = models.verbalizer_token_ids(tokenizer, t["verbalizer"]) if manifest["objective"] == "lm" else None
     prefix = manifest.get("prefix")
-    prefix_ids = engine.encode(tokenizer, [prefix])[0][0] if prefix else None
+    prefix_ids = batching.encode(tokenizer, [prefix])[0][0] if prefix else None
     # as in the run: with demonstrations the BOS goes once before the prefix; the query is cut to max_length either way
-    seqs, _ = engine.encode(tokenizer, texts, manifest["max_length"], with_bos=prefix_ids is None)
+    seqs, _ = batching.encode(tokenizer, texts, manifest["max_length"], with_bos=prefix_ids is None)
     out = engine.score(model, tokenizer, seqs, label_ids, dev, "fp32", batch_size, prefix_ids=prefix_ids)
     probs = torch.softmax(torch.tensor(out.logits), -1).numpy()
     return [{"label": t["labels"][int(p.argmax())], "probabilities": dict(zip(t["labels"], map(float, p)))} for p in probs]

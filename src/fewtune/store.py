@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 from .errors import FewtuneError
+from .util import dumps, json_default, now, write_atomic  # noqa: F401  (grid, ray_backend import them from here)
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = ("1", "2")  # 1: before per-example predictions; opened for writing it is upgraded to 2 in place
@@ -64,19 +65,12 @@ CREATE TABLE IF NOT EXISTS predictions (
     PRIMARY KEY (config_hash, split)
 );
 """
-COLUMNS = ("config_hash", "status", "label", "grid", "model", "task", "method", "shots", "seed", "config", "metrics",
-           "cost", "versions", "result", "error", "owner", "attempts", "log_path", "created_at", "started_at",
-           "finished_at", "updated_at")
 JSON_COLUMNS = ("config", "metrics", "cost", "versions", "result", "owner")
 
 
 def default_path() -> Path:
     """$FEWTUNE_DB, else results/fewtune.db in the current directory."""
     return Path(os.environ.get("FEWTUNE_DB") or Path("results") / "fewtune.db")
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 def this_process() -> dict:
@@ -439,26 +433,3 @@ def unpack_predictions(n: int, n_classes: int, blob: bytes, groups: str | None) 
             "pred": np.frombuffer(raw[b:c], dtype="<i2"),
             "logprobs": np.frombuffer(raw[c:], dtype="<f4").reshape(n, n_classes),
             "groups": json.loads(groups) if groups else None}
-
-
-def dumps(obj) -> str | None:
-    if obj is None:
-        return None
-    return json.dumps(obj, sort_keys=True, default=json_default)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename: a reader sees the whole file or the old one, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # left only when the write or the rename failed
-
-
-def json_default(o):
-    """numpy scalars as Python numbers (without importing numpy); anything else as its string."""
-    if hasattr(o, "item") and callable(o.item):
-        return o.item()
-    return str(o)

@@ -4,23 +4,28 @@ Objective: pbft (verbalizer over the frozen LM head) or ft (a new head, which tr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import logging
+from dataclasses import dataclass
 
 import torch
 
+from ..batching import collate
+from ..devices import autocast, speedups_enabled
+from ..engine import class_logits
 from ..errors import FewtuneError
+from ..models import text_config
 from . import register
-from .base import Method, Options
+from .base import Method, Options, option
 from .layers import find_blocks, head_names, params_after_blocks
 
 
 @dataclass
 class AdaptiveOptions(Options):
-    train_layers: int = 2      # top blocks that train; more = closer to full FT, slower and more memory
-    lr_decay: float = 0.8      # block at distance d from the top trains at lr * lr_decay**d
-    objective: str = "pbft"    # pbft | ft
+    # top blocks that train; more = closer to full FT, slower and more memory
+    train_layers: int = option(2, flag="--train-layers", help="top blocks that train")
+    # block at distance d from the top trains at lr * lr_decay**d
+    lr_decay: float = option(0.8, flag="--lr-decay", help="per-block learning-rate decay from the top")
+    objective: str = option("pbft", flag="--objective", help="pbft or ft")
     frozen_cache: bool = True  # compute the frozen part once and train the top blocks on its output (3-6x faster per epoch)
 
     def __post_init__(self):
@@ -43,7 +48,7 @@ class PassThrough(torch.nn.Module):
 
 
 def has_dropout(model) -> bool:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     rates = [v for k, v in cfg.to_dict().items() if "dropout" in k and isinstance(v, (int, float))]
     modules = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
     return any(r > 0 for r in rates + modules)
@@ -54,6 +59,10 @@ class Adaptive(Method):
     name = "adaptive"
     Options = AdaptiveOptions
     defaults = dict(epochs=40, batch_size=32, lr=1e-5, weight_decay=0.0, warmup_ratio=0.5)
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.frozen_cache = False  # whether training runs on the cached output of the frozen blocks (train_items)
 
     @property
     def objective(self):
@@ -72,12 +81,12 @@ class Adaptive(Method):
             in_top = any(name.startswith(t) for t in top)
             p.requires_grad_(in_top or name in heads or name in after)
         if ctx is not None:
-            ctx.extra["after_blocks_trained"] = sorted(after)
+            ctx.info["after_blocks_trained"] = sorted(after)
         self._prefix, self._depth, self._blocks = prefix, len(blocks), blocks
         return model
 
     def param_groups(self, ctx, model):
-        lr = ctx.extra["lr"]
+        lr = ctx.lr
         groups = {}
         for name, p in model.named_parameters():
             if not p.requires_grad:
@@ -97,11 +106,9 @@ class Adaptive(Method):
     # positions there): the first batch is checked against the full forward and the cache is dropped on a mismatch.
     def train_items(self, ctx, model, seqs, examples):
         items = super().train_items(ctx, model, seqs, examples)
-        ctx.extra["frozen_cache"] = False
-        from ..engine import speedups_enabled
+        self.frozen_cache = ctx.info["frozen_cache"] = False
         if not self.opts.frozen_cache or not speedups_enabled() or has_dropout(model):
             return items
-        from ..engine import autocast, collate
         k = self._depth - self.opts.train_layers
         model.eval()
         with torch.no_grad(), autocast(ctx.dtype, ctx.device):
@@ -118,18 +125,17 @@ class Adaptive(Method):
         got = self._check_batch(ctx, model, items[: min(4, len(items))], cached=True)
         diff = float((ref - got).abs().max())
         tolerance = 1e-3 if ctx.dtype == "fp32" else 5e-2
-        ctx.extra["frozen_cache_check_max_diff"] = diff
+        ctx.info["frozen_cache_check_max_diff"] = diff
         if diff > tolerance:
             log.warning("adaptive: cached frozen blocks change the output by %.2g (> %g); training without the cache.", diff, tolerance)
             self._restore()
             for it in items:
                 it.pop("hidden", None)
             return items
-        ctx.extra["frozen_cache"] = True
+        self.frozen_cache = ctx.info["frozen_cache"] = True
         return items
 
     def _check_batch(self, ctx, model, chunk, cached=False):
-        from ..engine import autocast, class_logits, collate
         batch = collate([it["ids"] for it in chunk], ctx.tokenizer.pad_token_id, device=ctx.device)
         if cached:
             batch = self._cached_batch(chunk, batch)
@@ -149,7 +155,7 @@ class Adaptive(Method):
 
     def packs(self, ctx):
         # the cached hidden states are laid out as the padded batch (_cached_batch)
-        return not ctx.extra.get("frozen_cache")
+        return not self.frozen_cache
 
     def loss(self, ctx):
         base = super().loss(ctx)

@@ -7,22 +7,56 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..engine import class_logits
 from ..errors import FewtuneError, did_you_mean
+from ..models import DEFAULT_MAX_POSITIONS
 
 
 @dataclass
 class RunContext:
-    """What a method may use: the task and its chosen pattern, the tokenizer, the sampled training
-    examples, the run's config, and where/how to compute."""
+    """What the run hands a method: its inputs (read-only by convention) and `info`, where the method writes what
+    goes into the result's `method_info`. A method keeps its own state (icl's demonstrations, adaptive's cache,
+    cd's teacher) on itself, not here: `info` is only written by methods and only read by the runner."""
     config: object            # RunConfig
     task: object              # Task
     pattern: object           # Pattern
     tokenizer: object
-    label_ids: list           # verbalizer token ids, in label order
+    label_ids: list | None    # verbalizer token ids, in label order (None for a classification head)
     train_examples: list      # the few-shot sample, in its seeded order
     device: torch.device
     dtype: str                # "fp32" | "bf16" (autocast)
-    extra: dict = field(default_factory=dict)  # what a method reports into the result (e.g. demonstrations used)
+    lr: float | None = None   # the run's base learning rate (method defaults < preset < config); None: no training
+    max_positions: int = DEFAULT_MAX_POSITIONS  # the loaded model's positions: the longest prompt it can take
+    info: dict = field(default_factory=dict)    # -> result["method_info"]
+
+
+def input_text(task, pattern, example, objective: str) -> str:
+    """The text a method reads for an example: through the pattern for the LM head ('lm'), the raw fields for a new
+    classification head ('head', ft). One rule for training, scoring and `fewtune predict` (saving.py)."""
+    return task.format(pattern, example) if objective == "lm" else task.raw_text(example)
+
+
+@dataclass(frozen=True)
+class Flag:
+    """The command-line flag that sets one method option (`fewtune run --lora-r 8`)."""
+    flag: str                   # e.g. "--lora-r"; several methods may share one (their options then have one type)
+    help: str                   # what it does, shown after the method's name in `fewtune run --help`
+    kind: type = str            # the value's type (argparse's type=)
+    split: str | None = None    # a list option given as one string: the separator (--lora-targets q_proj,v_proj)
+    key_value: bool = False     # repeatable KEY=VALUE (a TOML value), each setting the option KEY (--peft-option)
+
+
+def option(default=dataclasses.MISSING, *, flag: str | None = None, help: str = "", kind: type | None = None,
+           default_factory=dataclasses.MISSING, split: str | None = None, key_value: bool = False):
+    """A field of a method's Options with the CLI flag that sets it: the one place the flag is declared (the CLI
+    builds the flag, its help and its "applies to" check from the method registry). `kind`: the value's type
+    (default: the default's). Without `flag`, the option is set only through method_options in a config file."""
+    metadata = {}
+    if flag:
+        if kind is None:
+            kind = str if default in (dataclasses.MISSING, None) else default.__class__
+        metadata["flag"] = Flag(flag, help, kind, split, key_value)
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 @dataclass
@@ -51,13 +85,20 @@ class Method:
     def __init__(self, options: dict):
         self.opts = self.Options.parse(options, self.name)
 
+    @classmethod
+    def listing(cls) -> list[str]:
+        """Lines under the method's own in `fewtune ls methods` (peft: the types the installed peft offers)."""
+        return []
+
+    @property
+    def preset_keys(self) -> tuple:
+        """Keys of this method's learning rate in a preset's table (hyperparameters.PRESETS), most specific first."""
+        return (self.name,)
+
     @property
     def objective(self) -> str:
         """'lm': score the verbalizer words with the LM head; 'head': a new classification head."""
         return "lm"
-
-    def uses_pattern(self) -> bool:
-        return self.objective == "lm"
 
     # --- the model
     def prepare(self, ctx: RunContext, model):
@@ -69,13 +110,13 @@ class Method:
 
     # --- the data
     def text(self, ctx: RunContext, example) -> str:
-        return ctx.task.format(ctx.pattern, example) if self.uses_pattern() else ctx.task.raw_text(example)
+        return input_text(ctx.task, ctx.pattern, example, self.objective)
 
     def train_items(self, ctx: RunContext, model, seqs: list, examples: list) -> list[dict]:
         return [{"ids": s, "label": ex.label} for s, ex in zip(seqs, examples)]
 
     def packs(self, ctx: RunContext) -> bool:
-        """Whether the training loop may pack this method's batches (engine.collate_packed): its loss reads the
+        """Whether the training loop may pack this method's batches (batching.collate_packed): its loss reads the
         batch only through engine.class_logits."""
         return True
 
@@ -83,10 +124,18 @@ class Method:
         """Text scored before every evaluation query (icl's demonstrations); None for trained methods."""
         return None
 
+    def fit_eval_prefix(self, ctx: RunContext, eval_sets: dict) -> None:
+        """Called once before evaluation with {split: examples}: make `eval_prefix` and the longest query fit in
+        `ctx.max_positions` (icl drops demonstrations). Nothing to fit without a prefix."""
+
+    def examples_used(self, ctx: RunContext) -> int:
+        """Labelled examples the run used (the report's "labelled examples" budget): the whole sample, unless the
+        method left some out (icl's demonstrations dropped to fit the context)."""
+        return len(ctx.train_examples)
+
     # --- the loss
     def loss(self, ctx: RunContext):
         label_ids = ctx.label_ids if self.objective == "lm" else None
-        from ..engine import class_logits
 
         def loss_fn(model, chunk, batch):
             logits = class_logits(model, batch, label_ids)

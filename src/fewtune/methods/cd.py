@@ -10,26 +10,32 @@ cache is computed once too.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ..batching import encode, leading_special_ids
+from .. import engine
 from ..errors import FewtuneError
 from . import register
-from .base import Method, Options
+from .base import Method, Options, option
+from .icl import demonstrations_text, drop_to_fit
 from .lora import ADAPTER_DEFAULTS, LoraOptions, wrap
 
 
 @dataclass
 class CdOptions(Options):
-    context: str = "instruction"   # instruction | few-shot
-    context_shots: int | None = None  # few-shot: demonstrations in the teacher's context (default 4)
-    alpha: float = 0.5             # weight of the distillation term (1 = distillation only)
-    temperature: float = 2.0
-    student: str = "full"          # full | lora
-    lora_r: int | None = None      # student lora: rank (default 8)
-    lora_alpha: int | None = None  # student lora: alpha (default 16)
+    context: str = option("instruction", flag="--context", help="instruction or few-shot")
+    context_shots: int | None = option(None, flag="--context-shots", kind=int,
+                                       help="demonstrations in the teacher's context [4]")
+    # 1 = distillation only
+    alpha: float = option(0.5, flag="--alpha", help="weight of the distillation term")
+    temperature: float = option(2.0, flag="--temperature", help="distillation temperature")
+    student: str = option("full", flag="--student", help="full or lora")
+    lora_r: int | None = option(None, flag="--lora-r", kind=int, help="with --student lora: rank [lora's]")
+    lora_alpha: int | None = option(None, flag="--lora-alpha", kind=int, help="with --student lora: alpha [lora's]")
 
     def __post_init__(self):
         if self.context not in ("instruction", "few-shot"):
@@ -50,7 +56,12 @@ class CdOptions(Options):
         if self.student == "full" and (self.lora_r is not None or self.lora_alpha is not None):
             raise FewtuneError("cd: --lora-r/--lora-alpha (lora_r/lora_alpha) apply only with --student lora.")
         if self.student == "lora":  # validated here, before any loading, by LoraOptions' own checks
-            LoraOptions(r=8 if self.lora_r is None else self.lora_r, alpha=16 if self.lora_alpha is None else self.lora_alpha)
+            self.student_lora()
+
+    def student_lora(self) -> LoraOptions:
+        """The LoRA student's options: lora's own defaults where lora_r/lora_alpha are not given."""
+        given = {"r": self.lora_r, "alpha": self.lora_alpha}
+        return LoraOptions(**{k: v for k, v in given.items() if v is not None})
 
 
 @register
@@ -60,9 +71,17 @@ class ContextDistillation(Method):
 
     def __init__(self, options):
         super().__init__(options)
-        if self.opts.student == "lora":
-            self.defaults = dict(ADAPTER_DEFAULTS)
         self.teacher_calls = 0  # examples the teacher has scored (tests check: once per training example)
+        self.distill_loss_sum = 0.0  # the distillation term summed over training: after_train checks it moved
+
+    @property
+    def defaults(self):
+        # a LoRA student trains on the adapters' budget, a full student on full fine-tuning's
+        return dict(ADAPTER_DEFAULTS) if self.opts.student == "lora" else dict(Method.defaults)
+
+    @property
+    def preset_keys(self):
+        return ("cd-lora",) if self.opts.student == "lora" else ("cd",)
 
     def teacher_context(self, ctx) -> str:
         text = (ctx.task.instruction or "").strip()
@@ -71,17 +90,16 @@ class ContextDistillation(Method):
             k = self.opts.context_shots
             if k > len(ctx.train_examples):
                 raise FewtuneError(f"cd: --context-shots {k} is more than the {len(ctx.train_examples)} training examples.")
-            words = ctx.pattern.verbalizer
             # the first k of the seeded, class-balanced sample order: balanced as far as k allows
             demos = balanced_prefix(ctx.train_examples, k, len(ctx.task.labels))
             instruction = text
 
             def build(ds):
-                return instruction + "".join(ctx.task.format(ctx.pattern, ex) + words[ex.label] + "\n\n" for ex in ds)
+                return instruction + demonstrations_text(ctx.task, ctx.pattern, ds)
             demos, dropped = self._fit_context(ctx, demos, build)
-            ctx.extra["context_demonstration_indices"] = [ex.idx for ex in demos]
-            ctx.extra["context_demonstrations_used"] = len(demos)
-            ctx.extra["context_demonstrations_dropped"] = dropped
+            ctx.info["context_demonstration_indices"] = [ex.idx for ex in demos]
+            ctx.info["context_demonstrations_used"] = len(demos)
+            ctx.info["context_demonstrations_dropped"] = dropped
             text = build(demos)
         if not text:
             raise FewtuneError(f"cd: task '{ctx.task.name}' has no instruction, so --context instruction gives the teacher no context.")
@@ -91,9 +109,7 @@ class ContextDistillation(Method):
     def _fit_context(self, ctx, demos, build):
         """ICL's policy for the teacher's context: drop demonstrations (methods/icl.drop_to_fit) until context +
         the longest training query fit the model's positions; refuse when nothing (or no demonstration) fits."""
-        from ..engine import encode
-        from .icl import drop_to_fit
-        limit = getattr(self, "_context_limit", None) or 2048
+        limit = ctx.max_positions
         queries = encode(ctx.tokenizer, [ctx.task.format(ctx.pattern, ex) for ex in ctx.train_examples],
                          ctx.config.max_length, with_bos=False)[0]
         longest = max(map(len, queries))
@@ -102,7 +118,7 @@ class ContextDistillation(Method):
             return len(encode(ctx.tokenizer, [build(ds)])[0][0])
         kept, dropped = drop_to_fit(demos, length, limit - longest)
         n = length(kept)
-        ctx.extra["teacher_context_tokens"], ctx.extra["teacher_context_limit"] = n, limit
+        ctx.info["teacher_context_tokens"], ctx.info["teacher_context_limit"] = n, limit
         if demos and not kept:
             raise FewtuneError(f"cd: not one of the {len(demos)} demonstrations of the teacher's context fits in the model's "
                                f"{limit} positions beside the longest training query ({longest} tokens); lower --max-length, "
@@ -113,17 +129,11 @@ class ContextDistillation(Method):
         return kept, dropped
 
     def prepare(self, ctx, model):
-        self._context_limit = getattr(model.config, "max_position_embeddings", None)  # as icl: None -> 2048
         if self.opts.student == "lora":
-            r = 8 if self.opts.lora_r is None else self.opts.lora_r
-            alpha = 16 if self.opts.lora_alpha is None else self.opts.lora_alpha
-            return wrap(model, LoraOptions(r=r, alpha=alpha), "lm")
+            return wrap(model, self.opts.student_lora(), "lm")
         return model
 
     def train_items(self, ctx, model, seqs, examples):
-        import contextlib
-
-        from ..engine import encode, leading_special_ids, score
         context = self.teacher_context(ctx)
         prefix_ids = encode(ctx.tokenizer, [context])[0][0]
         n_bos = len(leading_special_ids(ctx.tokenizer))
@@ -132,47 +142,45 @@ class ContextDistillation(Method):
         # switched off as well, so the teacher is exactly the frozen base model.
         base = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         with base:
-            out = score(model, ctx.tokenizer, queries, ctx.label_ids, ctx.device, ctx.dtype,
+            out = engine.score(model, ctx.tokenizer, queries, ctx.label_ids, ctx.device, ctx.dtype,
                         batch_size=ctx.config.eval_batch_size, prefix_ids=prefix_ids)
         self.teacher_calls += len(queries)
         # The distillation term must not be zero: if the teacher's outputs equal the student's (no context,
         # or a context that changes nothing), distillation silently degenerates into plain pbft.
         # Checked on the first 8 examples only: an exactly zero KL there already means the context is inert.
         n_check = min(8, len(seqs))
-        student = score(model, ctx.tokenizer, seqs[:n_check], ctx.label_ids, ctx.device, ctx.dtype,
+        student = engine.score(model, ctx.tokenizer, seqs[:n_check], ctx.label_ids, ctx.device, ctx.dtype,
                         batch_size=ctx.config.eval_batch_size)
         T = float(self.opts.temperature)
         t_logp = torch.log_softmax(torch.tensor(out.logits[:n_check]) / T, -1)
         s_logp = torch.log_softmax(torch.tensor(student.logits) / T, -1)
         kl = float((t_logp.exp() * (t_logp - s_logp)).sum(-1).mean())
-        ctx.extra["distill_kl_initial"] = kl
+        ctx.info["distill_kl_initial"] = kl
         if self.opts.alpha > 0 and not kl > 0:
             raise FewtuneError("cd: the teacher's outputs equal the student's before training (KL = 0): the context changes nothing.")
-        ctx.extra["teacher_seconds"] = out.seconds
-        ctx.extra["teacher_prefix_path"] = out.path
-        ctx.extra["teacher_examples"] = len(queries)
-        ctx.extra["teacher_accuracy"] = float(np.mean(out.logits.argmax(-1) == np.array([ex.label for ex in examples])))
+        ctx.info["teacher_seconds"] = out.seconds
+        ctx.info["teacher_prefix_path"] = out.path
+        ctx.info["teacher_examples"] = len(queries)
+        ctx.info["teacher_accuracy"] = float(np.mean(out.logits.argmax(-1) == np.array([ex.label for ex in examples])))
         return [{"ids": s, "label": ex.label, "teacher": torch.tensor(t)} for s, ex, t in zip(seqs, examples, out.logits)]
 
     def loss(self, ctx):
-        from ..engine import class_logits
         T, alpha = float(self.opts.temperature), float(self.opts.alpha)
-        state = {"distill_seen": 0.0}
 
         def loss_fn(model, chunk, batch):
-            logits = class_logits(model, batch, ctx.label_ids).float()
+            logits = engine.class_logits(model, batch, ctx.label_ids).float()
             labels = torch.tensor([it["label"] for it in chunk], device=logits.device)
             teacher = torch.stack([it["teacher"] for it in chunk]).to(logits.device).float()
             kl = torch.nn.functional.kl_div(torch.log_softmax(logits / T, -1), torch.log_softmax(teacher / T, -1),
                                             log_target=True, reduction="batchmean")
             ce = torch.nn.functional.cross_entropy(logits, labels)
-            state["distill_seen"] += float(kl.detach())
-            ctx.extra["distill_loss_sum"] = state["distill_seen"]
+            self.distill_loss_sum += float(kl.detach())
+            ctx.info["distill_loss_sum"] = self.distill_loss_sum
             return alpha * T * T * kl + (1 - alpha) * ce, logits
         return loss_fn
 
     def after_train(self, ctx):
-        if self.opts.alpha > 0 and ctx.extra.get("distill_loss_sum", 0.0) <= 0.0:
+        if self.opts.alpha > 0 and self.distill_loss_sum <= 0.0:
             raise FewtuneError("cd: the distillation term was zero throughout training.")
 
 

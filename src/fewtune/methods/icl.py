@@ -5,15 +5,26 @@ The demonstrations are the run's few-shot sample (class-balanced, order shuffled
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+from ..batching import encode
 from . import register
 from .base import Method, Options
+
+log = logging.getLogger("fewtune")
 
 
 @dataclass
 class IclOptions(Options):
     separator: str = "\n\n"   # between demonstrations and before the query
+
+
+def demonstrations_text(task, pattern, examples, separator: str = "\n\n") -> str:
+    """Labelled examples as a prompt: each in the pattern, followed by its label word and `separator` (icl's
+    demonstrations, cd's few-shot teacher context)."""
+    words = pattern.verbalizer
+    return "".join(task.format(pattern, ex) + words[ex.label] + separator for ex in examples)
 
 
 @register
@@ -22,12 +33,28 @@ class ICL(Method):
     trains = False
     Options = IclOptions
 
+    def __init__(self, options):
+        super().__init__(options)
+        self.demonstrations = None  # the run's sample until fit_eval_prefix has fitted it to the context
+
     def eval_prefix(self, ctx):
-        demos = ctx.extra.get("demonstrations", ctx.train_examples)
+        demos = ctx.train_examples if self.demonstrations is None else self.demonstrations
         if not demos:
             return None
-        words = ctx.pattern.verbalizer
-        return "".join(ctx.task.format(ctx.pattern, ex) + words[ex.label] + self.opts.separator for ex in demos)
+        return demonstrations_text(ctx.task, ctx.pattern, demos, self.opts.separator)
+
+    def fit_eval_prefix(self, ctx, eval_sets):
+        if not ctx.train_examples:
+            return
+        longest = max(len(s) for examples in eval_sets.values()
+                      for s in encode(ctx.tokenizer, [self.text(ctx, ex) for ex in examples], ctx.config.max_length,
+                                      with_bos=False)[0])
+        fit_demonstrations(self, ctx, longest, ctx.max_positions)
+        if not self.demonstrations:
+            log.warning("No demonstration fits the model's context of %d tokens: scoring zero-shot.", ctx.max_positions)
+
+    def examples_used(self, ctx):
+        return len(ctx.train_examples) if self.demonstrations is None else len(self.demonstrations)
 
 
 def fit_demonstrations(method: ICL, ctx, longest_query: int, limit: int) -> None:
@@ -35,16 +62,14 @@ def fit_demonstrations(method: ICL, ctx, longest_query: int, limit: int) -> None
 
     Recorded in the result as `demonstrations_used`/`_dropped` and `demonstration_indices`.
     """
-    from ..engine import encode
-
     def length(demos):
-        ctx.extra["demonstrations"] = demos
+        method.demonstrations = demos
         return len(encode(ctx.tokenizer, [method.eval_prefix(ctx)])[0][0]) if demos else 0
     demos, dropped = drop_to_fit(list(ctx.train_examples), length, limit - longest_query)
-    ctx.extra["demonstrations"] = demos
-    ctx.extra["demonstrations_used"] = len(demos)
-    ctx.extra["demonstrations_dropped"] = dropped
-    ctx.extra["demonstration_indices"] = [ex.idx for ex in demos]
+    method.demonstrations = demos
+    ctx.info["demonstrations_used"] = len(demos)
+    ctx.info["demonstrations_dropped"] = dropped
+    ctx.info["demonstration_indices"] = [ex.idx for ex in demos]
 
 
 def drop_to_fit(demos: list, length, budget: int) -> tuple[list, int]:

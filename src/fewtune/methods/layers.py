@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from ..errors import FewtuneError
+from ..models import text_config
 
 
 def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:
     """(qualified name, ModuleList) of the decoder blocks: the ModuleList with num_hidden_layers entries."""
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    cfg = text_config(model)
     depth = getattr(cfg, "num_hidden_layers", None)
     best = None
     for name, module in model.named_modules():

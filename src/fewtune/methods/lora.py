@@ -6,22 +6,24 @@ with the adapter: `task_type=SEQ_CLS` makes peft put the head (`score`/`classifi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import FewtuneError
 from . import register
-from .base import Method, Options
+from .base import Method, Options, option
 
 
 @dataclass
 class LoraOptions(Options):
-    r: int = 8                  # rank: higher = more capacity, more parameters and memory
-    alpha: int = 16             # scaling alpha/r
-    dropout: float = 0.05
-    target_modules: list = field(default_factory=list)  # default: every Linear inside attention modules
-    objective: str = "pbft"     # pbft | ft
+    r: int = option(8, flag="--lora-r", help="rank")  # higher = more capacity, more parameters and memory
+    alpha: int = option(16, flag="--lora-alpha", help="alpha (scaling alpha/r)")
+    dropout: float = option(0.05, flag="--lora-dropout", help="dropout")
+    # default: every Linear inside attention modules
+    target_modules: list = option(default_factory=list, flag="--lora-targets", kind=str, split=",",
+                                  help="comma-separated module names [attention projections]")
+    objective: str = option("pbft", flag="--objective", help="pbft or ft")
 
     def __post_init__(self):
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass
 
 import torch
 
-from ..errors import FewtuneError, did_you_mean
+from ..errors import FewtuneError, did_you_mean, one_line
 from . import register
-from .base import Method, Options
+from .base import Method, Options, option
 from .lora import ADAPTER_DEFAULTS, attention_linears
 
 # Config fields fewtune sets itself: the type and task come from peft_type/objective, the rest from the run.
@@ -68,16 +69,67 @@ def is_prompt_learning(cls) -> bool:
     return issubclass(cls, PromptLearningConfig)
 
 
-def one_line(e: Exception, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    return (text[:limit] if text else type(e).__name__)
+def field_types(cls) -> dict:
+    """{field: type hint} of a peft config class ({} where peft's annotations cannot be resolved)."""
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # a forward reference peft cannot resolve here: leave the values to peft
+        return {}
+
+
+def matches(value, hint) -> bool:
+    """Whether `value` (from TOML) can be a value of the type hint. Only what can be judged is refused: builtin
+    scalars, lists, dicts and their unions; Literal as the types of its values (peft's literals include patterns
+    such as 'pissa_niter_[number of iters]'); anything else (classes, callables) is left to peft."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is typing.Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(isinstance(value, type(a)) and isinstance(value, bool) == isinstance(a, bool) for a in args)
+    if origin in (list, tuple, set, frozenset) or hint in (list, tuple, set, frozenset):
+        if not isinstance(value, list):  # TOML has no tuples or sets: a list stands for them
+            return False
+        return len(args) != 1 or all(matches(v, args[0]) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def type_text(hint) -> str:
+    """A type hint as a user reads it: `int`, `str | list[str] | None`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "None"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_text(a) for a in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_text(a) for a in args)}]"
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 @dataclass
 class PeftOptions(Options):
-    peft_type: str = ""
-    objective: str = "pbft"                            # pbft | ft
-    fields: dict = field(default_factory=dict)         # the peft config's own fields, as given
+    peft_type: str = option("", flag="--peft-type",
+                            help="a peft.PeftType, e.g. IA3, LOHA, VERA, PROMPT_TUNING (fewtune ls methods)")
+    objective: str = option("pbft", flag="--objective", help="pbft or ft")
+    # the peft config's own fields, as given
+    fields: dict = option(default_factory=dict, flag="--peft-option", key_value=True,
+                          help="a field of the type's peft config; VALUE is a TOML value (8, 0.1, true, "
+                               "[\"q_proj\"]) or else a string; repeatable")
 
     @classmethod
     def parse(cls, raw: dict, method: str):
@@ -97,6 +149,13 @@ class PeftOptions(Options):
             if key not in valid:
                 raise FewtuneError(f"peft: {cls.__name__} has no field '{key}'.{did_you_mean(key, valid)} "
                                    f"Fields: {', '.join(valid)} (and objective).")
+        hints = field_types(cls)
+        for key, value in self.fields.items():
+            # checked here: peft takes a value of the wrong type and fails later, inside the model's wrapping
+            # ("'<=' not supported between instances of 'str' and 'int'" for r="eight")
+            if key in hints and not matches(value, hints[key]):
+                raise FewtuneError(f"peft: {cls.__name__} field '{key}' must be {type_text(hints[key])}, got "
+                                   f"{value!r:.60} ({type(value).__name__}).")
         missing = [k for k in REQUIRED.get(self.peft_type, ()) if self.fields.get(k) in (None, [], "")]
         if missing:
             raise FewtuneError(f"peft: {self.peft_type} needs option(s) {', '.join(missing)} "
@@ -131,12 +190,20 @@ class Peft(Method):
     name = "peft"
     Options = PeftOptions
 
-    def __init__(self, options):
-        super().__init__(options)
+    @property
+    def defaults(self):
         lr = LR["prompt"] if self.opts.prompt_learning else LR.get(self.opts.peft_type, 2e-4)
-        self.defaults = dict(ADAPTER_DEFAULTS, lr=lr)
-        # the quick preset's learning rate for this kind of type (run_presets: peft, peft-prompt, peft-IA3)
-        self.preset_key = "peft-prompt" if self.opts.prompt_learning else f"peft-{self.opts.peft_type}"
+        return dict(ADAPTER_DEFAULTS, lr=lr)
+
+    @classmethod
+    def listing(cls):
+        offered = [t for t in sorted(peft_types()) if t not in UNSUPPORTED]
+        return [f"--peft-type: {', '.join(offered)}"]
+
+    @property
+    def preset_keys(self):
+        # the quick preset's learning rate for this kind of type (hyperparameters.PRESETS: peft-prompt, peft-IA3, ...), else peft's
+        return ("peft-prompt" if self.opts.prompt_learning else f"peft-{self.opts.peft_type}", "peft")
 
     @property
     def objective(self):
@@ -159,10 +226,10 @@ class Peft(Method):
                 wrapped = get_peft_model(model, config)
         except (ValueError, TypeError, KeyError, NotImplementedError, RuntimeError, AttributeError) as e:
             raise FewtuneError(f"peft {self.opts.peft_type} cannot be applied to {type(model).__name__}: {one_line(e)}") from None
-        ctx.extra["peft_type"] = self.opts.peft_type
+        ctx.info["peft_type"] = self.opts.peft_type
         targets = getattr(config, "target_modules", None)
         if targets is not None:
-            ctx.extra["peft_target_modules"] = sorted(targets) if isinstance(targets, (set, list, tuple)) else str(targets)
+            ctx.info["peft_target_modules"] = sorted(targets) if isinstance(targets, (set, list, tuple)) else str(targets)
         return align_virtual_tokens(wrapped)
 
 

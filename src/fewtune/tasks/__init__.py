@@ -257,6 +257,15 @@ def _check_template(template: str, fields, where: str):
         raise FewtuneError(f"{where}: template does not use field(s) {missing}.")
 
 
+def _source_table(table, keys, required, shape: str, where: str) -> None:
+    """A split's `local` or `hub` entry: a table of known keys with its required strings."""
+    if not isinstance(table, dict):
+        raise FewtuneError(f"{where}: must be a table with {shape}.")
+    _check_keys(table, keys, where)
+    for key in required:
+        _need(table, key, str, where)
+
+
 def _parse_split(name: str, s, fields, labels, where: str) -> Split:
     if not isinstance(s, dict):
         raise FewtuneError(f"{where}: must be a table.")
@@ -265,19 +274,12 @@ def _parse_split(name: str, s, fields, labels, where: str) -> Split:
     if local is None and hub is None:
         raise FewtuneError(f"{where}: needs 'local' (a file under the data root) or 'hub' (a Hub dataset), or both.")
     if local is not None:
-        if not isinstance(local, dict):
-            raise FewtuneError(f"{where}.local: must be a table with 'path' and 'format'.")
-        _check_keys(local, _LOCAL_KEYS, f"{where}.local")
-        _need(local, "path", str, f"{where}.local")
+        _source_table(local, _LOCAL_KEYS, ("path",), "'path' and 'format'", f"{where}.local")
         fmt = local.get("format", "tsv")
         if fmt not in ("tsv", "csv", "jsonl"):
             raise FewtuneError(f"{where}.local: format '{fmt}' is not one of tsv, csv, jsonl.")
     if hub is not None:
-        if not isinstance(hub, dict):
-            raise FewtuneError(f"{where}.hub: must be a table with 'path' and 'split'.")
-        _check_keys(hub, _HUB_KEYS, f"{where}.hub")
-        _need(hub, "path", str, f"{where}.hub")
-        _need(hub, "split", str, f"{where}.hub")
+        _source_table(hub, _HUB_KEYS, ("path", "split"), "'path' and 'split'", f"{where}.hub")
     group_by = tuple(s.get("group_by", ()))
     columns = _need(s, "columns", dict, where)
     for key in [*fields, "label", *group_by]:

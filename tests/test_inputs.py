@@ -1,5 +1,6 @@
-"""Every input means what it says (issue 13): options that were silently ignored or refused, checks that
-tested the wrong invariant, and errors that gave the wrong advice."""
+"""Every input means what it says: method flags reach the options they name, task and data files are read as
+written, the label word is the token the model sees, each method uses what it is given (adaptive's layers, icl's
+truncation, cd's teacher context, evaluation on the training split), and errors give the right advice."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""More hostile and unusual inputs (issue 13, items 18-23): each bad input is one line and exit 2 through
+"""Hostile and unusual files and folders: data, task, config and predict-input files (byte-order marks, contents
+never echoed in errors), --save-model and --model-dir folders, read-only, empty and damaged results databases,
+figure file names, and docs that agree with the code. Each bad input is one line and exit 2 through
 `fewtune.cli.main`, with nothing lost; the inputs marked as acceptable are accepted. The fixtures and the
 checks are test_hostile.py's."""
 
@@ -455,7 +457,7 @@ def test_no_code_cites_a_file_the_repository_lacks():
 
 def test_every_method_info_key_is_documented():
     results_md = (DOCS / "results.md").read_text()
-    keys = {k for p in (SRC / "methods").glob("*.py") for k in re.findall(r'ctx\.extra\["(\w+)"\] *=', p.read_text())}
+    keys = {k for p in (SRC / "methods").glob("*.py") for k in re.findall(r'ctx\.info\["(\w+)"\] *=', p.read_text())}
     keys -= {"demonstrations"}  # not stored: runner.py leaves it out of method_info
     assert "distill_loss_sum" in keys
     assert not [k for k in sorted(keys) if f"`{k}`" not in results_md]

@@ -1,0 +1,55 @@
+"""General helpers below every other module: time stamps, JSON for records, atomic file writes, and the check
+that an output path can be written (made before a run, not after it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .errors import FewtuneError
+
+
+def now() -> str:
+    """The local time with its UTC offset, to the second (a record's started_at/finished_at)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def dumps(obj) -> str | None:
+    """Sorted JSON for a database column (None stays NULL); numpy scalars as numbers."""
+    if obj is None:
+        return None
+    return json.dumps(obj, sort_keys=True, default=json_default)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: a reader sees the whole file or the old one, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # left only when the write or the rename failed
+
+
+def json_default(o):
+    """numpy scalars as Python numbers (without importing numpy); anything else as its string."""
+    if hasattr(o, "item") and callable(o.item):
+        return o.item()
+    return str(o)
+
+
+def check_writable(path: str, flag: str) -> Path:
+    """`path` as a Path if a file can be written there (named in errors by `flag`); a one-line error if not."""
+    p = Path(path)
+    if p.is_dir():  # checked before the run: writing would fail only after it, leaving a temporary file
+        raise FewtuneError(f"{flag} {p} is a folder; give a file path.")
+    parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise FewtuneError(f"{flag} {p}: {parent} is a file, not a folder.")
+    if not parent.is_dir():
+        raise FewtuneError(f"{flag} {p}: folder {parent} does not exist.")
+    if not os.access(parent, os.W_OK):
+        raise FewtuneError(f"{flag} {p}: folder {parent} is not writable.")
+    return p
