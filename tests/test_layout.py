@@ -9,9 +9,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src" / "fewtune"
-# Imports that still point up, each being reworked elsewhere (issue 18): cli_grid takes check_writable from cli,
-# Store.claim recomputes the run's identity. The set may only shrink.
-KNOWN_UP = {("cli_grid", "cli"), ("store", "identity")}
+# Imports that still point up: none (cli_grid took check_writable from cli, Store.claim recomputed the identity:
+# both gone). The set may only stay empty.
+KNOWN_UP: set = set()
 
 
 def layout() -> list[str]:

@@ -238,7 +238,7 @@ def cmd_results(args) -> int:
         raise FewtuneError("--format parquet needs --output FILE (parquet is binary).")
     out = None
     if args.output:
-        from .cli import check_writable
+        from .util import check_writable
         out = check_writable(args.output, "--output")
     if args.predictions:
         return export_predictions(db_path(args), statuses, args.format, out)
@@ -388,7 +388,7 @@ def results_table(flat: list[dict]) -> str:
 
 def cmd_report(args) -> int:
     from .report import write_report
-    from .cli import check_writable
+    from .util import check_writable
     out = Path(args.out) if args.out else db_path(args).parent / "report"
     if out.exists() and not out.is_dir():
         raise FewtuneError(f"--out {out} is a file; give a folder.")

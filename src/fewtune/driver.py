@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from .backends import POLL_S, Backend, Job, Outcome
-from .grid_spec import Cell, Grid
+from .grid_spec import Cell, Grid, task_name
 from .store import Store, this_process
 
 
@@ -168,7 +168,7 @@ class Driver:
         """Claim a cell for this process: its log path, or None when it is done or running in another live process."""
         log_path = self.log_dir / f"{cell.key}.log"
         claim = self.store.claim(cell.config, cell.label, self.grid_name, str(log_path), self.owner, self.reclaim,
-                                 key=cell.key)
+                                 key=cell.key, task_name=task_name(cell.config.task))
         if claim == "claimed":
             return log_path
         s.busy += claim == "busy"
@@ -185,7 +185,7 @@ class Driver:
             write(f"! {job.cell.describe()}: {o.error}; retry {job.attempt}/{self.retries}")
             # the same row, attempts + 1 (the claim succeeds: the row is ours)
             if self.store.claim(job.cell.config, job.cell.label, self.grid_name, str(job.log_path), self.owner,
-                                False, key=job.key) == "claimed":
+                                False, key=job.key, task_name=task_name(job.cell.config.task)) == "claimed":
                 return Job(job.cell, job.log_path, job.attempt + 1, job.started)
             return None
         outcome, payload = ("success", o.result) if o.status == "success" else ("failed", o.error)

@@ -257,23 +257,23 @@ class Store:
 
     # --- the run life cycle: claim -> finish | fail | cancel
     def claim(self, cfg, label: str | None = None, grid: str | None = None, log_path: str | None = None,
-              owner: dict | None = None, reclaim: bool = False, key: str | None = None) -> str:
+              owner: dict | None = None, reclaim: bool = False, key: str | None = None,
+              task_name: str | None = None) -> str:
         """Mark a run `running` for `owner` (default: this process) unless it need not or cannot run.
 
-        `key` is the run's identity hash when the caller has it (a grid cell's `cell.key`): computing the identity
-        again hashes the task file, the data files and a model folder's content. Returns 'claimed', 'done' (already
-        succeeded), or 'busy' (claimed by a process that is alive). Failed, cancelled and stale running rows are
-        claimed again (same row, attempts + 1).
+        `key` is the run's identity hash and `task_name` its task's name, as the caller has them (a grid cell's
+        `cell.key`): the store takes them and does not compute identities (layers look down); without them it asks
+        the config (`cfg.hash()`, `cfg.identity()`), which hashes the task file, the data files and a model folder.
+        Returns 'claimed', 'done' (already succeeded), or 'busy' (claimed by a process that is alive). Failed,
+        cancelled and stale running rows are claimed again (same row, attempts + 1).
         """
         owner = owner or this_process()
         d, t = cfg.to_dict(), now()
         if key is None:
-            from .identity import digest
-            ident = cfg.identity()
-            key, d_task = digest(ident), ident["task"]["name"]  # = cfg.hash(), without computing the identity twice
-        else:
-            from .tasks import load_task
-            d_task = load_task(cfg.task).name  # parsed once per process (tasks._PARSED)
+            key = cfg.hash()
+        if task_name is None:
+            task_name = cfg.identity()["task"]["name"]
+        d_task = task_name
         with self.transaction() as c:
             row = c.execute("SELECT status, owner FROM runs WHERE config_hash=?", (key,)).fetchone()
             if row and row["status"] == "success":
