@@ -321,3 +321,26 @@ def test_check_against_a_grid_spec(tmp_path, capsys):
     assert main(["check", "nosuch.toml", "--spec", "demo"]) == 2
     assert main(["results", "--db", str(tmp_path / "x.db"), "--findings", "study"]) == 2  # json only
     assert "--findings goes with --format json" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- grid specs: findings = ..., --models
+def test_a_spec_declares_its_findings_and_they_must_name_its_labels(tmp_path):
+    from fewtune.grid_spec import expand, load_grid
+    assert load_grid("demo").findings == "study"  # the shipped grids judge the study's claims
+    spec = {"models": ["m"], "tasks": ["cola"], "seeds": [0, 1], "findings": "study",
+            "methods": [{"method": "icl", "label": "icl"}, {"method": "ft", "label": "ft"}]}
+    with pytest.raises(FewtuneError, match=r"claim '[a-z-]+': (label|glob) '[^']+' names no option of my-spec"):
+        expand(spec, where="my-spec")
+    assert expand({**spec, "findings": "none"}, where="my-spec").findings == "none"
+    with pytest.raises(FewtuneError, match=r"my-spec: 'findings' must be a findings file"):
+        expand({**spec, "findings": 3}, where="my-spec")
+
+
+def test_models_override_runs_the_studys_design_on_another_model():
+    from fewtune.grid_spec import load_grid
+    paper = load_grid("paper")
+    mine = load_grid("paper", models=["smollm2-135m"])
+    assert {c.config.model for c in mine.cells} == {"smollm2-135m"}
+    assert len(mine.cells) == len(paper.cells) // len({c.config.model for c in paper.cells})
+    assert {(c.label, c.config.shots, c.config.seed, c.config.task) for c in mine.cells} == \
+        {(c.label, c.config.shots, c.config.seed, c.config.task) for c in paper.cells}

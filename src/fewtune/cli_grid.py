@@ -42,6 +42,8 @@ def add_parser(sub) -> None:
                                      "else a new local one]")
     g.add_argument("--max-retries", type=int, help="re-runs of a cell whose worker process died (killed, out of "
                                                    "memory, hung) [spec max_retries; process 0, warm 1, ray 2]")
+    g.add_argument("--models", help="replace the spec's models, comma-separated (e.g. fewtune grid paper --models "
+                                    "smollm2-135m,gemma3-270m: the study's design on the bundled models)")
     g.add_argument("--max-cells", type=int, help="refuse a spec that expands to more cells than this [10000]")
     g.add_argument("--until-resolved", action="store_true",
                    help="run a first seed of every option, then more seeds only where the comparison with the best "
@@ -98,7 +100,12 @@ def cmd_grid(args) -> int:
     backend_name = "process" if args.backend == "local" else args.backend
     if args.workers is not None and args.workers < 1:
         raise FewtuneError(f"--workers must be ≥ 1, got {args.workers}.")
-    grid = load_grid(args.spec, max_cells=args.max_cells or MAX_CELLS)
+    models = None
+    if args.models is not None:  # the study's design on another model: fewtune grid paper --models smollm2-135m
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not models:
+            raise FewtuneError("--models needs at least one model: a bundled name, a folder or a Hub id, comma-separated.")
+    grid = load_grid(args.spec, max_cells=args.max_cells or MAX_CELLS, models=models)
     path = db_path(args)
     if args.max_retries is not None:
         check_max_retries(args.max_retries, "--max-retries")
@@ -149,6 +156,9 @@ def cmd_grid(args) -> int:
     if args.dry_run:
         return dry_run(grid, path, backend_name, plan)
     with Store(path) as store:
+        if grid.findings is not None:  # `fewtune report` on this database judges the spec's findings by default
+            from .findings import findings_ref
+            store.set_meta("findings", findings_ref(grid.findings))
         print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells; database {path}; "
               f"logs {path.parent / 'logs'}" + (f"; {plan.workers} {backend_name} workers × {plan.threads} threads"
                                                 if plan and plan.workers > 1 else ""), file=sys.stderr)

@@ -17,6 +17,7 @@ from .errors import FewtuneError, did_you_mean, unknown
 
 RUNNER_ENV = "FEWTUNE_GRID_RUNNER"  # "module:function" replacing fewtune.runner.run in the cells (tests, plug-ins)
 GRID_KEYS = ("name", "description", "models", "tasks", "shots", "shots_per_class", "seeds", "methods", "resources", "max_retries",
+             "findings",
              "workers")
 # [resources]: what one cell asks of a Ray cluster (the local backend runs one cell at a time and ignores it)
 RESOURCE_KEYS = {"num_cpus": 1.0, "num_gpus": 0.0, "memory_gib": None}
@@ -58,6 +59,7 @@ class Grid:
     resources: dict = field(default_factory=lambda: dict(RESOURCE_KEYS))  # per cell, for the Ray backend
     max_retries: int | None = None  # re-runs of a cell whose worker process died [backends.default_retries]
     workers: int | None = None      # cells at once on this machine (warm/process backends) [--workers, 1]
+    findings: str | None = None     # the findings file its report judges (a path, a shipped name, or "none")
 
 
 # --- the spec
@@ -65,9 +67,10 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in (resources.files("fewtune") / "presets").iterdir() if p.name.endswith(".toml"))
 
 
-def load_grid(spec: str, validate: bool = True, max_cells: int = MAX_CELLS) -> Grid:
+def load_grid(spec: str, validate: bool = True, max_cells: int = MAX_CELLS, models: list[str] | None = None) -> Grid:
     """A grid from a spec file path, or from the name of a spec shipped in fewtune/presets (paper, cpu, demo).
-    A spec that expands to more than `max_cells` cells is refused before any cell is built."""
+    A spec that expands to more than `max_cells` cells is refused before any cell is built. `models` replaces the
+    spec's models (`fewtune grid paper --models smollm2-135m`: the study's design on another model)."""
     path = Path(spec)
     if path.is_dir():
         raise FewtuneError(f"Grid spec {path} is a folder; give a spec file (.toml) or a shipped name "
@@ -87,6 +90,10 @@ def load_grid(spec: str, validate: bool = True, max_cells: int = MAX_CELLS) -> G
     default_name = spec if source.startswith("preset") else path.stem
     if path.is_file() and isinstance(data.get("tasks"), list):
         data["tasks"] = [resolve_task_path(t, path.parent) for t in data["tasks"]]
+    if path.is_file() and isinstance(data.get("findings"), str):
+        data["findings"] = resolve_task_path(data["findings"], path.parent)  # next to the spec, as task files are
+    if models is not None:
+        data["models"] = list(models)
     return expand(data, source, default_name, validate, max_cells)
 
 
@@ -238,10 +245,24 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
     cells.sort(key=lambda c: (order["seed"][c.config.seed], order["model"][c.config.model],
                               order["task"][c.config.task], c.config.shots))  # stable: method order within a block
     name = data.get("name", default_name)
+    findings = check_findings_key(data["findings"], [m[0] for m in methods], where) if "findings" in data else None
     return Grid(name=str(name), source=where, description=str(data.get("description", "")), cells=cells,
                 resources=parse_resources(data.get("resources", {}), where),
                 max_retries=check_max_retries(data["max_retries"], where) if "max_retries" in data else None,
-                workers=check_workers_key(data["workers"], where) if "workers" in data else None)
+                workers=check_workers_key(data["workers"], where) if "workers" in data else None,
+                findings=findings)
+
+
+def check_findings_key(value, labels: list[str], where: str) -> str:
+    """The spec's `findings`: a findings file (path or shipped name) whose claims name only this grid's labels,
+    or "none"; checked before anything runs."""
+    if not isinstance(value, str) or not value:
+        raise FewtuneError(f"{where}: 'findings' must be a findings file (a path, or a shipped name: study) or "
+                           f"\"none\", got {value!r:.60}.")
+    if value != "none":
+        from .findings import check_against_labels, load_findings
+        check_against_labels(load_findings(value), labels, where)
+    return value
 
 
 def grid_shots(table: dict, where: str, default):

@@ -404,6 +404,11 @@ class Store:
     def meta(self) -> dict[str, str]:
         return {k: v for k, v in self.conn.execute("SELECT key, value FROM meta")}
 
+    def set_meta(self, key: str, value: str) -> None:
+        """Record a database-wide setting (the grid spec's findings file, read by `fewtune report`)."""
+        with self.transaction() as c:
+            c.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
 
 def pack_predictions(p: dict) -> tuple:
     """(n, n_classes, blob, groups JSON) from {"idx", "gold", "pred", "logprobs"[, "groups"]}: HANS's 30,000

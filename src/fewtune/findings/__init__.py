@@ -235,6 +235,13 @@ def check_margin_for(claim: Claim, metric: str) -> str | None:
     return None
 
 
+def findings_ref(value: str) -> str:
+    """How a database records a grid spec's findings: a shipped name or "none" as is, a file by its absolute path."""
+    if value == "none" or (Path(value).suffix == "" and "/" not in value):
+        return value
+    return str(Path(value).expanduser().resolve())
+
+
 def resolve(spec) -> tuple[Findings | None, bool]:
     """`--findings` as given: 'auto' -> the shipped study (it applies to the tasks its claims name: cola, mnli),
     flagged as the default; None or 'none' -> no findings; a Findings as is; else a file path or shipped name."""

@@ -23,6 +23,8 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, volume:
     fig_dir = out / "figures"
     with Store(db_path, readonly=True) as store:
         rows = store.rows()
+        if findings == "auto" and store.meta().get("findings"):  # the grid spec's `findings = ...`
+            findings = store.meta()["findings"]
         out.mkdir(parents=True, exist_ok=True)
         doc = build(rows, Path(db_path), fig_dir, predictions_reader(store), volume, max_latency_ms, max_retention_loss,
                     margin, findings)
