@@ -5,27 +5,29 @@ task's primary metric. The report and `--until-resolved` both ask this module, a
 claimed about a family: "X has the best estimate", "Y is worse than X", "Z is shown equivalent to X within the
 task's margin", "nothing is shown different". docs/statistics.md explains the procedure; in short:
 
-1. **One model for all options** (seeds random, options fixed): the per-seed metric M[k, s] of option k under data
-   seed s is fitted by least squares with an option effect and a seed effect (the seed's sample helps or hurts
-   every method alike: that is what pairing removes). The residual variance σ² — training instability and the
-   per-seed evaluation noise — is *pooled over all options*, so its degrees of freedom are (cells − options −
-   seeds + 1), (K−1)(n−1) for K options × n seeds, not n − 1 for one pair. The fit uses every run, so options
-   with different numbers of seeds (after `--until-resolved`) are compared on everything they share.
+1. **One model for all options** (seeds random, options fixed; `Fit`): the per-seed metric M[k, s] of option k
+   under data seed s is fitted by least squares with an option effect and a seed effect (the seed's sample helps or
+   hurts every method alike: that is what pairing removes). The residual variance σ² — training instability and the
+   per-seed evaluation noise — is *pooled over the options that vary between seeds*, so its degrees of freedom are
+   (cells − options − seeds + 1), (K−1)(n−1) for K options × n seeds, not n − 1 for one pair. Options whose
+   predictions are identical under every seed (zero-shot) are constants, kept out of the pool. The fit uses every
+   run, so options with different numbers of seeds (after `--until-resolved`) are compared on all they have.
 2. **Evaluation sampling**, which more seeds never shrink, is added per contrast: the contrast's per-example
    values (jackknife pseudo-values of the metric, exact for accuracy, so MCC and macro-F1 work the same way) vary
-   over the N examples; their variance, less the per-seed noise the residual above already holds, over N.
+   over the N examples; their variance, less the per-seed noise the seed part already holds, over N.
 3. **Simultaneous intervals** (Tukey–Kramer): every pairwise difference gets an interval with the studentized
-   range quantile q(1 − α; K, df)/√2 for the seed part and q(1 − α; K, ∞)/√2 for the example part, so that all
-   K(K−1)/2 intervals hold together with probability ≥ 1 − α. Because they hold together, picking the best from
+   range quantile q(1 − α'; K, df)/√2 for the seed part and q(1 − α'; K, ∞)/√2 for the example part, so that all
+   K(K−1)/2 intervals hold together with probability ≥ 1 − α'. Because they hold together, picking the best from
    the same data and then comparing it with the rest is covered: every "worse" claim holds after the selection.
+   α' = α / looks: α is spent equally over the looks a family can have had (`looks_for`).
 4. **Claims**: an option is *worse* when some option's interval against it lies above 0; the *candidates* for
    best are the options shown worse than none. Two options are *shown equivalent* only when their interval lies
    inside ±margin, a margin fixed before the run (the task file's `equivalence_margin`, or
-   `--equivalence-margin`); this is two one-sided tests at level α/2 each. Without it the words are "not shown
-   different", never "equivalent". Nothing is claimed from one seed (σ² cannot be estimated; the interval would
-   cover evaluation noise only).
+   `--equivalence-margin`); this is two one-sided tests at level α'/2 each. Without it the words are "not shown
+   different", never "equivalent". Nothing is claimed before every option has 2 seeds (σ² cannot be estimated;
+   the interval would cover evaluation noise only).
 5. **The floor**: each option against the majority-class baseline, paired by example, Bonferroni over the K
-   options (the baseline has no seed variance, so it is not in the pooled fit).
+   options (the baseline has no seed variance, so it is not in the fit).
 
 Checked by simulation in tests/test_compare.py: with every option equal, at most 5% of families get any false
 claim, including with the allocator of `--until-resolved` deciding where seeds go.
