@@ -61,23 +61,24 @@ def mib(x) -> str:
     return "–" if x is None or math.isnan(x) else f"{x:.0f}"
 
 
-def size(x) -> str:
-    """Bytes as B/kB/MB/GB (decimal)."""
+def _largest_unit(x, units, digits: int, sep: str, base: str) -> str:
+    """x in the largest of `units` ((name, size), largest first) it reaches; below them all, plain with `base`."""
     if x is None or math.isnan(x):
         return "–"
-    for unit, n in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+    for unit, n in units:
         if x >= n:
-            return f"{x / n:.1f} {unit}"
-    return f"{x:.0f} B"
+            return f"{x / n:.{digits}f}{sep}{unit}"
+    return f"{x:.0f}{sep if base else ''}{base}"
+
+
+def size(x) -> str:
+    """Bytes as B/kB/MB/GB (decimal)."""
+    return _largest_unit(x, (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)), 1, " ", "B")
 
 
 def params(x) -> str:
-    if x is None or math.isnan(x):
-        return "–"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if x >= size:
-            return f"{x / size:.2f}{unit}"
-    return f"{x:.0f}"
+    """A parameter count as k/M/G."""
+    return _largest_unit(x, (("G", 1e9), ("M", 1e6), ("k", 1e3)), 2, "", "")
 
 
 # --- the console lines of a run (`fewtune run`, and the grid's line per finished cell)

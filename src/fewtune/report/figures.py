@@ -75,13 +75,19 @@ def _panels(prefixes):
     return [(p, "in-domain" if p == "id" else "out-of-domain") for p in prefixes]
 
 
+def _panel_figure(gs: list[dict], prefixes):
+    """(scale, unit, metric name, figure, axes): one panel per split, sharing the metric's axis."""
+    k, unit = _axis(gs[0])
+    mname = METRIC_NAMES[gs[0]["primary_metric"]]
+    fig, axes = plt.subplots(1, len(prefixes), figsize=(5 * len(prefixes), 3.8), sharey=True, squeeze=False)
+    return k, unit, mname, fig, axes
+
+
 def metric_vs_shots(groups: list[dict], task: str, model: str, out: Path, color: dict, prefixes=("id", "ood")) -> str | None:
     gs = [g for g in groups if g["task"] == task and g["model"] == model]
     if not gs:
         return None
-    k, unit = _axis(gs[0])
-    mname = METRIC_NAMES[gs[0]["primary_metric"]]
-    fig, axes = plt.subplots(1, len(prefixes), figsize=(5 * len(prefixes), 3.8), sharey=True, squeeze=False)
+    k, unit, mname, fig, axes = _panel_figure(gs, prefixes)
     for ax, (prefix, title) in zip(axes[0], _panels(prefixes)):
         labels = sorted({g["label"] for g in gs})
         for j, label in enumerate(labels):
@@ -156,9 +162,7 @@ def metric_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabel:
     gs = [g for g in groups if g["task"] == task and g["model"] == model and finite(g.get(cost))]
     if not gs:
         return None
-    k, unit = _axis(gs[0])
-    mname = METRIC_NAMES[gs[0]["primary_metric"]]
-    fig, axes = plt.subplots(1, len(prefixes), figsize=(5 * len(prefixes), 3.8), sharey=True, squeeze=False)
+    k, unit, mname, fig, axes = _panel_figure(gs, prefixes)
     for ax, (prefix, title) in zip(axes[0], _panels(prefixes)):
         for g in gs:
             if _est(g, prefix) is not None and finite(_est(g, prefix).value):
