@@ -8,8 +8,6 @@ import math
 import numpy as np
 import pytest
 
-from conftest import TOY_TASK
-
 from fewtune import metrics
 from fewtune.cli import main
 from fewtune.config import RunConfig
@@ -18,9 +16,6 @@ from fewtune.findings import check_against_labels, load_findings, parse_findings
 from fewtune.findings.judge import (CONTRADICTED, NO_RUNS, NOT_JUDGED, NOT_SETTLED, SUPPORTED, half_width, holm,
                                     judge, one_sided_p)
 from fewtune.store import Store
-
-PREFIX = {"in_domain": "id", "out_of_domain": "ood"}
-
 
 def group(label: str, pred: np.ndarray, gold: np.ndarray, shots: int = 32, task: str = "mnli", model: str = "m",
           prefixes=("id", "ood"), population: int | None = None, seeds=None) -> dict:
