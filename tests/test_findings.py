@@ -8,19 +8,14 @@ import math
 import numpy as np
 import pytest
 
-from conftest import TOY_TASK
-
 from fewtune import metrics
 from fewtune.cli import main
 from fewtune.config import RunConfig
 from fewtune.errors import FewtuneError
 from fewtune.findings import check_against_labels, load_findings, parse_findings
-from fewtune.findings.judge import (CONTRADICTED, NO_RUNS, NOT_SETTLED, SUPPORTED, half_width, holm, judge,
-                                    one_sided_p)
+from fewtune.findings.judge import (CONTRADICTED, NO_RUNS, NOT_JUDGED, NOT_SETTLED, SUPPORTED, half_width, holm,
+                                    judge, one_sided_p)
 from fewtune.store import Store
-
-PREFIX = {"in_domain": "id", "out_of_domain": "ood"}
-
 
 def group(label: str, pred: np.ndarray, gold: np.ndarray, shots: int = 32, task: str = "mnli", model: str = "m",
           prefixes=("id", "ood"), population: int | None = None, seeds=None) -> dict:
@@ -94,12 +89,13 @@ def test_every_verdict_right_by_construction():
         dict(id="close", relation="better", a=["close1"], b=["close2"], split="in_domain"),
         dict(id="missing", relation="better", a=["lora"], b=["good"], split="in_domain", shots=[32]),
         dict(id="one-seed", relation="better", a=["solo"], b=["other"], split="in_domain"),
+        dict(id="wide", relation="equivalent", a=["same1"], b=["same2"], split="in_domain", margin=1.5),
     ]})), "test.toml")
     j = judge(f, groups)
     got = {(r.claim.id, r.task): r for r in j.rows}
     expect = {"good-better": SUPPORTED, "bad-better": CONTRADICTED, "bad-worse": SUPPORTED,
               "same-equiv": SUPPORTED, "far-equiv": CONTRADICTED, "same-noninf": SUPPORTED,
-              "bad-noninf": CONTRADICTED, "missing": NO_RUNS, "one-seed": NOT_SETTLED}
+              "bad-noninf": CONTRADICTED, "missing": NO_RUNS, "one-seed": NOT_SETTLED, "wide": NOT_JUDGED}
     for cid, verdict in expect.items():
         r = got[(cid, "mnli")]
         assert r.verdict == verdict, (cid, r.verdict, r.sentence())
@@ -115,6 +111,10 @@ def test_every_verdict_right_by_construction():
     assert r.lo > 0 and r.p_support <= 0.05 and 0.95 < r.level < 1
     r = got[("same-equiv", "mnli")]
     assert -0.1 < r.lo and r.hi < 0.1
+    assert got[("bad-better", "mnli")].hi < 0  # contradicted: the interval (at C's level) clears the other side
+    r = got[("far-equiv", "mnli")]
+    assert r.lo > 0.05 and r.p_contra <= 0.05  # good − bad: shown above the margin
+    assert "larger than the range of accuracy" in got[("wide", "mnli")].sentence()
     assert j.hypotheses == 2 * sum(x.judged for x in j.rows)
 
 

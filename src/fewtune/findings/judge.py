@@ -35,7 +35,8 @@ from ..fmt import METRIC_NAMES, scale_for
 from ..options import model_order
 from . import Claim, Findings, check_margin_for, matches
 
-SUPPORTED, CONTRADICTED, NOT_SETTLED, NO_RUNS = "supported", "contradicted", "not settled", "no runs"
+SUPPORTED, CONTRADICTED, NOT_SETTLED = "supported", "contradicted", "not settled"
+NO_RUNS, NOT_JUDGED = "no runs", "not judged"  # a claim naming no option here; one that cannot be judged as written
 MAX_SEEDS = 50  # what-it-takes searches up to this many seeds per option
 
 
@@ -52,7 +53,7 @@ class Row:
     estimate: float = math.nan        # mean(A) − mean(B) in the metric's units
     lo: float = math.nan              # the interval behind the verdict, at `level`
     hi: float = math.nan
-    level: float = math.nan           # two-sided coverage of [lo, hi]: 1 − 2·(Holm's one-sided level for S)
+    level: float = math.nan           # two-sided coverage of [lo, hi]: 1 − 2·(the one-sided level Holm tested at)
     p_support: float = math.nan       # Holm-adjusted
     p_contra: float = math.nan
     options_a: tuple[str, ...] = ()
@@ -173,9 +174,11 @@ def decide(rows: list[Row], alpha: float = compare.ALPHA) -> int:
     for i, r in enumerate(judged):
         r.p_support, r.p_contra = float(adjusted[i]), float(adjusted[n + i])
         r.verdict = SUPPORTED if rejected[i] else (CONTRADICTED if rejected[n + i] else NOT_SETTLED)
-        # the level Holm tested S at (for one not rejected: the level at which the step-down stopped)
-        div = divisor[i] if rejected[i] or first_kept is None else max(divisor[i], first_kept)
-        a_one = alpha / div / r.looks
+        # the interval behind the verdict: at the level Holm tested C at when contradicted (equivalence: each side
+        # at half of it), else at S's (for one not rejected: the level at which the step-down stopped)
+        k = n + i if r.verdict == CONTRADICTED else i
+        div = divisor[k] if rejected[k] or first_kept is None else max(divisor[k], first_kept)
+        a_one = alpha / div / r.looks / (2 if k == n + i and r.claim.relation == "equivalent" else 1)
         half = float(half_width(a_one, r.contrast.seed_var, r.contrast.example_var, r.contrast.df))
         r.lo, r.hi, r.level = r.estimate - half, r.estimate + half, 1 - 2 * a_one
         if r.verdict == NOT_SETTLED:
@@ -256,14 +259,17 @@ def _row(c: Claim, row: Row, gs: list[dict], fam: _Family | None) -> Row:
     both = set(names["a"]) & set(names["b"])
     if both:
         row.reason = f"{', '.join(sorted(both))} matches both groups"
+        row.verdict = NOT_JUDGED
         return row
     why = check_margin_for(c, row.metric)
     if why:
         row.reason = why
+        row.verdict = NOT_JUDGED
         return row
     outside = [n for n in (*names["a"], *names["b"]) if fam is None or n not in fam.by_name]
     if outside:
         row.reason = (f"no stored predictions on the split's common examples for {', '.join(outside)}")
+        row.verdict = NOT_JUDGED
         return row
     row.min_seeds = min(len(fam.by_name[n]["preds"][c.prefix]["seeds"]) for n in (*names["a"], *names["b"]))
     row.population, row.n_examples, row.looks = fam.population, fam.fit.n_examples, fam.looks
@@ -272,6 +278,7 @@ def _row(c: Claim, row: Row, gs: list[dict], fam: _Family | None) -> Row:
     d = fam.fit.contrast(weights)
     if d is None:
         row.reason = "the two groups share no seed (directly or through other options): they cannot be paired"
+        row.verdict = NOT_JUDGED
         return row
     row.contrast, row.estimate = d, d.value
     if row.min_seeds < compare.MIN_SEEDS:
@@ -339,7 +346,7 @@ def sentence(r: Row) -> str:
     c = r.claim
     what = relation_text(c, r.metric)
     name = METRIC_NAMES.get(r.metric, r.metric)
-    if r.verdict == NO_RUNS:
+    if r.verdict in (NO_RUNS, NOT_JUDGED):
         return f"Not judged: {r.reason}."
     if r.contrast is None or (r.verdict == NOT_SETTLED and r.reason):
         text = f"Not settled: {r.reason}"

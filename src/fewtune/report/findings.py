@@ -43,8 +43,9 @@ def section(doc: Doc, j: Judgement, default: bool) -> None:
             "interval shown is the one behind the verdict, at the level Holm tested the claim at. Nothing is judged "
             "from one seed.")
     if default:
+        covered = ", ".join(sorted(f.tasks or ["every task"]))
         lead += (" No findings file was given, so the study's shipped findings (study.toml) are used for the tasks "
-                 "they cover (cola, mnli); `fewtune report --findings FILE` uses yours, `--findings none` leaves this "
+                 f"they cover ({covered}); `fewtune report --findings FILE` uses yours, `--findings none` leaves this "
                  "section out.")
     doc.para(lead, note=True)
     doc.bullets([f"{c.id}: {c.statement or relation_text(c, 'accuracy')}" + (f" Source: {c.source}" if c.source else "")
