@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fewtune import engine, models
+from fewtune import batching, devices, engine, models
 
 
 def build(config_dir: Path, tiny: bool, device):
@@ -72,8 +72,8 @@ def scoring(model, tok, device, dtype: str, n: int, length: int, peak: float) ->
     seqs = [torch.randint(100, min(tok.vocab_size, 40000), (length - (i % 8),), generator=g).tolist() for i in range(n)]
     label_ids = [tok.encode(" No")[0], tok.encode(" Yes")[0]]
     out = {}
-    for name, kw in (("batch 16", {}), (f"token budget {engine.CUDA_TOKEN_BUDGET}",
-                                        {"token_budget": engine.CUDA_TOKEN_BUDGET})):
+    for name, kw in (("batch 16", {}), (f"token budget {batching.CUDA_TOKEN_BUDGET}",
+                                        {"token_budget": batching.CUDA_TOKEN_BUDGET})):
         engine.score(model, tok, seqs[:32], label_ids, device, dtype, 16, **kw)  # warm-up
         sync(device)
         s = engine.score(model, tok, seqs, label_ids, device, dtype, 16, **kw)
@@ -112,8 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--out", default="results/device_check")
     args = ap.parse_args(argv)
-    device = engine.pick_device(args.device)
-    dtype = engine.resolve_dtype("auto", device)
+    device = devices.pick_device(args.device)
+    dtype = devices.resolve_dtype("auto", device)
     config_dir = Path(args.config_dir) if args.config_dir else models.bundled_folder("smollm2-135m")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

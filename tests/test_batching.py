@@ -8,13 +8,13 @@ import random
 import numpy as np
 import torch
 
-from fewtune import engine
+from fewtune import batching, engine
 
 
 def test_token_batches_cover_every_index_once_within_the_budget():
     rng = random.Random(0)
     lengths = [rng.randint(1, 300) for _ in range(2000)] + [5000]  # one longer than the budget
-    batches = engine.token_batches(lengths, 4096, max_rows=100)
+    batches = batching.token_batches(lengths, 4096, max_rows=100)
     flat = [i for b in batches for i in b]
     assert sorted(flat) == list(range(len(lengths)))
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
@@ -25,15 +25,15 @@ def test_token_batches_cover_every_index_once_within_the_budget():
 
 
 def test_the_token_budget_is_for_cuda_at_the_default_batch_size():
-    assert engine.scoring_token_budget(torch.device("cuda"), 16) == engine.CUDA_TOKEN_BUDGET
-    assert engine.scoring_token_budget(torch.device("cuda"), 64) is None   # asked for a size: kept
-    assert engine.scoring_token_budget(torch.device("cpu"), 16) is None    # CPUs keep 16 rows
+    assert batching.scoring_token_budget(torch.device("cuda"), 16) == batching.CUDA_TOKEN_BUDGET
+    assert batching.scoring_token_budget(torch.device("cuda"), 64) is None   # asked for a size: kept
+    assert batching.scoring_token_budget(torch.device("cpu"), 16) is None    # CPUs keep 16 rows
 
 
 def test_scoring_by_token_budget_gives_the_same_logits(tiny_lm, tokenizer):
     texts = [("a short one" if i % 3 else "a much longer sentence about nothing at all, " * (1 + i % 4)) + str(i)
              for i in range(40)]
-    seqs, _ = engine.encode(tokenizer, texts, 64)
+    seqs, _ = batching.encode(tokenizer, texts, 64)
     label_ids = [tokenizer.encode(" No")[0], tokenizer.encode(" Yes")[0]]
     fixed = engine.score(tiny_lm, tokenizer, seqs, label_ids, torch.device("cpu"), "fp32", 16)
     budget = engine.score(tiny_lm, tokenizer, seqs, label_ids, torch.device("cpu"), "fp32", 16, token_budget=512)

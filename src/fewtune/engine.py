@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .batching import (CUDA_TOKEN_BUDGET, PACK_ROW_TOKENS, collate, collate_packed, length_batches,  # noqa: F401
+from .batching import (PACK_ROW_TOKENS, collate, collate_packed, length_batches,  # noqa: F401
                        scoring_token_budget, token_batches)
 from .devices import autocast, speedups_enabled
 from .errors import FewtuneError
