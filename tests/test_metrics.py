@@ -37,3 +37,40 @@ def test_compute_breaks_down_by_group_and_label():
 
 def test_empty_accuracy_is_nan():
     assert math.isnan(metrics.accuracy([], []))
+
+
+def test_a_metric_is_one_registry_entry():
+    """Adding a metric is one `register_metric` call: task files accept it, runs compute it, the statistics give it a
+    paired interval (from its jackknife pseudo-values), the claim procedure compares options on it, tables print it."""
+    import numpy as np
+    from fewtune import compare, fmt, stats, tasks
+    from fewtune.metrics import METRICS, Metric, register_metric
+
+    def balanced_accuracy(cm):  # mean recall over classes
+        recall = np.divide(np.diagonal(cm, axis1=-2, axis2=-1), cm.sum(-1), out=np.zeros(cm.shape[:-1]),
+                           where=cm.sum(-1) > 0)
+        return recall.mean(-1)
+    register_metric(Metric("balanced_accuracy", "balanced accuracy", "bal-acc", balanced_accuracy, 0.0, 1.0,
+                           percent=True))
+    try:
+        with pytest.raises(ValueError, match="registered twice"):
+            register_metric(METRICS["balanced_accuracy"])
+        rng = np.random.default_rng(0)
+        gold = rng.integers(0, 2, 300)
+        pred = np.where(rng.random((3, 300)) < 0.8, gold, 1 - gold)
+        assert metrics.scores(gold, pred[0], 2, ["balanced_accuracy"])["balanced_accuracy"] == pytest.approx(
+            np.mean([(pred[0][gold == k] == k).mean() for k in (0, 1)]))
+        est = stats.estimate(gold, pred, None, 2, "balanced_accuracy")
+        assert est.lo < est.value < est.hi <= 1.0
+        v = compare.family(gold, [compare.OptionRuns("a", (0, 1, 2), pred),
+                                  compare.OptionRuns("b", (0, 1, 2), 1 - pred)], 2, "balanced_accuracy")
+        assert v.worse == {"b": "a"}
+        assert fmt.METRIC_NAMES["balanced_accuracy"] == "balanced accuracy" and "balanced_accuracy" in fmt.PERCENT
+        assert fmt.scale_for("balanced_accuracy")(0.5) == "50.0"
+        raw = {"name": "t", "labels": ["no", "yes"], "fields": ["text"], "train": "s", "in_domain": "s",
+               "metrics": ["accuracy", "balanced_accuracy"], "primary_metric": "balanced_accuracy",
+               "patterns": [{"template": "{text}?", "verbalizer": [" No", " Yes"]}],
+               "splits": {"s": {"local": {"path": "x.tsv"}, "columns": {"text": 0, "label": 1}}}}
+        assert tasks.task_from_dict(raw).primary_metric == "balanced_accuracy"
+    finally:
+        METRICS.pop("balanced_accuracy", None)

@@ -7,8 +7,23 @@ import math
 
 from .metrics import METRICS
 
-PERCENT = tuple(m.name for m in METRICS.values() if m.percent)  # printed in %; the others as coefficients
-METRIC_NAMES = {m.name: m.display for m in METRICS.values()}
+class _Percent:
+    """The metrics printed in % (the others as coefficients), read from the registry when asked."""
+    def __contains__(self, name) -> bool:
+        return name in METRICS and METRICS[name].percent
+
+
+class _Names(dict):
+    """Metric name -> how tables and sentences call it, read from the registry when asked."""
+    def __missing__(self, name):
+        return METRICS[name].display
+
+    def get(self, name, default=None):
+        return METRICS[name].display if name in METRICS else default
+
+
+PERCENT = _Percent()
+METRIC_NAMES = _Names()
 
 
 def pct(x, digits: int = 1) -> str:
@@ -82,7 +97,12 @@ def params(x) -> str:
 
 
 # --- the console lines of a run (`fewtune run`, and the grid's line per finished cell)
-SHORT_NAMES = {m.name: m.short for m in METRICS.values()}
+class _Short(dict):
+    def __missing__(self, name):
+        return METRICS[name].short if name in METRICS else name
+
+
+SHORT_NAMES = _Short()
 
 
 def task_name(result: dict) -> str:

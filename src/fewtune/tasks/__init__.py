@@ -24,13 +24,19 @@ _TOP_KEYS = {"name", "version", "description", "labels", "fields", "metrics", "p
 # or changing a margin never makes finished runs look like another experiment.
 ANALYSIS_KEYS = ("equivalence_margin",)
 # what each metric can span: a margin (a difference) can be at most the width of that range
-METRIC_RANGES = {m.name: (m.lo, m.hi) for m in METRICS.values()}
+class _Ranges(dict):
+    def __missing__(self, name):
+        return (METRICS[name].lo, METRICS[name].hi)
+
+
+METRIC_RANGES = _Ranges()  # read from the registry when asked
 _SPLIT_KEYS = {"local", "columns", "label_map", "hub", "hub_columns", "hub_label_map", "hub_note", "group_by"}
 _LOCAL_KEYS = {"path", "format", "header", "delimiter"}
 _HUB_KEYS = {"path", "name", "split", "revision"}
-_METRICS = set(METRICS)  # the metric registry (fewtune.metrics)
+_METRICS = METRICS  # the metric registry (fewtune.metrics), read when a task loads
 # names other tools use for the same metrics, too far from ours for difflib to suggest
-_METRIC_ALIASES = {alias: m.name for m in METRICS.values() for alias in m.aliases}
+def _metric_alias(name: str) -> str | None:
+    return next((m.name for m in METRICS.values() if name in m.aliases), None)
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,7 @@ def task_from_dict(raw: dict, where: str = "<task>") -> Task:
     metrics = _str_list(raw, "metrics", where, default=("accuracy", "macro_f1", "mcc"))
     for m in metrics:
         if m not in _METRICS:
-            alias = _METRIC_ALIASES.get(m.lower())
+            alias = _metric_alias(m.lower())
             hint = f" Did you mean: {alias}?" if alias else did_you_mean(m, sorted(_METRICS))
             raise FewtuneError(f"{where}: Unknown metric '{m}' in 'metrics'.{hint} Known: {', '.join(sorted(_METRICS))}.")
     patterns = []
