@@ -159,10 +159,12 @@ def warm_worker_main(conn, threads: int | None, workers: int, env: dict) -> None
         job = json.loads(raw)
         with output_to(Path(job["log"])):
             warm.reset_process_state()
+            cache.last_hit = None
             out = mark_shared(run_config(job["config"]), "warm", workers, threads)
             if out.get("ok"):
                 out["result"].setdefault("cost", {})["warm_model_cache"] = cache.last_hit
         out["rss_mib"] = round(psutil.Process().memory_info().rss / 2**20, 1)
+        out["cache_miss"] = cache.last_hit is False  # it kept a new model: more memory, by design
         try:
             conn.send_bytes(dumps(out).encode())
         except (BrokenPipeError, OSError):
