@@ -272,7 +272,10 @@ class Verdict:
 
     @property
     def undecided(self) -> list[str]:
-        """Candidates not shown equivalent to the best: where more data could still change the answer."""
+        """Candidates not shown equivalent to the best: where more data could still change the answer (none while
+        nothing is judged: `reason` says why)."""
+        if self.reason:
+            return []
         return [o for o in self.candidates if o != self.best and o not in self.equivalent_to_best]
 
 

@@ -193,18 +193,20 @@ def _assess(store, groups_of, depth, margin: float | None = None) -> dict:
         most = max(len(o.cells) for o in opts)
         fv = claims.view(list(by_key.values()), "id", _margin(margin, opts), looks=compare.looks_for(most))
         key_of = {claims.name(g): k for k, g in by_key.items()}
-        failed = [o for o in opts if o.key not in by_key]
+        failed = [o for o in opts if o.key not in by_key and depth[o.key] > 0]  # ran, no successful run
+        unrun = [o for o in opts if depth[o.key] == 0]  # not started (the time budget)
         left = {o.key for o in opts if depth[o.key] < len(o.cells)}
         if fv is None:
             nxt = {o.key for o in opts if o.key in left and not o.seconds}
             state[(model, task)] = {"view": None, "groups": [], "next": nxt, "open": bool(nxt), "best_key": None,
-                                    "failed": failed}
+                                    "failed": failed, "unrun": unrun}
             continue
         v = fv.verdict
         wanted, resolved = allocate(v, {claims.name(g): g["n_runs"] for g in by_key.values()})
         nxt = {key_of[n] for n in wanted if n in key_of} & left
         state[(model, task)] = {"view": fv, "groups": list(by_key.values()), "next": nxt,
-                                "open": bool(nxt) and not resolved, "best_key": key_of.get(v.best), "failed": failed}
+                                "open": bool(nxt) and not resolved, "best_key": key_of.get(v.best), "failed": failed,
+                                "unrun": unrun}
     return state
 
 
@@ -248,6 +250,8 @@ def _print_round(n, state, active, all_seconds, left, echo) -> None:
                                                   for o in v.undecided))
         if st["failed"]:
             parts.append("failed: " + ", ".join(o.describe() for o in st["failed"]))
+        if st.get("unrun"):
+            parts.append("not run: " + ", ".join(o.describe() for o in st["unrun"]))
         echo(f"round {n} · {task} / {model} (looks allocate seeds; the answer comes at the end): " + "; ".join(parts))
     pending = sum(1 for opts in active.values() for _ in opts)
     if pending:
@@ -270,6 +274,8 @@ def _answer(state, out_of_time) -> list[str]:
         lines.append(f"{'RESOLVED' if resolved else 'OPEN'} · " + " ".join(claims.sentences(fv, task, model)))
         if not resolved:
             why = "the time budget ran out" if out_of_time else "every seed of the spec is used"
+            if st.get("unrun"):
+                lines.append(f"  not run ({why}): " + ", ".join(o.describe() for o in st["unrun"]) + ".")
             if fv.verdict.reason:
                 lines.append(f"  still open ({why}): {fv.verdict.reason}.")
             for o in fv.verdict.undecided:
