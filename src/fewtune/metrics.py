@@ -3,7 +3,6 @@ per-group breakdown (HANS heuristic x label), calibration, and the baselines on 
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass

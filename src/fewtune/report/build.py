@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import claims
@@ -174,21 +175,42 @@ def group_table(runs: list[dict], split: str, key: str) -> tuple[list[str], list
     return ["model", "method", "shots", "seeds"] + keys, rows
 
 
+@dataclass(frozen=True)
+class ReportOptions:
+    """What `fewtune report`'s options change: a number of predictions in a "training + use" budget; options slower
+    per prediction, or whose general-text LM loss rose by more (nats/token) or was not measured, left out of "which
+    method"; the equivalence margin instead of each task's; the findings file whose claims open the report ('auto':
+    the shipped study on the tasks it covers, 'none': no such section)."""
+    volume: float | None = None
+    max_latency_ms: float | None = None
+    max_retention_loss: float | None = None
+    margin: float | None = None
+    findings: object = "auto"
+
+
 def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: float | None = None,
           max_latency_ms: float | None = None, max_retention_loss: float | None = None,
           margin: float | None = None, findings="auto") -> Doc:
-    """The report. `volume`: a number of predictions to include in a "training + use" budget; `max_latency_ms`:
-    options slower per prediction are left out of "which method"; `max_retention_loss`: so are options whose
-    general-text LM loss rose by more (nats/token) or was not measured; `margin`: the equivalence margin, instead
-    of each task's `equivalence_margin`; `findings`: a findings file (path or shipped name) whose claims open the
-    report, 'auto' for the shipped study on the tasks it covers, 'none' for no such section (all from `fewtune report`
-    options)."""
+    """The report, section by section (ReportOptions says what the options change)."""
+    opts = ReportOptions(volume, max_latency_ms, max_retention_loss, margin, findings)
     flat = [flat_row(r) for r in rows]
     groups = group_runs(flat, rows, predictions)
     use.with_volume(groups, volume)
-    status = Counter(r["status"] for r in rows)
     color = figures.colors([f["label"] for f in flat] + [g["label"] for g in groups])
+    label_of = {h: g["label"] for g in groups for h in g["runs"]}
     doc = Doc()
+    header(doc, rows, db_path, groups)
+    judged = findings_first(doc, groups, opts.findings)
+    task_sections(doc, groups, fig_dir, color, opts.margin)
+    breakdown_sections(doc, rows, flat, label_of, fig_dir, color)
+    if groups:
+        which_method(doc, groups, judged, opts)
+    failures_and_appendix(doc, rows, flat, label_of)
+    return doc
+
+
+def header(doc: Doc, rows: list[dict], db_path: Path, groups: list[dict]) -> None:
+    status = Counter(r["status"] for r in rows)
     doc.heading(1, "fewtune report")
     doc.para(f"Database {db_path} · generated {time.strftime('%Y-%m-%d %H:%M')} · {len(rows)} runs: "
              + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ".")
@@ -211,11 +233,19 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
              "on GPU), trainable parameters.", note=True)
     if not groups:
         doc.para("No successful runs yet: run `fewtune grid SPEC` first.")
+
+
+def findings_first(doc: Doc, groups: list[dict], findings):
+    """The findings section, first: the claims of the findings file judged on these results (None: no file)."""
     chosen, default = resolve_findings(findings)
     judged = judge(chosen, groups) if chosen is not None and groups else None
     if judged is not None and (judged.rows or not default):  # the default study is silent on tasks it does not cover
         findings_section.section(doc, judged, default)
+    return judged
 
+
+def task_sections(doc: Doc, groups: list[dict], fig_dir: Path, color: dict, margin: float | None) -> None:
+    """Per task and model: the score table with the family's verdict, costs, break-even, figures."""
     for task in dict.fromkeys(g["task"] for g in groups):
         doc.heading(2, f"Task {task}")
         task_groups = [g for g in groups if g["task"] == task]
@@ -257,7 +287,9 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
         if "ood" in prefixes_of(task_groups):
             doc.figure(figures.id_vs_ood(groups, task, fig_dir, color), f"{task}: in-domain vs out-of-domain {metric}")
 
-    label_of = {h: g["label"] for g in groups for h in g["runs"]}
+
+def breakdown_sections(doc: Doc, rows: list[dict], flat: list[dict], label_of: dict, fig_dir: Path, color: dict) -> None:
+    """Per evaluation split with a per-group breakdown (the task's group_by: HANS heuristics): a table and figures."""
     for split, key in breakdowns(rows):
         runs = [dict(f, metrics=r["metrics"], label=label_of.get(f["config_hash"], f["label"]))  # the option's name
                 for f, r in zip(flat, rows)
@@ -272,42 +304,49 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
             doc.figure(figures.group_bars(runs, model, fig_dir, color, split, key),
                        f"{split} / {model}: accuracy per {key} and label")
 
-    if groups:
-        doc.heading(2, "Which method for which budget")
-        doc.para("The verdict of each family first (the same claims as the tables above), then, for each budget, the "
-                 "option with the highest estimate among those that fit, and the options that fit and are not shown "
-                 "different from it (pairs read from the same family-wise intervals: no new claims). Budget levels are "
-                 "the costs at which a better option becomes affordable (the Pareto front); costs within the "
-                 "run-to-run variation measured for that cost count as equal. Labelled examples count what a run "
-                 "used (icl: the demonstrations that fit the context).", note=True)
-        if volume or max_latency_ms or max_retention_loss is not None:
-            doc.para("Use: " + "; ".join(x for x in (
-                f"the budgets include training plus {volume:,.0f} predictions" if volume else "",
-                f"options slower than {max_latency_ms:g} ms per prediction (as measured) are left out"
-                if max_latency_ms else "",
-                f"options whose general-text LM loss rose by more than {max_retention_loss:g} nats/token (or was not "
-                "measured) are left out" if max_retention_loss is not None else "") if x) + ".", note=True)
-        for task, model in model_order(groups):
-            gs = [g for g in groups if g["task"] == task and g["model"] == model]
-            gs, too_slow = use.within_latency(gs, max_latency_ms)
-            gs, forgot = use.within_retention(gs, max_retention_loss)
-            pre = prefixes_of(gs) if gs else ("id",)
-            doc.heading(3, f"{task} / {model}")
-            if too_slow:
-                doc.para(f"Over the latency limit: {', '.join(budget.name(g) for g in too_slow)}.", note=True)
-            if forgot:
-                doc.para(f"Over the retention limit or not measured: {', '.join(budget.name(g) for g in forgot)}.",
-                         note=True)
-            if not gs:
-                continue
-            views = family_views([g for g in groups if g["task"] == task and g["model"] == model], pre, margin)
-            if too_slow or forgot:  # the same family-wise intervals, read over the options within the limits
-                views = {p: claims.restrict(fv, gs) for p, fv in views.items()}
-            doc.bullets(budget.conclusion(views, task, model)
-                        + findings_section.closing(judged, task, model))
-            for heading, headers, table_rows in budget.budget_tables(gs, pre, views, volume):
-                doc.table(headers, table_rows, caption=heading)
 
+def which_method(doc: Doc, groups: list[dict], judged, opts: ReportOptions) -> None:
+    """The families' verdicts in words and the budget tables, over the options within the use limits."""
+    volume, max_latency_ms, max_retention_loss = opts.volume, opts.max_latency_ms, opts.max_retention_loss
+    margin = opts.margin
+    doc.heading(2, "Which method for which budget")
+    doc.para("The verdict of each family first (the same claims as the tables above), then, for each budget, the "
+             "option with the highest estimate among those that fit, and the options that fit and are not shown "
+             "different from it (pairs read from the same family-wise intervals: no new claims). Budget levels are "
+             "the costs at which a better option becomes affordable (the Pareto front); costs within the "
+             "run-to-run variation measured for that cost count as equal. Labelled examples count what a run "
+             "used (icl: the demonstrations that fit the context).", note=True)
+    if volume or max_latency_ms or max_retention_loss is not None:
+        doc.para("Use: " + "; ".join(x for x in (
+            f"the budgets include training plus {volume:,.0f} predictions" if volume else "",
+            f"options slower than {max_latency_ms:g} ms per prediction (as measured) are left out"
+            if max_latency_ms else "",
+            f"options whose general-text LM loss rose by more than {max_retention_loss:g} nats/token (or was not "
+            "measured) are left out" if max_retention_loss is not None else "") if x) + ".", note=True)
+    for task, model in model_order(groups):
+        gs = [g for g in groups if g["task"] == task and g["model"] == model]
+        gs, too_slow = use.within_latency(gs, max_latency_ms)
+        gs, forgot = use.within_retention(gs, max_retention_loss)
+        pre = prefixes_of(gs) if gs else ("id",)
+        doc.heading(3, f"{task} / {model}")
+        if too_slow:
+            doc.para(f"Over the latency limit: {', '.join(budget.name(g) for g in too_slow)}.", note=True)
+        if forgot:
+            doc.para(f"Over the retention limit or not measured: {', '.join(budget.name(g) for g in forgot)}.",
+                     note=True)
+        if not gs:
+            continue
+        views = family_views([g for g in groups if g["task"] == task and g["model"] == model], pre, margin)
+        if too_slow or forgot:  # the same family-wise intervals, read over the options within the limits
+            views = {p: claims.restrict(fv, gs) for p, fv in views.items()}
+        doc.bullets(budget.conclusion(views, task, model)
+                    + findings_section.closing(judged, task, model))
+        for heading, headers, table_rows in budget.budget_tables(gs, pre, views, volume):
+            doc.table(headers, table_rows, caption=heading)
+
+
+
+def failures_and_appendix(doc: Doc, rows: list[dict], flat: list[dict], label_of: dict) -> None:
     bad = [r for r in rows if r["status"] != "success"]
     if bad:
         doc.heading(2, "Runs without a result")
@@ -323,4 +362,3 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
                 scale_for(f["primary_metric"])(f["ood_primary"]), pct(f["id_accuracy"], 2), pct(f["ood_accuracy"], 2),
                 pct(f["id_ece"]), seconds(f["train_seconds"]), seconds(f["eval_seconds"]), mib(f["peak_memory_mib"]),
                 params(f["trainable_params"])] for f in flat if f["status"] == "success"])
-    return doc
