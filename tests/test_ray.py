@@ -411,5 +411,6 @@ def test_until_resolved_runs_on_ray(on_cluster, toy, tmp_path, monkeypatch):
         rows = store.rows()
     seeds = {label: sorted(r["seed"] for r in rows if r["label"] == label) for label in true}
     assert {r["status"] for r in rows} == {"success"}
-    assert seeds["c"] == [0] and seeds["a"] == seeds["b"] == [0, 1, 2, 3]
-    assert d.runs == 9 and not d.resolved
+    # c: judged only from 2 seeds on, then shown worse and given no more (as on the local backends)
+    assert 2 <= len(seeds["c"]) < 4 and seeds["a"] == seeds["b"] == [0, 1, 2, 3]
+    assert d.runs == 8 + len(seeds["c"]) and not d.resolved
