@@ -101,6 +101,9 @@ class _Short(dict):
     def __missing__(self, name):
         return METRICS[name].short if name in METRICS else name
 
+    def get(self, name, default=None):
+        return METRICS[name].short if name in METRICS else default
+
 
 SHORT_NAMES = _Short()
 
@@ -125,7 +128,7 @@ def summary_line(result: dict) -> str:
     parts = []
     for name, e in result["evals"].items():
         # every metric the task lists (an eval holds exactly those; see metrics.compute), the primary one first
-        keys = sorted((k for k in e if k in SHORT_NAMES), key=lambda k: k != primary)
+        keys = sorted((k for k in e if k in METRICS), key=lambda k: k != primary)
         shown = " ".join(f"{SHORT_NAMES[k]} {e[k]:.3f}" + (" (primary)" if k == primary else "") for k in keys)
         parts.append(f"{name}: {shown} (n={e['n']})")
     c = result["cost"]
