@@ -49,23 +49,7 @@ FAKE_RUNNER = textwrap.dedent('''
                 "cost": {"train_seconds": 1.0, "eval_seconds": 0.5, "peak_memory_mib": 50.0}, "versions": {}}
 ''')
 
-SPEC = textwrap.dedent('''
-    name = "tiny"
-    models = ["fake-model"]
-    tasks = ["cola"]
-    shots = [2]
-    seeds = [0, 1]
-    eval_limit = 10
-
-    [[methods]]
-    method = "icl"
-
-    [[methods]]
-    method = "pbft"
-
-    [[methods]]
-    method = "lora"
-''')
+from test_grid import SPEC  # noqa: E402  (the same tiny three-option grid as the process-backend tests)
 
 
 @pytest.fixture
