@@ -65,15 +65,17 @@ def run_variant(name: str, grid: Grid, workers: int, root: Path, threads: int | 
 def measure(mini: bool, reps: int, workers: int, echo=print, threads: int | None = None) -> dict:
     """Each variant `reps` times, interleaved; cells/hour, speed-up over fresh processes, identical predictions."""
     grid = cells(mini)
-    variants = ["fresh", "warm"] + ([f"warm×{workers}"] if workers > 1 else [])
+    variants = ["fresh", "warm"] + ([f"fresh×{workers}", f"warm×{workers}"] if workers > 1 else [])
     root = Path(tempfile.mkdtemp(prefix="fewtune-grid-bench-"))
     times = {v: [] for v in variants}
+    runner = {v: [] for v in variants}  # the cells' own wall time (in their worker): the rest is start-up and hand-over
     preds = {}
     try:
         for rep in range(reps):
             for v in (variants if rep % 2 == 0 else list(reversed(variants))):
                 r = run_variant(v, grid, workers if "×" in v else 1, root, threads)
                 times[v].append(r["seconds"])
+                runner[v].append(sum(r["runner_seconds"].values()))
                 preds.setdefault(v, r["preds"])
                 echo(f"  rep {rep + 1} {v:8s} {len(grid.cells)} cells in {r['seconds']:.1f} s")
     finally:
@@ -82,7 +84,7 @@ def measure(mini: bool, reps: int, workers: int, echo=print, threads: int | None
     out = {"cells": len(grid.cells), "grid": grid.name, "reps": reps, "seconds": times,
            "cells_per_hour": {v: 3600 * len(grid.cells) * len(t) / sum(t) for v, t in times.items()},
            "speedup_vs_fresh": {v: sum(times["fresh"]) / sum(t) for v, t in times.items()},
-           "identical_predictions": same, "machine": platform.processor() or platform.machine(),
+           "cells_runner_seconds": runner, "identical_predictions": same, "machine": platform.processor() or platform.machine(),
            "python": sys.version.split()[0]}
     for v in variants:
         echo(f"  {v:8s} {out['cells_per_hour'][v]:7.0f} cells/h  {out['speedup_vs_fresh'][v]:.2f}x fresh  "
@@ -94,7 +96,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mini", action="store_true", help="every method at tiny sizes instead of the demo's first round")
     ap.add_argument("--reps", type=int, default=2, help="runs of each variant, interleaved [2]")
-    ap.add_argument("--workers", type=int, default=1, help="also warm workers ×N (N > 1) [1: fresh vs warm only]")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="also fresh processes ×N and warm workers ×N (N > 1) [1: fresh vs warm only]")
     ap.add_argument("--threads", type=int, help="torch threads of each single-worker variant (1 on a busy machine: "
                                                 "threads spinning beside other jobs' threads measure the neighbours)")
     ap.add_argument("--output", help="write the figures as JSON here")

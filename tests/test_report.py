@@ -458,3 +458,49 @@ def test_retention_column_and_budget(tmp_path):
     section = md[md.index("## Which method for which budget"):]
     assert "Over the retention limit or not measured: pbft (8 shots)" in section
     assert "pbft (8 shots)" not in section.split("Over the retention limit")[1].split("\n\n", 1)[1]
+
+
+def test_costs_compare_only_between_runs_measured_alike(tmp_path):
+    """pbft's runs were timed in a warm worker beside another cell with 1 thread, icl's and lora's alone in fresh
+    processes with 2: the cost table letters them, break-even and the budgets never compare pbft with the others,
+    and claims.cheapest names none of them."""
+    from fewtune import claims, options
+    path = tmp_path / "alike.db"
+    rng = np.random.default_rng(8)
+    alone = {"backend": "process", "workers": 1, "shared_with": 0, "torch_threads": 2, "eval_batch_size": 16,
+             "eval_batching": "rows"}
+    shared = dict(alone, backend="warm", workers=2, shared_with=1, torch_threads=1)
+    with Store(path) as store:
+        for seed in (0, 1):
+            for label, (train, per_1k) in {"icl": (0.0, 80.0), "pbft": (40.0, 20.0), "lora": (30.0, 10.0)}.items():
+                cfg = RunConfig(task="mnli", model="m", method=LABELS[label][0], shots=8, seed=seed, eval_limit=N)
+                r = synthetic_result(cfg, label, rng)
+                r.update(device="cpu", dtype="float32", machine={"cpu": "Test CPU", "torch_threads": 2})
+                r["cost"].update(shared if label == "pbft" else alone, train_seconds=train, predict_seconds_per_1k=per_1k)
+                store.claim(cfg, label=label)
+                store.finish(cfg.hash(), r)
+        rows = store.rows(["success"])
+    flat = [options.flat_row(r) for r in rows]
+    pbft = next(f for f in flat if f["label"] == "pbft")
+    assert pbft["measured_time"] == "Test CPU, float32, 1 threads, beside 1 other cell, scoring batches of 16 rows"
+    assert pbft["measured_memory"].endswith("a warm worker's RSS")
+    assert next(f for f in flat if f["label"] == "icl")["measured_time"].endswith("2 threads, alone, scoring batches of 16 rows")
+
+    md = write_report(path, tmp_path / "rep")["markdown"].read_text()
+    costs = md_tables_after(md, "### mnli / m")[1]
+    measured = {x[0]: x[-1] for x in costs[2:]}
+    assert costs[0][-1] == "measured" and measured == {"icl": "time A · memory A", "lora": "time A · memory A",
+                                                       "pbft": "time B · memory B"}
+    assert "Costs were not all measured alike (time: A = Test CPU, float32, 2 threads, alone" in md
+    table = next(t for t in md_tables_after(md, "### mnli / m") if t[0][0] == "method" and t[0][-1].startswith("vs icl"))
+    assert next(x for x in table[2:] if x[0] == "pbft")[-1] == "not timed alike"
+    assert next(x for x in table[2:] if x[0] == "lora")[-1] == "429"  # timed alike: 30 s / 70 ms saved per prediction
+    section = md[md.index("## Which method for which budget"):]
+    assert ("**Training-time limit (s), options measured alike as A (Test CPU, float32, 2 threads, alone, scoring "
+            "batches of 16 rows); not compared here: pbft (8 shots)**") in section
+    assert "**Training-time limit (s), options measured alike as B" in section
+    assert "**Labelled examples**" in section  # counted, not measured: one table over every option
+
+    groups = options.group_runs(flat, rows, options.predictions_reader(Store(path, readonly=True)))
+    assert claims.cheapest(groups) is None
+    assert claims.cheapest([g for g in groups if g["label"] != "pbft"])["label"] == "icl"

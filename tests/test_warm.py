@@ -97,3 +97,38 @@ def test_a_warm_worker_gives_a_fresh_process_results_for_every_method(toy, tiny_
             if a["result"].get("training"):
                 assert a["result"]["training"]["epoch_losses"] == pytest.approx(
                     b["result"]["training"]["epoch_losses"], rel=1e-6, abs=1e-7), cell.label
+
+
+def test_the_template_is_copied_on_the_cells_device_when_it_draws_nothing_at_load():
+    """A GPU cell's copy comes from a template kept on that device (no host copy per cell), made once; the CPU
+    template stays; a model whose load drew a new head from the RNG is still replayed on the CPU. ('meta' stands
+    in for a GPU: no GPU here; the free-memory check is CUDA's.)"""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fewtune.models import ModelRequest
+    from fewtune.warm import WarmModels
+
+    def load():  # like from_pretrained of a checkpoint with every weight: nothing drawn, every tensor marked loaded
+        state = torch.get_rng_state()
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+        torch.set_rng_state(state)
+        for p in m.parameters():
+            p._is_hf_initialized = True
+        return m
+
+    cache = WarmModels()
+    request = ModelRequest("no-such-folder", "lm", 2, False, False)
+    first = cache(request, load)
+    assert cache.last_hit is False and next(first.parameters()).device.type == "cpu"
+    cache.device = torch.device("meta")
+    second, third = cache(request, load), cache(request, load)
+    assert cache.last_hit and cache.last_on_device
+    assert {p.device.type for p in second.parameters()} == {"meta"} and second is not third
+    (template,) = cache.templates.values()
+    assert next(template.model.parameters()).device.type == "cpu" and list(template.on_device) == ["meta"]
+    cache.device = torch.device("cpu")
+    fourth = cache(request, load)
+    assert not cache.last_on_device and next(fourth.parameters()).device.type == "cpu"
+    assert all(torch.equal(a, b) for a, b in zip(fourth.state_dict().values(), first.state_dict().values()))

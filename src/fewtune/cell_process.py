@@ -129,6 +129,16 @@ def fresh_main(config_json: str, result_path: str, threads: int | None, workers:
 
 
 # --- a warm worker
+def cell_device(config_json: str):
+    """The device a cell's config will run on (its `device`, 'auto' resolved), or None when it names none usable
+    (the run itself then says why)."""
+    try:
+        from .devices import pick_device
+        return pick_device(json.loads(config_json).get("device") or "auto")
+    except Exception:  # noqa: BLE001 - the run reports a bad device in its own words
+        return None
+
+
 def warm_worker_main(conn, threads: int | None, workers: int, env: dict) -> None:
     """Serve cells from the driver over `conn` until it sends None or goes away.
 
@@ -159,10 +169,12 @@ def warm_worker_main(conn, threads: int | None, workers: int, env: dict) -> None
         job = json.loads(raw)
         with output_to(Path(job["log"])):
             warm.reset_process_state()
-            cache.last_hit = None
+            cache.last_hit, cache.last_on_device = None, False
+            cache.device = cell_device(job["config"])
             out = mark_shared(run_config(job["config"]), "warm", workers, threads)
             if out.get("ok"):
-                out["result"].setdefault("cost", {})["warm_model_cache"] = cache.last_hit
+                out["result"].setdefault("cost", {}).update(warm_model_cache=cache.last_hit,
+                                                            warm_template_on_device=cache.last_on_device)
         out["rss_mib"] = round(psutil.Process().memory_info().rss / 2**20, 1)
         out["cache_miss"] = cache.last_hit is False  # it kept a new model: more memory, by design
         try:

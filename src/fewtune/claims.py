@@ -11,6 +11,7 @@ import numpy as np
 
 from . import compare, stats
 from .fmt import METRIC_NAMES, scale_for, signed, with_interval
+from .options import alike
 
 
 def name(g: dict) -> str:
@@ -126,7 +127,9 @@ def sentences(fv: FamilyView, task: str, model: str) -> list[str]:
             text += (f"; shown equivalent to it within ±{_margin(v.margin, metric)}: "
                      + ", ".join(f"{o} ({signed(v.vs_best[o].diff, metric)})" for o in v.equivalent_to_best))
             cheap = cheapest([best] + [fv.group(o) for o in v.equivalent_to_best])
-            if cheap is not best:
+            if cheap is None:
+                text += " (their costs were not measured alike, so none is named the cheapest)"
+            elif cheap is not best:
                 text += f", of which the cheapest to train is {name(cheap)}"
         if v.undecided:
             text += ("; not shown different from it (either may be the better): "
@@ -176,8 +179,12 @@ def _margin(margin: float | None, metric: str) -> str:
     return "–" if margin is None else scale_for(metric)(margin) + (" points" if metric != "mcc" else "")
 
 
-def cheapest(gs: list[dict]) -> dict:
-    """The cheapest of options shown equivalent: least training time, then least peak memory (unknown = dearest)."""
+def cheapest(gs: list[dict]) -> dict | None:
+    """The cheapest of options shown equivalent: least training time, then least peak memory (unknown = dearest);
+    None when their time or memory was not measured alike (options.measured_as): nothing is named then."""
+    if any(mixed or len(parts) > 1 for parts, mixed in (alike(gs, "time"), alike(gs, "memory"))):
+        return None
+
     def key(g):
         return tuple(g.get(k) if g.get(k) is not None and not math.isnan(g[k]) else math.inf
                      for k in ("train_seconds", "peak_memory_mib"))

@@ -54,6 +54,61 @@ def primary_metric(row: dict) -> str:
     return ((row.get("result") or {}).get("task") or {}).get("primary_metric") or "accuracy"
 
 
+# ----------------------------------------------------------------------------- how costs were measured
+COST_KIND = {"train_seconds": "time", "eval_seconds": "time", "predict_seconds_per_1k": "time", "use_seconds": "time",
+             "peak_memory_mib": "memory", "predict_peak_memory_mib": "memory"}
+# parameters, tokens, shipped bytes and labelled examples are counted, not measured: they always compare
+
+
+def measured_as(row: dict) -> dict[str, str]:
+    """The conditions a run's measured costs depend on, in words, per kind: costs compare only between runs whose
+    words are the same. Time: the processor (the GPU's name, else the CPU's model), precision, torch threads,
+    whether other cells shared the machine (cost.shared_with; a Ray node is shared with whatever Ray schedules), and
+    the scoring batch. Memory: the processor, precision and scoring batch, and on CPU the kind of process (peak memory
+    there is the process's RSS, which in a warm worker also holds its cached models). Fields a run did not record
+    (runs made before they were) read "unrecorded", so such runs compare only with each other."""
+    result = row.get("result") or {}
+    cost = row.get("cost") or result.get("cost") or {}
+    machine = result.get("machine") or {}
+    device = str(result.get("device") or "unrecorded device")
+    gpu = device.startswith("cuda")
+    proc = (machine.get("gpu") or "a GPU") if gpu else (machine.get("cpu") or "an unrecorded CPU")
+    dtype = result.get("dtype") or "unrecorded precision"
+    backend = cost.get("backend")
+    threads = cost.get("torch_threads") or (machine.get("torch_threads") if backend is None else None)
+    shared = cost.get("shared_with")
+    if backend is None:
+        company = "alone" if result.get("machine") else "sharing unrecorded"  # `fewtune run`, or a run recorded before
+    elif shared is None:
+        company = "on a shared Ray node"
+    else:
+        company = "alone" if shared == 0 else f"beside {shared} other cell{'s' if shared > 1 else ''}"
+    batching = cost.get("eval_batching")
+    batch = (f"scoring batches of {cost.get('eval_batch_size')} rows" if batching == "rows" else
+             f"scoring batches of {batching.split(':', 1)[1]} tokens" if batching else "scoring batch unrecorded")
+    warm = backend in ("warm", "ray-warm")
+    if gpu:  # CUDA's max allocated: a warm template kept on the GPU is in it
+        holds = ", with a warm template on the GPU" if cost.get("warm_template_on_device") else ""
+    else:    # the process's RSS: a warm worker's holds its cached models
+        holds = ", a warm worker's RSS" if warm else ", a process's own RSS"
+    return {"time": f"{proc}, {dtype}, {threads or '?'} threads, {company}, {batch}",
+            "memory": f"{proc}, {dtype}, {batch}{holds}"}
+
+
+def alike(gs: list[dict], kind: str) -> tuple[list[tuple[str, list[dict]]], list[dict]]:
+    """The options of one family partitioned by how their `kind` of cost was measured: ([(conditions, options)],
+    most options first; options whose own runs were measured differently, whose mean mixes conditions)."""
+    parts: dict[str, list[dict]] = {}
+    mixed = []
+    for g in gs:
+        conditions = (g.get("measured") or {}).get(kind) or ["unrecorded"]
+        if len(conditions) == 1:
+            parts.setdefault(conditions[0], []).append(g)
+        else:
+            mixed.append(g)
+    return sorted(parts.items(), key=lambda kv: -len(kv[1])), mixed
+
+
 def flat_row(row: dict) -> dict:
     """One database row as flat columns (for `fewtune results` and the report)."""
     cfg = row.get("config") or {}
@@ -86,6 +141,7 @@ def flat_row(row: dict) -> dict:
         out["demonstrations_dropped"] = method_info["demonstrations_dropped"]
     # LM loss after - before adaptation on the retention text (nats/token); None where not measured (head methods)
     out["retention_delta"] = ((row.get("result") or {}).get("retention") or {}).get("delta")
+    out.update({f"measured_{kind}": text for kind, text in measured_as(row).items()})  # measured_time, _memory
     out.update(attempts=row.get("attempts"), error=row.get("error"), started_at=row.get("started_at"),
                finished_at=row.get("finished_at"), log_path=row.get("log_path"),
                config=json.dumps(cfg, sort_keys=True))
@@ -147,6 +203,7 @@ def group_runs(flat: list[dict], rows: list[dict], predictions) -> list[dict]:
             g[f"{prefix}_uniform"] = first.get(f"{prefix}_uniform_{g['primary_metric']}")
             for key in ("majority_label", "majority_accuracy"):
                 g[f"{prefix}_{key}"] = first.get(f"{prefix}_{key}")
+        g["measured"] = {kind: sorted({r[f"measured_{kind}"] for r in runs}) for kind in ("time", "memory")}
         g["cost_range"] = {}
         for key in COST_KEYS:
             g[key] = _mean([r[key] for r in runs])

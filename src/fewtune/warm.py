@@ -6,6 +6,12 @@ cell). A warm worker keeps the first load of each model as a template (on the CP
 `copy.deepcopy(template)`: the methods may then wrap it (peft injects adapters in place), freeze or swap blocks,
 train it, and the next cell still starts from the weights as read from disk.
 
+On a GPU the template is also kept on the device when it fits (free memory ≥ DEVICE_ROOM x its size), so a cell's
+copy never crosses the host link; only for models whose load draws nothing from the RNG (a new head is initialised
+on the CPU from the CPU generator, which a copy on the GPU could not replay). The device copy is allocated before the
+cell's peak-memory window opens, so CUDA's max allocated counts it: such cells say `warm_template_on_device` in
+their cost, and their memory compares only with cells measured alike.
+
 Exactness. The runner seeds torch right before `models.load_model`, and a load can draw from that RNG: a new
 classification head (ft) has no weights in the checkpoint and is initialised at random. A copy must give the same
 head for the cell's seed, and leave the RNG where the load would have left it. So, on the first load, the cache
@@ -29,6 +35,8 @@ import torch
 from .models import ModelRequest, resolve
 
 log = logging.getLogger("fewtune")
+DEVICE_ROOM = 4  # a template moves to the GPU only when the free memory is at least 4x its size (the cell's own
+#                  model, gradients and optimizer state need the rest)
 
 
 def reset_process_state() -> None:
@@ -63,6 +71,15 @@ class Template:
     model: object | None            # None: not replayable, load from disk every time
     random_params: list[str] = field(default_factory=list)  # initialised from the RNG at load (a new head)
     rng_draws: bool = False
+    on_device: dict = field(default_factory=dict)  # str(device) -> a copy of `model` there (GPUs only)
+
+
+def _nbytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def _free_bytes(device) -> int:
+    return torch.cuda.mem_get_info(device)[0]
 
 
 def _random_params(model) -> list[str]:
@@ -94,6 +111,8 @@ class WarmModels:
     def __init__(self):
         self.templates: dict[tuple, Template] = {}
         self.last_hit: bool | None = None  # recorded in the result's cost: this cell's model came from the cache
+        self.device = None                 # the cell's device (set by the worker before each cell)
+        self.last_on_device: bool = False  # this cell's copy came from a template kept on its GPU
 
     def __call__(self, request: ModelRequest, load):
         key = (request, _fingerprint(request.spec))
@@ -109,7 +128,25 @@ class WarmModels:
             self.last_hit = False
             return load()
         self.last_hit = True
-        return _replay(t.model, t.random_params) if t.random_params else copy.deepcopy(t.model)
+        if t.random_params:
+            return _replay(t.model, t.random_params)
+        here = self._on_device(t)
+        self.last_on_device = here is not None
+        return copy.deepcopy(here if here is not None else t.model)
+
+    def _on_device(self, t: Template):
+        """The template's copy on the cell's GPU, made on first use when it fits; None on CPU or without room."""
+        device = self.device
+        if device is None or getattr(device, "type", "cpu") == "cpu":
+            return None
+        key = str(device)
+        if key not in t.on_device:
+            fits = device.type != "cuda" or _free_bytes(device) >= DEVICE_ROOM * _nbytes(t.model)
+            t.on_device[key] = copy.deepcopy(t.model).to(device) if fits else None
+            if not fits:
+                log.info("warm cache: the template stays on the CPU (%s has less than %dx its %.0f MiB free)",
+                         key, DEVICE_ROOM, _nbytes(t.model) / 2**20)
+        return t.on_device[key]
 
     def _template(self, model, before: torch.Tensor, after: torch.Tensor) -> Template:
         names = _random_params(model)

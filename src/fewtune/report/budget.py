@@ -5,7 +5,9 @@ the one with the highest estimate is named, with the options that fit and are no
 pair is read from the family's simultaneous intervals (one family-wise procedure per model × task × split): a budget
 table makes no claim of its own. Budget levels are the costs of the Pareto-optimal options; costs that differ by less
 than the run-to-run variation measured for that cost are the same level (process peak memory that differs by 1 %
-between two options is measurement noise, not a reason to prefer one).
+between two options is measurement noise, not a reason to prefer one). Measured costs (time, memory) compare only
+between options measured alike (fewtune.options.measured_as: the same processor, precision, threads, company and
+scoring batch): a family whose options were measured differently gets one table per set of conditions.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 
 from ..claims import name, sentences
-from .data import METRIC_NAMES, mib, seconds, signed, with_interval
+from .data import COST_KIND, METRIC_NAMES, alike, mib, seconds, signed, with_interval
 
 BUDGETS = (  # group field, heading, how a level prints
     ("peak_memory_mib", "Memory limit (peak MiB)", lambda v: f"≤ {mib(v)} MiB"),
@@ -89,37 +91,84 @@ def describe(found, prefix: str, metric: str) -> list[str]:
             text or ("none: every other option is shown worse" if worse else "no other option")]
 
 
+def letters(gs: list[dict], kind: str) -> dict[str, str]:
+    """Each set of conditions under which the family's `kind` of cost was measured, lettered A, B, ... (most options
+    first); one entry when all were measured alike."""
+    parts, mixed = alike(gs, kind)
+    found = [c for c, _ in parts] + sorted({c for g in mixed for c in g["measured"][kind]} - {c for c, _ in parts})
+    return {c: chr(ord("A") + i) for i, c in enumerate(found)}
+
+
+def measured_differently(gs: list[dict]) -> bool:
+    return any(len(letters(gs, kind)) > 1 for kind in ("time", "memory"))
+
+
+def measured_cell(g: dict, marks: dict) -> str:
+    """'time A · memory B' for an option (A+B: its runs were measured differently, so its mean mixes them)."""
+    return " · ".join(f"{kind} {'+'.join(marks[kind][c] for c in g['measured'][kind])}" for kind in ("time", "memory"))
+
+
+def measured_note(gs: list[dict]) -> str | None:
+    """The legend of the conditions, when the family's options were not all measured alike; None when they were."""
+    if not measured_differently(gs):
+        return None
+    parts = []
+    for kind in ("time", "memory"):
+        marks = letters(gs, kind)
+        parts.append(f"{kind}: " + "; ".join(f"{m} = {c}" for c, m in marks.items()))
+    return ("Costs were not all measured alike (" + " — ".join(parts) + "). Times and memory compare only between "
+            "options with the same letter: the break-even and budget tables below compare only those; an option "
+            "marked A+B averages runs measured differently and is compared with none.")
+
+
 def budget_tables(groups: list[dict], prefixes: tuple[str, ...], views: dict, volume: float | None = None
                   ) -> list[tuple[str, list[str], list[list[str]]]]:
-    """For one task × model: per budget kind, a table with one row per budget level. With a prediction `volume`,
-    also the compute for training plus that many predictions (report.use.with_volume sets `use_seconds`)."""
-    metric_key = groups[0]["primary_metric"]
-    metric = METRIC_NAMES[metric_key]
+    """For one task × model: per budget kind, a table with one row per budget level (one table per set of measuring
+    conditions when the options' costs were not measured alike). With a prediction `volume`, also the compute for
+    training plus that many predictions (report.use.with_volume sets `use_seconds`)."""
     tables = []
     kinds = list(BUDGETS)
     if volume:
         kinds.append(("use_seconds", f"Compute for training + {volume:,.0f} predictions (s)", lambda v: f"≤ {seconds(v)} s"))
     for cost, heading, fmt in kinds:
-        tol = tolerance(groups, cost)
-        levels = []
-        for level in sorted({g[cost] for prefix in prefixes for g in pareto_front(groups, cost, prefix, tol)}):
-            if not levels or level > levels[-1] * (1 + tol):  # within the measured variation: the same level
-                levels.append(level)
-        rows = []
-        for level in levels:
-            row = [fmt(level)]
-            for prefix in prefixes:
-                row += describe(best_under(views.get(prefix), groups, cost, level, tol, prefix), prefix, metric_key)
-            rows.append(row)
-        if rows:
-            # costs within the measured run-to-run variation of that cost count as equal
-            headers = [f"budget (±{100 * tol:.0f} % = equal)" if tol else "budget"]
-            for prefix in prefixes:
-                where = "ID" if prefix == "id" else "OOD"
-                headers += [f"highest {where}", f"{where} {metric} [95% CI]",
-                            f"not shown different ({where}): highest − it [simultaneous]"]
-            tables.append((heading, headers, rows))
+        kind = COST_KIND.get(cost)
+        parts, mixed = alike(groups, kind) if kind else ([(None, groups)], [])
+        marks = letters(groups, kind) if kind else {}
+        for conditions, members in parts:
+            title = heading
+            if len(marks) > 1:
+                left = [name(g) for g in groups if g not in members]
+                title += (f", options measured alike as {marks[conditions]} ({conditions})"
+                          + (f"; not compared here: {', '.join(left)}" if left else ""))
+            tables += _budget_table(members, prefixes, views, cost, title, fmt)
     return tables
+
+
+def _budget_table(groups: list[dict], prefixes: tuple[str, ...], views: dict, cost: str, heading: str, fmt
+                  ) -> list[tuple[str, list[str], list[list[str]]]]:
+    """One budget table over `groups` (options measured alike): [] when no level exists."""
+    metric_key = groups[0]["primary_metric"]
+    metric = METRIC_NAMES[metric_key]
+    tol = tolerance(groups, cost)
+    levels = []
+    for level in sorted({g[cost] for prefix in prefixes for g in pareto_front(groups, cost, prefix, tol)}):
+        if not levels or level > levels[-1] * (1 + tol):  # within the measured variation: the same level
+            levels.append(level)
+    rows = []
+    for level in levels:
+        row = [fmt(level)]
+        for prefix in prefixes:
+            row += describe(best_under(views.get(prefix), groups, cost, level, tol, prefix), prefix, metric_key)
+        rows.append(row)
+    if not rows:
+        return []
+    # costs within the measured run-to-run variation of that cost count as equal
+    headers = [f"budget (±{100 * tol:.0f} % = equal)" if tol else "budget"]
+    for prefix in prefixes:
+        where = "ID" if prefix == "id" else "OOD"
+        headers += [f"highest {where}", f"{where} {metric} [95% CI]",
+                    f"not shown different ({where}): highest − it [simultaneous]"]
+    return [(heading, headers, rows)]
 
 
 def conclusion(views: dict, task: str, model: str) -> list[str]:

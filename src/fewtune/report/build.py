@@ -95,12 +95,16 @@ def score_table(gs: list[dict], prefixes, views: dict) -> tuple[list[str], list[
 
 
 def cost_table(gs: list[dict], prefixes) -> tuple[list[str], list[list[str]]]:
+    """Calibration and costs per option; with a 'measured' column (letters of budget.measured_note's legend) when
+    the options' costs were not all measured alike."""
+    marks = {kind: budget.letters(gs, kind) for kind in ("time", "memory")}
+    differ = any(len(m) > 1 for m in marks.values())
     headers = ["method", "shots", "seeds"]
     for p in prefixes:
         w = "ID" if p == "id" else "OOD"
         headers += [f"{w} ECE %", f"{w} Brier"]
     headers += ["train s", "peak MiB", "trainable params", "s / 1k predictions", "tokens / 1k predictions",
-                "predict MiB", "shipped", "retention Δ nats"]
+                "predict MiB", "shipped", "retention Δ nats"] + (["measured"] if differ else [])
     rows = []
     for g in gs:
         row = [g["label"], shots_text(g), str(g["n_runs"])]
@@ -111,6 +115,8 @@ def cost_table(gs: list[dict], prefixes) -> tuple[list[str], list[list[str]]]:
                 seconds(g.get("predict_seconds_per_1k")),
                 "–" if tokens is None or tokens != tokens else f"{tokens:,.0f}",
                 mib(g.get("predict_peak_memory_mib")), size(g.get("shipped_bytes")), _delta(g.get("retention_delta"))]
+        if differ:
+            row.append(budget.measured_cell(g, marks))
         rows.append(row)
     return headers, rows
 
@@ -230,7 +236,10 @@ def header(doc: Doc, rows: list[dict], db_path: Path, groups: list[dict]) -> Non
              "that constant answer scores), paired by example, Bonferroni over the family's options. ECE (15 bins) and "
              "Brier score from the stored class probabilities. Costs are means over seeds: train s (including a "
              "teacher's forward passes), eval s (all evaluation splits), peak MiB (process RSS on CPU, max allocated "
-             "on GPU), trainable parameters.", note=True)
+             "on GPU), trainable parameters. Measured costs (time, memory) are compared only between options measured "
+             "alike: the same processor, precision, threads, scoring batch and company (alone or beside other cells); "
+             "where a family's options were not, the cost table says which were and the budgets compare only those.",
+             note=True)
     if not groups:
         doc.para("No successful runs yet: run `fewtune grid SPEC` first.")
 
@@ -272,6 +281,9 @@ def task_sections(doc: Doc, groups: list[dict], fig_dir: Path, color: dict, marg
                                                    "(measured on the evaluation pass at its batch size; icl's "
                                                    "demonstrations computed once and reused; shipped = what a user "
                                                    "needs besides the base model)")
+            note = budget.measured_note(gs)
+            if note:
+                doc.para(note, note=True)
             be = use.break_even_table(gs)
             if be:
                 doc.table(*be, caption="Break-even against in-context learning: predictions after which training "

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from .budget import pareto_front  # noqa: E402
-from .data import METRIC_NAMES, PERCENT  # noqa: E402
+from .data import COST_KIND, METRIC_NAMES, PERCENT, alike  # noqa: E402
 
 plt.rcParams.update({"svg.hashsalt": "fewtune", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
 MARKERS = "osD^v<>PX*"
@@ -163,11 +163,14 @@ def metric_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabel:
     if not gs:
         return None
     k, unit, mname, fig, axes = _panel_figure(gs, prefixes)
+    parts, mixed = alike(gs, COST_KIND[cost]) if cost in COST_KIND else ([(None, gs)], [])
+    alike_gs = parts[0][1] if parts else []  # the front only among options measured alike (the most of them)
     for ax, (prefix, title) in zip(axes[0], _panels(prefixes)):
         for g in gs:
             if _est(g, prefix) is not None and finite(_est(g, prefix).value):
-                ax.scatter(g[cost], k * _est(g, prefix).value, color=color[g["label"]], s=18, zorder=3)
-        front = pareto_front(gs, cost, prefix)
+                ax.scatter(g[cost], k * _est(g, prefix).value, color=color[g["label"]], s=18, zorder=3,
+                           marker="o" if g in alike_gs else "x")
+        front = pareto_front(alike_gs, cost, prefix)
         if front:
             ax.step([g[cost] for g in front], [k * _est(g, prefix).value for g in front], where="post",
                     color="black", lw=1, zorder=2)
@@ -186,7 +189,9 @@ def metric_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabel:
     for label in sorted({g["label"] for g in gs}):
         axes[0, 0].scatter([], [], color=color[label], s=18, label=label)
     axes[0, 0].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{task} / {model}: {mname} vs {xlabel} (ringed: Pareto front)")
+    differ = len(parts) > 1 or mixed
+    fig.suptitle(f"{task} / {model}: {mname} vs {xlabel} (ringed: Pareto front"
+                 + ("; x: measured differently, left out of the front)" if differ else ")"))
     return save(fig, out, f"{key_slug(mname)}-vs-{key_slug(cost)}-{slug(task)}-{slug(model)}")
 
 

@@ -1,6 +1,7 @@
 """What a method costs to *use*: per-prediction cost, break-even against in-context learning, and budgets that
 include a prediction volume or a latency limit. Every number comes from the stored cost fields of the runs
-(runner.use_cost: measured on the evaluation pass, same hardware, precision and batch size)."""
+(runner.use_cost: measured on the evaluation pass, same hardware, precision and batch size). Two options' times are
+compared only when both were measured alike (fewtune.options.measured_as)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ def break_even(trained: dict, reference: dict) -> float:
     if per_r <= per_t:
         return math.inf if train_t > train_r else 0.0
     return max(0.0, (train_t - train_r) / (per_r - per_t))
+
+
+def timed_alike(a: dict, b: dict) -> bool:
+    """Both options' times were measured under one set of conditions (the same for both)."""
+    ta, tb = (a.get("measured") or {}).get("time"), (b.get("measured") or {}).get("time")
+    return ta is None and tb is None or (ta is not None and len(ta) == 1 and ta == tb)
 
 
 def count(n: float) -> str:
@@ -57,7 +64,7 @@ def break_even_table(gs: list[dict]) -> tuple[list[str], list[list[str]]] | None
     rows = []
     for g in trained:
         row = [g["label"], str(g["shots"]), seconds(g.get("train_seconds")), f"{1000 * per_prediction_s(g):.1f}"]
-        row += [count(break_even(g, r)) for r in refs]
+        row += [count(break_even(g, r)) if timed_alike(g, r) else "not timed alike" for r in refs]
         rows.append(row)
     return headers, rows
 
