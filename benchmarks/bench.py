@@ -364,6 +364,42 @@ def cd_teacher_bench(lm, tokenizer, device, dtype, n, context_shots, reps):
     return out
 
 
+def scoring_batches_bench(lm, tokenizer, device, dtype, n, reps):
+    """Scoring throughput by batch shape: 16 rows (fewtune's CPU default), 64 and 256 rows, and token budgets of
+    4,096 and 16,384 padded tokens (the CUDA default), on n MNLI dev_matched + HANS queries (zero-shot prompts,
+    11-126 tokens), interleaved chunk by chunk; the predictions must not change. Says whether this device gains from
+    batches sized by tokens (GPUs do; on CPUs check here: AMX may, AVX2/AVX-512 gained little past 16 rows)."""
+    task = load_task("mnli")
+    pattern = task.patterns[0]
+    examples = load_split(task, "dev_matched")[: n // 2] + load_split(task, "hans")[: n - n // 2]
+    seqs = batching.encode(tokenizer, [task.format(pattern, ex) for ex in examples])[0]
+    label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer)
+    shapes = {"16 rows": (16, None), "64 rows": (64, None), "256 rows": (256, None),
+              "4,096 tokens": (16, 4096), "16,384 tokens": (16, batching.CUDA_TOKEN_BUDGET)}
+    engine.score(lm, tokenizer, seqs[:16], label_ids, device, dtype, 16)  # warm-up
+    seconds = {k: 0.0 for k in shapes}
+    logits = {}
+    for rep in range(reps):
+        for k in (shapes if rep % 2 == 0 else reversed(list(shapes))):
+            rows, budget = shapes[k]
+            r = engine.score(lm, tokenizer, seqs, label_ids, device, dtype, rows, token_budget=budget)
+            seconds[k] += r.seconds
+            logits[k] = r.logits
+    base = seconds["16 rows"]
+    return {"n": len(seqs), "dtype": dtype, "reps": reps, "tokens": sum(map(len, seqs)),
+            "examples_per_s": {k: reps * len(seqs) / t for k, t in seconds.items()},
+            "speedup_vs_16_rows": {k: base / t for k, t in seconds.items()},
+            "same_predictions": {k: bool((v.argmax(-1) == logits["16 rows"].argmax(-1)).all()) for k, v in logits.items()},
+            "max_logit_diff": {k: float(np.abs(v - logits["16 rows"]).max()) for k, v in logits.items()}}
+
+
+def print_scoring(r):
+    print(f"\nscoring batches ({r['n']} MNLI dev + HANS queries, {r['dtype']}, {r['reps']} interleaved reps):")
+    for k, v in r["examples_per_s"].items():
+        print(f"  {k:15s} {v:8.1f} ex/s  {r['speedup_vs_16_rows'][k]:.2f}x 16 rows  same predictions: "
+              f"{r['same_predictions'][k]}  max logit diff {r['max_logit_diff'][k]:.1e}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -379,7 +415,7 @@ def main(argv=None):
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time the comparisons by wall clock or by this process's CPU time (for a shared machine; use with --threads 1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--only", choices=["icl", "cd", "ft", "grid"], default=None,
+    p.add_argument("--only", choices=["icl", "cd", "ft", "scoring", "grid"], default=None,
                    help="run only this comparison (implies --quick's scope)")
     p.add_argument("--grid-workers", type=int, default=2,
                    help="grid throughput: also warm workers x N (0: skip the grid throughput) [2]")
@@ -420,6 +456,9 @@ def main(argv=None):
         out["ft_vs_trainer"] = {dt: ft_vs_trainer(args.model, tokenizer, device, dt, 16 if args.quick else 64,
                                                   2 if args.quick else 3, reps) for dt in dtypes}
         print_trainer(out["ft_vs_trainer"])
+    if args.only in (None, "scoring"):
+        out["scoring_batches"] = scoring_batches_bench(lm, tokenizer, device, fast, 128 if args.quick else 512, reps)
+        print_scoring(out["scoring_batches"])
     if args.only in (None, "grid") and args.grid_workers:
         # cells/hour of a fixed mini-grid (every method, 1 seed, tiny sizes): fresh processes vs warm workers, and
         # warm workers x N sharing the cores; the cells run in child processes while this one waits

@@ -80,3 +80,13 @@ def test_matmul_peak_allocates_on_the_device_it_measures(bench, monkeypatch):
     monkeypatch.setattr(torch, "randn", lambda *a, **kw: seen.append(kw.get("device")) or real(*a, **kw))
     assert bench.matmul_peak(torch.float32, n=64, seconds=0.05, device="cpu") > 0
     assert seen and all(str(d) == "cpu" for d in seen)
+
+
+def test_scoring_batch_comparison_runs_and_keeps_the_predictions(bench, tokenizer):
+    """Every batch shape is timed on real MNLI + HANS queries, and a tiny Llama's predictions are the same at each."""
+    lm = make_tiny_lm(tokenizer, **SHARP)
+    out = bench.scoring_batches_bench(lm, tokenizer, CPU, "fp32", n=40, reps=1)
+    assert out["n"] == 40 and set(out["examples_per_s"]) == {"16 rows", "64 rows", "256 rows", "4,096 tokens",
+                                                             "16,384 tokens"}
+    assert all(v > 0 for v in out["examples_per_s"].values())
+    assert all(out["same_predictions"].values()) and max(out["max_logit_diff"].values()) < 1e-4
