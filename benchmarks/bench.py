@@ -411,6 +411,8 @@ def main(argv=None):
     p.add_argument("--icl-n", type=int, default=None, help="MNLI examples per ICL measurement (default 96; quick 48)")
     p.add_argument("--icl-shots", default=None,
                    help="comma-separated demonstration counts (default 0,16,32,128; quick 0,16,32; 0 is always added)")
+    p.add_argument("--scoring-n", type=int, default=None,
+                   help="MNLI dev + HANS queries per scoring-batch measurement (default 192; quick 48)")
     p.add_argument("--reps", type=int, default=None, help="alternating repetitions of each comparison (default 2; quick 1)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="time the comparisons by wall clock or by this process's CPU time (for a shared machine; use with --threads 1)")
@@ -457,7 +459,8 @@ def main(argv=None):
                                                   2 if args.quick else 3, reps) for dt in dtypes}
         print_trainer(out["ft_vs_trainer"])
     if args.only in (None, "scoring"):
-        out["scoring_batches"] = scoring_batches_bench(lm, tokenizer, device, fast, 128 if args.quick else 512, reps)
+        n = args.scoring_n or (48 if args.quick else 192)
+        out["scoring_batches"] = scoring_batches_bench(lm, tokenizer, device, fast, n, reps)
         print_scoring(out["scoring_batches"])
     if args.only in (None, "grid") and args.grid_workers:
         # cells/hour of a fixed mini-grid (every method, 1 seed, tiny sizes): fresh processes vs warm workers, and
