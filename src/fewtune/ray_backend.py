@@ -55,15 +55,16 @@ def run_cell_task(config_json: str, env: dict) -> str:
         log_file = Path(tmp) / "cell.log"
         with output_to(log_file):
             configure_cell_process()
-            import torch
             # a Ray worker shares its node with whatever else the cluster schedules there: say only what is known
-            out = mark_shared(run_config(config_json), "ray", 1, torch.get_num_threads())
-            if out.get("ok") and isinstance(out["result"].get("cost"), dict):
-                for k in ("workers", "shared_with"):
-                    out["result"]["cost"][k] = None
-        with open(log_file, "rb") as f:
-            f.seek(max(0, log_file.stat().st_size - LOG_LIMIT))
-            text = f.read().decode("utf-8", errors="replace")
+            out = mark_shared(run_config(config_json), "ray", None, None)
+        return hand_back(out, log_file)
+
+
+def hand_back(out: dict, log_file: Path) -> str:
+    """What a Ray worker returns for a cell: its outcome, the end of its log and where it ran, as JSON text."""
+    with open(log_file, "rb") as f:
+        f.seek(max(0, log_file.stat().st_size - LOG_LIMIT))
+        text = f.read().decode("utf-8", errors="replace")
     return dumps({**out, "log": text, "host": socket.gethostname(), "pid": os.getpid()})
 
 
