@@ -370,6 +370,45 @@ def test_spec_resources_and_retries_are_read(tmp_path):
     assert [c.key for c in load_grid(str(plain)).cells] == [c.key for c in grid.cells]
 
 
+@pytest.mark.parametrize("value, message", [
+    (1.5, "'resources.num_gpus' above 1 must be a whole number (a GPU is shared as a fraction of one, e.g. 0.25: "
+          "four cells per GPU), got 1.5."),
+    (0.00001, "'resources.num_gpus' must be 0 or at least 0.0001 (Ray's smallest share of a GPU), got 1e-05."),
+    (-0.25, "'resources.num_gpus' must be ≥ 0 and at most 1024, got -0.25."),
+    (2048, "'resources.num_gpus' must be ≥ 0 and at most 1024, got 2048."),
+    ('"0.5"', "'resources.num_gpus' must be a number, got '0.5'."),
+])
+def test_a_bad_gpu_share_is_one_line(tmp_path, value, message):
+    from fewtune.errors import FewtuneError
+    from fewtune.grid import load_grid
+    spec = tmp_path / "g.toml"
+    spec.write_text(FAKE_SPEC.replace('eval_limit = 10', f'eval_limit = 10\n[resources]\nnum_gpus = {value}\n'))
+    with pytest.raises(FewtuneError) as e:
+        load_grid(str(spec))
+    assert str(e.value) == f"{spec}: {message}"
+
+
+def test_gpu_shares_and_whole_gpus_are_read_and_counted_as_ray_counts_them(tmp_path):
+    """Fractions in (0, 1] and whole numbers are read; cells_that_fit counts in Ray's units (1 // 0.2 is 4.0 in floats,
+    five 0.2-GPU actors in Ray)."""
+    from fewtune.grid import load_grid
+    from fewtune.ray_backend import cells_that_fit
+    for value in (0, 0.0001, 0.2, 0.25, 1 / 3, 1, 2, 8):
+        spec = tmp_path / "g.toml"
+        spec.write_text(FAKE_SPEC.replace('eval_limit = 10', f'eval_limit = 10\n[resources]\nnum_gpus = {value!r}\n'))
+        assert load_grid(str(spec)).resources["num_gpus"] == value
+
+    class Nodes:  # ray.nodes() of a cluster with two nodes, one with a GPU
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0, "memory": 64.0 * 2**30}},
+                    {"Alive": True, "Resources": {"CPU": 8.0, "memory": 32.0 * 2**30}}]
+    fits = {share: cells_that_fit(Nodes, {"num_cpus": 1.0, "num_gpus": share, "memory_gib": None})
+            for share in (0.1, 0.2, 0.25, 0.3, 0.5, 1.0)}
+    assert fits == {0.1: 10, 0.2: 5, 0.25: 4, 0.3: 3, 0.5: 2, 1.0: 1}
+    assert cells_that_fit(Nodes, {"num_cpus": 2.0, "num_gpus": 0.0, "memory_gib": 4.0}) == 12  # CPUs: 8 + 4
+
+
 # --- determinism
 def test_same_config_and_seed_give_identical_results(toy, tiny_model_dir):
     """Two real pbft runs of one config in one process: the same sample, losses and metrics, to the bit."""

@@ -295,8 +295,21 @@ def parse_resources(table, where: str) -> dict:
             bound = "≥ 0" if key == "num_gpus" else "> 0"
             raise FewtuneError(f"{where}: 'resources.{key}' must be {bound} and at most {MAX_RESOURCE[key]}, "
                                f"got {value!r}.")
+        if key == "num_gpus":
+            check_gpu_share(value, where)
         out[key] = float(value)
     return out
+
+
+def check_gpu_share(value: float, where: str) -> None:
+    """Ray gives a cell a share of one GPU (0.25: four cells on one GPU, in Ray's steps of 0.0001) or whole GPUs; 1.5
+    would be neither (Ray would never schedule it), and a share finer than 0.0001 is 0 to Ray."""
+    if value > 1 and value != int(value):
+        raise FewtuneError(f"{where}: 'resources.num_gpus' above 1 must be a whole number (a GPU is shared as a "
+                           f"fraction of one, e.g. 0.25: four cells per GPU), got {value!r}.")
+    if 0 < value < 0.0001:
+        raise FewtuneError(f"{where}: 'resources.num_gpus' must be 0 or at least 0.0001 (Ray's smallest share of a "
+                           f"GPU), got {value!r}.")
 
 
 def check_max_retries(value, where: str) -> int:

@@ -35,6 +35,7 @@ LOG_LIMIT = 2 << 20  # bytes of a cell's log sent back to the driver (the end is
 INSTALL_HINT = "pip install 'fewtune[ray]'"
 WAIT_S = 1.0         # the driver wakes this often to notice Ctrl-C / SIGTERM
 CONNECT_TIMEOUT_S = 10.0
+RESOURCE_UNITS = 10_000  # Ray counts resources in 1/10,000ths (ray._raylet.RESOURCE_UNIT_SCALING)
 
 
 def import_ray():
@@ -110,7 +111,7 @@ def cells_that_fit(ray, resources: dict) -> int:
         if not node.get("Alive"):
             continue
         have = node.get("Resources", {})
-        fits = min(int(have.get(k, 0) // v) for k, v in need.items() if v > 0) if any(need.values()) else 1
+        fits = min(units(have.get(k, 0)) // units(v) for k, v in need.items() if v > 0) if any(need.values()) else 1
         total += fits
         for k in need:
             largest[k] = max(largest.get(k, 0), have.get(k, 0))
@@ -122,6 +123,12 @@ def cells_that_fit(ray, resources: dict) -> int:
         raise FewtuneError(f"No node of the Ray cluster can run a cell asking for [resources] {asked} "
                            f"(the largest node has {biggest}); lower the grid spec's [resources].")
     return total
+
+
+def units(quantity: float) -> int:
+    """A resource quantity in Ray's fixed-point units (1/10,000): in floats 1 // 0.2 is 4.0, in Ray five 0.2-GPU actors
+    share one GPU."""
+    return round(quantity * RESOURCE_UNITS)
 
 
 def one_line(e: BaseException) -> str:
