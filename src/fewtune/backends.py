@@ -5,6 +5,7 @@
 | `process` (default) | a fresh `python -m fewtune.cell_process` child | imports + model load (~3-6 s on CPU, 8-10 s on a GPU) | complete: its memory goes back when it exits |
 | `warm` | one of N long-lived workers that keep the model loaded (fewtune.warm) | a copy of the weights (~0.1-0.3 s for 135M params) | a crash, hang or memory growth replaces the worker |
 | `ray` | a Ray task on a cluster (ray_backend.py) | as `process`, on the node | as `process` |
+| `ray-warm` | one of the Ray actors (ray_warm.py), warm workers with the spec's [resources] | as `warm`, on the node | as `warm`: a dead, hung or growing actor is replaced |
 | in-process (`--in-process`) | the driver's own process (debugging) | none | none |
 
 The driver claims cells, starts them while `capacity()` allows, polls for outcomes, records them (it alone writes the
@@ -493,4 +494,4 @@ class WarmBackend:
         self.replaced = 0
 
 
-BACKENDS = ("process", "warm", "ray")
+BACKENDS = ("process", "warm", "ray", "ray-warm")

@@ -3,7 +3,8 @@
 - a fresh process per cell (`python -m fewtune.cell_process CONFIG_JSON RESULT_PATH [THREADS]`, backends.ProcessBackend);
 - a warm worker (`warm_worker_main`, a multiprocessing child of backends.WarmBackend): loads a model once and runs
   many cells, each from a pristine copy of the weights, its RNGs reset (fewtune.warm);
-- a Ray task (ray_backend.run_cell_task), which calls `run_config` here.
+- a Ray task (ray_backend.run_cell_task), which calls `run_config` here;
+- a Ray actor (ray_warm.WarmActor): a warm worker on a Ray cluster, as the local one (`WarmCells`).
 
 None of them writes the results database: each hands its outcome back to the driver (driver.py), the only writer.
 """

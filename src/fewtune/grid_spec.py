@@ -19,7 +19,7 @@ RUNNER_ENV = "FEWTUNE_GRID_RUNNER"  # "module:function" replacing fewtune.runner
 GRID_KEYS = ("name", "description", "models", "tasks", "shots", "shots_per_class", "seeds", "methods", "resources", "max_retries",
              "findings",
              "workers")
-# [resources]: what one cell asks of a Ray cluster (the local backend runs one cell at a time and ignores it)
+# [resources]: what one cell (--backend ray) or one warm actor (ray-warm) asks of a Ray cluster; ignored locally
 RESOURCE_KEYS = {"num_cpus": 1.0, "num_gpus": 0.0, "memory_gib": None}
 MAX_RESOURCE = {"num_cpus": 1024, "num_gpus": 1024, "memory_gib": 65536}  # per cell: more is a typo, not a node
 METHOD_KEYS = ("method", "label", "method_options", "shots", "shots_per_class")

@@ -10,6 +10,7 @@ cell's log as JSON text; the driver appends the log to `<db folder>/logs/<hash>.
 An exception inside a cell is a failed cell, never retried (it would fail again). A worker process or node
 that dies is retried by the driver, `max_retries` times (`--max-retries`, spec key `max_retries`), each try
 counted in the row's `attempts`; then the cell is recorded failed with the error. See docs/grid.md.
+Warm workers as Ray actors (`--backend ray-warm`), which load a model once for many cells: ray_warm.py.
 """
 
 from __future__ import annotations
@@ -170,8 +171,7 @@ class RayBackend:
         out = []
         for ref in ready:
             job = self.pending.pop(ref)
-            status, payload = collect(self.ray, ref, job.log_path)
-            out.append((job, Outcome(status, result=payload) if status == "success" else Outcome(status, error=payload)))
+            out.append((job, collect(self.ray, ref, job.log_path, self.resources)[0]))
         return out
 
     def cancel(self, job: Job) -> None:
@@ -196,21 +196,26 @@ def run_grid_ray(grid: Grid, store: Store, log_dir: Path, address: str | None = 
                     retries=max_retries if max_retries is not None else grid.max_retries)
 
 
-def collect(ray, ref, log_path: Path) -> tuple[str, dict | str]:
-    """('success', result), ('failed', error) or ('died', error) for a finished task; appends its log."""
+def collect(ray, ref, log_path: Path, resources: dict) -> tuple[Outcome, dict]:
+    """The outcome of a finished task or actor call (success, failed, died) and what the worker handed back ({} when
+    nothing came); appends its log. A success records the GPU share asked (`cost.ray_num_gpus`: 0.25 = shared by 4)."""
     from ray.exceptions import RayTaskError
     try:
         out = json.loads(ray.get(ref))
     except RayTaskError as e:  # raised outside run_config (e.g. fewtune missing on that node): would fail again
         error = one_line(e.cause) if getattr(e, "cause", None) else one_line(e)
         append_log(log_path, f"=== {now()} Ray task failed: {e}\n")
-        return "failed", error
-    except ray.exceptions.RayError as e:  # the worker or its node died, the task was lost: worth another try
+        return Outcome("failed", error=error), {}
+    except ray.exceptions.RayError as e:  # the worker, actor or node died, the call was lost: worth another try
         append_log(log_path, f"=== {now()} Ray worker died: {e}\n")
-        return "died", one_line(e)
+        return Outcome("died", error=one_line(e)), {}
     append_log(log_path, out.get("log", "") + f"\n=== {now()} on {out.get('host')} pid {out.get('pid')}: "
                                               f"{'success' if out.get('ok') else 'failed'}\n")
-    return ("success", out["result"]) if out.get("ok") else ("failed", out["error"])
+    if not out.get("ok"):
+        return Outcome("failed", error=out["error"]), out
+    if isinstance(out["result"].get("cost"), dict):
+        out["result"]["cost"]["ray_num_gpus"] = resources["num_gpus"]
+    return Outcome("success", result=out["result"]), out
 
 
 def append_log(path: Path, text: str) -> None:
