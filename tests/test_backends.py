@@ -196,6 +196,8 @@ def test_worker_plan_on_gpus_from_free_memory():
     (["--workers", "-2"], "--workers must be ≥ 1, got -2"),
     (["--workers", "999"], "--workers 999: this machine has"),
     (["--backend", "ray", "--workers", "2"], "does not go with --backend ray"),
+    (["--backend", "ray-warm", "--workers", "2"], "does not go with --backend ray-warm"),
+    (["--backend", "ray", "--cell-timeout", "5m"], "--cell-timeout applies to the process, warm and ray-warm backends"),
     (["--in-process", "--backend", "warm"], "does not go with --backend warm"),
     (["--cell-timeout", "soon"], "--cell-timeout 'soon' is not a duration"),
 ])

@@ -206,7 +206,7 @@ CASES = [
     ("grid-cli-max-retries-huge", lambda e: ["grid", str(e.spec), "--db", str(e.db), "--backend", "ray", "--dry-run",
                                              "--max-retries", "1000000"], ["--max-retries", "from 0 to 100"]),
     ("grid-address-without-ray", lambda e: ["grid", str(e.spec), "--db", str(e.db), "--address", "127.0.0.1:1"],
-     ["--address applies to --backend ray only"]),
+     ["--address applies to --backend ray and ray-warm only"]),
     ("grid-bad-address", lambda e: ["grid", str(e.spec), "--db", str(e.db), "--backend", "ray", "--address", "nowhere"],
      ["--address nowhere", "HOST:PORT"]),
     # --- the results database

@@ -1,15 +1,17 @@
-"""The Ray backend on a real local cluster (a head node and a second worker node, 1 CPU each, 127.0.0.1),
-and determinism: the same config and seed give the same metrics run after run and backend after backend.
+"""The Ray backends on a real local cluster (a head node and a second worker node, 1 CPU each, 127.0.0.1): `ray`
+(a fresh worker process per cell) and `ray-warm` (warm workers as Ray actors), and determinism: the same config and
+seed give the same metrics run after run and backend after backend.
 
 Cells run a fake runner (fast, no model) named by $FEWTUNE_GRID_RUNNER, except one real pbft cell on the tiny
-model folder. The fake runner reads what to do (hang once, crash) from a control file next to it, since the
-Ray workers do not see the test's environment.
+model folder. The fake runner reads what to do (run that cell for real, load the model, hang once, crash) from a
+control file next to it, since the Ray workers do not see the test's environment.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fewtune.cli import main
@@ -37,9 +40,13 @@ FAKE_RUNNER = textwrap.dedent('''
     def run(cfg, progress=False):
         control = json.loads((HERE / "control.json").read_text())
         print("fake runner stdout", cfg.hash(), flush=True)
-        if control.get("real") and Path(cfg.model).is_dir() and cfg.method == "pbft" and cfg.seed == 0:
+        if Path(cfg.model).is_dir() and control.get("real") and cfg.method == "pbft" and cfg.seed == 0:
             from fewtune.runner import run as real_run
             return real_run(cfg, progress=progress)
+        if Path(cfg.model).is_dir() and control.get("load"):  # load the model as the runner would (a warm cache)
+            from fewtune import models
+            from fewtune.tasks import load_task
+            models.load_model(cfg.model, "lm", len(load_task(cfg.task).labels), False, False)
         if cfg.method in control.get("crash", []):
             os.kill(os.getpid(), signal.SIGKILL)       # the worker dies: no exception, no result
         if cfg.method in control.get("slow", []):
@@ -217,40 +224,76 @@ def parity_spec(tmp_path: Path, toy, model_dir: Path) -> Path:
     return spec
 
 
-# --- the same grid, both backends
-def test_ray_backend_gives_the_local_backends_metrics(on_cluster, tmp_path, toy, tiny_model_dir, capsys):
-    on_cluster.control(real=True)
-    spec = parity_spec(tmp_path, toy, tiny_model_dir)
-    local_db, ray_db = tmp_path / "local" / "r.db", tmp_path / "ray" / "r.db"
-    assert main(["grid", str(spec), "--db", str(local_db), "--quiet"]) == 0
-    assert main(["grid", str(spec), "--db", str(ray_db), "--quiet", "--backend", "ray",
-                 "--address", on_cluster.address]) == 0
+# --- the same grid on the process backend and on both Ray backends
+@pytest.fixture(scope="module")
+def local_parity(ray_cluster, toy, tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """The parity grid run for real on the process backend, once for the module: (spec, database)."""
+    base = tmp_path_factory.mktemp("parity")
+    spec, db = parity_spec(base, toy, tiny_model_dir), base / "local" / "r.db"
+    ray_cluster.control(real=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ray_cluster.code), os.environ.get("PYTHONPATH")])))
+        mp.setenv("FEWTUNE_GRID_RUNNER", "fake_runner:run")
+        assert main(["grid", str(spec), "--db", str(db), "--quiet"]) == 0
+    return spec, db
+
+
+def log_of(db: Path, key: str) -> str:
+    return (db.parent / "logs" / f"{key}.log").read_text()
+
+
+@pytest.mark.parametrize("backend", ["ray", "ray-warm"])
+def test_ray_backends_give_the_local_backends_results(on_cluster, local_parity, tmp_path, capsys, backend):
+    """A real pbft cell on the tiny model and three fake ones: the same metrics, predictions, samples and losses as
+    fresh local processes. On ray-warm every cell loads the model: each actor's later cells take it from its cache."""
+    spec, local_db = local_parity
+    on_cluster.control(real=True, load=backend == "ray-warm")
+    db = tmp_path / "r.db"
+    argv = ["grid", str(spec), "--db", str(db), "--quiet", "--backend", backend, "--address", on_cluster.address]
+    assert main(argv) == 0
     assert "4 succeeded now, 0 failed" in capsys.readouterr().out
-    local, ray = rows_by_hash(local_db), rows_by_hash(ray_db)
+    local, ray = rows_by_hash(local_db), rows_by_hash(db)
     assert local.keys() == ray.keys() and len(ray) == 4
-    for key, row in ray.items():
-        assert row["status"] == local[key]["status"] == "success"
-        assert measured(row["metrics"]) == measured(local[key]["metrics"]), row["label"]
-        assert row["attempts"] == 1 and row["grid"] == "parity"
-        log = (ray_db.parent / "logs" / f"{key}.log").read_text()
-        assert f"fake runner stdout {key}" in log and "Ray task, try 1" in log  # the worker's output came back
-    real = [r for r in ray.values() if r["result"].get("training")]
-    assert len(real) == 1 and real[0]["method"] == "pbft"
-    on_ray, here = real[0]["result"], local[real[0]["config_hash"]]["result"]
-    assert on_ray["training"]["steps"] == here["training"]["steps"] == 4
-    assert on_ray["train_indices"] == here["train_indices"]
-    # the losses too, up to float summation order (Ray gives a 1-CPU task one thread, a local child takes all)
-    assert on_ray["training"]["epoch_losses"] == pytest.approx(here["training"]["epoch_losses"], rel=1e-5)
+    with Store(local_db, readonly=True) as here_db, Store(db, readonly=True) as ray_db:
+        for key, row in ray.items():
+            assert row["status"] == local[key]["status"] == "success"
+            assert measured(row["metrics"]) == measured(local[key]["metrics"]), row["label"]
+            assert row["attempts"] == 1 and row["grid"] == "parity"
+            pa, pb = here_db.predictions(key), ray_db.predictions(key)
+            assert pa.keys() == pb.keys() and bool(pa) == bool(row["result"].get("training"))  # the real cell's
+            for split in pa:  # log-probabilities up to float summation order (1 thread on Ray, all cores here)
+                assert list(pa[split]["pred"]) == list(pb[split]["pred"]), (row["label"], split)
+                np.testing.assert_allclose(pa[split]["logprobs"], pb[split]["logprobs"], rtol=0, atol=1e-5)
+            on_ray, here = row["result"], local[key]["result"]
+            assert on_ray.get("train_indices") == here.get("train_indices")
+            if here.get("training"):
+                assert on_ray["training"]["steps"] == here["training"]["steps"] == 4
+                assert on_ray["training"]["epoch_losses"] == pytest.approx(here["training"]["epoch_losses"], rel=1e-5)
+            cost = on_ray["cost"]
+            assert (cost["backend"], cost["workers"], cost["shared_with"], cost["ray_num_gpus"]) == (backend, None, None, 0)
+            log = log_of(db, key)
+            assert f"fake runner stdout {key}" in log  # the worker's output came back
+            assert re.search(r"Ray task, try 1" if backend == "ray" else r"Ray actor \d \(cell \d\), try 1", log)
+    assert [r["method"] for r in ray.values() if r["result"].get("training")] == ["pbft"]
+    if backend == "ray-warm":  # two actors (1 CPU each): each loaded the model once, then copied it
+        cache = {}
+        for key, row in ray.items():
+            actor = re.findall(r" on (\S+ pid \d+): success", log_of(db, key))[-1]
+            cache.setdefault(actor, []).append(row["result"]["cost"]["warm_model_cache"])
+        assert len(cache) <= 2 and all(sorted(hits) == [False] + [True] * (len(hits) - 1) for hits in cache.values())
+        assert sum(hit for hits in cache.values() for hit in hits) >= 2  # 4 cells, 2 actors: at least 2 copies
+        assert row["result"]["cost"]["torch_threads"] == 1  # num_cpus = 1
     # a second run resumes: nothing to do, nothing duplicated
-    assert main(["grid", str(spec), "--db", str(ray_db), "--quiet", "--backend", "ray",
-                 "--address", on_cluster.address]) == 0
+    assert main(argv) == 0
     assert "4 done before, 0 succeeded now" in capsys.readouterr().out
-    assert rows_by_hash(ray_db).keys() == ray.keys()
+    assert rows_by_hash(db).keys() == ray.keys()
 
 
-def test_killed_worker_is_retried_then_recorded_nothing_lost(on_cluster, tmp_path, capsys):
-    """One worker is killed from outside mid-cell (retried, succeeds); lora's workers kill themselves on every
-    try (failed after 1 + max_retries tries). Every cell ends done or failed, once."""
+@pytest.mark.parametrize("backend", ["ray", "ray-warm"])
+def test_killed_worker_is_retried_then_recorded_nothing_lost(on_cluster, tmp_path, capsys, backend):
+    """lora's workers (on ray-warm: actors) kill themselves on every try (failed after 1 + max_retries tries); pbft's
+    first try hangs, its worker killed from outside mid-cell on ray, its actor killed by --cell-timeout on ray-warm
+    (retried, succeeds). Every cell ends done or failed, once, and the grid goes on."""
     on_cluster.control(hang_once=["pbft"], crash=["lora"])
     spec = tmp_path / "tiny.toml"
     spec.write_text(FAKE_SPEC)
@@ -266,43 +309,55 @@ def test_killed_worker_is_retried_then_recorded_nothing_lost(on_cluster, tmp_pat
                 killed.append((mark.stem, pid))
             time.sleep(0.1)
     thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    code = main(["grid", str(spec), "--db", str(db), "--quiet", "--backend", "ray", "--address", on_cluster.address,
-                 "--max-retries", "1"])
-    thread.join(1)
+    if backend == "ray":
+        thread.start()
+    timeout = ["--cell-timeout", "5s"] if backend == "ray-warm" else []
+    code = main(["grid", str(spec), "--db", str(db), "--quiet", "--backend", backend, "--address", on_cluster.address,
+                 "--max-retries", "1", *timeout])
+    if backend == "ray":
+        thread.join(1)
+        assert len(killed) == 1
     out = capsys.readouterr()
     assert code == 1 and "4 succeeded now, 2 failed" in out.out
-    assert len(killed) == 1
     rows = rows_by_hash(db)
     assert len(rows) == 6
-    hung = rows[killed[0][0]]
-    assert (hung["method"], hung["status"], hung["attempts"]) == ("pbft", "success", 2)
+    hung_first = list((on_cluster.code / "marks").glob("*.pid"))
+    assert len(hung_first) == 1
+    hung = rows[hung_first[0].stem]
+    assert (hung["method"], hung["seed"], hung["status"], hung["attempts"]) == ("pbft", 0, "success", 2)
     assert "retry 1/1" in out.err
+    if backend == "ray-warm":
+        assert "Ray actor hung: no result after 5 s (--cell-timeout)" in out.err
+    noun = {"ray": "Ray worker", "ray-warm": "Ray actor"}[backend]
     for r in rows.values():
         if r["method"] == "lora":
             assert r["status"] == "failed" and r["attempts"] == 2
-            assert r["error"].startswith("Ray worker died on each of 2 tries") and "\n" not in r["error"]
+            assert r["error"].startswith(f"{noun} died on each of 2 tries") and "\n" not in r["error"]
         else:
             assert r["status"] == "success" and r["error"] is None
+            assert r["result"]["cost"]["backend"] == backend
     assert all(r["attempts"] == 1 for r in rows.values() if r["method"] == "icl")
 
     on_cluster.control()  # the crash is fixed: a rerun runs exactly the two failed cells again, in their rows
-    assert main(["grid", str(spec), "--db", str(db), "--quiet", "--backend", "ray", "--address", on_cluster.address]) == 0
+    assert main(["grid", str(spec), "--db", str(db), "--quiet", "--backend", backend,
+                 "--address", on_cluster.address]) == 0
     assert "4 done before, 2 succeeded now, 0 failed" in capsys.readouterr().out
     after = rows_by_hash(db)
     assert after.keys() == rows.keys() and {r["status"] for r in after.values()} == {"success"}
     assert sorted(r["attempts"] for r in after.values() if r["method"] == "lora") == [3, 3]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_path, sig):
-    """SIGINT (or SIGTERM) to a `fewtune grid --backend ray` process: the running tasks are cancelled, their cells
-    recorded cancelled, exit 130 (143); the next run finishes them in the same rows."""
+# ray-warm with one signal: the driver treats both alike; what differs is the backend's cancel (ray.kill of the actor)
+@pytest.mark.parametrize("backend, sig", [("ray", signal.SIGINT), ("ray", signal.SIGTERM), ("ray-warm", signal.SIGTERM)],
+                         ids=["ray-SIGINT", "ray-SIGTERM", "ray-warm-SIGTERM"])
+def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_path, backend, sig):
+    """SIGINT (or SIGTERM) to a `fewtune grid --backend ray` (ray-warm) process: the running tasks (actors) are
+    stopped, their cells recorded cancelled, exit 130 (143); the next run finishes them in the same rows."""
     on_cluster.control(slow=["pbft"])
     spec = tmp_path / "tiny.toml"
     spec.write_text(FAKE_SPEC)
     db = tmp_path / "r.db"
-    cmd = [sys.executable, "-m", "fewtune", "grid", str(spec), "--db", str(db), "--quiet", "--backend", "ray",
+    cmd = [sys.executable, "-m", "fewtune", "grid", str(spec), "--db", str(db), "--quiet", "--backend", backend,
            "--address", on_cluster.address]
     grid = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -324,7 +379,7 @@ def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_
     assert "running" not in {r["status"] for r in rows.values()}
 
     on_cluster.control()
-    assert main(["grid", str(spec), "--db", str(db), "--quiet", "--backend", "ray", "--address", on_cluster.address]) == 0
+    assert main(["grid", str(spec), "--db", str(db), "--quiet", "--backend", backend, "--address", on_cluster.address]) == 0
     from fewtune.grid import load_grid
     after = rows_by_hash(db)
     assert after.keys() == {c.key for c in load_grid(str(spec)).cells}
@@ -370,6 +425,45 @@ def test_spec_resources_and_retries_are_read(tmp_path):
     assert [c.key for c in load_grid(str(plain)).cells] == [c.key for c in grid.cells]
 
 
+@pytest.mark.parametrize("value, message", [
+    (1.5, "'resources.num_gpus' above 1 must be a whole number (a GPU is shared as a fraction of one, e.g. 0.25: "
+          "four cells per GPU), got 1.5."),
+    (0.00001, "'resources.num_gpus' must be 0 or at least 0.0001 (Ray's smallest share of a GPU), got 1e-05."),
+    (-0.25, "'resources.num_gpus' must be ≥ 0 and at most 1024, got -0.25."),
+    (2048, "'resources.num_gpus' must be ≥ 0 and at most 1024, got 2048."),
+    ('"0.5"', "'resources.num_gpus' must be a number, got '0.5'."),
+])
+def test_a_bad_gpu_share_is_one_line(tmp_path, value, message):
+    from fewtune.errors import FewtuneError
+    from fewtune.grid import load_grid
+    spec = tmp_path / "g.toml"
+    spec.write_text(FAKE_SPEC.replace('eval_limit = 10', f'eval_limit = 10\n[resources]\nnum_gpus = {value}\n'))
+    with pytest.raises(FewtuneError) as e:
+        load_grid(str(spec))
+    assert str(e.value) == f"{spec}: {message}"
+
+
+def test_gpu_shares_and_whole_gpus_are_read_and_counted_as_ray_counts_them(tmp_path):
+    """Fractions in (0, 1] and whole numbers are read; cells_that_fit counts in Ray's units (1 // 0.2 is 4.0 in floats,
+    five 0.2-GPU actors in Ray)."""
+    from fewtune.grid import load_grid
+    from fewtune.ray_backend import cells_that_fit
+    for value in (0, 0.0001, 0.2, 0.25, 1 / 3, 1, 2, 8):
+        spec = tmp_path / "g.toml"
+        spec.write_text(FAKE_SPEC.replace('eval_limit = 10', f'eval_limit = 10\n[resources]\nnum_gpus = {value!r}\n'))
+        assert load_grid(str(spec)).resources["num_gpus"] == value
+
+    class Nodes:  # ray.nodes() of a cluster with two nodes, one with a GPU
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 1.0, "memory": 64.0 * 2**30}},
+                    {"Alive": True, "Resources": {"CPU": 8.0, "memory": 32.0 * 2**30}}]
+    fits = {share: cells_that_fit(Nodes, {"num_cpus": 1.0, "num_gpus": share, "memory_gib": None})
+            for share in (0.1, 0.2, 0.25, 0.3, 0.5, 1.0)}
+    assert fits == {0.1: 10, 0.2: 5, 0.25: 4, 0.3: 3, 0.5: 2, 1.0: 1}
+    assert cells_that_fit(Nodes, {"num_cpus": 2.0, "num_gpus": 0.0, "memory_gib": 4.0}) == 12  # CPUs: 8 + 4
+
+
 # --- determinism
 def test_same_config_and_seed_give_identical_results(toy, tiny_model_dir):
     """Two real pbft runs of one config in one process: the same sample, losses and metrics, to the bit."""
@@ -386,9 +480,11 @@ def test_same_config_and_seed_give_identical_results(toy, tiny_model_dir):
     assert other_seed["train_indices"] != a["train_indices"]  # the seed is not ignored
 
 
-def test_until_resolved_runs_on_ray(on_cluster, toy, tmp_path, monkeypatch):
-    """--until-resolved through the one driver on the Ray backend: the same allocation as on the local backends
-    (tests/test_decide.py::test_until_resolved_on_every_backend), a round's cells at once on the cluster."""
+@pytest.mark.parametrize("backend", ["ray", "ray-warm"])
+def test_until_resolved_runs_on_ray(on_cluster, toy, tmp_path, monkeypatch, backend):
+    """--until-resolved through the one driver on the Ray backends: the same allocation as on the local backends
+    (tests/test_decide.py::test_until_resolved_on_every_backend), a round's cells at once on the cluster (ray-warm:
+    the same actors across rounds)."""
     sys.path.insert(0, str(Path(__file__).parent))
     try:
         import test_decide
@@ -399,6 +495,7 @@ def test_until_resolved_runs_on_ray(on_cluster, toy, tmp_path, monkeypatch):
     from fewtune.grid import expand
     from fewtune.methods import icl
     from fewtune.ray_backend import RayBackend
+    from fewtune.ray_warm import RayWarmBackend
     tagged = make_dataclass("TaggedIcl", [("label_tag", str, field(default=""))], bases=(icl.IclOptions,))
     monkeypatch.setattr(icl.ICL, "Options", tagged)  # as test_decide's _tag_option fixture
     (on_cluster.code / "decide_runner.py").write_text(test_decide.DECIDE_RUNNER.format(tests=str(Path(__file__).parent)))
@@ -406,11 +503,14 @@ def test_until_resolved_runs_on_ray(on_cluster, toy, tmp_path, monkeypatch):
     true = {"a": 0.80, "b": 0.79, "c": 0.50}
     grid = expand(test_decide.spec(toy, labels=tuple(true), seeds=range(4)), where="test")
     with Store(tmp_path / "ray.db") as store:
-        d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lambda _: None,
-                               backend=RayBackend(grid.resources, on_cluster.address))
+        runs_on = {"ray": RayBackend, "ray-warm": RayWarmBackend}[backend](grid.resources, on_cluster.address)
+        d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lambda _: None, backend=runs_on)
         rows = store.rows()
     seeds = {label: sorted(r["seed"] for r in rows if r["label"] == label) for label in true}
     assert {r["status"] for r in rows} == {"success"}
     # c: judged only from 2 seeds on, then shown worse and given no more (as on the local backends)
     assert 2 <= len(seeds["c"]) < 4 and seeds["a"] == seeds["b"] == [0, 1, 2, 3]
     assert d.runs == 8 + len(seeds["c"]) and not d.resolved
+    assert {r["result"]["cost"]["backend"] for r in rows} == {backend}
+    if backend == "ray-warm":
+        assert runs_on.replaced == 0

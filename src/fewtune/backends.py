@@ -5,6 +5,7 @@
 | `process` (default) | a fresh `python -m fewtune.cell_process` child | imports + model load (~3-6 s on CPU, 8-10 s on a GPU) | complete: its memory goes back when it exits |
 | `warm` | one of N long-lived workers that keep the model loaded (fewtune.warm) | a copy of the weights (~0.1-0.3 s for 135M params) | a crash, hang or memory growth replaces the worker |
 | `ray` | a Ray task on a cluster (ray_backend.py) | as `process`, on the node | as `process` |
+| `ray-warm` | one of the Ray actors (ray_warm.py), warm workers with the spec's [resources] | as `warm`, on the node | as `warm`: a dead, hung or growing actor is replaced |
 | in-process (`--in-process`) | the driver's own process (debugging) | none | none |
 
 The driver claims cells, starts them while `capacity()` allows, polls for outcomes, records them (it alone writes the
@@ -338,6 +339,24 @@ class _Worker:
     ready: bool = False   # its imports are done (the cell timeout counts from here)
 
 
+def outgrown(history: list[float], rss_mib: float, cache_miss: bool,
+             limit_mib: float | None) -> tuple[list[float], str | None]:
+    """A warm worker's memory after a cell (a local worker or a Ray actor): its RSS history, counted from its last new
+    model, and why it must be replaced, or None. Replaced when it leaks: its RSS after a cell grew by > GROWTH_STEP_MIB
+    after each of its last GROWTH_CELLS cells that loaded no new model (a new model in the cache, ~540 MiB for the
+    bundled one, is growth by design; RSS after a full fine-tune stays high, as the allocator keeps what it freed, but
+    plateaus), or when it holds more than `limit_mib`. Seen on the mini-grid before cache misses were excluded:
+    971 -> 1,388 -> 1,852 -> 2,663 MiB over zero-shot, icl, ft (a second model: the classifier), pbft."""
+    history = [rss_mib] if cache_miss else history + [rss_mib]
+    recent = history[-GROWTH_CELLS - 1:]
+    if len(recent) > GROWTH_CELLS and all(b - a > GROWTH_STEP_MIB for a, b in zip(recent, recent[1:])):
+        return history, (f"grew after each of its last {GROWTH_CELLS} cells "
+                         f"({' -> '.join(f'{x:.0f}' for x in recent)} MiB)")
+    if limit_mib and rss_mib > limit_mib:
+        return history, f"holds {rss_mib:.0f} MiB (limit {limit_mib:.0f} MiB)"
+    return history, None
+
+
 class WarmBackend:
     """N long-lived worker processes (multiprocessing, spawn) that keep the models they have loaded and run many cells
     each, from a pristine copy of the weights (fewtune.warm). The driver replaces a worker that dies (its cell 'died':
@@ -430,22 +449,12 @@ class WarmBackend:
         return out
 
     def _check_memory(self, w: _Worker, rss_mib: float | None, cache_miss: bool = False) -> None:
-        """Replace a worker that leaks: its RSS after a cell grew by > GROWTH_STEP_MIB after each of its last
-        GROWTH_CELLS cells that loaded no new model (a new model in the cache, ~540 MiB for the bundled one, is growth
-        by design; RSS after a full fine-tune stays high, as the allocator keeps what it freed, but plateaus), or it
-        holds more than its share of the machine's memory. Seen on the mini-grid before cache misses were excluded:
-        971 -> 1,388 -> 1,852 -> 2,663 MiB over zero-shot, icl, ft (a second model: the classifier), pbft."""
         if rss_mib is None:
             return
         import psutil
-        w.rss_mib = [rss_mib] if cache_miss else w.rss_mib + [rss_mib]  # growth counted from the last new model
         share = RAM_SHARE * psutil.virtual_memory().total / 2**20 / max(self.plan.workers, 1)
-        recent = w.rss_mib[-GROWTH_CELLS - 1:]
-        growing = len(recent) > GROWTH_CELLS and all(b - a > GROWTH_STEP_MIB for a, b in zip(recent, recent[1:]))
-        limit = self.max_rss_mib or share
-        if growing or rss_mib > limit:
-            why = (f"grew after each of its last {GROWTH_CELLS} cells ({' -> '.join(f'{x:.0f}' for x in recent)} MiB)"
-                   if growing else f"holds {rss_mib:.0f} MiB (limit {limit:.0f} MiB)")
+        w.rss_mib, why = outgrown(w.rss_mib, rss_mib, cache_miss, self.max_rss_mib or share)
+        if why:
             log.warning("warm worker %d %s: replaced", w.index, why)
             self._kill(w)
 
@@ -485,4 +494,4 @@ class WarmBackend:
         self.replaced = 0
 
 
-BACKENDS = ("process", "warm", "ray")
+BACKENDS = ("process", "warm", "ray", "ray-warm")

@@ -3,7 +3,8 @@
 - a fresh process per cell (`python -m fewtune.cell_process CONFIG_JSON RESULT_PATH [THREADS]`, backends.ProcessBackend);
 - a warm worker (`warm_worker_main`, a multiprocessing child of backends.WarmBackend): loads a model once and runs
   many cells, each from a pristine copy of the weights, its RNGs reset (fewtune.warm);
-- a Ray task (ray_backend.run_cell_task), which calls `run_config` here.
+- a Ray task (ray_backend.run_cell_task), which calls `run_config` here;
+- a Ray actor (ray_warm.WarmActor): a warm worker on a Ray cluster, as the local one (`WarmCells`).
 
 None of them writes the results database: each hands its outcome back to the driver (driver.py), the only writer.
 """
@@ -101,15 +102,16 @@ def output_to(path: Path):
             os.close(f)
 
 
-def mark_shared(out: dict, backend: str, workers: int, threads: int | None) -> dict:
-    """Say in the result how its cost figures were measured: which backend, how many cells shared the machine, with
-    how many threads. Costs measured alike compare; a cell timed beside 3 others is not one timed alone."""
+def mark_shared(out: dict, backend: str, workers: int | None, threads: int | None) -> dict:
+    """Say in the result how its cost figures were measured: which backend, how many cells shared the machine (None:
+    not known, as on a Ray node shared with whatever the cluster schedules there), with how many threads. Costs
+    measured alike compare; a cell timed beside 3 others is not one timed alone."""
     result = out.get("result")
     if out.get("ok") and isinstance(result, dict):
         cost = result.setdefault("cost", {})
         if isinstance(cost, dict):
             import torch
-            cost.update(backend=backend, workers=workers, shared_with=workers - 1,
+            cost.update(backend=backend, workers=workers, shared_with=None if workers is None else workers - 1,
                         torch_threads=threads or torch.get_num_threads())
     return out
 
@@ -128,7 +130,7 @@ def fresh_main(config_json: str, result_path: str, threads: int | None, workers:
     return 0 if out["ok"] else 1
 
 
-# --- a warm worker
+# --- a warm worker: a local one (warm_worker_main) or a Ray actor (ray_warm.WarmActor)
 def cell_device(config_json: str):
     """The device a cell's config will run on (its `device`, 'auto' resolved), or None when it names none usable
     (the run itself then says why)."""
@@ -139,11 +141,41 @@ def cell_device(config_json: str):
         return None
 
 
+class WarmCells:
+    """What makes a process a warm worker: its share of the cores, a model cache (fewtune.warm) as the process's model
+    provider, and each cell run from a pristine state (RNGs, grad mode, allocator reset), its output in its log."""
+
+    def __init__(self, backend: str, workers: int | None, threads: int | None):
+        configure_cell_process()
+        set_threads(threads)
+        from . import models, warm
+        self.backend, self.workers, self.threads = backend, workers, threads
+        self.cache = warm.WarmModels()
+        models.set_model_provider(self.cache)
+
+    def run(self, config_json: str, log_path: Path) -> dict:
+        """One cell, stdout/stderr appended to `log_path`: {"ok", "result" | "error", "rss_mib", "cache_miss"}."""
+        import psutil
+        from . import warm
+        cache = self.cache
+        with output_to(log_path):
+            warm.reset_process_state()
+            cache.last_hit, cache.last_on_device = None, False
+            cache.device = cell_device(config_json)
+            out = mark_shared(run_config(config_json), self.backend, self.workers, self.threads)
+            if out.get("ok"):
+                out["result"].setdefault("cost", {}).update(warm_model_cache=cache.last_hit,
+                                                            warm_template_on_device=cache.last_on_device)
+        out["rss_mib"] = round(psutil.Process().memory_info().rss / 2**20, 1)
+        out["cache_miss"] = cache.last_hit is False  # it kept a new model: more memory, by design
+        return out
+
+
 def warm_worker_main(conn, threads: int | None, workers: int, env: dict) -> None:
     """Serve cells from the driver over `conn` until it sends None or goes away.
 
     Receives JSON {"config": json, "log": path} (b"": stop); runs the cell with stdout/stderr in the cell's log; answers
-    {"ok", "result" | "error", "rss_mib"}. The model cache (fewtune.warm) lives as long as this process."""
+    {"ok", "result" | "error", "rss_mib", "cache_miss"}. The model cache lives as long as this process."""
     os.setsid()  # a terminal's Ctrl-C reaches the driver only, which then stops the cells it owns
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -152,12 +184,7 @@ def warm_worker_main(conn, threads: int | None, workers: int, env: dict) -> None
         if entry and entry not in sys.path:
             sys.path.insert(0, entry)
     watch_parent()
-    configure_cell_process()
-    set_threads(threads)
-    import psutil
-    from . import models, warm
-    cache = warm.WarmModels()
-    models.set_model_provider(cache)
+    cells = WarmCells("warm", workers, threads)
     conn.send_bytes(b'{"ready": true}')  # the driver times the first cell from here, not from the spawn
     while True:
         try:
@@ -167,16 +194,7 @@ def warm_worker_main(conn, threads: int | None, workers: int, env: dict) -> None
         if not raw:  # the driver's "stop"
             return
         job = json.loads(raw)
-        with output_to(Path(job["log"])):
-            warm.reset_process_state()
-            cache.last_hit, cache.last_on_device = None, False
-            cache.device = cell_device(job["config"])
-            out = mark_shared(run_config(job["config"]), "warm", workers, threads)
-            if out.get("ok"):
-                out["result"].setdefault("cost", {}).update(warm_model_cache=cache.last_hit,
-                                                            warm_template_on_device=cache.last_on_device)
-        out["rss_mib"] = round(psutil.Process().memory_info().rss / 2**20, 1)
-        out["cache_miss"] = cache.last_hit is False  # it kept a new model: more memory, by design
+        out = cells.run(job["config"], Path(job["log"]))
         try:
             conn.send_bytes(dumps(out).encode())
         except (BrokenPipeError, OSError):

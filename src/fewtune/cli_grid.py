@@ -28,20 +28,22 @@ def add_parser(sub) -> None:
     g.add_argument("--reclaim", action="store_true",
                    help="also re-run cells marked running by a live process or another host (it must be gone)")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bar; one line per cell")
-    g.add_argument("--backend", choices=["process", "warm", "ray", "local"], default="process",
+    g.add_argument("--backend", choices=["process", "warm", "ray", "ray-warm", "local"], default="process",
                    help="process: each cell in a fresh child process (isolated; pays imports and model loading per "
                         "cell); warm: --workers processes that keep the model loaded and run many cells each (same "
                         "results, less start-up); ray: every cell a task on a Ray cluster (pip install 'fewtune[ray]'); "
-                        "local = process [process]")
+                        "ray-warm: warm workers as Ray actors with the spec's [resources] (num_gpus = 0.25: four "
+                        "share a GPU); local = process [process]")
     g.add_argument("--workers", type=int,
                    help="process/warm: cells at once on this machine, each with its share of the CPU cores as threads "
                         "(on GPUs: several per device, by default as many as free memory holds) [spec workers, 1]")
-    g.add_argument("--cell-timeout", help="process/warm: a cell with no result after this long (e.g. 30m) is killed "
-                                          "and retried or recorded failed [no limit]")
-    g.add_argument("--address", help="ray: the cluster, auto or HOST:PORT [$RAY_ADDRESS, a running local Ray, "
+    g.add_argument("--cell-timeout", help="process/warm/ray-warm: a cell with no result after this long (e.g. 30m) is "
+                                          "killed and retried or recorded failed [no limit]")
+    g.add_argument("--address", help="ray/ray-warm: the cluster, auto or HOST:PORT [$RAY_ADDRESS, a running local Ray, "
                                      "else a new local one]")
     g.add_argument("--max-retries", type=int, help="re-runs of a cell whose worker process died (killed, out of "
-                                                   "memory, hung) [spec max_retries; process 0, warm 1, ray 2]")
+                                                   "memory, hung) [spec max_retries; process 0, warm 1, ray and "
+                                                   "ray-warm 2]")
     g.add_argument("--models", help="replace the spec's models, comma-separated (e.g. fewtune grid paper --models "
                                     "smollm2-135m,gemma3-270m: the study's design on the bundled models)")
     g.add_argument("--max-cells", type=int, help="refuse a spec that expands to more cells than this [10000]")
@@ -109,20 +111,23 @@ def cmd_grid(args) -> int:
     path = db_path(args)
     if args.max_retries is not None:
         check_max_retries(args.max_retries, "--max-retries")
-    if backend_name == "ray":
-        for flag, what in (("in_process", "--in-process runs cells in this process"),
-                           ("workers", "--workers sets how many cells run at once on this machine; on Ray the spec's "
-                                       "[resources] decide it"),
-                           ("cell_timeout", "--cell-timeout applies to the process and warm backends")):
+    on_ray = backend_name in ("ray", "ray-warm")
+    if on_ray:
+        refused = [("in_process", "--in-process runs cells in this process"),
+                   ("workers", "--workers sets how many cells run at once on this machine; on Ray the spec's "
+                               "[resources] decide it")]
+        if backend_name == "ray":  # a task's worker is Ray's to stop; an actor is ours (ray-warm)
+            refused.append(("cell_timeout", "--cell-timeout applies to the process, warm and ray-warm backends"))
+        for flag, what in refused:
             if getattr(args, flag):
-                raise FewtuneError(f"{what}; it does not go with --backend ray.")
+                raise FewtuneError(f"{what}; it does not go with --backend {backend_name}.")
         if not args.dry_run:  # not installed, or no cluster there: say so before the database is touched
             from .ray_backend import check_address, import_ray
             import_ray()
             check_address(args.address)
     else:
         if args.address is not None:
-            raise FewtuneError("--address applies to --backend ray only.")
+            raise FewtuneError("--address applies to --backend ray and ray-warm only.")
         if args.in_process and (backend_name == "warm" or args.workers not in (None, 1)):
             raise FewtuneError("--in-process runs one cell at a time in this process; it does not go with "
                                "--backend warm or --workers.")
@@ -148,7 +153,7 @@ def cmd_grid(args) -> int:
         check_models(grid)
     workers = args.workers if args.workers is not None else grid.workers
     plan = None
-    if backend_name != "ray" and not args.in_process:
+    if not on_ray and not args.in_process:
         from .backends import machine_plan, model_need_bytes
         plan = machine_plan(workers, model_need_bytes([c.config.model for c in grid.cells]),
                             use_gpu=any(c.config.device in ("auto", "cuda") or str(c.config.device).startswith("cuda")
@@ -195,6 +200,9 @@ def make_backend(name: str, grid, plan, in_process: bool, address: str | None, c
     if name == "ray":
         from .ray_backend import RayBackend
         return RayBackend(grid.resources, address)
+    if name == "ray-warm":
+        from .ray_warm import RayWarmBackend
+        return RayWarmBackend(grid.resources, address, cell_timeout)
     if in_process:
         return InlineBackend()
     if name == "warm":

@@ -6,7 +6,8 @@ records each ('success' + the result record, or 'failed' + a one-line error). A 
 out of memory, a lost Ray node, a hung warm worker) is tried again in the same row up to `retries` times, then
 recorded failed. SIGINT/SIGTERM cancel every cell in flight (recorded 'cancelled') and raise Interrupted; a cell
 killed with the driver (kill -9) stays 'running' with a dead owner and the next grid claims it again.
-Backends: backends.py (process, warm, in-process), ray_backend.py (ray). Docs: docs/grid.md.
+Backends: backends.py (process, warm, in-process), ray_backend.py (ray), ray_warm.py (ray-warm). Docs:
+docs/grid.md.
 """
 
 from __future__ import annotations

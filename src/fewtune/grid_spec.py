@@ -19,7 +19,7 @@ RUNNER_ENV = "FEWTUNE_GRID_RUNNER"  # "module:function" replacing fewtune.runner
 GRID_KEYS = ("name", "description", "models", "tasks", "shots", "shots_per_class", "seeds", "methods", "resources", "max_retries",
              "findings",
              "workers")
-# [resources]: what one cell asks of a Ray cluster (the local backend runs one cell at a time and ignores it)
+# [resources]: what one cell (--backend ray) or one warm actor (ray-warm) asks of a Ray cluster; ignored locally
 RESOURCE_KEYS = {"num_cpus": 1.0, "num_gpus": 0.0, "memory_gib": None}
 MAX_RESOURCE = {"num_cpus": 1024, "num_gpus": 1024, "memory_gib": 65536}  # per cell: more is a typo, not a node
 METHOD_KEYS = ("method", "label", "method_options", "shots", "shots_per_class")
@@ -295,8 +295,21 @@ def parse_resources(table, where: str) -> dict:
             bound = "≥ 0" if key == "num_gpus" else "> 0"
             raise FewtuneError(f"{where}: 'resources.{key}' must be {bound} and at most {MAX_RESOURCE[key]}, "
                                f"got {value!r}.")
+        if key == "num_gpus":
+            check_gpu_share(value, where)
         out[key] = float(value)
     return out
+
+
+def check_gpu_share(value: float, where: str) -> None:
+    """Ray gives a cell a share of one GPU (0.25: four cells on one GPU, in Ray's steps of 0.0001) or whole GPUs; 1.5
+    would be neither (Ray would never schedule it), and a share finer than 0.0001 is 0 to Ray."""
+    if value > 1 and value != int(value):
+        raise FewtuneError(f"{where}: 'resources.num_gpus' above 1 must be a whole number (a GPU is shared as a "
+                           f"fraction of one, e.g. 0.25: four cells per GPU), got {value!r}.")
+    if 0 < value < 0.0001:
+        raise FewtuneError(f"{where}: 'resources.num_gpus' must be 0 or at least 0.0001 (Ray's smallest share of a "
+                           f"GPU), got {value!r}.")
 
 
 def check_max_retries(value, where: str) -> int:

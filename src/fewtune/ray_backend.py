@@ -10,6 +10,7 @@ cell's log as JSON text; the driver appends the log to `<db folder>/logs/<hash>.
 An exception inside a cell is a failed cell, never retried (it would fail again). A worker process or node
 that dies is retried by the driver, `max_retries` times (`--max-retries`, spec key `max_retries`), each try
 counted in the row's `attempts`; then the cell is recorded failed with the error. See docs/grid.md.
+Warm workers as Ray actors (`--backend ray-warm`), which load a model once for many cells: ray_warm.py.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ LOG_LIMIT = 2 << 20  # bytes of a cell's log sent back to the driver (the end is
 INSTALL_HINT = "pip install 'fewtune[ray]'"
 WAIT_S = 1.0         # the driver wakes this often to notice Ctrl-C / SIGTERM
 CONNECT_TIMEOUT_S = 10.0
+RESOURCE_UNITS = 10_000  # Ray counts resources in 1/10,000ths (ray._raylet.RESOURCE_UNIT_SCALING)
 
 
 def import_ray():
@@ -55,15 +57,16 @@ def run_cell_task(config_json: str, env: dict) -> str:
         log_file = Path(tmp) / "cell.log"
         with output_to(log_file):
             configure_cell_process()
-            import torch
             # a Ray worker shares its node with whatever else the cluster schedules there: say only what is known
-            out = mark_shared(run_config(config_json), "ray", 1, torch.get_num_threads())
-            if out.get("ok") and isinstance(out["result"].get("cost"), dict):
-                for k in ("workers", "shared_with"):
-                    out["result"]["cost"][k] = None
-        with open(log_file, "rb") as f:
-            f.seek(max(0, log_file.stat().st_size - LOG_LIMIT))
-            text = f.read().decode("utf-8", errors="replace")
+            out = mark_shared(run_config(config_json), "ray", None, None)
+        return hand_back(out, log_file)
+
+
+def hand_back(out: dict, log_file: Path) -> str:
+    """What a Ray worker returns for a cell: its outcome, the end of its log and where it ran, as JSON text."""
+    with open(log_file, "rb") as f:
+        f.seek(max(0, log_file.stat().st_size - LOG_LIMIT))
+        text = f.read().decode("utf-8", errors="replace")
     return dumps({**out, "log": text, "host": socket.gethostname(), "pid": os.getpid()})
 
 
@@ -109,7 +112,7 @@ def cells_that_fit(ray, resources: dict) -> int:
         if not node.get("Alive"):
             continue
         have = node.get("Resources", {})
-        fits = min(int(have.get(k, 0) // v) for k, v in need.items() if v > 0) if any(need.values()) else 1
+        fits = min(units(have.get(k, 0)) // units(v) for k, v in need.items() if v > 0) if any(need.values()) else 1
         total += fits
         for k in need:
             largest[k] = max(largest.get(k, 0), have.get(k, 0))
@@ -121,6 +124,12 @@ def cells_that_fit(ray, resources: dict) -> int:
         raise FewtuneError(f"No node of the Ray cluster can run a cell asking for [resources] {asked} "
                            f"(the largest node has {biggest}); lower the grid spec's [resources].")
     return total
+
+
+def units(quantity: float) -> int:
+    """A resource quantity in Ray's fixed-point units (1/10,000): in floats 1 // 0.2 is 4.0, in Ray five 0.2-GPU actors
+    share one GPU."""
+    return round(quantity * RESOURCE_UNITS)
 
 
 def one_line(e: BaseException) -> str:
@@ -162,8 +171,7 @@ class RayBackend:
         out = []
         for ref in ready:
             job = self.pending.pop(ref)
-            status, payload = collect(self.ray, ref, job.log_path)
-            out.append((job, Outcome(status, result=payload) if status == "success" else Outcome(status, error=payload)))
+            out.append((job, collect(self.ray, ref, job.log_path, self.resources)[0]))
         return out
 
     def cancel(self, job: Job) -> None:
@@ -188,21 +196,26 @@ def run_grid_ray(grid: Grid, store: Store, log_dir: Path, address: str | None = 
                     retries=max_retries if max_retries is not None else grid.max_retries)
 
 
-def collect(ray, ref, log_path: Path) -> tuple[str, dict | str]:
-    """('success', result), ('failed', error) or ('died', error) for a finished task; appends its log."""
+def collect(ray, ref, log_path: Path, resources: dict) -> tuple[Outcome, dict]:
+    """The outcome of a finished task or actor call (success, failed, died) and what the worker handed back ({} when
+    nothing came); appends its log. A success records the GPU share asked (`cost.ray_num_gpus`: 0.25 = shared by 4)."""
     from ray.exceptions import RayTaskError
     try:
         out = json.loads(ray.get(ref))
     except RayTaskError as e:  # raised outside run_config (e.g. fewtune missing on that node): would fail again
         error = one_line(e.cause) if getattr(e, "cause", None) else one_line(e)
         append_log(log_path, f"=== {now()} Ray task failed: {e}\n")
-        return "failed", error
-    except ray.exceptions.RayError as e:  # the worker or its node died, the task was lost: worth another try
+        return Outcome("failed", error=error), {}
+    except ray.exceptions.RayError as e:  # the worker, actor or node died, the call was lost: worth another try
         append_log(log_path, f"=== {now()} Ray worker died: {e}\n")
-        return "died", one_line(e)
+        return Outcome("died", error=one_line(e)), {}
     append_log(log_path, out.get("log", "") + f"\n=== {now()} on {out.get('host')} pid {out.get('pid')}: "
                                               f"{'success' if out.get('ok') else 'failed'}\n")
-    return ("success", out["result"]) if out.get("ok") else ("failed", out["error"])
+    if not out.get("ok"):
+        return Outcome("failed", error=out["error"]), out
+    if isinstance(out["result"].get("cost"), dict):
+        out["result"]["cost"]["ray_num_gpus"] = resources["num_gpus"]
+    return Outcome("success", result=out["result"]), out
 
 
 def append_log(path: Path, text: str) -> None:
