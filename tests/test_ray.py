@@ -53,6 +53,10 @@ FAKE_RUNNER = textwrap.dedent('''
             (HERE / "marks").mkdir(exist_ok=True)
             (HERE / "marks" / (cfg.hash() + ".pid")).write_text(str(os.getpid()))
             time.sleep(120)
+        if control.get("count"):                       # one file per call: a cell that ran twice shows
+            (HERE / "calls").mkdir(exist_ok=True)
+            (HERE / "calls" / f"{cfg.hash()}-{os.getpid()}-{time.monotonic_ns()}").write_text("")
+            time.sleep(control.get("sleep_s", 0))
         if cfg.method in control.get("hang_once", []) and cfg.seed == 0:
             mark = HERE / "marks" / (cfg.hash() + ".pid")
             if not mark.exists():                      # the first try waits to be killed by the test
@@ -93,6 +97,7 @@ class Cluster:
 
     def control(self, **what) -> None:
         shutil.rmtree(self.code / "marks", ignore_errors=True)
+        shutil.rmtree(self.code / "calls", ignore_errors=True)
         (self.code / "control.json").write_text(json.dumps(what))
 
 
@@ -385,6 +390,52 @@ def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_
     assert after.keys() == {c.key for c in load_grid(str(spec)).cells}
     assert {r["status"] for r in after.values()} == {"success"}
     assert all(after[k]["attempts"] == 2 for k, r in rows.items() if r["method"] == "pbft")  # the same rows
+
+
+@pytest.mark.parametrize("backend", ["ray", "ray-warm"])
+def test_kill_9_then_two_grids_on_one_database_finish_every_cell_once(on_cluster, tmp_path, backend):
+    """kill -9 of a `fewtune grid --backend ray` (ray-warm) process while a cell runs: the row stays 'running' with a
+    dead owner and Ray ends that job's worker; then two grids started at once on the database finish every cell,
+    none of them run twice, the killed cell claimed again in its own row."""
+    on_cluster.control(slow=["pbft"])
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(FAKE_SPEC)
+    db = tmp_path / "r.db"
+    cmd = [sys.executable, "-m", "fewtune", "grid", str(spec), "--db", str(db), "--quiet", "--backend", backend,
+           "--address", on_cluster.address]
+    grid = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((on_cluster.code / "marks").glob("*.pid")):
+            assert time.monotonic() < deadline and grid.poll() is None, "no slow cell started"
+            time.sleep(0.2)
+        grid.kill()
+        grid.communicate(timeout=30)
+    finally:
+        if grid.poll() is None:
+            grid.kill()
+            grid.wait()
+    import psutil
+    workers = [int(p.read_text()) for p in (on_cluster.code / "marks").glob("*.pid")]
+    deadline = time.monotonic() + 60
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers):
+        assert time.monotonic() < deadline, "a Ray worker outlived its killed grid by 60 s"
+        time.sleep(0.5)
+    killed = {k for k, r in rows_by_hash(db).items() if r["status"] == "running"}
+    done_before = {k for k, r in rows_by_hash(db).items() if r["status"] == "success"}
+    assert "pbft" in {rows_by_hash(db)[k]["method"] for k in killed}  # (and whatever ran beside it on the other node)
+
+    on_cluster.control(count=True, sleep_s=0.5)
+    grids = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [g.communicate(timeout=240) for g in grids]
+    assert [g.returncode for g in grids] == [0, 0], outs
+    from fewtune.grid import load_grid
+    after = rows_by_hash(db)
+    assert after.keys() == {c.key for c in load_grid(str(spec)).cells}
+    assert {r["status"] for r in after.values()} == {"success"}
+    ran = [p.name.split("-")[0] for p in (on_cluster.code / "calls").iterdir()]
+    assert sorted(ran) == sorted(after.keys() - done_before)  # each cell left to do ran once, in one of the grids
+    assert all(after[k]["attempts"] == 2 for k in killed)
 
 
 def test_resources_no_node_can_satisfy_is_one_line(on_cluster, tmp_path, capsys):

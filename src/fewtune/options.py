@@ -80,7 +80,8 @@ def measured_as(row: dict) -> dict[str, str]:
     if backend is None:
         company = "alone" if result.get("machine") else "sharing unrecorded"  # `fewtune run`, or a run recorded before
     elif shared is None:
-        company = "on a shared Ray node"
+        share = cost.get("ray_num_gpus")
+        company = "on a shared Ray node" + (f", {share:g} of a GPU" if share and share < 1 else "")
     else:
         company = "alone" if shared == 0 else f"beside {shared} other cell{'s' if shared > 1 else ''}"
     batching = cost.get("eval_batching")
