@@ -252,8 +252,14 @@ def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: b
     sys.stdout.flush()
     probes = {}
     if probe and todo:  # stdout stays the list of cells, one per line: the probe's lines go to stderr as the estimate's
+        from .grid import Interrupted, signals_raise
         from .probe import run_probes
-        probes = run_probes(todo, rows, out=sys.stderr)
+        try:
+            with signals_raise():  # SIGTERM too stops the probe's process and removes its folder
+                probes = run_probes(todo, rows, out=sys.stderr)
+        except Interrupted as e:
+            print(f"fewtune: dry run interrupted ({e}); nothing was written", file=sys.stderr)
+            return 128 + e.signum
         if use_gpu is not None and any(p.device.startswith("cuda") for p in probes.values()):
             from .backends import visible_gpus  # a probe measured a peak on the GPU: the plan follows it
             plan, need = worker_plan(todo, rows, workers, visible_gpus(use_gpu), probes)

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from .backends import Job, Outcome, ProcessBackend
+from .driver import Interrupted
 from .estimate import (DEFAULT_CELL_S, PROBE_EVAL_LIMIT, Probe, eval_examples, fmt_seconds, kinds_to_probe,
                        stored_timings)
 from .grid_spec import Cell
@@ -57,7 +58,8 @@ def describe(p: Probe, cfg) -> str:
 
 def run_probes(cells, rows: list[dict], limit: int | None = None, out=None) -> dict:
     """Probe each kind among `cells` that `rows` (successful stored runs) have not timed; kind -> Probe for those that
-    succeeded. One line per kind on `out` (stderr), the kind's head first so a long probe shows what it is doing."""
+    succeeded. One line per kind on `out` (stderr), the kind's head first so a long probe shows what it is doing.
+    Interrupted (Ctrl-C; SIGTERM under driver.signals_raise), it stops the probe's process and removes its folder."""
     limit = limit or PROBE_EVAL_LIMIT
     out = out or sys.stderr
     todo = kinds_to_probe(cells, rows)
@@ -78,7 +80,7 @@ def run_probes(cells, rows: list[dict], limit: int | None = None, out=None) -> d
                     if outcome.status != "success":  # a died process's error names its log: it goes with the folder
                         raise ProbeFailed((outcome.error or "no result").replace(f"; see {log}", ""))
                     probes[kind] = Probe.from_result(outcome.result, time.perf_counter() - t)
-                except KeyboardInterrupt:
+                except (KeyboardInterrupt, Interrupted):
                     print("interrupted", file=out, flush=True)
                     raise
                 except Exception as e:  # noqa: BLE001 - a probe that fails costs a line, never the dry run
