@@ -94,8 +94,9 @@ def test_worker_need_is_the_largest_peak_measured_on_a_gpu(tiny_grid):
     assert "largest measured peak (2000 MiB" in worker_need(tiny_grid.cells, [], probes).says
 
 
-def test_dry_run_plans_gpu_workers_from_stored_peaks(tmp_path, monkeypatch, capsys, tiny_grid):
-    """Fake GPUs, stored runs that peaked at 1,000 MiB on cuda: the dry run's plan says which figure it used."""
+def test_the_grid_plans_gpu_workers_from_stored_peaks(tmp_path, monkeypatch, capsys, tiny_grid):
+    """Fake GPUs, stored runs that peaked at 1,000 MiB on cuda: the dry run's plan and the grid's say which figure
+    they used."""
     monkeypatch.setenv("FEWTUNE_GRID_RUNNER", "unused:run")  # "fake-model" is a plug-in's name: not checked
 
     def on_gpu(cfg, progress=False):
@@ -109,6 +110,14 @@ def test_dry_run_plans_gpu_workers_from_stored_peaks(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "worker plan: 4 worker(s) on GPU 0,0,0,0; per worker: 1.7 GiB, the largest measured peak (1000 MiB" in err
     assert "of 3 similar runs on a GPU" in err
+    # the real grid plans from the same figure and says so (every cell done here: nothing runs)
+    with Store(tmp_path / "r.db") as store:
+        run_grid(Grid("tiny", "t", cells=[c for c in tiny_grid.cells if c.config.seed == 1]), store, tmp_path / "logs",
+                 runner=on_gpu, progress=False, echo=lambda _: None)
+    assert main(["grid", str(tmp_path / "tiny.toml"), "--db", str(tmp_path / "r.db"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "4 process workers" in err and "per worker on a GPU: 1.7 GiB, the largest measured peak" in err, err
+    assert "of 6 similar runs on a GPU" in err
 
 
 def db_state(db) -> tuple:
