@@ -200,6 +200,7 @@ def test_worker_plan_on_gpus_from_free_memory():
     (["--backend", "ray", "--cell-timeout", "5m"], "--cell-timeout applies to the process, warm and ray-warm backends"),
     (["--in-process", "--backend", "warm"], "does not go with --backend warm"),
     (["--cell-timeout", "soon"], "--cell-timeout 'soon' is not a duration"),
+    (["--probe"], "--probe goes with --dry-run"),
 ])
 def test_bad_workers_and_flags_are_one_line(fake, tmp_path, capsys, argv, message):
     assert main(["grid", str(tmp_path / "tiny.toml"), "--db", str(tmp_path / "r.db"), *argv]) == 2

@@ -132,25 +132,39 @@ def plan_workers(requested: int | None, cores: int, ram_available: int, need_byt
     return WorkerPlan(requested, None if requested == 1 else cores // requested, (None,) * requested)
 
 
-def machine_plan(requested: int | None, need_bytes: int, use_gpu: bool) -> WorkerPlan:
-    """plan_workers for this machine: its usable cores, available memory, and free GPU memory when cells use a GPU."""
+def visible_gpus(use_gpu: bool) -> list[GpuInfo]:
+    """This machine's CUDA devices with their free memory now, when the cells use a GPU and torch sees one; else []."""
+    if not use_gpu:
+        return []
+    import torch
+    if not torch.cuda.is_available():
+        return []
+    return [GpuInfo(i, *torch.cuda.mem_get_info(i)) for i in range(torch.cuda.device_count())]
+
+
+def machine_plan(requested: int | None, need_bytes: int, use_gpu: bool = False,
+                 gpus: list[GpuInfo] | None = None) -> WorkerPlan:
+    """plan_workers for this machine: its usable cores, available memory, and free GPU memory when cells use a GPU
+    (`gpus`, else read from torch)."""
     import psutil
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    gpus = []
-    if use_gpu:
-        import torch
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                free, total = torch.cuda.mem_get_info(i)
-                gpus.append(GpuInfo(i, free, total))
+    gpus = visible_gpus(use_gpu) if gpus is None else gpus
     return plan_workers(requested, cores, psutil.virtual_memory().available, need_bytes, gpus)
 
 
+# What a measured peak leaves out on CUDA: record.PeakMemory reads torch.cuda.max_memory_allocated, the tensors only.
+# The process also holds its CUDA context (~0.3-0.5 GiB: kernels, cuBLAS workspaces) and the caching allocator keeps
+# freed blocks reserved (fragmentation): +20 % of the peak and 0.5 GiB per worker cover both.
+PEAK_MARGIN = 1.2
+CUDA_CONTEXT_BYTES = 2**29
+
+
 def model_need_bytes(models: list[str], measured_peak_mib: float | None = None) -> int:
-    """Memory one worker needs: the largest measured peak of similar cells, else 6x the largest model's weights
-    (weights, the warm copy, gradients and Adam's two moments of a full fine-tune), at least 1 GiB."""
+    """Memory one worker needs: a measured peak of similar cells on a GPU (MiB, tensors only) with the margin above,
+    else 6x the largest model's weights (weights, the warm copy, gradients and Adam's two moments of a full
+    fine-tune), at least 1 GiB."""
     if measured_peak_mib:
-        return int(measured_peak_mib * 2**20 * 1.2)
+        return int(measured_peak_mib * 2**20 * PEAK_MARGIN) + CUDA_CONTEXT_BYTES
     from .models import BUNDLED, cache_dir, resolve
     largest = 0
     for spec in models:

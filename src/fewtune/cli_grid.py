@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import FewtuneError
+from .estimate import PROBE_EVAL_LIMIT
 from .store import STATUSES, default_path
 
 RESULT_COLUMNS = ("config_hash", "status", "label", "task", "model", "shots", "seed", "primary_metric", "id_primary",
@@ -22,7 +23,13 @@ def add_parser(sub) -> None:
     g = sub.add_parser("grid", help="run every cell of an experiment grid (spec file or preset: demo, cpu, paper)")
     g.add_argument("spec", help="grid spec (TOML file) or the name of a shipped one: demo, cpu, paper")
     g.add_argument("--db", help=db_help)
-    g.add_argument("--dry-run", action="store_true", help="list the cells and their status; run nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="list the cells and their status, and estimate the time per backend and worker count from "
+                        "stored timings of similar cells (same method, model, task); run nothing")
+    g.add_argument("--probe", action="store_true",
+                   help=f"with --dry-run: first run one real cell of each kind with no stored timing here, scoring at "
+                        f"most {PROBE_EVAL_LIMIT} examples per split (in a temporary folder; the database is not "
+                        "written), and estimate from it")
     g.add_argument("--in-process", action="store_true",
                    help="run cells in this process, not one child process each (debugging; a crash ends the grid)")
     g.add_argument("--reclaim", action="store_true",
@@ -151,22 +158,31 @@ def cmd_grid(args) -> int:
                 check_margin(args.equivalence_margin, load_task(task).primary_metric, "--equivalence-margin")
     if not os.environ.get(RUNNER_ENV):  # a plug-in runner decides what its model names mean
         check_models(grid)
+    if args.probe and not args.dry_run:
+        raise FewtuneError("--probe goes with --dry-run (it times one cell of each kind to estimate the grid).")
     workers = args.workers if args.workers is not None else grid.workers
-    plan = None
+    use_gpu = None  # None: no plan here (Ray's [resources] decide; --in-process runs one cell at a time)
     if not on_ray and not args.in_process:
-        from .backends import machine_plan, model_need_bytes
-        plan = machine_plan(workers, model_need_bytes([c.config.model for c in grid.cells]),
-                            use_gpu=any(c.config.device in ("auto", "cuda") or str(c.config.device).startswith("cuda")
-                                        for c in grid.cells))
+        use_gpu = any(c.config.device in ("auto", "cuda") or str(c.config.device).startswith("cuda") for c in grid.cells)
     if args.dry_run:
-        return dry_run(grid, path, backend_name, plan)
+        return dry_run(grid, path, backend_name, workers, use_gpu, args.probe)
+    plan = need = None
+    if use_gpu is not None:
+        from .backends import visible_gpus
+        gpus = visible_gpus(use_gpu)
+        # on a GPU the worker's need comes from measured peaks of stored runs; on CPU it needs no stored run
+        status, rows = stored_runs(path) if gpus else ({}, [])
+        plan, need = worker_plan([c for c in grid.cells if status.get(c.key) != "success"] or grid.cells, rows,
+                                 workers, gpus)
     with Store(path) as store:
         if grid.findings is not None:  # `fewtune report` on this database judges the spec's findings by default
             from .findings import findings_ref
             store.set_meta("findings", findings_ref(grid.findings))
         print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells; database {path}; "
               f"logs {path.parent / 'logs'}" + (f"; {plan.workers} {backend_name} workers × {plan.threads} threads"
-                                                if plan and plan.workers > 1 else ""), file=sys.stderr)
+                                                if plan and plan.workers > 1 else "")
+              + (f"; per worker on a GPU: {need.says}" if plan and any(d is not None for d in plan.devices) else ""),
+              file=sys.stderr)
         try:
             progress = not args.quiet and sys.stderr.isatty()
             echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -210,22 +226,57 @@ def make_backend(name: str, grid, plan, in_process: bool, address: str | None, c
     return ProcessBackend(plan, cell_timeout)
 
 
-def dry_run(grid, path: Path, backend_name: str, plan) -> int:
-    """List the cells and their status, and estimate the grid's time from stored timings of similar cells."""
-    from .estimate import estimate_grid
+def stored_runs(path: Path) -> tuple[dict, list[dict]]:
+    """(config hash -> status, the successful rows) of the database at `path`, read-only; none when it does not exist
+    or is empty (a 0-byte file is a new database here as in a real run, which creates the tables in it)."""
     from .store import Store
-    status, rows = {}, []
-    # a 0-byte file is a new database here as in a real run (which creates the tables in it)
-    if path.exists() and not (path.is_file() and path.stat().st_size == 0):
-        with Store(path, readonly=True) as store:
-            status = store.statuses()
-            rows = store.rows(["success"])
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return {}, []
+    with Store(path, readonly=True) as store:
+        return store.statuses(), store.rows(["success"])
+
+
+def worker_plan(cells, rows: list[dict], workers: int | None, gpus, probes: dict | None = None):
+    """(the worker plan for `cells` on this machine, the memory one worker needs and where that figure came from)."""
+    from .backends import machine_plan
+    from .estimate import worker_need
+    need = worker_need(cells, rows, probes, on_gpu=bool(gpus))
+    return machine_plan(workers, need.bytes, gpus=gpus), need
+
+
+def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: bool | None, probe: bool) -> int:
+    """List the cells and their status, and estimate the grid's time from stored timings of similar cells and, with
+    `probe`, from one real cell of each kind not yet timed (probe.py). The database is only read."""
+    from .estimate import estimate_grid
+    status, rows = stored_runs(path)
+    todo = [c for c in grid.cells if status.get(c.key) != "success"]
+    plan = need = None
+    if use_gpu is not None:  # a --workers the machine cannot hold is refused before anything is probed
+        from .backends import visible_gpus
+        plan, need = worker_plan(todo or grid.cells, rows, workers, visible_gpus(use_gpu))
     for cell in grid.cells:
         print(f"{cell.key}  {status.get(cell.key, 'new'):9s}  {cell.describe()}")
-    todo = [c for c in grid.cells if status.get(c.key) != "success"]
     print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells, {len(todo)} to run, database {path}")
-    for line in estimate_grid(todo, rows, backend_name, plan.workers if plan else None):
-        print(line, file=sys.stderr)  # stdout stays the list of cells, one per line
+    sys.stdout.flush()
+    probes = {}
+    if probe and todo:  # stdout stays the list of cells, one per line: the probe's lines go to stderr as the estimate's
+        from .grid import Interrupted, signals_raise
+        from .probe import run_probes
+        try:
+            with signals_raise():  # SIGTERM too stops the probe's process and removes its folder
+                probes = run_probes(todo, rows, out=sys.stderr)
+        except Interrupted as e:
+            print(f"fewtune: dry run interrupted ({e}); nothing was written", file=sys.stderr)
+            return 128 + e.signum
+        if use_gpu is not None and any(p.device.startswith("cuda") for p in probes.values()):
+            from .backends import visible_gpus  # a probe measured a peak on the GPU: the plan follows it
+            plan, need = worker_plan(todo, rows, workers, visible_gpus(use_gpu), probes)
+    for line in estimate_grid(todo, rows, backend_name, plan.workers if plan else None, probes):
+        print(line, file=sys.stderr)
+    if plan is not None:
+        where = (f"on GPU{'s' if len(set(plan.devices)) > 1 else ''} {','.join(map(str, plan.devices))}"
+                 if any(d is not None for d in plan.devices) else "on the CPU")
+        print(f"  worker plan: {plan.workers} worker(s) {where}; per worker: {need.says}", file=sys.stderr)
     return 0
 
 

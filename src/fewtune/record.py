@@ -55,7 +55,14 @@ def machine() -> dict:
 
 
 class PeakMemory:
-    """Peak memory during a block: process RSS sampled every 20 ms on CPU; CUDA's max allocated on GPU."""
+    """Peak memory during a block, in two units that do not compare:
+
+    - on a CUDA device: `torch.cuda.max_memory_allocated` since the block began, the tensors on that device only. It
+      leaves out the process's CUDA context (~0.3-0.5 GiB) and what the caching allocator keeps reserved, so a worker
+      holds more than this on the device (backends.model_need_bytes adds a margin for both);
+    - on CPU: the whole process's resident set size, sampled every 20 ms: Python and torch's libraries (~0.3-0.5 GiB),
+      the data, and in a warm worker the template it keeps. It is host memory and never stands for GPU memory.
+    """
 
     def __init__(self, device):
         self.device = device
