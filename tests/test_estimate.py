@@ -51,7 +51,7 @@ def test_a_probe_extrapolates_scoring_to_each_cells_own_evaluation_examples(tiny
 
 def test_probed_kinds_count_like_stored_timings(tiny_grid):
     """icl and pbft probed (pbft's training 100 s), lora not: 2 + 2 cells from probes, 2 at the default."""
-    probes = {(m, "fake-model", "cola"): Probe.from_result(probe_record(train_seconds=t, eval_seconds=0.0))
+    probes = {(m, m, "fake-model", "cola"): Probe.from_result(probe_record(train_seconds=t, eval_seconds=0.0))
               for m, t in (("icl", 0.0), ("pbft", 100.0))}
     lines = estimate_grid(tiny_grid.cells, [], "process", None, probes)
     assert "6 cells to run; 0 timed from similar stored runs" in lines[0]
@@ -89,7 +89,7 @@ def test_worker_need_is_the_largest_peak_measured_on_a_gpu(tiny_grid):
                  worker_need(tiny_grid.cells, rows, on_gpu=False)):
         assert need.bytes == GIB and "6x the largest model's weights" in need.says
     # a probe on the GPU is a measurement like a stored run
-    probes = {(m, "fake-model", "cola"): Probe.from_result({**probe_record(peak_memory_mib=2000.0), "device": "cuda:0"})
+    probes = {(m, m, "fake-model", "cola"): Probe.from_result({**probe_record(peak_memory_mib=2000.0), "device": "cuda:0"})
               for m in ("icl", "pbft", "lora")}
     assert "largest measured peak (2000 MiB" in worker_need(tiny_grid.cells, [], probes).says
 
@@ -171,7 +171,7 @@ def test_dry_run_probe_times_untimed_kinds_on_the_real_runner(tmp_path, toy, tin
     out = capsys.readouterr()
     assert len(out.out.strip().splitlines()) == 9  # 8 cells and the summary: the probe's lines are on stderr
     err = out.err
-    assert "probe: 2 kind(s) of cell (method, model, task) with no stored timing" in err
+    assert "probe: 2 kind(s) of cell (option, model, task) with no stored timing" in err
     lines = [line for line in err.splitlines() if line.startswith("probe ")]
     assert len(lines) == 2, err
     bad, good = sorted(lines, key=lambda line: str(tiny_model_dir) in line)

@@ -132,3 +132,7 @@ def test_the_template_is_copied_on_the_cells_device_when_it_draws_nothing_at_loa
     fourth = cache(request, load)
     assert not cache.last_on_device and next(fourth.parameters()).device.type == "cpu"
     assert all(torch.equal(a, b) for a, b in zip(fourth.state_dict().values(), first.state_dict().values()))
+    shared = WarmModels(device_templates=False)  # a worker that shares its GPU: the CPU template only
+    shared(request, load)
+    shared.device = torch.device("meta")
+    assert next(shared(request, load).parameters()).device.type == "cpu" and not shared.last_on_device

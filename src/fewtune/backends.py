@@ -399,7 +399,8 @@ class WarmBackend:
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(device)
         parent, child = self.ctx.Pipe()
-        p = self.ctx.Process(target=warm_worker_main, args=(child, self.plan.threads, self.plan.workers, env),
+        alone = device is None or self.plan.devices.count(device) == 1  # (a GPU shared: no template on it)
+        p = self.ctx.Process(target=warm_worker_main, args=(child, self.plan.threads, self.plan.workers, env, alone),
                              name=f"fewtune-warm-{i}", daemon=True)
         p.start()
         child.close()

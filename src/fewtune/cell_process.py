@@ -145,12 +145,14 @@ class WarmCells:
     """What makes a process a warm worker: its share of the cores, a model cache (fewtune.warm) as the process's model
     provider, and each cell run from a pristine state (RNGs, grad mode, allocator reset), its output in its log."""
 
-    def __init__(self, backend: str, workers: int | None, threads: int | None):
+    def __init__(self, backend: str, workers: int | None, threads: int | None, device_alone: bool = True):
         configure_cell_process()
         set_threads(threads)
         from . import models, warm
         self.backend, self.workers, self.threads = backend, workers, threads
-        self.cache = warm.WarmModels()
+        # a template on the GPU only for a worker alone on its device: the worker plan sizes shared devices by the
+        # cells' measured peaks, which a second copy of the weights per worker would overrun
+        self.cache = warm.WarmModels(device_templates=device_alone)
         models.set_model_provider(self.cache)
 
     def run(self, config_json: str, log_path: Path) -> dict:
@@ -171,7 +173,7 @@ class WarmCells:
         return out
 
 
-def warm_worker_main(conn, threads: int | None, workers: int, env: dict) -> None:
+def warm_worker_main(conn, threads: int | None, workers: int, env: dict, device_alone: bool = True) -> None:
     """Serve cells from the driver over `conn` until it sends None or goes away.
 
     Receives JSON {"config": json, "log": path} (b"": stop); runs the cell with stdout/stderr in the cell's log; answers
@@ -184,7 +186,7 @@ def warm_worker_main(conn, threads: int | None, workers: int, env: dict) -> None
         if entry and entry not in sys.path:
             sys.path.insert(0, entry)
     watch_parent()
-    cells = WarmCells("warm", workers, threads)
+    cells = WarmCells("warm", workers, threads, device_alone)
     conn.send_bytes(b'{"ready": true}')  # the driver times the first cell from here, not from the spawn
     while True:
         try:

@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
     g.add_argument("--db", help=db_help)
     g.add_argument("--dry-run", action="store_true",
                    help="list the cells and their status, and estimate the time per backend and worker count from "
-                        "stored timings of similar cells (same method, model, task); run nothing")
+                        "stored timings of similar cells (same option, model, task); run nothing")
     g.add_argument("--probe", action="store_true",
                    help=f"with --dry-run: first run one real cell of each kind with no stored timing here, scoring at "
                         f"most {PROBE_EVAL_LIMIT} examples per split (in a temporary folder; the database is not "

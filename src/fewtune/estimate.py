@@ -4,8 +4,9 @@ of similar cells or from a probe (`--probe`: one real cell of each kind not yet 
 A cell's time splits into what every backend pays (the runner's own work: data, training, scoring) and the start-up
 that depends on the backend: a fresh process pays imports (~3-5 s on 2 CPU cores) and the model load (the
 result's `cost.load_seconds`) per cell; a warm worker pays them once per worker and then a copy of the weights
-(~0.1-0.3 s for 135M parameters). Similar = same method, model and task (else a probe of that kind; else same method
-and task; else the stated default). N workers are assumed to share the work evenly and not to slow each other, which
+(~0.1-0.3 s for 135M parameters). Similar = the same option (the grid's label: zero-shot and 32-shot icl are both
+method icl and differ 4x in time), model and task; else a probe of that kind; else the same method, model and task;
+else the same method and task; else the stated default. N workers are assumed to share the work evenly and not to slow each other, which
 holds on a GPU with room and not on CPU cores (each worker then has 1/N of the cores): on CPU the N-worker figure is a
 floor.
 
@@ -33,10 +34,11 @@ WARM_COPY_S = 0.3       # a warm worker's copy of a 135M-parameter model
 PROBE_EVAL_LIMIT = 64
 
 
-def kind_of(cfg) -> tuple[str, str, str]:
-    """(method, model, task name): cells of one kind share a timing."""
+def kind_of(cell) -> tuple[str, str, str, str]:
+    """(label, method, model, task name): cells of one kind share a timing (a grid cell's label names its option)."""
     from .grid_spec import task_name
-    return cfg.method, cfg.model, task_name(cfg.task)
+    cfg = cell.config
+    return cell.label or cfg.method, cfg.method, cfg.model, task_name(cfg.task)
 
 
 def eval_examples(cfg, population: dict) -> int:
@@ -96,24 +98,27 @@ def _work_and_load(row: dict) -> tuple[float, float] | None:
 
 
 def stored_timings(rows: list[dict]) -> dict:
-    """(method, model, task) and (method, None, task) -> [(work, load)] of the stored runs that say their time."""
+    """(label, method, model, task), (None, method, model, task) and (None, method, None, task) -> [(work, load)] of the
+    stored runs that say their time."""
     by = {}
     for r in rows:
         t = _work_and_load(r)
         if t is not None:
-            by.setdefault((r.get("method"), r.get("model"), r.get("task")), []).append(t)
-            by.setdefault((r.get("method"), None, r.get("task")), []).append(t)
+            method, model, task = r.get("method"), r.get("model"), r.get("task")
+            for key in ((r.get("label") or method, method, model, task), (None, method, model, task),
+                        (None, method, None, task)):
+                by.setdefault(key, []).append(t)
     return by
 
 
 def kinds_to_probe(cells, rows: list[dict]) -> dict:
-    """Each kind among `cells` that no stored run of the same method, model and task has timed -> the cell its probe
+    """Each kind among `cells` that no stored run of the same option, model and task has timed -> the cell its probe
     runs: the kind's cell with the most shots (the most training, the longest icl prompt), so the probe's figure is
     an upper estimate for the kind's smaller cells."""
     timed = stored_timings(rows)
     out = {}
     for c in cells:
-        kind = kind_of(c.config)
+        kind = kind_of(c)
         if kind not in timed and (kind not in out or c.config.shots > out[kind].config.shots):
             out[kind] = c
     return out
@@ -137,10 +142,11 @@ def estimate_grid(cells, rows: list[dict], backend: str, workers: int | None, pr
     work = load = 0.0
     matched = probed = loads = 0
     for c in cells:
-        kind = kind_of(c.config)
+        kind = kind_of(c)
+        _, method, model, task = kind
         similar = by.get(kind)
         if not similar and kind not in probes:
-            similar = by.get((kind[0], None, kind[2]))
+            similar = by.get((None, method, model, task)) or by.get((None, method, None, task))
         if similar:
             matched += 1
             work += statistics.median(w for w, _ in similar)
@@ -157,7 +163,7 @@ def estimate_grid(cells, rows: list[dict], backend: str, workers: int | None, pr
     n = len(cells)
     fresh = work + n * (PROCESS_START_S + mean_load)
     models = len({c.config.model for c in cells})
-    lines = [f"estimate: {n} cells to run; {matched} timed from similar stored runs (same method and task, median), "
+    lines = [f"estimate: {n} cells to run; {matched} timed from similar stored runs (median), "
              + (f"{probed} from a probe of their kind, " if probes else "")
              + f"{n - matched - probed} at the default {DEFAULT_CELL_S:.0f} s each"]
     counts = sorted({1, workers or 1, 2})
@@ -191,7 +197,7 @@ def measured_gpu_peaks(cells, rows: list[dict], probes: dict | None = None) -> d
         result = r.get("result") or {}
         if r.get("status", "success") == "success":
             add(r.get("model"), r.get("method"), result.get("device"), (result.get("cost") or {}).get("peak_memory_mib"))
-    for (method, model, _), p in (probes or {}).items():
+    for (_, method, model, _), p in (probes or {}).items():
         add(model, method, p.device, p.peak_memory_mib)
     return peaks
 

@@ -1,4 +1,4 @@
-"""`fewtune grid SPEC --dry-run --probe`: time the kinds of cell (method, model, task) that no stored run has timed, by
+"""`fewtune grid SPEC --dry-run --probe`: time the kinds of cell (option, model, task) that no stored run has timed, by
 running one real cell of each here with its evaluation capped, in a temporary folder deleted afterwards.
 
 Each probe is the kind's cell with the most shots (estimate.kinds_to_probe), run as a grid runs a cell: a fresh
@@ -66,7 +66,7 @@ def run_probes(cells, rows: list[dict], limit: int | None = None, out=None) -> d
     if not todo:
         print("probe: every kind of cell to run has a stored timing; nothing to probe", file=out)
         return {}
-    print(f"probe: {len(todo)} kind(s) of cell (method, model, task) with no stored timing: one real cell of each, "
+    print(f"probe: {len(todo)} kind(s) of cell (option, model, task) with no stored timing: one real cell of each, "
           f"evaluation capped at {limit} examples per split, in a temporary folder", file=out, flush=True)
     probes, timed, t0 = {}, stored_timings(rows), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fewtune-probe-") as tmp:
@@ -85,8 +85,9 @@ def run_probes(cells, rows: list[dict], limit: int | None = None, out=None) -> d
                     raise
                 except Exception as e:  # noqa: BLE001 - a probe that fails costs a line, never the dry run
                     why = str(e) if isinstance(e, ProbeFailed) else f"{type(e).__name__}: {e}"
-                    instead = ("from stored runs of the same method and task" if (kind[0], None, kind[2]) in timed
-                               else f"at the default {DEFAULT_CELL_S:.0f} s a cell")
+                    _, method, model, task = kind
+                    instead = ("from stored runs of the same method" if (None, method, model, task) in timed
+                               or (None, method, None, task) in timed else f"at the default {DEFAULT_CELL_S:.0f} s a cell")
                     print(f"failed ({one_line(why)}); its kind is estimated {instead}", file=out, flush=True)
                     continue
                 print(f"{describe(probes[kind], cell.config)}; took {probes[kind].seconds:.0f} s", file=out, flush=True)

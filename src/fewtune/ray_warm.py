@@ -38,10 +38,11 @@ log = logging.getLogger("fewtune")
 class WarmActor:
     """A warm worker that Ray keeps alive between cells; made a Ray actor by RayWarmBackend."""
 
-    def __init__(self, env: dict, num_cpus: float):
+    def __init__(self, env: dict, num_cpus: float, num_gpus: float = 0):
         os.environ.update(env)  # the driver's FEWTUNE_* settings: runner, data folder, cache
-        # torch threads as the CPUs Ray reserved for this actor (at least one): it shares its node with other actors
-        self.cells = WarmCells("ray-warm", None, max(1, int(num_cpus)))
+        # torch threads as the CPUs Ray reserved for this actor (at least one): it shares its node with other actors;
+        # a template on the GPU only on a whole GPU of its own (a share's memory is sized for the cells alone)
+        self.cells = WarmCells("ray-warm", None, max(1, int(num_cpus)), device_alone=num_gpus >= 1)
 
     def ready(self) -> str:
         return dumps({"host": socket.gethostname(), "pid": os.getpid()})
@@ -95,7 +96,7 @@ class RayWarmBackend:
         i = next(i for i, a in enumerate(self.actors) if a is None or a.job is None)
         a = self.actors[i]
         if a is None:
-            handle = self.actor_class.remote(self.env, self.resources["num_cpus"])
+            handle = self.actor_class.remote(self.env, self.resources["num_cpus"], self.resources["num_gpus"])
             a = self.actors[i] = _Actor(i, handle, handle.ready.remote())
         append_log(job.log_path, f"\n=== {now()} fewtune grid: {job.cell.describe()} [{job.key}], Ray actor {i} "
                                  f"(cell {a.cells + 1}), try {job.attempt}\n")

@@ -6,8 +6,9 @@ cell). A warm worker keeps the first load of each model as a template (on the CP
 `copy.deepcopy(template)`: the methods may then wrap it (peft injects adapters in place), freeze or swap blocks,
 train it, and the next cell still starts from the weights as read from disk.
 
-On a GPU the template is also kept on the device when it fits (free memory ≥ DEVICE_ROOM x its size), so a cell's
-copy never crosses the host link; only for models whose load draws nothing from the RNG (a new head is initialised
+On a GPU the template is also kept on the device when it fits (free memory ≥ DEVICE_ROOM x its size) and the worker
+has the device to itself (several workers on one GPU are planned by the cells' measured peaks, which a copy of the
+weights per worker would overrun), so a cell's copy never crosses the host link; only for models whose load draws nothing from the RNG (a new head is initialised
 on the CPU from the CPU generator, which a copy on the GPU could not replay). The device copy is allocated before the
 cell's peak-memory window opens, so CUDA's max allocated counts it: such cells say `warm_template_on_device` in
 their cost, and their memory compares only with cells measured alike.
@@ -108,7 +109,8 @@ def _replay(template, names: list[str]):
 class WarmModels:
     """The process's model provider (models.set_model_provider) in a warm worker."""
 
-    def __init__(self):
+    def __init__(self, device_templates: bool = True):
+        self.device_templates = device_templates  # False: a worker sharing its GPU keeps templates on the CPU only
         self.templates: dict[tuple, Template] = {}
         self.last_hit: bool | None = None  # recorded in the result's cost: this cell's model came from the cache
         self.device = None                 # the cell's device (set by the worker before each cell)
@@ -137,7 +139,7 @@ class WarmModels:
     def _on_device(self, t: Template):
         """The template's copy on the cell's GPU, made on first use when it fits; None on CPU or without room."""
         device = self.device
-        if device is None or getattr(device, "type", "cpu") == "cpu":
+        if not self.device_templates or device is None or getattr(device, "type", "cpu") == "cpu":
             return None
         key = str(device)
         if key not in t.on_device:
