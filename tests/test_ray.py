@@ -9,6 +9,7 @@ control file next to it, since the Ray workers do not see the test's environment
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -352,30 +353,38 @@ def test_killed_worker_is_retried_then_recorded_nothing_lost(on_cluster, tmp_pat
     assert sorted(r["attempts"] for r in after.values() if r["method"] == "lora") == [3, 3]
 
 
+@contextlib.contextmanager
+def grid_with_a_slow_cell(cluster: Cluster, tmp_path: Path, backend: str):
+    """A `fewtune grid FAKE_SPEC --backend <backend>` process on the cluster whose pbft cells hang, yielded once one
+    of them runs: (spec, database, the command, the process); killed at the end if still running."""
+    cluster.control(slow=["pbft"])
+    spec = tmp_path / "tiny.toml"
+    spec.write_text(FAKE_SPEC)
+    db = tmp_path / "r.db"
+    cmd = [sys.executable, "-m", "fewtune", "grid", str(spec), "--db", str(db), "--quiet", "--backend", backend,
+           "--address", cluster.address]
+    grid = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((cluster.code / "marks").glob("*.pid")):
+            assert time.monotonic() < deadline and grid.poll() is None, "no slow cell started"
+            time.sleep(0.2)
+        yield spec, db, cmd, grid
+    finally:
+        if grid.poll() is None:
+            grid.kill()
+            grid.wait()
+
+
 # ray-warm with one signal: the driver treats both alike; what differs is the backend's cancel (ray.kill of the actor)
 @pytest.mark.parametrize("backend, sig", [("ray", signal.SIGINT), ("ray", signal.SIGTERM), ("ray-warm", signal.SIGTERM)],
                          ids=["ray-SIGINT", "ray-SIGTERM", "ray-warm-SIGTERM"])
 def test_ctrl_c_cancels_the_cells_in_flight_and_resume_finishes(on_cluster, tmp_path, backend, sig):
     """SIGINT (or SIGTERM) to a `fewtune grid --backend ray` (ray-warm) process: the running tasks (actors) are
     stopped, their cells recorded cancelled, exit 130 (143); the next run finishes them in the same rows."""
-    on_cluster.control(slow=["pbft"])
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(FAKE_SPEC)
-    db = tmp_path / "r.db"
-    cmd = [sys.executable, "-m", "fewtune", "grid", str(spec), "--db", str(db), "--quiet", "--backend", backend,
-           "--address", on_cluster.address]
-    grid = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not list((on_cluster.code / "marks").glob("*.pid")):
-            assert time.monotonic() < deadline and grid.poll() is None, "no slow cell started"
-            time.sleep(0.2)
+    with grid_with_a_slow_cell(on_cluster, tmp_path, backend) as (spec, db, _, grid):
         grid.send_signal(sig)
         out, err = grid.communicate(timeout=60)
-    finally:
-        if grid.poll() is None:
-            grid.kill()
-            grid.wait()
     assert grid.returncode == 128 + sig, err
     assert "Traceback" not in err and "rerun the same command to resume" in err
     rows = rows_by_hash(db)
@@ -397,24 +406,9 @@ def test_kill_9_then_two_grids_on_one_database_finish_every_cell_once(on_cluster
     """kill -9 of a `fewtune grid --backend ray` (ray-warm) process while a cell runs: the row stays 'running' with a
     dead owner and Ray ends that job's worker; then two grids started at once on the database finish every cell,
     none of them run twice, the killed cell claimed again in its own row."""
-    on_cluster.control(slow=["pbft"])
-    spec = tmp_path / "tiny.toml"
-    spec.write_text(FAKE_SPEC)
-    db = tmp_path / "r.db"
-    cmd = [sys.executable, "-m", "fewtune", "grid", str(spec), "--db", str(db), "--quiet", "--backend", backend,
-           "--address", on_cluster.address]
-    grid = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not list((on_cluster.code / "marks").glob("*.pid")):
-            assert time.monotonic() < deadline and grid.poll() is None, "no slow cell started"
-            time.sleep(0.2)
+    with grid_with_a_slow_cell(on_cluster, tmp_path, backend) as (spec, db, cmd, grid):
         grid.kill()
         grid.communicate(timeout=30)
-    finally:
-        if grid.poll() is None:
-            grid.kill()
-            grid.wait()
     import psutil
     workers = [int(p.read_text()) for p in (on_cluster.code / "marks").glob("*.pid")]
     deadline = time.monotonic() + 60
