@@ -8,10 +8,10 @@ train it, and the next cell still starts from the weights as read from disk.
 
 On a GPU the template is also kept on the device when it fits (free memory ≥ DEVICE_ROOM x its size) and the worker
 has the device to itself (several workers on one GPU are planned by the cells' measured peaks, which a copy of the
-weights per worker would overrun), so a cell's copy never crosses the host link; only for models whose load draws nothing from the RNG (a new head is initialised
-on the CPU from the CPU generator, which a copy on the GPU could not replay). The device copy is allocated before the
-cell's peak-memory window opens, so CUDA's max allocated counts it: such cells say `warm_template_on_device` in
-their cost, and their memory compares only with cells measured alike.
+weights per worker would overrun), so a cell's copy never crosses the host link; only for models whose load draws
+nothing from the RNG (a new head is initialised on the CPU from the CPU generator, which a copy on the GPU could not
+replay). The device copy stays allocated across cells, so CUDA's max allocated counts it: such cells say
+`warm_template_on_device` in their cost, and their memory compares only with cells measured alike.
 
 Exactness. The runner seeds torch right before `models.load_model`, and a load can draw from that RNG: a new
 classification head (ft) has no weights in the checkpoint and is initialised at random. A copy must give the same
