@@ -86,8 +86,11 @@ def measure(mini: bool, reps: int, workers: int, echo=print, threads: int | None
            "speedup_vs_fresh": {v: sum(times["fresh"]) / sum(t) for v, t in times.items()},
            "cells_runner_seconds": runner, "identical_predictions": same, "machine": platform.processor() or platform.machine(),
            "python": sys.version.split()[0]}
+    alone = sum(runner["fresh"])
     for v in variants:
+        # what sharing does to each cell's own cost figures: its seconds in its worker, against fresh cells alone
         echo(f"  {v:8s} {out['cells_per_hour'][v]:7.0f} cells/h  {out['speedup_vs_fresh'][v]:.2f}x fresh  "
+             f"cells' own seconds {sum(runner[v]):.0f} ({sum(runner[v]) / alone:.2f}x fresh)  "
              f"identical predictions: {same[v]}")
     return out
 

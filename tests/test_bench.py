@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import pytest
@@ -90,3 +91,32 @@ def test_scoring_batch_comparison_runs_and_keeps_the_predictions(bench, tokenize
                                                              "16,384 tokens"}
     assert all(v > 0 for v in out["examples_per_s"].values())
     assert all(out["same_predictions"].values()) and max(out["max_logit_diff"].values()) < 1e-4
+
+
+GRID_FAKE = '''
+import os, time
+def run(cfg, progress=False):
+    acc = 0.5 + (int(cfg.hash()[:4], 16) % 40) / 100
+    return {"schema": 1, "config": cfg.to_dict(), "config_hash": cfg.hash(), "wall_seconds": 0.25,
+            "evals": {"in_domain_dev": {"role": "in_domain", "n": 2, "accuracy": acc}}, "cost": {"train_seconds": 0.1}}
+'''
+
+
+def test_grid_throughput_runs_every_variant_and_compares_predictions(tmp_path, monkeypatch):
+    """benchmarks/grid_throughput.py on a 2-cell mini-grid with a fake runner: fresh, warm, fresh×2 and warm×2 each
+    run every cell, and the summary has the cells' own seconds and the prediction check for each."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import grid_throughput
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    (tmp_path / "grid_fake.py").write_text(GRID_FAKE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.setenv("FEWTUNE_GRID_RUNNER", "grid_fake:run")
+    monkeypatch.setitem(grid_throughput.MINI, "methods", [{"method": "icl"}, {"method": "pbft"}])
+    lines = []
+    out = grid_throughput.measure(mini=True, reps=1, workers=2, echo=lines.append)
+    assert out["cells"] == 2 and set(out["seconds"]) == {"fresh", "warm", "fresh×2", "warm×2"}
+    assert out["cells_runner_seconds"] == {v: [0.5] for v in out["seconds"]}  # 2 cells x 0.25 s, every variant
+    assert all(out["identical_predictions"].values())
+    assert any("cells' own seconds 0 (1.00x fresh)" in line for line in lines if line.strip().startswith("warm×2"))
