@@ -30,9 +30,13 @@ def shots_text(g: dict) -> str:
     return str(g["shots"]) if used is None or used == g["shots"] else f"{g['shots']} ({used} used)"
 
 
-def family_views(gs: list[dict], prefixes, margin: float | None = None) -> dict:
+def family_views(gs: list[dict], prefixes, margin: float | None = None, cache: dict | None = None) -> dict:
     """prefix -> the family's verdict (fewtune.claims.view): one per (model, task, split), shared by every table
-    and sentence of the report, so every claim in it belongs to one family-wise procedure."""
+    and sentence of the report, so every claim in it belongs to one family-wise procedure. With `cache` (one per
+    report), each family is fitted once however many sections read it."""
+    key = (gs[0]["task"], gs[0]["model"], tuple(prefixes), margin, tuple(sorted(g["label"] for g in gs)))
+    if cache is not None and key in cache:
+        return cache[key]
     out = {}
     if margin is not None:  # --equivalence-margin: at most the width of this family's metric range
         check_margin(margin, gs[0]["primary_metric"], "--equivalence-margin")
@@ -40,6 +44,8 @@ def family_views(gs: list[dict], prefixes, margin: float | None = None) -> dict:
         fv = claims.view(gs, p, margin if margin is not None else gs[0].get("equivalence_margin"))
         if fv is not None:
             out[p] = fv
+    if cache is not None:
+        cache[key] = out
     return out
 
 
@@ -207,10 +213,11 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
     doc = Doc()
     header(doc, rows, db_path, groups)
     judged = findings_first(doc, groups, opts.findings)
-    task_sections(doc, groups, fig_dir, color, opts.margin)
+    views = {}  # each family's verdict, fitted once for every section that reads it
+    task_sections(doc, groups, fig_dir, color, opts.margin, views)
     breakdown_sections(doc, rows, flat, label_of, fig_dir, color)
     if groups:
-        which_method(doc, groups, judged, opts)
+        which_method(doc, groups, judged, opts, views)
     failures_and_appendix(doc, rows, flat, label_of)
     return doc
 
@@ -253,7 +260,8 @@ def findings_first(doc: Doc, groups: list[dict], findings):
     return judged
 
 
-def task_sections(doc: Doc, groups: list[dict], fig_dir: Path, color: dict, margin: float | None) -> None:
+def task_sections(doc: Doc, groups: list[dict], fig_dir: Path, color: dict, margin: float | None,
+                  cache: dict | None = None) -> None:
     """Per task and model: the score table with the family's verdict, costs, break-even, figures."""
     for task in dict.fromkeys(g["task"] for g in groups):
         doc.heading(2, f"Task {task}")
@@ -270,7 +278,7 @@ def task_sections(doc: Doc, groups: list[dict], fig_dir: Path, color: dict, marg
                 splits.append("no out-of-domain split")
             doc.para(f"Ranked by {metric}, {task}'s primary metric. {'; '.join(splits)}. "
                      f"Floor on the same examples: {floor_text(gs, pre)}.")
-            views = family_views(gs, pre, margin)
+            views = family_views(gs, pre, margin, cache)
             headers, table_rows = score_table(gs, pre, views)
             level = next((f"{100 * fv.verdict.level:.1f}%" for fv in views.values()), "95%")
             doc.table(headers, table_rows, caption=f"{metric} ({task}'s primary metric): each option's own 95% "
@@ -317,7 +325,7 @@ def breakdown_sections(doc: Doc, rows: list[dict], flat: list[dict], label_of: d
                        f"{split} / {model}: accuracy per {key} and label")
 
 
-def which_method(doc: Doc, groups: list[dict], judged, opts: ReportOptions) -> None:
+def which_method(doc: Doc, groups: list[dict], judged, opts: ReportOptions, cache: dict | None = None) -> None:
     """The families' verdicts in words and the budget tables, over the options within the use limits."""
     volume, max_latency_ms, max_retention_loss = opts.volume, opts.max_latency_ms, opts.max_retention_loss
     margin = opts.margin
@@ -348,7 +356,7 @@ def which_method(doc: Doc, groups: list[dict], judged, opts: ReportOptions) -> N
                      note=True)
         if not gs:
             continue
-        views = family_views([g for g in groups if g["task"] == task and g["model"] == model], pre, margin)
+        views = family_views([g for g in groups if g["task"] == task and g["model"] == model], pre, margin, cache)
         if too_slow or forgot:  # the same family-wise intervals, read over the options within the limits
             views = {p: claims.restrict(fv, gs) for p, fv in views.items()}
         doc.bullets(budget.conclusion(views, task, model)
