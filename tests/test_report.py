@@ -504,3 +504,24 @@ def test_costs_compare_only_between_runs_measured_alike(tmp_path):
     groups = options.group_runs(flat, rows, options.predictions_reader(Store(path, readonly=True)))
     assert claims.cheapest(groups) is None
     assert claims.cheapest([g for g in groups if g["label"] != "pbft"])["label"] == "icl"
+
+
+def test_results_csv_has_every_rows_columns(tmp_path, capsys):
+    """`fewtune results --format csv` when rows differ in their columns (icl's demonstrations_dropped): every column
+    any row has, blank where a row has none; and how each run's costs were measured."""
+    import csv
+    import io
+    path = tmp_path / "csv.db"
+    rng = np.random.default_rng(9)
+    with Store(path) as store:
+        for label in ("pbft", "icl"):
+            cfg = RunConfig(task="mnli", model="m", method=LABELS[label][0], shots=8, seed=0, eval_limit=N)
+            r = synthetic_result(cfg, label, rng)
+            if label == "icl":
+                r["method_info"] = {"demonstrations_dropped": 3}
+            store.claim(cfg, label=label)
+            store.finish(cfg.hash(), r)
+    assert main(["results", "--db", str(path), "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert {r["label"]: r["demonstrations_dropped"] for r in rows} == {"pbft": "", "icl": "3"}
+    assert all(r["measured_time"] and r["measured_memory"] for r in rows)

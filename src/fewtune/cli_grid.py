@@ -324,7 +324,9 @@ def cmd_results(args) -> int:
         import io
         flat = [flat_row(r) for r in rows]
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(flat[0]) if flat else ["config_hash"], lineterminator="\n")
+        # every column any row has (icl rows add demonstrations_dropped), in the order they first appear
+        fields = list(dict.fromkeys(k for f in flat for k in f)) or ["config_hash"]
+        writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(flat)
         text = buf.getvalue()
