@@ -162,8 +162,7 @@ class WarmCells:
         cache = self.cache
         with output_to(log_path):
             warm.reset_process_state()
-            cache.last_hit, cache.last_on_device = None, False
-            cache.device = cell_device(config_json)
+            cache.begin_cell(cell_device(config_json))
             out = mark_shared(run_config(config_json), self.backend, self.workers, self.threads)
             if out.get("ok"):
                 out["result"].setdefault("cost", {}).update(warm_model_cache=cache.last_hit,

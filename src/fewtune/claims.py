@@ -11,7 +11,7 @@ import numpy as np
 
 from . import compare, stats
 from .fmt import METRIC_NAMES, scale_for, signed, with_interval
-from .options import alike
+from .options import measured_alike
 
 
 def name(g: dict) -> str:
@@ -182,7 +182,7 @@ def _margin(margin: float | None, metric: str) -> str:
 def cheapest(gs: list[dict]) -> dict | None:
     """The cheapest of options shown equivalent: least training time, then least peak memory (unknown = dearest);
     None when their time or memory was not measured alike (options.measured_as): nothing is named then."""
-    if any(mixed or len(parts) > 1 for parts, mixed in (alike(gs, "time"), alike(gs, "memory"))):
+    if not measured_alike(gs):
         return None
 
     def key(g):

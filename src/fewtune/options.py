@@ -110,6 +110,11 @@ def alike(gs: list[dict], kind: str) -> tuple[list[tuple[str, list[dict]]], list
     return sorted(parts.items(), key=lambda kv: -len(kv[1])), mixed
 
 
+def measured_alike(gs: list[dict], kinds: tuple[str, ...] = ("time", "memory")) -> bool:
+    """Every option's `kinds` of cost measured under one set of conditions, the same for all (`alike`)."""
+    return all(not mixed and len(parts) <= 1 for parts, mixed in (alike(gs, kind) for kind in kinds))
+
+
 def flat_row(row: dict) -> dict:
     """One database row as flat columns (for `fewtune results` and the report)."""
     cfg = row.get("config") or {}

@@ -116,6 +116,10 @@ class WarmModels:
         self.device = None                 # the cell's device (set by the worker before each cell)
         self.last_on_device: bool = False  # this cell's copy came from a template kept on its GPU
 
+    def begin_cell(self, device) -> None:
+        """Before each cell: the device it runs on, and nothing yet said about where its model came from."""
+        self.device, self.last_hit, self.last_on_device = device, None, False
+
     def __call__(self, request: ModelRequest, load):
         key = (request, _fingerprint(request.spec))
         t = self.templates.get(key)

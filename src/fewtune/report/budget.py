@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from ..claims import name, sentences
-from .data import COST_KIND, METRIC_NAMES, alike, mib, seconds, signed, with_interval
+from .data import COST_KIND, METRIC_NAMES, alike, measured_alike, mib, seconds, signed, with_interval
 
 BUDGETS = (  # group field, heading, how a level prints
     ("peak_memory_mib", "Memory limit (peak MiB)", lambda v: f"≤ {mib(v)} MiB"),
@@ -99,10 +99,6 @@ def letters(gs: list[dict], kind: str) -> dict[str, str]:
     return {c: chr(ord("A") + i) for i, c in enumerate(found)}
 
 
-def measured_differently(gs: list[dict]) -> bool:
-    return any(len(letters(gs, kind)) > 1 for kind in ("time", "memory"))
-
-
 def measured_cell(g: dict, marks: dict) -> str:
     """'time A · memory B' for an option (A+B: its runs were measured differently, so its mean mixes them)."""
     return " · ".join(f"{kind} {'+'.join(marks[kind][c] for c in g['measured'][kind])}" for kind in ("time", "memory"))
@@ -110,7 +106,7 @@ def measured_cell(g: dict, marks: dict) -> str:
 
 def measured_note(gs: list[dict]) -> str | None:
     """The legend of the conditions, when the family's options were not all measured alike; None when they were."""
-    if not measured_differently(gs):
+    if measured_alike(gs):
         return None
     parts = []
     for kind in ("time", "memory"):

@@ -15,8 +15,8 @@ from ..findings.judge import judge
 from ..tasks import check_margin
 from . import budget, figures, use
 from . import findings as findings_section
-from .data import (METRIC_NAMES, flat_row, group_runs, mib, model_order, num, params, pct, scale_for, seconds,
-                   signed, size, with_interval)
+from .data import (METRIC_NAMES, flat_row, group_runs, measured_alike, mib, model_order, num, params, pct, scale_for,
+                   seconds, signed, size, with_interval)
 from .render import Doc
 
 
@@ -104,7 +104,7 @@ def cost_table(gs: list[dict], prefixes) -> tuple[list[str], list[list[str]]]:
     """Calibration and costs per option; with a 'measured' column (letters of budget.measured_note's legend) when
     the options' costs were not all measured alike."""
     marks = {kind: budget.letters(gs, kind) for kind in ("time", "memory")}
-    differ = any(len(m) > 1 for m in marks.values())
+    differ = not measured_alike(gs)
     headers = ["method", "shots", "seeds"]
     for p in prefixes:
         w = "ID" if p == "id" else "OOD"

@@ -5,5 +5,5 @@ from __future__ import annotations
 
 from ..fmt import (METRIC_NAMES, PERCENT, interval, mib, num, params, pct, scale_for, seconds,  # noqa: F401
                    signed, size, value, with_interval)
-from ..options import (COST_KEYS, COST_KIND, alike, flat_row, group_runs, majority_class, model_order, option_estimate,  # noqa: F401
-                       paired, predictions_reader, primary_metric, split_roles, variant_of, versus_majority)
+from ..options import (COST_KEYS, COST_KIND, alike, flat_row, group_runs, majority_class,  # noqa: F401
+                       measured_alike, model_order, option_estimate, paired, predictions_reader, primary_metric, split_roles, variant_of, versus_majority)

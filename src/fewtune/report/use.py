@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from .data import seconds
+from .data import measured_alike, seconds
 
 
 def per_prediction_s(g: dict) -> float:
@@ -27,12 +27,6 @@ def break_even(trained: dict, reference: dict) -> float:
     if per_r <= per_t:
         return math.inf if train_t > train_r else 0.0
     return max(0.0, (train_t - train_r) / (per_r - per_t))
-
-
-def timed_alike(a: dict, b: dict) -> bool:
-    """Both options' times were measured under one set of conditions (the same for both)."""
-    ta, tb = (a.get("measured") or {}).get("time"), (b.get("measured") or {}).get("time")
-    return ta is None and tb is None or (ta is not None and len(ta) == 1 and ta == tb)
 
 
 def count(n: float) -> str:
@@ -64,7 +58,7 @@ def break_even_table(gs: list[dict]) -> tuple[list[str], list[list[str]]] | None
     rows = []
     for g in trained:
         row = [g["label"], str(g["shots"]), seconds(g.get("train_seconds")), f"{1000 * per_prediction_s(g):.1f}"]
-        row += [count(break_even(g, r)) if timed_alike(g, r) else "not timed alike" for r in refs]
+        row += [count(break_even(g, r)) if measured_alike([g, r], ("time",)) else "not timed alike" for r in refs]
         rows.append(row)
     return headers, rows
 
