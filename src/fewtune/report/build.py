@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import claims
-from ..findings import resolve as resolve_findings
+from ..findings import companions, resolve as resolve_findings
 from ..findings.judge import judge
 from ..tasks import check_margin
 from . import budget, figures, use
@@ -257,6 +257,9 @@ def findings_first(doc: Doc, groups: list[dict], findings):
     judged = judge(chosen, groups) if chosen is not None and groups else None
     if judged is not None and (judged.rows or not default):  # the default study is silent on tasks it does not cover
         findings_section.section(doc, judged, default)
+    if groups and (chosen is not None or default):  # --findings none: no findings at all
+        for extra in companions(chosen, {g["label"] for g in groups}):  # lpft.toml where lpft and ft have runs
+            findings_section.section(doc, judge(extra, groups), False)
     return judged
 
 
