@@ -1,6 +1,8 @@
-"""BitFit (Ben Zaken et al., ACL 2022): only the bias terms train (`params = "norm"`: the normalisation layers' weights
-instead, for models without biases, such as SmolLM2, Llama, Gemma); objective pbft (verbalizer over the LM head) or
-ft (a new head, which trains too, as in the paper's GLUE setup).
+"""BitFit (Ben Zaken et al., ACL 2022): only the bias terms train (--bitfit-params norm: the norm weights instead).
+
+`params = "norm"` trains the normalisation layers' weights instead, for models without biases (SmolLM2, Llama,
+Gemma). Objective pbft (verbalizer over the LM head) or ft (a new head, which trains too, as in the paper's GLUE
+setup).
 
 A choice had to be made for bias-free models: BitFit as published trains every bias term (attention, MLP and
 LayerNorm biases) and nothing else; SmolLM2's linear layers and RMSNorms have no biases, so `params = "bias"` (the

@@ -1,5 +1,7 @@
-"""Linear probing: the LM frozen, a linear classifier on its representation of the input, fitted by L2-regularised
-logistic regression (scikit-learn, L-BFGS); no backward pass through the body.
+"""Linear probing: the LM frozen; logistic regression (L-BFGS) on its final hidden state of the input, fitted once.
+
+A linear classifier on the model's representation of the input, fitted by L2-regularised logistic regression
+(scikit-learn, L-BFGS); no backward pass through the body.
 
 The representation is the final hidden state of the last non-padding token (what ft's head reads), or its mean over
 the input's tokens (`pooling = "mean"`). It is computed once per training example per run, by one forward pass
