@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_DEPTH, Case
 
-from fewtune import batching, engine, saving
+from fewtune import saving
 from fewtune.data import load_split
+from fewtune.engine import batching, engine
 from fewtune.errors import FewtuneError
 from fewtune.methods import REGISTRY, get_method
 from fewtune.tasks import load_task

@@ -228,7 +228,7 @@ def cmd_ls(args) -> int:
             for line in cls.listing():
                 print(f"{'':9s} {line}")
     else:
-        from .models import list_models
+        from .engine.models import list_models
         for m in list_models():
             licence = f" [licence: {m['licence']}]" if m.get("licence") else ""
             print(f"{m['name']:14s} {m['status']:34s} {m['description']}{licence}")
@@ -262,8 +262,8 @@ def cmd_check(args) -> int:
     if args.spec is not None or is_findings_file(args.task):
         return check_findings(args.task, args.spec)
 
-    from . import models
     from .data import load_split
+    from .engine import models
     from .tasks import load_task
     task = load_task(args.task)
     model = args.model or models.DEFAULT_MODEL

@@ -7,16 +7,18 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__, batching, devices, engine, metrics, models, record, retention
-from .fmt import brief, summary_line  # noqa: F401  (the console lines: `fewtune run` and the grid)
+from . import __version__, record, retention
 from .config import RunConfig
 from .data import eval_subsample, exclude_training, label_counts, load_split, sample_train, shares_training_data
+from .engine import batching, devices, engine, models
 from .errors import FewtuneError
-from .hyperparameters import for_run as hyperparameters, preset_values
-from .identity import digest
+from .hyperparameters import for_run as hyperparameters
+from .hyperparameters import preset_values
 from .methods import RunContext, get_method
+from .stats import metrics
+from .stats.fmt import brief, summary_line  # noqa: F401  (the console lines: `fewtune run` and the grid)
 from .tasks import load_task
-from .util import now
+from .util import digest, now
 
 # The result record's format (result["schema"]); the results database has its own, store.SCHEMA_VERSION.
 RESULT_SCHEMA_VERSION = 2  # 2: identity, data provenance, per-example predictions, calibration, baselines

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from . import batching, devices, engine, models
 from .data import Example
+from .engine import batching, devices, engine, models
 from .errors import FewtuneError
 from .methods.base import input_text
 from .methods.peft import align_virtual_tokens

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import collate
-from ..devices import autocast, speedups_enabled
-from ..engine import class_logits
+from ..engine.batching import collate
+from ..engine.devices import autocast, speedups_enabled
+from ..engine.engine import class_logits
+from ..engine.models import text_config
 from ..errors import FewtuneError
-from ..models import text_config
 from . import register
 from .base import Method, Options, option
 from .layers import find_blocks, head_names, params_after_blocks

@@ -7,9 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..engine import class_logits
+from ..engine.engine import class_logits
+from ..engine.models import DEFAULT_MAX_POSITIONS
 from ..errors import FewtuneError, did_you_mean
-from ..models import DEFAULT_MAX_POSITIONS
 
 
 @dataclass

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..batching import encode, leading_special_ids
-from .. import engine
+from ..engine import engine
+from ..engine.batching import encode, leading_special_ids
 from ..errors import FewtuneError
 from . import register
 from .base import Method, Options, option

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..batching import encode
+from ..engine.batching import encode
 from . import register
 from .base import Method, Options
 

@@ -14,7 +14,7 @@ import numpy as np
 @dataclass(frozen=True)
 class Metric:
     """A classification metric: one entry here is all fewtune needs to compute it per run, to give it a paired,
-    seed-aware interval (fewtune.stats, from its jackknife pseudo-values), to claim differences (fewtune.compare),
+    seed-aware interval (fewtune.stats.stats, from its jackknife pseudo-values), to claim differences (fewtune.stats.compare),
     to print it and to accept it in a task file. Computed from confusion counts, vectorised over leading axes."""
     name: str                                   # the key task files use (lower case)
     display: str                                # in tables and sentences

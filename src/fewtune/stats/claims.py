@@ -1,4 +1,4 @@
-"""What may be said about the options of one family, from fewtune.compare, and the same words for the report and
+"""What may be said about the options of one family, from fewtune.stats.compare, and the same words for the report and
 `--until-resolved`: the verdict of a (model, task, split), the floor (the majority-class baseline), what it would
 take to settle what is open (never more evaluation examples than the split holds), and the sentences."""
 
