@@ -4,7 +4,7 @@
 - the engine, the methods and the statistics never import the grid, the store or the report (FORBIDDEN), whatever
   the order says.
 Checked on the source: imports inside functions, `import fewtune.x` and "fewtune.x[:name]" strings (importlib and
-lazy registries) included."""
+lazy registries) included; imports under `if TYPE_CHECKING:` (annotations only, nothing runs) are not edges."""
 
 from __future__ import annotations
 
@@ -45,8 +45,13 @@ def imports(source: str, module: str, is_package: bool = False) -> list[tuple[in
     `import fewtune.x`, and "fewtune.x" / "fewtune.x:name" strings. `module` is the file's name below fewtune."""
     package = module.split(".") if is_package else module.split(".")[:-1]
     package = [p for p in package if p]
+    tree = ast.parse(source)
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}
     out = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         names = []
         if isinstance(node, ast.ImportFrom):
             if node.level:
@@ -119,6 +124,7 @@ def test_the_check_finds_each_kind_of_upward_import():
         "from .. import runner": "listed above it",
         "from . import models": None,  # below it in engine/: allowed
         "from .models import resolve": None,
+        "if TYPE_CHECKING:\n    from ..config import RunConfig": None,  # annotations only
     }
     for source, expected in cases.items():
         found = violations([(source, "engine.engine", False)])

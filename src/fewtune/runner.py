@@ -83,7 +83,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
 def load_sample(cfg: RunConfig, task, method) -> Sample:
     """The seeded few-shot sample and the (stratified, `eval_limit`-capped) evaluation sets. An evaluation on the
     training data leaves the few-shot sample (and so every demonstration) out."""
-    eval_limit = cfg.eval_limit if cfg.eval_limit is not None else preset_values(cfg.preset, method.preset_keys).get("eval_limit")
+    eval_limit = cfg.eval_limit if cfg.eval_limit is not None else preset_values(cfg.preset, method).get("eval_limit")
     train_pool = load_split(task, task.train, cfg.data_root, cfg.data_source)
     positions = sample_train(train_pool, cfg.shots, cfg.seed, len(task.labels), cfg.balanced)
     train_examples = [train_pool[p] for p in positions]

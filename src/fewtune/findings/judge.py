@@ -32,6 +32,7 @@ from scipy import special as _special
 from ..stats import claims as _claims
 from ..stats import compare
 from ..stats.fmt import METRIC_NAMES, scale_for
+from ..stats.metrics import METRICS
 from ..stats.options import model_order
 from . import Claim, Findings, check_margin_for, matches
 
@@ -334,7 +335,7 @@ def _fmt(x: float, metric: str) -> str:
 
 def relation_text(c: Claim, metric: str) -> str:
     a, b = "{" + ", ".join(c.a) + "}", "{" + ", ".join(c.b) + "}"
-    unit = "" if metric == "mcc" else " points"
+    unit = METRICS[metric].unit if metric in METRICS else ""
     m = scale_for(metric)(c.margin) + unit if c.margin is not None else ""
     return {"better": f"{a} better than {b}", "worse": f"{a} worse than {b}",
             "equivalent": f"{a} within ±{m} of {b}", "noninferior": f"{a} not worse than {b} by more than {m}"}[
