@@ -387,4 +387,4 @@ def test_no_code_runs_on_user_files():
     for p, t in text.items():
         for banned in ("import pickle", "pickle.load", "torch.load(", "yaml.load", " eval(", " exec(", "__import__(\"pickle"):
             assert banned not in t, f"{banned} in {p}"
-    assert all("tomllib.loads" in text[src / name] for name in ("grid_spec.py", "cli.py", "tasks/__init__.py"))
+    assert all("tomllib.loads" in text[src / name] for name in ("grid/grid_spec.py", "cli.py", "tasks/__init__.py"))
