@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from fewtune import batching, engine
+from fewtune.engine import batching, engine
 
 
 def test_token_batches_cover_every_index_once_within_the_budget():

@@ -6,14 +6,17 @@ are one predicate in TRAINABLE.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_DEPTH, Case
 
-from fewtune import batching, engine, saving
+from fewtune import saving
 from fewtune.data import load_split
+from fewtune.engine import batching, engine
 from fewtune.errors import FewtuneError
 from fewtune.methods import REGISTRY, get_method
 from fewtune.tasks import load_task
@@ -336,6 +339,64 @@ def test_adaptive_frozen_block_cache_trains_like_the_full_forward(recorded, toy,
     # the lower blocks are back in place after training (the saved model holds them)
     from fewtune.methods.adaptive import PassThrough
     assert not any(isinstance(m, PassThrough) for m in cached.model.modules())
+
+
+def test_a_copy_of_ft_py_is_a_working_method_like_ft(toy, tiny_model_dir, tmp_path):
+    """A method is one file: methods/ft.py copied as methods/ft_copy.py, no other file touched, is a method of its
+    own that takes ft's learning rate under --preset quick and gives ft's predictions for the same seed."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import fewtune
+    package = tmp_path / "src" / "fewtune"
+    shutil.copytree(Path(fewtune.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(package / "methods" / "ft.py", package / "methods" / "ft_copy.py")
+    script = f"""
+import json
+from fewtune.config import RunConfig
+from fewtune.methods import REGISTRY
+from fewtune.runner import run
+out = {{"listed": list(REGISTRY)}}
+for method in ("ft", "ft_copy"):
+    cfg = RunConfig(task={str(toy.task_file)!r}, data_root={str(toy.root)!r}, model={str(tiny_model_dir)!r},
+                    method=method, shots=8, seed=0, preset="quick", epochs=2, eval_limit=8, max_length=64,
+                    dtype="fp32", device="cpu", retention="off")
+    r = run(cfg, progress=False)
+    out[method] = {{"lr": r["hyperparameters"]["lr"], "predictions": r["predictions"], "evals": r["evals"],
+                    "losses": r["training"]["epoch_losses"], "method": r["config"]["method"]}}
+print(json.dumps(out, default=str))
+"""
+    env = {**os.environ, "PYTHONPATH": str(package.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "ft_copy" in out["listed"] and out["ft_copy"]["method"] == "ft_copy"
+    assert out["ft_copy"]["lr"] == out["ft"]["lr"] == 2e-5  # ft's quick-preset rate, from the copied file
+    assert out["ft_copy"]["predictions"] == out["ft"]["predictions"]
+    assert out["ft_copy"]["losses"] == out["ft"]["losses"]
+    strip = lambda evals: {k: {m: v for m, v in e.items() if m != "seconds"} for k, e in evals.items()}  # noqa: E731
+    assert strip(out["ft_copy"]["evals"]) == strip(out["ft"]["evals"])
+
+
+def test_every_method_that_trains_names_its_quick_learning_rate():
+    """Without one a method would keep its study budget's rate under the preset's few steps: refused, not silent."""
+    from fewtune.config import RunConfig
+    from fewtune.hyperparameters import PRESETS, for_run
+    for name, cls in REGISTRY.items():
+        options = {"peft_type": "IA3"} if name == "peft" else {}  # peft's rate depends on the type
+        method = get_method(name, options)
+        if cls.trains and "lr" in method.budget(dict(method.defaults)):  # probe: a solver, no learning rate
+            for preset in PRESETS:
+                assert "lr" in method.preset(preset), (name, preset)
+    assert for_run(RunConfig(method="probe", preset="quick"), get_method("probe"))["solver"].startswith("scikit")
+    bare = get_method("pbft")
+    bare.presets = {}
+    cfg = RunConfig(method="pbft", preset="quick")
+    with pytest.raises(FewtuneError, match="names no learning rate for --preset quick"):
+        for_run(cfg, bare)
+    assert for_run(RunConfig(method="pbft", preset="quick", lr=3e-5), bare)["lr"] == 3e-5
 
 
 # ----------------------------------------------------------------------------- probe, lpft, bitfit

@@ -27,7 +27,9 @@ class Parser(argparse.ArgumentParser):
         raise FewtuneError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(method_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. `method_flags`: add `run`'s per-method flags, which import every method (and so
+    torch); main() asks for them only when the command is `run`."""
     p = Parser(prog="fewtune", description="Compare few-shot adaptation methods, in-domain and out-of-domain, with their costs.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", parser_class=Parser)
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", help="auto | fp32 | bf16 (autocast; never fp16 on CPU) [auto]")
     r.add_argument("--device", help="auto | cpu | cuda [auto]")
     g = r.add_argument_group("method options")  # each declared by the method's own Options (methods/base.option)
-    for entry in option_flags().values():
+    for entry in (option_flags() if method_flags else {}).values():
         if entry.flag.key_value:
             g.add_argument(entry.flag.flag, dest=entry.dest, action="append", metavar="KEY=VALUE", help=entry.help)
         else:
@@ -228,7 +230,7 @@ def cmd_ls(args) -> int:
             for line in cls.listing():
                 print(f"{'':9s} {line}")
     else:
-        from .models import list_models
+        from .engine.models import list_models
         for m in list_models():
             licence = f" [licence: {m['licence']}]" if m.get("licence") else ""
             print(f"{m['name']:14s} {m['status']:34s} {m['description']}{licence}")
@@ -262,8 +264,8 @@ def cmd_check(args) -> int:
     if args.spec is not None or is_findings_file(args.task):
         return check_findings(args.task, args.spec)
 
-    from . import models
     from .data import load_split
+    from .engine import models
     from .tasks import load_task
     task = load_task(args.task)
     model = args.model or models.DEFAULT_MODEL
@@ -388,18 +390,30 @@ COMMANDS = {"run": cmd_run, "ls": cmd_ls, "predict": cmd_predict, "check": cmd_c
 from . import cli_grid; EXTENSIONS.append(cli_grid)  # noqa: E402,E702  grid, results, report
 
 
+# Commands that load no model: they import neither transformers nor torch (tests/test_cli.py checks it)
+READ_ONLY_COMMANDS = ("report", "results", "ls")
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand named in argv (its first word that is not an option), without parsing the rest."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for noisy in ("transformers", "huggingface_hub", "datasets", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:  # transformers' per-load progress bars are noise next to fewtune's own
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_of(argv)
+    if command not in READ_ONLY_COMMANDS:
+        try:  # transformers' per-load progress bars are noise next to fewtune's own (importing it takes ~2 s)
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     try:
-        parser = build_parser()
+        parser = build_parser(method_flags=command == "run")
         args = parser.parse_args(argv)
         if args.verbose:
             logging.getLogger("fewtune").setLevel(logging.INFO)

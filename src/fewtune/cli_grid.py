@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import FewtuneError
-from .estimate import PROBE_EVAL_LIMIT
+from .grid.estimate import PROBE_EVAL_LIMIT
 from .store import STATUSES, default_path
 
 RESULT_COLUMNS = ("config_hash", "status", "label", "task", "model", "shots", "seed", "primary_metric", "id_primary",
@@ -104,6 +104,7 @@ def db_path(args) -> Path:
 
 def cmd_grid(args) -> int:
     import os
+
     from .grid import MAX_CELLS, RUNNER_ENV, Interrupted, check_max_retries, check_models, load_grid, signals_raise
     from .store import Store
     if args.max_cells is not None and args.max_cells < 1:
@@ -136,7 +137,7 @@ def cmd_grid(args) -> int:
             if getattr(args, flag):
                 raise FewtuneError(f"{what}; it does not go with --backend {backend_name}.")
         if not args.dry_run:  # not installed, or no cluster there: say so before the database is touched
-            from .ray_backend import check_address, import_ray
+            from .grid.ray_backend import check_address, import_ray
             import_ray()
             check_address(args.address)
     else:
@@ -147,7 +148,7 @@ def cmd_grid(args) -> int:
                                "--backend warm or --workers.")
     cell_timeout = None
     if args.cell_timeout is not None:
-        from .decide import parse_duration
+        from .grid.decide import parse_duration
         cell_timeout = parse_duration(args.cell_timeout, "--cell-timeout")
     budget_s = None
     if args.time_budget is not None and not args.until_resolved:
@@ -156,7 +157,7 @@ def cmd_grid(args) -> int:
         raise FewtuneError("--equivalence-margin goes with --until-resolved (or `fewtune report`); a plain grid "
                            "makes no claims.")
     if args.until_resolved:
-        from .decide import options_of, parse_duration
+        from .grid.decide import options_of, parse_duration
         budget_s = parse_duration(args.time_budget) if args.time_budget is not None else math.inf
         options_of(grid)  # at least two options and two seeds: say so before anything runs
         if args.equivalence_margin is not None:
@@ -175,7 +176,7 @@ def cmd_grid(args) -> int:
         return dry_run(grid, path, backend_name, workers, use_gpu, args.probe)
     plan = need = None
     if use_gpu is not None:
-        from .backends import visible_gpus
+        from .grid.backends import visible_gpus
         gpus = visible_gpus(use_gpu)
         # on a GPU the worker's need comes from measured peaks of stored runs; on CPU it needs no stored run
         status, rows = stored_runs(path) if gpus else ({}, [])
@@ -197,7 +198,7 @@ def cmd_grid(args) -> int:
                 backend = make_backend(backend_name, grid, plan, args.in_process, args.address, cell_timeout)
                 retries = args.max_retries if args.max_retries is not None else grid.max_retries
                 if args.until_resolved:
-                    from .decide import run_until_resolved
+                    from .grid.decide import run_until_resolved
                     d = run_until_resolved(grid, store, path.parent / "logs", budget_s, echo=echo,
                                            reclaim=args.reclaim, backend=backend, retries=retries,
                                            equivalence_margin=args.equivalence_margin)
@@ -219,12 +220,12 @@ def cmd_grid(args) -> int:
 
 def make_backend(name: str, grid, plan, in_process: bool, address: str | None, cell_timeout: float | None):
     """The backend that runs the cells (backends.py, ray_backend.py); the driver is the same for all."""
-    from .backends import InlineBackend, ProcessBackend, WarmBackend
+    from .grid.backends import InlineBackend, ProcessBackend, WarmBackend
     if name == "ray":
-        from .ray_backend import RayBackend
+        from .grid.ray_backend import RayBackend
         return RayBackend(grid.resources, address)
     if name == "ray-warm":
-        from .ray_warm import RayWarmBackend
+        from .grid.ray_warm import RayWarmBackend
         return RayWarmBackend(grid.resources, address, cell_timeout)
     if in_process:
         return InlineBackend()
@@ -245,8 +246,8 @@ def stored_runs(path: Path) -> tuple[dict, list[dict]]:
 
 def worker_plan(cells, rows: list[dict], workers: int | None, gpus, probes: dict | None = None):
     """(the worker plan for `cells` on this machine, the memory one worker needs and where that figure came from)."""
-    from .backends import machine_plan
-    from .estimate import worker_need
+    from .grid.backends import machine_plan
+    from .grid.estimate import worker_need
     need = worker_need(cells, rows, probes, on_gpu=bool(gpus))
     return machine_plan(workers, need.bytes, gpus=gpus), need
 
@@ -254,12 +255,12 @@ def worker_plan(cells, rows: list[dict], workers: int | None, gpus, probes: dict
 def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: bool | None, probe: bool) -> int:
     """List the cells and their status, and estimate the grid's time from stored timings of similar cells and, with
     `probe`, from one real cell of each kind not yet timed (probe.py). The database is only read."""
-    from .estimate import estimate_grid
+    from .grid.estimate import estimate_grid
     status, rows = stored_runs(path)
     todo = [c for c in grid.cells if status.get(c.key) != "success"]
     plan = need = None
     if use_gpu is not None:  # a --workers the machine cannot hold is refused before anything is probed
-        from .backends import visible_gpus
+        from .grid.backends import visible_gpus
         plan, need = worker_plan(todo or grid.cells, rows, workers, visible_gpus(use_gpu))
     for cell in grid.cells:
         print(f"{cell.key}  {status.get(cell.key, 'new'):9s}  {cell.describe()}")
@@ -268,7 +269,7 @@ def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: b
     probes = {}
     if probe and todo:  # stdout stays the list of cells, one per line: the probe's lines go to stderr as the estimate's
         from .grid import Interrupted, signals_raise
-        from .probe import run_probes
+        from .grid.probe import run_probes
         try:
             with signals_raise():  # SIGTERM too stops the probe's process and removes its folder
                 probes = run_probes(todo, rows, out=sys.stderr)
@@ -276,7 +277,7 @@ def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: b
             print(f"fewtune: dry run interrupted ({e}); nothing was written", file=sys.stderr)
             return 128 + e.signum
         if use_gpu is not None and any(p.device.startswith("cuda") for p in probes.values()):
-            from .backends import visible_gpus  # a probe measured a peak on the GPU: the plan follows it
+            from .grid.backends import visible_gpus  # a probe measured a peak on the GPU: the plan follows it
             plan, need = worker_plan(todo, rows, workers, visible_gpus(use_gpu), probes)
     for line in estimate_grid(todo, rows, backend_name, plan.workers if plan else None, probes):
         print(line, file=sys.stderr)
@@ -359,7 +360,7 @@ def cmd_results(args) -> int:
 def findings_block(findings, rows: list[dict], store_path) -> dict:
     """The findings file's verdicts on the runs, as the report's first section has them (JSON-ready)."""
     from .findings.judge import judge
-    from .options import flat_row, group_runs, predictions_reader
+    from .stats.options import flat_row, group_runs, predictions_reader
     from .store import Store
     with Store(store_path, readonly=True) as store:
         groups = group_runs([flat_row(r) for r in rows], rows, predictions_reader(store))
@@ -392,6 +393,7 @@ def export_predictions(path, statuses, fmt: str, out) -> int:
     """`fewtune results --predictions`: every stored per-example prediction, one row per run x example."""
     import csv
     import io
+
     from .store import Store
     with Store(path, readonly=True) as store:
         rows = [r for r in store.rows(statuses) if r["status"] == "success"]

@@ -105,8 +105,8 @@ def lm_loss(model, tokenizer, texts: list[str], device, dtype: str = "fp32", bat
     """Mean next-token loss (nats/token) over the texts, each scored on its own after the tokenizer's BOS.
 
     Every token of a text is predicted except the first when there is no BOS to predict it from."""
-    from .batching import collate, encode, length_batches
-    from .devices import autocast
+    from .engine.batching import collate, encode, length_batches
+    from .engine.devices import autocast
     seqs, _ = encode(tokenizer, texts)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
     total, count = 0.0, 0

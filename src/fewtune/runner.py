@@ -7,16 +7,18 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__, batching, devices, engine, metrics, models, record, retention
-from .fmt import brief, summary_line  # noqa: F401  (the console lines: `fewtune run` and the grid)
+from . import __version__, record, retention
 from .config import RunConfig
 from .data import eval_subsample, exclude_training, label_counts, load_split, sample_train, shares_training_data
+from .engine import batching, devices, engine, models
 from .errors import FewtuneError
-from .hyperparameters import for_run as hyperparameters, preset_values
-from .identity import digest
+from .hyperparameters import for_run as hyperparameters
+from .hyperparameters import preset_values
 from .methods import RunContext, get_method
+from .stats import metrics
+from .stats.fmt import brief, summary_line  # noqa: F401  (the console lines: `fewtune run` and the grid)
 from .tasks import load_task
-from .util import now
+from .util import digest, now
 
 # The result record's format (result["schema"]); the results database has its own, store.SCHEMA_VERSION.
 RESULT_SCHEMA_VERSION = 2  # 2: identity, data provenance, per-example predictions, calibration, baselines
@@ -39,7 +41,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     task = load_task(cfg.task)
     pattern = task.pattern(cfg.pattern)
     method = get_method(cfg.method, cfg.method_options)
-    hp = method.budget(hyperparameters(cfg, method))
+    hp = hyperparameters(cfg, method)  # as the run records it (Method.budget)
     device = devices.pick_device(cfg.device)
     dtype = devices.resolve_dtype(cfg.dtype, device)
     train_seed = cfg.train_seed if cfg.train_seed is not None else cfg.seed
@@ -81,7 +83,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
 def load_sample(cfg: RunConfig, task, method) -> Sample:
     """The seeded few-shot sample and the (stratified, `eval_limit`-capped) evaluation sets. An evaluation on the
     training data leaves the few-shot sample (and so every demonstration) out."""
-    eval_limit = cfg.eval_limit if cfg.eval_limit is not None else preset_values(cfg.preset, method.preset_keys).get("eval_limit")
+    eval_limit = cfg.eval_limit if cfg.eval_limit is not None else preset_values(cfg.preset, method).get("eval_limit")
     train_pool = load_split(task, task.train, cfg.data_root, cfg.data_source)
     positions = sample_train(train_pool, cfg.shots, cfg.seed, len(task.labels), cfg.balanced)
     train_examples = [train_pool[p] for p in positions]

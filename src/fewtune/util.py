@@ -3,6 +3,7 @@ that an output path can be written (made before a run, not after it)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -21,6 +22,11 @@ def dumps(obj) -> str | None:
     if obj is None:
         return None
     return json.dumps(obj, sort_keys=True, default=json_default)
+
+
+def digest(obj: dict, digits: int = 16) -> str:
+    """Hex digits of the sha256 of sorted JSON: with 16, of a run's identity, the run's key in the results database."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:digits]
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -17,15 +17,14 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import FewtuneError, did_you_mean
-from ..tasks import METRIC_RANGES, check_margin
+from ..stats.metrics import METRICS
+from ..tasks import METRIC_RANGES, builtin_names, check_margin, load_task
 
 RELATIONS = ("better", "worse", "equivalent", "noninferior")
 SPLITS = {"in_domain": "id", "out_of_domain": "ood"}  # a claim's split role -> the report's prefix
 _NEEDS_MARGIN = ("equivalent", "noninferior")
 _TOP_KEYS = {"title", "description", "claims"}
 _CLAIM_KEYS = {"id", "relation", "a", "b", "split", "margin", "shots", "tasks", "models", "statement", "source"}
-# the primary metric of each built-in task, to check a margin at load time (a user task's is checked when judged)
-_BUILTIN_METRICS = {"cola": "mcc", "mnli": "accuracy"}
 SHIPPED = ("study", "lpft")  # study.toml (the study's five findings), lpft.toml (Kumar et al.'s LP-FT claims)
 
 
@@ -175,7 +174,9 @@ def _parse_claim(item: dict, at: str) -> Claim:
     if margin is not None:
         # at most the range of the primary metric of every task named (built-ins known now; a user task's metric
         # is checked when the claim is judged); without tasks, at most the widest range of any metric (MCC's 2)
-        metrics = [_BUILTIN_METRICS[t] for t in tasks or () if t in _BUILTIN_METRICS] or ["mcc"]
+        builtin = set(builtin_names())  # their primary metric from their own task file (a user task's: when judged)
+        widest = max(METRICS.values(), key=lambda m: m.hi - m.lo).name
+        metrics = [load_task(t).primary_metric for t in tasks or () if t in builtin] or [widest]
         for m in metrics:
             margin = check_margin(margin, m, f"{at}: 'margin'")
     shots = item.get("shots")

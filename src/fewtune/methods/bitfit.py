@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FewtuneError
-from . import register
-from .base import Method, Options, option
+from .base import Method, ObjectiveOptions, option
 from .layers import head_names
 from .lora import ADAPTER_DEFAULTS
 
@@ -28,18 +27,16 @@ PARAMS = ("bias", "norm", "bias+norm")
 
 
 @dataclass
-class BitfitOptions(Options):
+class BitfitOptions(ObjectiveOptions):
     params: str = option("bias", flag="--bitfit-params", help="bias (every bias term: BitFit), norm (the "
                                                               "normalisation layers' weights: for bias-free models) "
                                                               "or bias+norm")
-    objective: str = option("pbft", flag="--objective", help="pbft or ft")
 
     def __post_init__(self):
+        super().__post_init__()
         if self.params not in PARAMS:
             raise FewtuneError(f"bitfit: params (--bitfit-params) must be bias, norm or bias+norm, got "
                                f"{self.params!r:.40}.")
-        if self.objective not in ("pbft", "ft"):
-            raise FewtuneError(f"bitfit: objective must be pbft or ft, got {self.objective!r}.")
 
 
 def is_norm(module) -> bool:
@@ -69,16 +66,13 @@ def selected(model, params: str) -> list[str]:
 BITFIT_DEFAULTS = dict(ADAPTER_DEFAULTS, lr=1e-3)
 
 
-@register
 class BitFit(Method):
-    name = "bitfit"
     Options = BitfitOptions
     defaults = BITFIT_DEFAULTS
+    # bitfit (norm weights of SmolLM2, CoLA, 32 shots, seed 0): 1e-3 took the training loss 0.78 -> 0.46 in the quick
+    # preset's 20 steps, 1e-2 0.99 -> 0.31 (rising first); both near chance on 100 dev sentences
+    presets = {"quick": {"lr": 1e-3}}
     ships_trained_only = True  # the vectors it trained (and the ft head): a few hundred KB over the base model
-
-    @property
-    def objective(self):
-        return "head" if self.opts.objective == "ft" else "lm"
 
     def prepare(self, ctx, model):
         names = set(selected(model, self.opts.params))

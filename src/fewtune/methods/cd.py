@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..batching import encode, leading_special_ids
-from .. import engine
+from ..engine import engine
+from ..engine.batching import encode, leading_special_ids
 from ..errors import FewtuneError
-from . import register
 from .base import Method, Options, option
 from .icl import demonstrations_text, drop_to_fit
 from .lora import ADAPTER_DEFAULTS, LoraOptions, wrap
@@ -64,9 +63,7 @@ class CdOptions(Options):
         return LoraOptions(**{k: v for k, v in given.items() if v is not None})
 
 
-@register
 class ContextDistillation(Method):
-    name = "cd"
     Options = CdOptions
 
     def __init__(self, options):
@@ -79,9 +76,11 @@ class ContextDistillation(Method):
         # a LoRA student trains on the adapters' budget, a full student on full fine-tuning's
         return dict(ADAPTER_DEFAULTS) if self.opts.student == "lora" else dict(Method.defaults)
 
-    @property
-    def preset_keys(self):
-        return ("cd-lora",) if self.opts.student == "lora" else ("cd",)
+    def preset(self, name):
+        # the quick preset's learning rate: lora's for a LoRA student, full fine-tuning's otherwise
+        if name != "quick":
+            return {}
+        return {"lr": 5e-4 if self.opts.student == "lora" else 2e-5}
 
     def teacher_context(self, ctx) -> str:
         text = (ctx.task.instruction or "").strip()

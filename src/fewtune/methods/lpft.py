@@ -15,8 +15,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from . import register
 from .base import Method
+from .ft import FT
 from .probe import Probe, ProbeOptions
 
 
@@ -27,16 +27,11 @@ class LpftOptions(ProbeOptions):
     method = "lpft"
 
 
-@register
 class LPFT(Probe):
-    name = "lpft"
     Options = LpftOptions
     ships_trained_only = False  # every weight trained: the whole model, as ft
-    defaults = Method.defaults  # the FT stage: the study's full fine-tuning budget, as ft's
-
-    @property
-    def preset_keys(self):
-        return ("lpft", "ft")  # the FT stage runs at ft's preset learning rate unless a preset names lpft
+    defaults = FT.defaults  # the FT stage: ft's budget (the study's full fine-tuning), and ft's under a preset
+    presets = FT.presets
 
     def budget(self, hp):
         return {**hp, "lp": Probe.budget(self, hp)}

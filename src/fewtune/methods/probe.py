@@ -27,11 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import engine
-from ..batching import collate, length_batches
-from ..devices import autocast
+from ..engine import engine
+from ..engine.batching import collate, length_batches
+from ..engine.devices import autocast
 from ..errors import FewtuneError
-from . import register
 from .base import Method, Options, option
 
 log = logging.getLogger("fewtune")
@@ -158,9 +157,7 @@ def solve(features: torch.Tensor, labels: list[int], n_classes: int, c: float, m
                     float(-logp[np.arange(len(y)), y].mean()), float((logits.argmax(1) == y).mean()), scale)
 
 
-@register
 class Probe(Method):
-    name = "probe"
     Options = ProbeOptions
     ships_trained_only = True  # the head alone: hidden x classes
 

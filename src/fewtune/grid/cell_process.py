@@ -1,8 +1,8 @@
 """The worker side of the grid: what runs inside the process that computes a cell, for every backend.
 
-- a fresh process per cell (`python -m fewtune.cell_process CONFIG_JSON RESULT_PATH [THREADS]`, backends.ProcessBackend);
+- a fresh process per cell (`python -m fewtune.grid.cell_process CONFIG_JSON RESULT_PATH [THREADS]`, backends.ProcessBackend);
 - a warm worker (`warm_worker_main`, a multiprocessing child of backends.WarmBackend): loads a model once and runs
-  many cells, each from a pristine copy of the weights, its RNGs reset (fewtune.warm);
+  many cells, each from a pristine copy of the weights, its RNGs reset (fewtune.grid.warm);
 - a Ray task (ray_backend.run_cell_task), which calls `run_config` here;
 - a Ray actor (ray_warm.WarmActor): a warm worker on a Ray cluster, as the local one (`WarmCells`).
 
@@ -23,16 +23,16 @@ import time
 import traceback
 from pathlib import Path
 
-from .config import RunConfig
+from ..config import RunConfig
+from ..store import dumps, write_atomic
 from .grid_spec import RUNNER_ENV
-from .store import dumps, write_atomic
 
 
 def resolve_runner():
     """fewtune.runner.run, or the callable named by $FEWTUNE_GRID_RUNNER ("module:function")."""
     spec = os.environ.get(RUNNER_ENV)
     if not spec:
-        from .runner import run
+        from ..runner import run
         return run
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr or "run")
@@ -135,20 +135,21 @@ def cell_device(config_json: str):
     """The device a cell's config will run on (its `device`, 'auto' resolved), or None when it names none usable
     (the run itself then says why)."""
     try:
-        from .devices import pick_device
+        from ..engine.devices import pick_device
         return pick_device(json.loads(config_json).get("device") or "auto")
     except Exception:  # noqa: BLE001 - the run reports a bad device in its own words
         return None
 
 
 class WarmCells:
-    """What makes a process a warm worker: its share of the cores, a model cache (fewtune.warm) as the process's model
+    """What makes a process a warm worker: its share of the cores, a model cache (fewtune.grid.warm) as the process's model
     provider, and each cell run from a pristine state (RNGs, grad mode, allocator reset), its output in its log."""
 
     def __init__(self, backend: str, workers: int | None, threads: int | None, device_alone: bool = True):
         configure_cell_process()
         set_threads(threads)
-        from . import models, warm
+        from ..engine import models
+        from . import warm
         self.backend, self.workers, self.threads = backend, workers, threads
         # a template on the GPU only for a worker alone on its device: the worker plan sizes shared devices by the
         # cells' measured peaks, which a second copy of the weights per worker would overrun
@@ -158,6 +159,7 @@ class WarmCells:
     def run(self, config_json: str, log_path: Path) -> dict:
         """One cell, stdout/stderr appended to `log_path`: {"ok", "result" | "error", "rss_mib", "cache_miss"}."""
         import psutil
+
         from . import warm
         cache = self.cache
         with output_to(log_path):
@@ -206,4 +208,4 @@ if __name__ == "__main__":
     if len(sys.argv) in (3, 5):
         threads = int(sys.argv[3]) if len(sys.argv) == 5 and sys.argv[3] != "0" else None
         sys.exit(fresh_main(sys.argv[1], sys.argv[2], threads, int(sys.argv[4]) if len(sys.argv) == 5 else 1))
-    sys.exit("usage: python -m fewtune.cell_process CONFIG_JSON RESULT_PATH [THREADS WORKERS] (started by `fewtune grid`)")
+    sys.exit("usage: python -m fewtune.grid.cell_process CONFIG_JSON RESULT_PATH [THREADS WORKERS] (started by `fewtune grid`)")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .models import ModelRequest, resolve
+from ..engine.models import ModelRequest, resolve
 
 log = logging.getLogger("fewtune")
 DEVICE_ROOM = 4  # a template moves to the GPU only when the free memory is at least 4x its size (the cell's own

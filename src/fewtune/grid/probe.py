@@ -2,7 +2,7 @@
 running one real cell of each here with its evaluation capped, in a temporary folder deleted afterwards.
 
 Each probe is the kind's cell with the most shots (estimate.kinds_to_probe), run as a grid runs a cell: a fresh
-`python -m fewtune.cell_process` child (backends.ProcessBackend) with the real runner, its own training as configured,
+`python -m fewtune.grid.cell_process` child (backends.ProcessBackend) with the real runner, its own training as configured,
 `eval_limit` capped at estimate.PROBE_EVAL_LIMIT per split. Its result comes back through a file in the temporary folder
 and reaches no database: a dry run only reads the user's. A probe that fails or dies costs one line, and its kind is
 estimated at the default. How a cell's time is extrapolated from a probe: estimate.Probe.
@@ -18,8 +18,15 @@ from pathlib import Path
 
 from .backends import Job, Outcome, ProcessBackend
 from .driver import Interrupted
-from .estimate import (DEFAULT_CELL_S, PROBE_EVAL_LIMIT, Probe, eval_examples, fmt_seconds, kinds_to_probe,
-                       stored_timings)
+from .estimate import (
+    DEFAULT_CELL_S,
+    PROBE_EVAL_LIMIT,
+    Probe,
+    eval_examples,
+    fmt_seconds,
+    kinds_to_probe,
+    stored_timings,
+)
 from .grid_spec import Cell
 
 POLL_S = 0.2

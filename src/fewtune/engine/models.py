@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import FewtuneError, one_line, unknown
-from .settings import cache_dir
+from ..errors import FewtuneError, one_line, unknown
+from ..settings import cache_dir
 
 log = logging.getLogger("fewtune")
 
@@ -191,7 +191,7 @@ class ModelRequest:
     allow_unsafe_weights: bool
 
 
-# A process-level hook: a warm grid worker (fewtune.warm) sets it to hand out a pristine copy of a model it keeps
+# A process-level hook: a warm grid worker (fewtune.grid.warm) sets it to hand out a pristine copy of a model it keeps
 # loaded, instead of reading the weights again; None (the default, every other process) loads from disk.
 _provider: Callable[[ModelRequest, Callable[[], object]], object] | None = None
 

@@ -23,12 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..errors import FewtuneError
+from ..store import Store, dumps, now
 from .backends import Job, Outcome
 from .cell_process import configure_cell_process, mark_shared, output_to, run_config
 from .driver import Summary, run_grid
-from .errors import FewtuneError
 from .grid_spec import Grid
-from .store import Store, dumps, now
 
 log = logging.getLogger("fewtune")
 MAX_RETRIES = 2     # re-runs of a cell whose worker died (a node lost, an out-of-memory kill), not of one that raised

@@ -1,4 +1,4 @@
-"""`fewtune grid SPEC --backend ray-warm`: warm workers (fewtune.warm) as Ray actors, each with the spec's [resources].
+"""`fewtune grid SPEC --backend ray-warm`: warm workers (fewtune.grid.warm) as Ray actors, each with the spec's [resources].
 
 The `ray` backend starts a fresh Ray worker per cell, which pays imports and the model load every cell. Here each actor
 is a warm worker, as `--backend warm` keeps locally (cell_process.WarmCells): it loads a model once and runs many
@@ -25,11 +25,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..store import dumps, now
 from .backends import STARTUP_LIMIT_S, Job, Outcome, outgrown
 from .cell_process import WarmCells
-from .ray_backend import (MAX_RETRIES, WAIT_S, append_log, cells_that_fit, collect, connect, hand_back, import_ray,
-                          task_options)
-from .store import dumps, now
+from .ray_backend import (
+    MAX_RETRIES,
+    WAIT_S,
+    append_log,
+    cells_that_fit,
+    collect,
+    connect,
+    hand_back,
+    import_ray,
+    task_options,
+)
 
 log = logging.getLogger("fewtune")
 

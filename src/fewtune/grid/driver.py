@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..store import Store, this_process
 from .backends import POLL_S, Backend, Job, Outcome
 from .grid_spec import Cell, Grid, task_name
-from .store import Store, this_process
 
 
 class Interrupted(Exception):
@@ -60,7 +60,7 @@ class Summary:
 
 def brief(result: dict) -> str:
     """The per-run console line's result: the task's name and its primary metric per split (runner.brief)."""
-    from .fmt import brief as run_brief
+    from ..stats.fmt import brief as run_brief
     return run_brief(result)
 
 

@@ -2,8 +2,8 @@
 
 | backend | a cell runs in | start-up per cell | isolation |
 |---|---|---|---|
-| `process` (default) | a fresh `python -m fewtune.cell_process` child | imports + model load (~3-6 s on CPU, 8-10 s on a GPU) | complete: its memory goes back when it exits |
-| `warm` | one of N long-lived workers that keep the model loaded (fewtune.warm) | a copy of the weights (~0.1-0.3 s for 135M params) | a crash, hang or memory growth replaces the worker |
+| `process` (default) | a fresh `python -m fewtune.grid.cell_process` child | imports + model load (~3-6 s on CPU, 8-10 s on a GPU) | complete: its memory goes back when it exits |
+| `warm` | one of N long-lived workers that keep the model loaded (fewtune.grid.warm) | a copy of the weights (~0.1-0.3 s for 135M params) | a crash, hang or memory growth replaces the worker |
 | `ray` | a Ray task on a cluster (ray_backend.py) | as `process`, on the node | as `process` |
 | `ray-warm` | one of the Ray actors (ray_warm.py), warm workers with the spec's [resources] | as `warm`, on the node | as `warm`: a dead, hung or growing actor is replaced |
 | in-process (`--in-process`) | the driver's own process (debugging) | none | none |
@@ -30,9 +30,9 @@ from multiprocessing.connection import wait as wait_ready
 from pathlib import Path
 from typing import Protocol
 
-from .errors import FewtuneError
+from ..errors import FewtuneError
+from ..store import now
 from .grid_spec import Cell
-from .store import now
 
 log = logging.getLogger("fewtune")
 TERMINATE_GRACE_S = 10
@@ -165,7 +165,7 @@ def model_need_bytes(models: list[str], measured_peak_mib: float | None = None) 
     fine-tune), at least 1 GiB."""
     if measured_peak_mib:
         return int(measured_peak_mib * 2**20 * PEAK_MARGIN) + CUDA_CONTEXT_BYTES
-    from .models import BUNDLED, cache_dir, resolve
+    from ..engine.models import BUNDLED, cache_dir, resolve
     largest = 0
     for spec in models:
         try:
@@ -223,12 +223,12 @@ class ProcessBackend:
         result_path = job.log_path.with_name(f".{job.log_path.stem}.result-{os.getpid()}.json")
         result_path.unlink(missing_ok=True)
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[1])  # the child imports this same fewtune
+        package_root = str(Path(__file__).resolve().parents[2])  # the child imports this same fewtune
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         device = self.free_devices.pop(0) if self.free_devices else None
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(device)
-        cmd = [sys.executable, "-m", "fewtune.cell_process", _config_json(job.cell), str(result_path),
+        cmd = [sys.executable, "-m", "fewtune.grid.cell_process", _config_json(job.cell), str(result_path),
                str(self.plan.threads or 0), str(self.plan.workers)]
         logf = open(job.log_path, "a", encoding="utf-8")
         logf.write(f"\n=== {now()} fewtune grid: {job.cell.describe()} [{job.key}], child process, try {job.attempt}\n")
@@ -373,7 +373,7 @@ def outgrown(history: list[float], rss_mib: float, cache_miss: bool,
 
 class WarmBackend:
     """N long-lived worker processes (multiprocessing, spawn) that keep the models they have loaded and run many cells
-    each, from a pristine copy of the weights (fewtune.warm). The driver replaces a worker that dies (its cell 'died':
+    each, from a pristine copy of the weights (fewtune.grid.warm). The driver replaces a worker that dies (its cell 'died':
     retried or recorded failed, never lost), that hangs past --cell-timeout, or whose memory keeps growing (a leak). Workers never touch the database: results come back over a pipe."""
     name, worker_noun, default_retries, synchronous = "warm", "warm worker", 1, False
 
