@@ -261,7 +261,7 @@ OOD_BAD = {
     "bitfit params": (["--method", "bitfit", "--bitfit-params", "weights"], ["bitfit: params (--bitfit-params)"]),
     "bitfit without biases": (["--method", "bitfit"], ["bitfit: LlamaForCausalLM has no bias terms",
                                                        "--bitfit-params norm trains its normalisation weights"]),
-    "probe flag on ft": (["--method", "ft", "--probe-c", "2"], ["--probe-c applies to method(s) probe, lpft"]),
+    "probe flag on ft": (["--method", "ft", "--probe-c", "2"], ["--probe-c applies to method(s) lpft, probe"]),
 }
 
 

@@ -412,7 +412,7 @@ def test_lpft_findings_check_against_the_shipped_grids(capsys):
 
 
 def test_opt_in_lists_add_options_and_leave_the_specs_own_cells_alone(capsys):
-    from fewtune.grid_spec import load_grid
+    from fewtune.grid.grid_spec import load_grid
     paper, ood = load_grid("paper"), load_grid("paper", opt_in=["ood"])
     assert paper.opt_in == () and ood.opt_in == ("ood",) and set(paper.opt_in_labels) == {"probe", "lpft", "bitfit"}
     keys = {c.key for c in paper.cells}

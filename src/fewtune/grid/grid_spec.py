@@ -130,7 +130,7 @@ def take_opt_in(data: dict, names: list[str], where: str) -> tuple[tuple, tuple]
     for name, entries in lists.items():  # a list not taken is still checked: it must work when someone opts in
         if name in names:
             continue
-        from .methods import get_method
+        from ..methods import get_method
         for i, entry in enumerate(entries):
             try:
                 get_method(str(entry.get("method")), entry.get("method_options") or {})
