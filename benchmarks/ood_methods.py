@@ -3,7 +3,8 @@
 Each method runs as `fewtune run` in a fresh process (so the peak memory, the process's RSS, is its own), one after
 the other, on the same sample: by default a 32-shot CoLA run of the bundled model under `--preset quick`, 100
 evaluation examples per split, retention off. Prints the CPU (lscpu's model name), the load average before and
-after (the machine may be shared: the times are wall clock), and one row per method; writes the rows as JSON.
+after (the machine may be shared: the times are wall clock; each process's CPU seconds, imports to result, are less
+sensitive to that), and one row per method; writes the rows as JSON.
 
     python benchmarks/ood_methods.py                     # ft, probe, lpft, bitfit (norm weights) on CoLA
     python benchmarks/ood_methods.py --reps 2 --out results/ood_methods.json
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -48,11 +50,17 @@ def run_one(label: str, args, folder: Path) -> dict:
         argv += ["--data-root", args.data_root]
     if args.threads:
         argv = ["env", f"OMP_NUM_THREADS={args.threads}"] + argv
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(argv, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"{label} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     r = json.loads(out.read_text())
-    row = {"method": label, **{k: r["cost"].get(k) for k in COLUMNS}, "dtype": r["dtype"],
+    # the whole process's CPU time (imports, load, training, scoring): unlike wall clock, little changed by other
+    # work on a shared machine
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    row = {"method": label, **{k: r["cost"].get(k) for k in COLUMNS}, "process_cpu_seconds": round(cpu, 1),
+           "wall_seconds": r.get("wall_seconds"), "dtype": r["dtype"],
            "primary_id": next(e[r["task"]["primary_metric"]] for e in r["evals"].values() if e["role"] == "in_domain"),
            "primary_ood": next((e[r["task"]["primary_metric"]] for e in r["evals"].values()
                                 if e["role"] == "out_of_domain"), None)}
@@ -86,7 +94,7 @@ def main(argv=None) -> int:
                 rows.append({"rep": rep, **run_one(label, args, Path(tmp))})
                 r = rows[-1]
                 print(f"{label:7s} rep {rep}: train {r['train_seconds']:8.2f} s  train peak {r['train_peak_memory_mib']:7.0f} MiB"
-                      f"  peak {r['peak_memory_mib']:7.0f} MiB  trainable {r['trainable_params']:>11,}  shipped "
+                      f"  peak {r['peak_memory_mib']:7.0f} MiB  process CPU {r['process_cpu_seconds']:7.1f} s  trainable {r['trainable_params']:>11,}  shipped "
                       f"{r['shipped_bytes'] / 2**20:9.3f} MiB  eval {r['eval_seconds']:6.1f} s  "
                       f"{header['task']} id {r['primary_id']:+.3f} ood {r['primary_ood'] if r['primary_ood'] is None else format(r['primary_ood'], '+.3f')}",
                       flush=True)

@@ -136,6 +136,7 @@ def test_ood_methods_benchmark_runs_each_method_in_its_own_process(toy, tiny_mod
     assert doc["cpu"] and doc["load_before"] and [r["method"] for r in doc["rows"]] == ["probe"]
     row = doc["rows"][0]
     assert row["trainable_params"] == 32 * 2 and row["shipped_bytes"] == 4 * 32 * 2  # the tiny model's head
+    assert row["process_cpu_seconds"] > 0 and row["train_seconds"] >= 0
     assert "CPU:" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         module.main(["--methods", "prob"])
