@@ -72,3 +72,16 @@ def test_a_refused_report_leaves_no_output_folder(env, capsys):
     code = main(["report", "--db", str(env.db), "--out", str(out), "--equivalence-margin", "1.5"])
     assert_one_line_error(code, capsys.readouterr().err, ["1.5"])
     assert not out.exists()
+
+
+def test_a_findings_file_the_database_names_that_has_moved_is_a_warning(env, capsys):
+    """A grid recorded `findings = "my-claims.toml"` and the file has since moved: the report is written, with one
+    warning that says the name came from the database (it was refused as if the user had typed it)."""
+    from fewtune.store import Store
+    with Store(env.db) as store:
+        store.set_meta("findings", str(env.root / "moved-away.toml"))
+    out = env.root / "report"
+    assert main(["report", "--db", str(env.db), "--out", str(out)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fewtune: warning:")]
+    assert len(warnings) == 1 and "moved-away.toml" in warnings[0] and "recorded in the database" in warnings[0]
+    assert (out / "report.md").is_file()
