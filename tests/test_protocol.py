@@ -258,3 +258,30 @@ def test_a_worker_sets_its_environment_before_torch_is_imported():
     done = subprocess.run([sys.executable, "-c", "import sys; import fewtune.grid.cell_process, fewtune.grid.protocol; "
                            "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+class _TwoAtOnce(_DiesOnce):
+    """A backend whose two cells come back in one poll (two warm workers finishing together)."""
+    def capacity(self):
+        return 2
+
+    def poll(self, timeout):
+        if len(self.jobs) < 2:
+            return []
+        done, self.jobs = self.jobs, []
+        return [(job, CellOutcome("success", result={"config_hash": job.key, "evals": {}, "cost": {}}))
+                for job in done]
+
+
+def test_results_received_with_one_the_database_refused_are_kept_too(fake, tmp_path, monkeypatch):
+    grid = load_grid(str(tmp_path / "proto.toml"))
+
+    def finish(self, key, result, owner):
+        raise sqlite3.OperationalError("disk I/O error")
+    with Store(tmp_path / "r.db") as store:
+        monkeypatch.setattr(Store, "finish", finish)
+        with pytest.raises(FewtuneError, match="disk I/O error"):
+            with Driver(_TwoAtOnce(store), store, tmp_path / "logs", "proto", echo=lambda _: None) as d:
+                d.run(grid.cells[:2])
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "logs").glob("*.outcome.json")) == \
+        sorted(c.key for c in grid.cells[:2])

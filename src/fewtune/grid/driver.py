@@ -159,8 +159,13 @@ class Driver:
                     bar.set_postfix_str(cell.describe())
                     self.backend.start(job)
                 self._check_signals()
-                for job, outcome in self.backend.poll(POLL_S if pending else 0):
-                    retry = self._settle(job, outcome, s, bar, write, on_done)
+                polled = self.backend.poll(POLL_S if pending else 0)
+                for i, (job, outcome) in enumerate(polled):
+                    try:
+                        retry = self._settle(job, outcome, s, bar, write, on_done)
+                    except BaseException:
+                        self._keep(polled[i + 1:])  # received, not yet recorded: on disk for the next grid
+                        raise
                     pending.pop(job.key, None)
                     if retry is not None:
                         pending[retry.key] = retry
@@ -195,6 +200,15 @@ class Driver:
         if claim == "busy":
             write(f"- {cell.describe()}: running in another process, skipped")
         return None
+
+    @staticmethod
+    def _keep(received: list) -> None:
+        """Successes that came back but will not be recorded by this grid (it is stopping): kept on disk, where the
+        next grid finds them (best effort: the disk may be what failed)."""
+        for job, o in received:
+            if o.status == "success" and not job.outcome_path.exists():
+                with contextlib.suppress(Exception):
+                    write_atomic(job.outcome_path, o.to_json())
 
     @staticmethod
     def _kept_outcome(job: Job) -> CellOutcome | None:
