@@ -125,7 +125,7 @@ def parse_findings(raw: dict, where: str) -> Findings:
         import difflib
         near = difflib.get_close_matches("claims", list(raw) if isinstance(raw, dict) else [], n=1, cutoff=0.6)
         hint = f" It has [[{near[0]}]]: Did you mean [[claims]]?" if near else ""
-        raise FewtuneError(f"{where}: the file has no [[claims]] list, which a findings file needs (docs/findings.md)."
+        raise FewtuneError(f"{where}: a findings file needs a [[claims]] list (docs/findings.md); this one has none."
                            + hint)
     for key in raw:
         if key not in _TOP_KEYS:
