@@ -12,17 +12,8 @@ from fewtune.cli import main
 from fewtune.config import RunConfig
 from fewtune.errors import FewtuneError
 from fewtune.findings import check_against_labels, load_findings, parse_findings
-from fewtune.findings.judge import (
-    CONTRADICTED,
-    NO_RUNS,
-    NOT_JUDGED,
-    NOT_SETTLED,
-    SUPPORTED,
-    half_width,
-    holm,
-    judge,
-    one_sided_p,
-)
+from fewtune.findings.judge import (CONTRADICTED, NO_RUNS, NOT_JUDGED, NOT_SETTLED, SUPPORTED, half_width, holm, judge,
+                                    one_sided_p)
 from fewtune.stats import metrics
 from fewtune.store import Store
 

@@ -399,6 +399,23 @@ def test_every_method_that_trains_names_its_quick_learning_rate():
     assert for_run(RunConfig(method="pbft", preset="quick", lr=3e-5), bare)["lr"] == 3e-5
 
 
+def test_cd_loss_reads_nothing_back_from_the_device_per_micro_batch(recorded, monkeypatch):
+    """cd's loss keeps its distillation sum on the device: a float() or .item() per micro-batch makes the host wait
+    for the GPU at every step. Read once, after training (the sum is then checked non-zero)."""
+    from fewtune.engine.batching import collate
+    run = recorded(Case("cd", "cd", {}))
+    loss_fn = run.method.loss(run.ctx)
+    chunk = run.items[:4]
+    batch = collate([it["ids"] for it in chunk], run.ctx.tokenizer.pad_token_id)
+    reads = []
+    for name in ("__float__", "item", "tolist"):  # (a __bool__ in the shared scorer is not the loss's own)
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
+    loss, _ = loss_fn(run.model, chunk, batch)
+    monkeypatch.undo()
+    assert reads == [] and loss.requires_grad
+
+
 # ----------------------------------------------------------------------------- probe, lpft, bitfit
 NEW = [case for case in TRAINED if case.method in ("probe", "lpft", "bitfit")]
 

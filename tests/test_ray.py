@@ -45,7 +45,7 @@ FAKE_RUNNER = textwrap.dedent('''
             from fewtune.runner import run as real_run
             return real_run(cfg, progress=progress)
         if Path(cfg.model).is_dir() and control.get("load"):  # load the model as the runner would (a warm cache)
-            from fewtune import models
+            from fewtune.engine import models
             from fewtune.tasks import load_task
             models.load_model(cfg.model, "lm", len(load_task(cfg.task).labels), False, False)
         if cfg.method in control.get("crash", []):

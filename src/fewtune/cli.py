@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import FewtuneError
 from .methods import REGISTRY, option_flags
-from .util import check_writable, json_default, write_atomic  # check_writable: also cli_grid's, through cli
+from .util import check_writable, json_default, read_text_file, write_atomic  # check_writable: cli_grid's too
 
 RUN_FIELDS = ("task", "method", "model", "shots", "seed", "train_seed", "pattern", "eval_limit", "data_root",
               "data_source", "epochs", "batch_size", "micro_batch_size", "lr", "weight_decay", "warmup_ratio",
@@ -328,9 +328,26 @@ def check_findings(name: str, spec: str | None) -> int:
         grid = load_grid(spec)
         labels = sorted({cell.label for cell in grid.cells} | set(grid.opt_in_labels))  # opt-in lists' labels too
         check_against_labels(findings, labels, f"grid {grid.name} ({grid.source})")
+        check_margins_against_tasks(findings, grid)
         print(f"  every label and glob names an option of grid {grid.name}: {', '.join(labels)}")
     print(f"ok: {findings.source} is a valid findings file")
     return 0
+
+
+def check_margins_against_tasks(findings, grid) -> None:
+    """Each claim's margin against the primary metric of every task of the grid it applies to, as the report will
+    judge it (a margin of 1.5 is possible for MCC, not for accuracy)."""
+    from .grid.grid_spec import task_name
+    from .tasks import check_margin, load_task
+    tasks = {task_name(c.config.task): c.config.task for c in grid.cells}
+    for claim in findings.claims:
+        if claim.margin is None:
+            continue
+        for name, task in tasks.items():
+            if claim.tasks is None or name in claim.tasks:
+                metric = load_task(task).primary_metric
+                check_margin(claim.margin, metric, f"{findings.source}: claim '{claim.id}': margin on task '{name}' "
+                                                   f"(scored by {metric})")
 
 
 def read_predict_input(path: str, fields: list[str]) -> list[dict]:
@@ -339,10 +356,7 @@ def read_predict_input(path: str, fields: list[str]) -> list[dict]:
         raise FewtuneError(f"--input {p} is a folder; give a file.")
     if not p.is_file():
         raise FewtuneError(f"--input {p} does not exist.")
-    try:  # utf-8-sig: a byte-order mark (Excel, Notepad) is not part of the first example
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise FewtuneError(f"--input {p} is not UTF-8 text (bad byte at offset {e.start}).") from None
+    lines = read_text_file(p, "--input").splitlines()  # a byte-order mark (Excel, Notepad) is not an example
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():

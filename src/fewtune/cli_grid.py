@@ -117,6 +117,9 @@ def cmd_grid(args) -> int:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         if not models:
             raise FewtuneError("--models needs at least one model: a bundled name, a folder or a Hub id, comma-separated.")
+        twice = next((m for i, m in enumerate(models) if m in models[:i]), None)
+        if twice is not None:  # (the spec's own `models` list is checked by load_grid, in the spec's words)
+            raise FewtuneError(f"--models lists {twice!r} twice; remove the duplicate.")
     opt_in = None
     if args.opt_in is not None:
         opt_in = [m.strip() for m in args.opt_in.split(",") if m.strip()]
@@ -169,11 +172,13 @@ def cmd_grid(args) -> int:
     if args.probe and not args.dry_run:
         raise FewtuneError("--probe goes with --dry-run (it times one cell of each kind to estimate the grid).")
     workers = args.workers if args.workers is not None else grid.workers
+    # where the number came from, for the error when the machine cannot hold it: the flag, or the spec's key
+    asked = f"{grid.source}: workers = {workers}" if args.workers is None and workers is not None else None
     use_gpu = None  # None: no plan here (Ray's [resources] decide; --in-process runs one cell at a time)
     if not on_ray and not args.in_process:
         use_gpu = any(c.config.device in ("auto", "cuda") or str(c.config.device).startswith("cuda") for c in grid.cells)
     if args.dry_run:
-        return dry_run(grid, path, backend_name, workers, use_gpu, args.probe)
+        return dry_run(grid, path, backend_name, workers, use_gpu, args.probe, cell_timeout, asked)
     plan = need = None
     if use_gpu is not None:
         from .grid.backends import visible_gpus
@@ -181,7 +186,7 @@ def cmd_grid(args) -> int:
         # on a GPU the worker's need comes from measured peaks of stored runs; on CPU it needs no stored run
         status, rows = stored_runs(path) if gpus else ({}, [])
         plan, need = worker_plan([c for c in grid.cells if status.get(c.key) != "success"] or grid.cells, rows,
-                                 workers, gpus)
+                                 workers, gpus, asked=asked)
     with Store(path) as store:
         if grid.findings is not None:  # `fewtune report` on this database judges the spec's findings by default
             from .findings import findings_ref
@@ -244,24 +249,27 @@ def stored_runs(path: Path) -> tuple[dict, list[dict]]:
         return store.statuses(), store.rows(["success"])
 
 
-def worker_plan(cells, rows: list[dict], workers: int | None, gpus, probes: dict | None = None):
+def worker_plan(cells, rows: list[dict], workers: int | None, gpus, probes: dict | None = None,
+                asked: str | None = None):
     """(the worker plan for `cells` on this machine, the memory one worker needs and where that figure came from)."""
     from .grid.backends import machine_plan
     from .grid.estimate import worker_need
     need = worker_need(cells, rows, probes, on_gpu=bool(gpus))
-    return machine_plan(workers, need.bytes, gpus=gpus), need
+    return machine_plan(workers, need.bytes, gpus=gpus, asked=asked), need
 
 
-def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: bool | None, probe: bool) -> int:
+def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: bool | None, probe: bool,
+            cell_timeout: float | None = None, asked: str | None = None) -> int:
     """List the cells and their status, and estimate the grid's time from stored timings of similar cells and, with
-    `probe`, from one real cell of each kind not yet timed (probe.py). The database is only read."""
+    `probe`, from one real cell of each kind not yet timed (probe.py; a probe past `cell_timeout` is stopped). The
+    database is only read."""
     from .grid.estimate import estimate_grid
     status, rows = stored_runs(path)
     todo = [c for c in grid.cells if status.get(c.key) != "success"]
     plan = need = None
     if use_gpu is not None:  # a --workers the machine cannot hold is refused before anything is probed
         from .grid.backends import visible_gpus
-        plan, need = worker_plan(todo or grid.cells, rows, workers, visible_gpus(use_gpu))
+        plan, need = worker_plan(todo or grid.cells, rows, workers, visible_gpus(use_gpu), asked=asked)
     for cell in grid.cells:
         print(f"{cell.key}  {status.get(cell.key, 'new'):9s}  {cell.describe()}")
     print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells, {len(todo)} to run, database {path}")
@@ -272,13 +280,13 @@ def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: b
         from .grid.probe import run_probes
         try:
             with signals_raise():  # SIGTERM too stops the probe's process and removes its folder
-                probes = run_probes(todo, rows, out=sys.stderr)
+                probes = run_probes(todo, rows, out=sys.stderr, cell_timeout_s=cell_timeout)
         except Interrupted as e:
             print(f"fewtune: dry run interrupted ({e}); nothing was written", file=sys.stderr)
             return 128 + e.signum
         if use_gpu is not None and any(p.device.startswith("cuda") for p in probes.values()):
             from .grid.backends import visible_gpus  # a probe measured a peak on the GPU: the plan follows it
-            plan, need = worker_plan(todo, rows, workers, visible_gpus(use_gpu), probes)
+            plan, need = worker_plan(todo, rows, workers, visible_gpus(use_gpu), probes, asked=asked)
     for line in estimate_grid(todo, rows, backend_name, plan.workers if plan else None, probes):
         print(line, file=sys.stderr)
     if plan is not None:
@@ -490,9 +498,16 @@ def cmd_report(args) -> int:
                                                     and 0 < args.equivalence_margin <= 2):
         raise FewtuneError(f"--equivalence-margin must be > 0 and at most the metric's range (1 for accuracy, 2 for "
                            f"MCC), got {args.equivalence_margin:g}.")
-    paths = write_report(db_path(args), out, volume=volume, max_latency_ms=args.max_latency_ms,
-                         max_retention_loss=args.max_retention_loss, margin=args.equivalence_margin,
-                         findings="auto" if default else (findings or "none"))
+    made = not out.exists()
+    try:
+        paths = write_report(db_path(args), out, volume=volume, max_latency_ms=args.max_latency_ms,
+                             max_retention_loss=args.max_retention_loss, margin=args.equivalence_margin,
+                             findings="auto" if default else (findings or "none"))
+    except BaseException:
+        if made:  # refused (or stopped) before the report was whole: the folder this command made goes with it
+            import shutil
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     print(f"report written to {paths['markdown']} and {paths['html']} (figures in {paths['figures']})")
     return 0
 

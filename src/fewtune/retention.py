@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import FewtuneError
+from .util import read_text_file
 
 DEFAULT = "mnli-premises"
 OFF = "off"
@@ -65,12 +66,7 @@ def read_file(spec: str) -> list[str]:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise FewtuneError(f"retention: text file {path} does not exist (retention = a file, \"{DEFAULT}\" or \"{OFF}\").")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise FewtuneError(f"retention: {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
-    except OSError as e:
-        raise FewtuneError(f"retention: {path} cannot be read ({e.strerror or e}).") from None
+    text = read_text_file(path, "retention: text file (--retention-text)")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -19,19 +19,13 @@ import numpy as np
 import torch
 
 from ..errors import FewtuneError
-from .batching import PACK_ROW_TOKENS, collate, collate_packed, length_batches, scoring_token_budget, token_batches  # noqa: F401
+from .batching import (PACK_ROW_TOKENS, collate, collate_packed, length_batches,  # noqa: F401
+                       scoring_token_budget, token_batches)
 from .devices import autocast, speedups_enabled
 from .models import text_config
-from .prefix_attention import (
-    SHARED_PREFIX_ATTENTION,
-    SHARED_PREFIX_MODEL_TYPES,
-    PrefixCache,
-    attention_implementation,
-    query_mask,
-    register_shared_prefix_attention,
-    shared_prefix_path,
-    supports_prefix_cache,
-)
+from .prefix_attention import (SHARED_PREFIX_ATTENTION, SHARED_PREFIX_MODEL_TYPES, PrefixCache,
+                               attention_implementation, query_mask, register_shared_prefix_attention,
+                               shared_prefix_path, supports_prefix_cache)
 
 
 # ----------------------------------------------------------------------------- the forward pass to class scores

@@ -177,7 +177,15 @@ def check_resolvable(spec: str) -> None:
         if not (cached / "config.json").exists() and bundled_gguf(b) is None:
             raise FewtuneError(f"Bundled model '{spec}' is not installed: {b.install}.")
         return
-    resolve(spec)
+    folder = Path(resolve(spec))
+    config = folder / "config.json"
+    if config.is_file():  # a Hub id resolves to itself: its config is read when a cell loads it
+        import json
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise FewtuneError(f"Model folder {folder}: {config.name} is not valid JSON ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:120]}).") from None
 
 
 # --- where the runner's model comes from

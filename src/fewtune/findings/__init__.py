@@ -82,8 +82,13 @@ def matches(pattern: str, label: str) -> bool:
 
 
 def is_findings(raw: dict) -> bool:
-    """A parsed TOML file is a findings file when it has a [[claims]] list (task files and grid specs have none)."""
-    return isinstance(raw, dict) and "claims" in raw
+    """A parsed TOML file is a findings file when it has a [[claims]] list (task files and grid specs have none), or
+    a list of tables whose name is close to it ([[claim]]: a findings file with a typo, told so, not read as a task)."""
+    if not isinstance(raw, dict):
+        return False
+    import difflib
+    return "claims" in raw or any(isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+                                  and difflib.get_close_matches("claims", [k], cutoff=0.8) for k, v in raw.items())
 
 
 def load_findings(spec: str | Path) -> Findings:
@@ -119,7 +124,11 @@ def _read(spec) -> tuple[str, str]:
 def parse_findings(raw: dict, where: str) -> Findings:
     """Validate a parsed findings file; every error names the file and the claim."""
     if not isinstance(raw, dict) or "claims" not in raw:
-        raise FewtuneError(f"{where}: a findings file needs a [[claims]] list (docs/findings.md).")
+        import difflib
+        near = difflib.get_close_matches("claims", list(raw) if isinstance(raw, dict) else [], n=1, cutoff=0.6)
+        hint = f" It has [[{near[0]}]]: Did you mean [[claims]]?" if near else ""
+        raise FewtuneError(f"{where}: a findings file needs a [[claims]] list (docs/findings.md); this one has none."
+                           + hint)
     for key in raw:
         if key not in _TOP_KEYS:
             raise FewtuneError(f"{where}: unknown key '{key}'.{did_you_mean(key, sorted(_TOP_KEYS))} "

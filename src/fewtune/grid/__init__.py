@@ -17,7 +17,8 @@ import importlib
 _NAMES = {
     "fewtune.grid.backends": ("BACKENDS", "InlineBackend", "Job", "Outcome", "ProcessBackend", "WarmBackend",
                               "WorkerPlan"),
-    "fewtune.grid.cell_process": ("configure_cell_process", "resolve_runner", "run_config", "watch_parent"),
+    "fewtune.grid.cell_process": ("configure_cell_process", "import_runner", "run_request", "watch_parent"),
+    "fewtune.grid.protocol": ("CellOutcome", "CellRequest", "DEFAULT_RUNNER"),
     "fewtune.grid.driver": ("Driver", "Interrupted", "Summary", "brief", "run_grid", "signals_raise"),
     "fewtune.grid.grid_spec": ("GRID_KEYS", "MAX_CELLS", "RUNNER_ENV", "Cell", "Grid", "check_max_retries",
                                "check_models", "check_workers_key", "expand", "load_grid", "preset_names"),

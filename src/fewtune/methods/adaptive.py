@@ -104,8 +104,8 @@ class Adaptive(Method):
         k = self._depth - self.opts.train_layers
         model.eval()
         with torch.no_grad(), autocast(ctx.dtype, ctx.device):
-            for start in range(0, len(items), ctx.config.eval_batch_size):
-                chunk = items[start:start + ctx.config.eval_batch_size]
+            for start in range(0, len(items), ctx.config.scoring_rows):
+                chunk = items[start:start + ctx.config.scoring_rows]
                 batch = collate([it["ids"] for it in chunk], ctx.tokenizer.pad_token_id, device=ctx.device)
                 hidden = model(**batch, output_hidden_states=True).hidden_states[k]
                 for i, it in enumerate(chunk):

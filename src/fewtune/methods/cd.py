@@ -69,7 +69,9 @@ class ContextDistillation(Method):
     def __init__(self, options):
         super().__init__(options)
         self.teacher_calls = 0  # examples the teacher has scored (tests check: once per training example)
-        self.distill_loss_sum = 0.0  # the distillation term summed over training: after_train checks it moved
+        # the distillation term summed over training, kept on the device (a float() per micro-batch would make the
+        # host wait for the GPU every step); read once, in after_train, which checks it moved
+        self.distill_loss_sum = 0.0
 
     @property
     def defaults(self):
@@ -142,14 +144,14 @@ class ContextDistillation(Method):
         base = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         with base:
             out = engine.score(model, ctx.tokenizer, queries, ctx.label_ids, ctx.device, ctx.dtype,
-                        batch_size=ctx.config.eval_batch_size, prefix_ids=prefix_ids)
+                        batch_size=ctx.config.scoring_rows, prefix_ids=prefix_ids)
         self.teacher_calls += len(queries)
         # The distillation term must not be zero: if the teacher's outputs equal the student's (no context,
         # or a context that changes nothing), distillation silently degenerates into plain pbft.
         # Checked on the first 8 examples only: an exactly zero KL there already means the context is inert.
         n_check = min(8, len(seqs))
         student = engine.score(model, ctx.tokenizer, seqs[:n_check], ctx.label_ids, ctx.device, ctx.dtype,
-                        batch_size=ctx.config.eval_batch_size)
+                        batch_size=ctx.config.scoring_rows)
         T = float(self.opts.temperature)
         t_logp = torch.log_softmax(torch.tensor(out.logits[:n_check]) / T, -1)
         s_logp = torch.log_softmax(torch.tensor(student.logits) / T, -1)
@@ -173,12 +175,13 @@ class ContextDistillation(Method):
             kl = torch.nn.functional.kl_div(torch.log_softmax(logits / T, -1), torch.log_softmax(teacher / T, -1),
                                             log_target=True, reduction="batchmean")
             ce = torch.nn.functional.cross_entropy(logits, labels)
-            self.distill_loss_sum += float(kl.detach())
-            ctx.info["distill_loss_sum"] = self.distill_loss_sum
+            self.distill_loss_sum = self.distill_loss_sum + kl.detach()
             return alpha * T * T * kl + (1 - alpha) * ce, logits
         return loss_fn
 
     def after_train(self, ctx):
+        self.distill_loss_sum = float(self.distill_loss_sum)
+        ctx.info["distill_loss_sum"] = self.distill_loss_sum
         if self.opts.alpha > 0 and self.distill_loss_sum <= 0.0:
             raise FewtuneError("cd: the distillation term was zero throughout training.")
 

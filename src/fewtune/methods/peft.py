@@ -10,6 +10,7 @@ Target modules default to peft's own per-architecture table, else every Linear i
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -155,6 +156,13 @@ class PeftOptions(ObjectiveOptions):
             if key in hints and not matches(value, hints[key]):
                 raise FewtuneError(f"peft: {cls.__name__} field '{key}' must be {type_text(hints[key])}, got "
                                    f"{value!r:.60} ({type(value).__name__}).")
+            # ranges, not only types: peft builds no dropout for p <= 0 (nan is silently none) and stores a bare NaN
+            # in the config, which strict JSON readers of the result then refuse
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FewtuneError(f"peft: --peft-option {key}={value}: must be a finite number.")
+            if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and not 0 <= value < 1:
+                raise FewtuneError(f"peft: --peft-option {key}={value}: a dropout probability must be in [0, 1).")
         missing = [k for k in REQUIRED.get(self.peft_type, ()) if self.fields.get(k) in (None, [], "")]
         if missing:
             raise FewtuneError(f"peft: {self.peft_type} needs option(s) {', '.join(missing)} "

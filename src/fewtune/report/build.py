@@ -15,22 +15,8 @@ from ..stats import claims
 from ..tasks import check_margin
 from . import budget, figures, use
 from . import findings as findings_section
-from .data import (
-    METRIC_NAMES,
-    flat_row,
-    group_runs,
-    measured_alike,
-    mib,
-    model_order,
-    num,
-    params,
-    pct,
-    scale_for,
-    seconds,
-    signed,
-    size,
-    with_interval,
-)
+from .data import (METRIC_NAMES, flat_row, group_runs, measured_alike, mib, model_order, num, params, pct, scale_for,
+                   seconds, signed, size, with_interval)
 from .render import Doc
 
 

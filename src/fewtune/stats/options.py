@@ -90,7 +90,8 @@ def measured_as(row: dict) -> dict[str, str]:
     else:
         company = "alone" if shared == 0 else f"beside {shared} other cell{'s' if shared > 1 else ''}"
     batching = cost.get("eval_batching")
-    batch = (f"scoring batches of {cost.get('eval_batch_size')} rows" if batching == "rows" else
+    rows = cost.get("eval_max_batch_rows", cost.get("eval_batch_size"))  # (its name in results recorded before)
+    batch = (f"scoring batches of {rows} rows" if batching == "rows" else
              f"scoring batches of {batching.split(':', 1)[1]} tokens" if batching else "scoring batch unrecorded")
     warm = backend in ("warm", "ray-warm")
     if gpu:  # CUDA's max allocated: a warm template kept on the GPU is in it
