@@ -191,7 +191,7 @@ class Probe(Method):
         """Fit the head on the sample's representations and put it in the model: (the fit, seconds)."""
         t0 = time.perf_counter()
         feats = representations(model, ctx.tokenizer, [it["ids"] for it in items], self.opts.pooling, ctx.device,
-                                ctx.dtype, ctx.config.eval_batch_size)
+                                ctx.dtype, ctx.config.scoring_rows)
         self.representation_calls += len(items)
         t_solve = time.perf_counter()
         fit = solve(feats, [it["label"] for it in items], len(ctx.task.labels), self.opts.c, self.opts.max_iter,
