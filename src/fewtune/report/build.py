@@ -355,12 +355,13 @@ def which_method(doc: Doc, groups: list[dict], judged, opts: ReportOptions, cach
     volume, max_latency_ms, max_retention_loss = opts.volume, opts.max_latency_ms, opts.max_retention_loss
     margin = opts.margin
     doc.heading(2, "Which method for which budget")
-    doc.para("The verdict of each family first (the same claims as the tables above), then, for each budget, the "
-             "option with the highest estimate among those that fit, and the options that fit and are not shown "
-             "different from it (pairs read from the same family-wise intervals: no new claims). Budget levels are "
-             "the costs at which a better option becomes affordable (the Pareto front); costs within the "
-             "run-to-run variation measured for that cost count as equal. Labelled examples count what a run "
-             "used (icl: the demonstrations that fit the context).", note=True)
+    doc.details("How the budgets are read",
+                "The verdict of each family first (the same claims as the tables above), then, for each budget, the "
+                "option with the highest estimate among those that fit, and the options that fit and are not shown "
+                "different from it (pairs read from the same family-wise intervals: no new claims). Budget levels are "
+                "the costs at which a better option becomes affordable (the Pareto front); costs within the "
+                "run-to-run variation measured for that cost count as equal. Labelled examples count what a run "
+                "used (icl: the demonstrations that fit the context).")
     if volume or max_latency_ms or max_retention_loss is not None:
         doc.para("Use: " + "; ".join(x for x in (
             f"the budgets include training plus {volume:,.0f} predictions" if volume else "",
