@@ -3,8 +3,8 @@
     python scripts/check_report.py results/report/report.html [--screenshot first-screen.png]
 
 Checks: the first verdict box and its interval plot lie inside the first viewport; no element reaches past the
-page's width except inside a table's own scroll container (and the page itself does not scroll sideways); every
-image has loaded; the page asked for nothing but its own file (no network, no other file); a click on a column
+page's width except inside a table's own scroll container (and the page itself does not scroll sideways); a table
+wider than its container keeps its first column in view when scrolled to its end; every image has loaded; the page asked for nothing but its own file (no network, no other file); a click on a column
 header sorts that table. Prints one line per check and exits 1 when any failed. tests/test_report_browser.py runs
 it on a synthetic report.
 
@@ -45,6 +45,18 @@ FACTS_JS = """() => {
           broken: [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt.slice(0, 60)),
           tables: document.querySelectorAll("table").length,
           unscrolled: [...document.querySelectorAll("table")].filter(t => !t.closest(".scroll")).length};
+}"""
+
+# Scroll every table wider than its box to its right end: its first column must stay at the box's left edge.
+STICKY_JS = """() => {
+  const wide = [...document.querySelectorAll(".scroll")].filter(el => el.scrollWidth > el.clientWidth + 1);
+  const lost = wide.filter(el => {
+    el.scrollLeft = el.scrollWidth;
+    const gap = Math.abs(el.querySelector("th").getBoundingClientRect().left - el.getBoundingClientRect().left);
+    el.scrollLeft = 0;
+    return gap > 2;
+  }).map(el => el.querySelector("th").textContent);
+  return {wide: wide.length, lost};
 }"""
 
 # Click the header of the first column whose cells are all numbers, twice; read the column after each click.
@@ -110,6 +122,7 @@ def check(context, html: Path, screenshot: Path | None = None) -> dict:
     facts = page.evaluate(FACTS_JS)
     if screenshot is not None:
         page.screenshot(path=str(screenshot))
+    sticky = page.evaluate(STICKY_JS)
     sort = page.evaluate(SORT_JS)
     page.close()
     failures = []
@@ -127,13 +140,16 @@ def check(context, html: Path, screenshot: Path | None = None) -> dict:
                         + "; ".join(facts["overflowing"][:5]))
     if facts["unscrolled"]:
         failures.append(f"{facts['unscrolled']} table(s) outside a scroll container")
+    if sticky["lost"]:
+        failures.append(f"{len(sticky['lost'])} wide table(s) lose their first column when scrolled: "
+                        + "; ".join(sticky["lost"][:3]))
     if facts["broken"]:
         failures.append(f"{len(facts['broken'])} image(s) did not load: " + "; ".join(facts["broken"][:3]))
     if requests:
         failures.append(f"{len(requests)} request(s) besides the file itself: " + "; ".join(requests[:3]))
     if sort is not None and (sort["up"] != sorted(sort["up"]) or sort["down"] != sorted(sort["down"], reverse=True)):
         failures.append(f"clicking '{sort['header']}' did not sort its column: {sort['up']} / {sort['down']}")
-    return {"facts": facts, "sorted": sort, "requests": requests, "failures": failures}
+    return {"facts": facts, "sticky": sticky, "sorted": sort, "requests": requests, "failures": failures}
 
 
 def summary(result: dict) -> list[str]:
@@ -143,6 +159,8 @@ def summary(result: dict) -> list[str]:
              f"first verdict box: {pos(f['box'])}; its text: {pos(f['verdict'])}; its interval plot: {pos(f['plot'])}",
              f"images: {f['images']}, not loaded: {len(f['broken'])}; tables: {f['tables']}, outside a scroll "
              f"container: {f['unscrolled']}; elements past the page's width outside one: {len(f['overflowing'])}",
+             f"tables wider than their scroll box: {result['sticky']['wide']}, first column lost when scrolled: "
+             f"{len(result['sticky']['lost'])}",
              f"requests besides the file: {len(result['requests'])}",
              "sorting: " + (f"'{result['sorted']['header']}' ascending then descending" if result["sorted"]
                             else "no numeric column to try")]

@@ -103,13 +103,15 @@ def test_one_seed_report_renders_in_chromium(browser, tmp_path):
 
 
 def test_the_check_catches_what_it_checks(browser, tmp_path):
-    """A page without a verdict box, with a wide table outside a scroll container and an image from the network:
-    every one of those is reported (the check can fail)."""
+    """A page without a verdict box, with a wide table outside a scroll container, one inside whose first column
+    scrolls away, and an image from the network: every one of those is reported (the check can fail)."""
     page = tmp_path / "bad.html"
-    cells = "".join(f"<td>{'x' * 40}</td>" for _ in range(60))
+    cells = "".join(f"<th>{'x' * 40}</th>" for _ in range(60))
     page.write_text(f'<!DOCTYPE html><html><body><table><tr>{cells}</tr></table>'
+                    f'<div class="scroll" style="overflow-x: auto"><table><tr>{cells}</tr></table></div>'
                     '<img alt="remote" src="http://192.0.2.1/figure.png"></body></html>')
     failures = " | ".join(check_report.check(browser, page)["failures"])
     for expected in ("no verdict in the first verdict box", "the page scrolls sideways", "outside a scroll container",
-                     "image(s) did not load", "request(s) besides the file itself"):
+                     "lose their first column when scrolled", "image(s) did not load",
+                     "request(s) besides the file itself"):
         assert expected in failures, failures

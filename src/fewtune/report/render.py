@@ -3,7 +3,8 @@ that links the figure files, and one self-contained HTML file with the SVG figur
 Both renderings print the same strings, so report.md and report.html cannot disagree.
 
 The HTML is laid out for a 1280 px laptop screen: the verdict boxes first, each table in its own horizontal scroll
-container with its first column kept in view, long texts wrapping, and columns sorted by a click (a few lines of
+container with its first column kept in view, cells wrapping between words (an interval stays whole), and columns
+sorted by a click (a few lines of
 inline JavaScript: the file loads nothing from anywhere).
 """
 
@@ -21,13 +22,13 @@ h1 { border-bottom: 2px solid #444; margin: 0.2em 0; font-size: 1.7em; }
 h2 { border-bottom: 1px solid #bbb; margin-top: 2em; }
 .scroll { overflow-x: auto; max-width: 100%; margin: 0.3em 0 1em; }
 table { border-collapse: separate; border-spacing: 0; font-size: 0.85em; }
-th, td { border: 1px solid #ccc; border-width: 0 1px 1px 0; padding: 3px 7px; text-align: right;
-         white-space: nowrap; background: #fff; }
+th, td { border: 1px solid #ccc; border-width: 0 1px 1px 0; padding: 3px 5px; text-align: right;
+         background: #fff; }
 tr > :first-child { border-left-width: 1px; } thead th { border-top-width: 1px; }
-th { background: #f0f0f0; white-space: normal; min-width: 3.5em; vertical-align: bottom; cursor: pointer; }
+th { background: #f0f0f0; vertical-align: bottom; cursor: pointer; }
 th[aria-sort=ascending]::after { content: " ▲"; } th[aria-sort=descending]::after { content: " ▼"; }
-td:first-child, th:first-child { text-align: left; position: sticky; left: 0; z-index: 1; }
-td.text { text-align: left; } td.long { white-space: normal; min-width: 22em; text-align: left; }
+td:first-child, th:first-child { text-align: left; position: sticky; left: 0; z-index: 1; white-space: nowrap; }
+td.text { text-align: left; min-width: 6.5em; } td.long { min-width: 16em; text-align: left; }
 tbody tr:nth-child(even) td { background: #fafafa; }
 .tcap { font-size: 0.85em; margin: 1em 0 0; }
 figure { margin: 1em 0; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
@@ -60,7 +61,8 @@ document.querySelectorAll("table.sortable").forEach(t => t.tHead.querySelectorAl
   });
 }));
 """
-LONG = 60  # characters: a cell longer than this wraps (a sentence, a list of options), the others stay on one line
+LONG = 60  # characters: a cell longer than this (a sentence, a list of options) gets a wider column to wrap in
+BRACKETS = re.compile(r"\[[^\]]{0,40}\]|\([^)]{0,20}\)")  # an interval, "(32 shots)": never broken inside
 NUMBER = re.compile(r"^(?:[-+≤]?\s?[0-9.,]|–$)")  # a cell that starts as a number (or is empty): right-aligned
 
 
@@ -147,7 +149,7 @@ def html_table(headers: list[str], rows: list[list[str]], caption: str | None) -
     e = html.escape
 
     def cell(c) -> str:
-        text = str(c)
+        text = BRACKETS.sub(lambda m: m.group(0).replace(" ", "\u00a0"), str(c))
         kind = "long" if len(text) > LONG else "" if NUMBER.match(text) else "text"
         return f'<td class="{kind}">{e(text)}</td>' if kind else f"<td>{e(text)}</td>"
     parts = [f'<p class="tcap"><b>{e(caption)}</b></p>'] if caption else []
