@@ -1,6 +1,8 @@
 """The report's first screen: for every family (model × task × split) a box with the verdict, and the interval plot
 the verdict rests on. Formatting only: every claim is the family's verdict (fewtune.claims.view, fitted once per
-report), and `plotted` is the one function that reads the Verdict's fields."""
+report). Of the Verdict this module reads best, candidates, worse, equivalent_to_best, margin, level, reason and
+vs_best (option -> its Comparison with the best, whose diff is best − option with the simultaneous interval the
+verdict uses); `plotted` turns them into one row per option, which the box's sentences and the plot read."""
 
 from __future__ import annotations
 
