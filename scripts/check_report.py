@@ -4,8 +4,8 @@
 
 Checks: the first verdict box and its interval plot lie inside the first viewport; no element reaches past the
 page's width except inside a table's own scroll container (and the page itself does not scroll sideways); a table
-wider than its container keeps its first column in view when scrolled to its end; every image has loaded; the page asked for nothing but its own file (no network, no other file); a click on a column
-header sorts that table. Prints one line per check and exits 1 when any failed. tests/test_report_browser.py runs
+wider than its container keeps its first column in view when scrolled to its end; every image has loaded; the page
+asked for nothing but its own file (no network, no other file); a click on a column header sorts that table. Prints one line per check and exits 1 when any failed. tests/test_report_browser.py runs
 it on a synthetic report.
 
 Needs Python's `playwright` (the pinned wheel of pyproject's test extra) and a Chromium binary (Debian: `apt-get
@@ -154,7 +154,8 @@ def check(context, html: Path, screenshot: Path | None = None) -> dict:
 
 def summary(result: dict) -> list[str]:
     f = result["facts"]
-    pos = lambda r: "none" if r is None else f"top {r['top']:.0f}, bottom {r['bottom']:.0f}, right {r['right']:.0f}"  # noqa: E731
+    def pos(r) -> str:
+        return "none" if r is None else f"top {r['top']:.0f}, bottom {r['bottom']:.0f}, right {r['right']:.0f}"
     lines = [f"viewport {f['width']}×{f['height']}; page {f['page_width']} px wide",
              f"first verdict box: {pos(f['box'])}; its text: {pos(f['verdict'])}; its interval plot: {pos(f['plot'])}",
              f"images: {f['images']}, not loaded: {len(f['broken'])}; tables: {f['tables']}, outside a scroll "

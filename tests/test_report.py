@@ -52,7 +52,8 @@ def synthetic_result(cfg: RunConfig, label: str, rng, spec: tuple | None = None)
     for role, split in zip(("in_domain", "out_of_domain"), SPLITS[cfg.task]):
         gold = gold_of(cfg.task, split)
         ease = np.random.default_rng(len(split)).normal(0, 1.0, N)
-        acc = base + 0.02 * (SHOTS.index(cfg.shots) if cfg.shots in SHOTS else 0) - (0.1 if role == "out_of_domain" else 0) + rng.normal(0, 0.01)
+        acc = (base + 0.02 * (SHOTS.index(cfg.shots) if cfg.shots in SHOTS else 0)
+               - (0.1 if role == "out_of_domain" else 0) + rng.normal(0, 0.01))
         p = 1 / (1 + np.exp(-(np.log(acc / (1 - acc)) + 1.2 * ease)))
         correct = rng.random(N) < p
         pred = np.where(correct, gold, 1 - gold)
@@ -195,7 +196,8 @@ def test_score_tables_are_the_paired_statistics_of_the_stored_predictions(db, re
                     assert line[col["ID verdict"]] == expected
                 majority = np.full_like(preds, np.bincount(gold).argmax())
                 vm = stats.estimate(gold, preds, majority, 2, metric, confidence=1 - 0.05 / fam.looks / len(fam.options))
-                assert line[col["ID > majority?"]] == ("yes" if vm.lo > 0 else ("no (worse)" if vm.hi < 0 else "not shown"))
+                assert line[col["ID > majority?"]] == ("yes" if vm.lo > 0 else
+                                                       "no (worse)" if vm.hi < 0 else "not shown")
                 ogold, opreds = stored(db, task, model, label, shots, ood)
                 assert line[col[f"OOD {name} [95% CI]"]] == fmt(stats.estimate(ogold, opreds, None, 2, metric), metric)
                 checked += 1
@@ -458,7 +460,8 @@ def test_the_first_box_says_what_is_missing_in_one_line(tmp_path, capsys, case, 
             store.claim(cfg)
             store.fail(cfg.hash(), "RuntimeError: nothing worked")
     else:
-        store_options(path, ["pbft"] if case == "one option" else ["icl", "pbft"], (0, 1) if case == "one option" else (0,))
+        one_option = case == "one option"
+        store_options(path, ["pbft"] if one_option else ["icl", "pbft"], (0, 1) if one_option else (0,))
     assert main(["report", "--db", str(path), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     html = (tmp_path / "rep" / "report.html").read_text()

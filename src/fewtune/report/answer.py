@@ -26,7 +26,7 @@ class Plotted:
     """One option as the box and the interval plot show it."""
     name: str
     kind: str                                       # best, highest, worse, equivalent, open, not judged
-    vs_best: tuple[float, float, float] | None      # option − best: value, lo, hi (the best: 0, 0, 0; None: not judged)
+    vs_best: tuple[float, float, float] | None      # option − best: value, lo, hi (the best: 0s; None: not judged)
     own: Estimate | None                            # the option's own value and 95% interval
     seeds: tuple[float, ...]                        # its per-seed values, as stored
     floor: str                                      # against the majority class: beats, worse, not shown, not judged
