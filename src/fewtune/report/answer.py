@@ -138,16 +138,15 @@ def figure(rows: list[Plotted], fv: claims.FamilyView, task: str, model: str, fi
 
 
 def section(doc: Doc, groups: list[dict], judged, per_seed: dict[str, dict], fig_dir: Path, views) -> None:
-    """One box per family, in the report's order of tasks and models; `views(gs, prefixes)` is the report's
-    family_views (each family fitted once)."""
+    """One box per family, in the report's order of tasks and models; `views(gs)`: the verdicts of one task × model's
+    options by split (the report's family_views: each family fitted once)."""
     if not groups:
         doc.box("NO RESULTS", "nothing to compare", [NO_RESULTS])
         return
     what = ("The study's findings" if judged.findings.shipped else "Your findings") if judged else ""
     for task, model in model_order(groups):
         gs = [g for g in groups if g["task"] == task and g["model"] == model]
-        prefixes = ("id", "ood") if any(g.get("ood_split") for g in gs) else ("id",)
-        for prefix, fv in views(gs, prefixes).items():
+        for prefix, fv in views(gs).items():
             rows = plotted(fv, per_seed)
             title = f"{task} / {model} · {claims.where_text(prefix)}"
             if not rows:

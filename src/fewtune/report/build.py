@@ -217,7 +217,7 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
     judged, default = judge_findings(groups, opts.findings)
     views = {}  # each family's verdict, fitted once for every section that reads it
     answer.section(doc, groups, judged, {f["config_hash"]: f for f in flat}, fig_dir,
-                   lambda gs, pre: family_views(gs, pre, opts.margin, views))
+                   lambda gs: family_views(gs, prefixes_of(gs), opts.margin, views))
     method_notes(doc)
     if judged is not None:
         findings_section.section(doc, judged, default)
