@@ -624,3 +624,32 @@ def test_results_csv_has_every_rows_columns(tmp_path, capsys):
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {r["label"]: r["demonstrations_dropped"] for r in rows} == {"pbft": "", "icl": "3"}
     assert all(r["measured_time"] and r["measured_memory"] for r in rows)
+
+
+def test_first_screen_reads_only_the_verdicts_named_fields(tmp_path, monkeypatch):
+    """The box and the interval plot read of a Verdict only best, candidates, worse, equivalent_to_best, margin,
+    level, reason and vs_best[o].diff (value, lo, hi: best − o): a verdict with nothing else plugs in."""
+    from types import SimpleNamespace as NS
+    from fewtune import claims
+    from fewtune.report import answer
+    diff = lambda v, lo, hi: NS(diff=NS(value=v, lo=lo, hi=hi))  # noqa: E731
+    verdict = NS(best="a", candidates=["a", "b", "c"], worse={"d": "a"}, equivalent_to_best=["c"], margin=0.05,
+                 level=0.99, reason="", vs_best={"b": diff(0.10, -0.02, 0.22), "c": diff(0.01, -0.03, 0.04),
+                                                 "d": diff(0.30, 0.12, 0.48)})
+    est = lambda v: stats.Estimate(v, v - 0.1, v + 0.1, 0.05, 2, 3, 200, 0, 0)  # noqa: E731
+    groups = {n: {"label": n, "shots": 8, "runs": [], "id_primary": est(v), "id_split": "dev", "id_majority": 0.0,
+                  "id_majority_label": "acceptable"} for n, v in (("d", 0.1), ("b", 0.3), ("a", 0.4), ("c", 0.39))}
+    floor = {n: stats.Estimate(0, lo, lo + 0.2, 0, 2, 3, 200, 0, 0) for n, lo in (("a", 0.1), ("b", -0.1), ("c", 0.05),
+                                                                                 ("d", -0.3))}
+    fv = claims.FamilyView("id", "mcc", verdict, groups, [], floor, 527)
+    monkeypatch.setattr(claims, "what_it_takes", lambda fv, o: f"(what it takes for {o})")
+    rows = answer.plotted(fv, {})
+    assert [(r.name, r.kind) for r in rows] == [("a", "highest"), ("c", "equivalent"), ("b", "open"), ("d", "worse")]
+    assert rows[2].vs_best == (-0.10, -0.22, 0.02) and rows[0].vs_best == (0.0, 0.0, 0.0)
+    assert [r.floor for r in rows] == ["beats", "beats", "not shown", "worse"]  # d: [-0.3, -0.1]
+    lines = answer.verdict_lines(fv, rows, None, "")
+    assert lines == ["3 options may be the best: a, MCC 0.400 [0.300, 0.500] (highest estimate); c, b.",
+                     "Shown worse than a: d.", "Shown to beat the majority-class floor (MCC > 0): a, c.",
+                     "Equivalent to the best within ±0.050: c.", "To settle a vs b: (what it takes for b)"]
+    name, caption, alt = answer.figure(rows, fv, "cola", "m", tmp_path)
+    assert (tmp_path / f"{name}.svg").is_file() and "99.0% interval" in alt and "still open" in caption
