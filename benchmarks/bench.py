@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewtune import batching, devices, engine, models, record
+from fewtune import record
 from fewtune.config import RunConfig
 from fewtune.data import load_split
+from fewtune.engine import batching, devices, engine, models
 from fewtune.methods import RunContext, get_method
 from fewtune.tasks import load_task
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fewtune import batching, devices, engine, models
+from fewtune.engine import batching, devices, engine, models
 
 
 def build(config_dir: Path, tiny: bool, device):

@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fewtune.backends import ProcessBackend, WarmBackend, WorkerPlan, machine_plan, model_need_bytes
-from fewtune.driver import run_grid
-from fewtune.grid_spec import Grid, expand, load_grid
+from fewtune.grid.backends import ProcessBackend, WarmBackend, WorkerPlan, machine_plan, model_need_bytes
+from fewtune.grid.driver import run_grid
+from fewtune.grid.grid_spec import Grid, expand, load_grid
 from fewtune.store import Store
 
 MINI = {  # every method once, tiny sizes: what a cell costs besides its arithmetic

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(__file__))
 from bench import ft_batches, mnli_icl_inputs  # noqa: E402
 
-from fewtune import devices, engine, models  # noqa: E402
+from fewtune.engine import devices, engine, models  # noqa: E402
 
 
 def main(argv=None):

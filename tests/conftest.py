@@ -39,7 +39,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tokenizer():
     """The bundled model's real tokenizer (first use converts the GGUF into the cache, ~25 s)."""
-    from fewtune import models
+    from fewtune.engine import models
     return models.load_tokenizer("smollm2-135m")
 
 
@@ -195,7 +195,8 @@ class RecordedRun:
 
 def record_run(cfg, save_model=None) -> RecordedRun:
     """Run `cfg` through `fewtune.runner.run`, keeping references and weight snapshots."""
-    from fewtune import batching, engine, models, runner
+    from fewtune import runner
+    from fewtune.engine import batching, engine, models
 
     rec = RecordedRun(saved=Path(save_model) if save_model else None)
     real_train, real_score, real_load, real_get_method = engine.train, engine.score, models.load_model, runner.get_method

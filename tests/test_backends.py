@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from fewtune.backends import GpuInfo, WarmBackend, WorkerPlan, plan_workers
 from fewtune.cli import main
-from fewtune.driver import run_grid
 from fewtune.errors import FewtuneError
-from fewtune.grid_spec import load_grid
+from fewtune.grid.backends import GpuInfo, WarmBackend, WorkerPlan, plan_workers
+from fewtune.grid.driver import run_grid
+from fewtune.grid.grid_spec import load_grid
 from fewtune.store import Store
 
 FAKE_RUNNER = textwrap.dedent('''
@@ -259,7 +259,7 @@ def test_dry_run_estimates_from_stored_timings_of_similar_cells(fake, tmp_path, 
     def timed(cfg, progress=False):
         return {"config": cfg.to_dict(), "evals": {}, "versions": {}, "wall_seconds": 100.0,
                 "cost": {"load_seconds": 10.0}}
-    from fewtune.grid_spec import Grid
+    from fewtune.grid.grid_spec import Grid
     with Store(tmp_path / "r.db") as store:
         run_grid(Grid("tiny", "t", cells=[c for c in grid.cells if c.config.seed == 0]), store, tmp_path / "logs",
                  runner=timed, progress=False, echo=lambda _: None)

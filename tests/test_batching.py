@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from fewtune import batching, engine
+from fewtune.engine import batching, engine
 
 
 def test_token_batches_cover_every_index_once_within_the_budget():
@@ -24,10 +24,13 @@ def test_token_batches_cover_every_index_once_within_the_budget():
     assert [5000] in [[lengths[i] for i in b] for b in batches]
 
 
-def test_the_token_budget_is_for_cuda_at_the_default_batch_size():
-    assert batching.scoring_token_budget(torch.device("cuda"), 16) == batching.CUDA_TOKEN_BUDGET
+def test_the_token_budget_is_for_cuda_when_no_batch_size_is_given():
+    from fewtune.config import RunConfig
+    assert batching.scoring_token_budget(torch.device("cuda"), None) == batching.CUDA_TOKEN_BUDGET
+    assert batching.scoring_token_budget(torch.device("cuda"), 16) is None   # --eval-batch-size 16 asked: 16 rows
     assert batching.scoring_token_budget(torch.device("cuda"), 64) is None   # asked for a size: kept
-    assert batching.scoring_token_budget(torch.device("cpu"), 16) is None    # CPUs keep 16 rows
+    assert batching.scoring_token_budget(torch.device("cpu"), None) is None  # CPUs keep 16 rows
+    assert RunConfig().scoring_rows == 16 and RunConfig(eval_batch_size=16).eval_batch_size == 16
 
 
 def test_scoring_by_token_budget_gives_the_same_logits(tiny_lm, tokenizer):

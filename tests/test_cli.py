@@ -279,3 +279,20 @@ def test_icl_save_model_keeps_the_demonstrations(toy, tiny_model_dir, tmp_path):
     preds = saving.predict(saved, rows, "cpu")
     probs = np.array([[p["probabilities"][k] for k in ("negative", "positive")] for p in preds])
     assert np.allclose(probs, np.exp(np.array(stored["logprobs"])), atol=1e-4)
+
+
+@pytest.mark.parametrize("argv", [["report", "--help"], ["results"], ["report"], ["ls", "tasks"], ["ls", "models"]])
+def test_commands_that_load_no_model_import_no_torch(argv, tmp_path):
+    """The registries load lazily: reading results or listing tasks and models imports neither torch nor
+    transformers (they cost ~2 s a command)."""
+    import json
+    import subprocess
+    import sys
+    db = tmp_path / "fewtune.db"
+    script = ("import json, sys\nfrom fewtune.cli import main\n"
+              f"try:\n    main({[*argv, *(['--db', str(db)] if argv[0] in ('results', 'report') and '--help' not in argv else [])]!r})\n"
+              "except SystemExit:\n    pass\n"
+              "print(json.dumps({m: m in sys.modules for m in ('torch', 'transformers', 'fewtune.methods.base')}))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded == {"torch": False, "transformers": False, "fewtune.methods.base": False}, done.stderr[-2000:]

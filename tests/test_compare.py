@@ -1,4 +1,4 @@
-"""Claims that survive selection (fewtune.compare, fewtune.decide.allocate): simulated families with a known truth.
+"""Claims that survive selection (fewtune.stats.compare, fewtune.grid.decide.allocate): simulated families with a known truth.
 
 The simulation is the demo's setting: 8 options, 200 evaluation examples with CoLA's class balance, up to 4 seeds.
 Each example has an ease shared by every option and a part of its own per option (options disagree on some
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from fewtune import compare
-from fewtune.decide import allocate
+from fewtune.grid.decide import allocate
+from fewtune.stats import compare
 
 PREVALENCE = 0.69
 SHARED, OWN = 1.0, 0.7

@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from fewtune import metrics
 from fewtune.cli import main
-from fewtune.decide import parse_duration, run_until_resolved
 from fewtune.errors import FewtuneError
 from fewtune.grid import expand
+from fewtune.grid.decide import parse_duration, run_until_resolved
+from fewtune.stats import metrics
 from fewtune.store import Store
 
 N = 300
@@ -57,7 +57,8 @@ def spec(toy, labels=tuple(TRUE), seeds=range(6)) -> dict:
 @pytest.fixture(autouse=True)
 def _tag_option(monkeypatch):
     """Let icl carry a `label_tag` option for these tests, so each option is its own identity."""
-    from dataclasses import make_dataclass, field
+    from dataclasses import field, make_dataclass
+
     from fewtune.methods import icl
     tagged = make_dataclass("TaggedIcl", [("label_tag", str, field(default=""))], bases=(icl.IclOptions,))
     monkeypatch.setattr(icl.ICL, "Options", tagged)
@@ -165,7 +166,8 @@ def test_until_resolved_on_every_backend(toy, tmp_path, monkeypatch, backend):
     """The same allocation on a fresh process per cell and on warm workers (two: a round's cells run at once)."""
     import os
     from pathlib import Path
-    from fewtune.backends import ProcessBackend, WarmBackend, WorkerPlan
+
+    from fewtune.grid.backends import ProcessBackend, WarmBackend, WorkerPlan
     (tmp_path / "decide_runner.py").write_text(DECIDE_RUNNER.format(tests=str(Path(__file__).parent)))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("FEWTUNE_GRID_RUNNER", "decide_runner:run")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARP, make_tiny_classifier, make_tiny_lm, toy_rows
 
-from fewtune import batching, devices, engine, prefix_attention
+from fewtune.engine import batching, devices, engine, prefix_attention
 from fewtune.errors import FewtuneError
 
 CPU = torch.device("cpu")

@@ -8,16 +8,15 @@ import hashlib
 import textwrap
 
 import pytest
-
-from fewtune import backends, probe
-from fewtune.backends import CUDA_CONTEXT_BYTES, GpuInfo, plan_workers
-from fewtune.cli import main
-from fewtune.driver import run_grid
-from fewtune.estimate import Probe, estimate_grid, eval_examples, worker_need
-from fewtune.grid_spec import Grid, load_grid
-from fewtune.store import Store
-
 from test_grid import SPEC  # noqa: E402  (the tiny three-option grid: icl, pbft, lora on "fake-model", cola)
+
+from fewtune.cli import main
+from fewtune.grid import backends, probe
+from fewtune.grid.backends import CUDA_CONTEXT_BYTES, GpuInfo, plan_workers
+from fewtune.grid.driver import run_grid
+from fewtune.grid.estimate import Probe, estimate_grid, eval_examples, worker_need
+from fewtune.grid.grid_spec import Grid, load_grid
+from fewtune.store import Store
 
 MIB, GIB = 2**20, 2**30
 

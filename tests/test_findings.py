@@ -9,18 +9,19 @@ import re
 import numpy as np
 import pytest
 
-from fewtune import metrics
 from fewtune.cli import main
 from fewtune.config import RunConfig
 from fewtune.errors import FewtuneError
 from fewtune.findings import check_against_labels, load_findings, parse_findings
-from fewtune.findings.judge import (CONTRADICTED, NO_RUNS, NOT_JUDGED, NOT_SETTLED, SUPPORTED, half_width, holm,
-                                    judge, one_sided_p)
+from fewtune.findings.judge import (CONTRADICTED, NO_RUNS, NOT_JUDGED, NOT_SETTLED, SUPPORTED, half_width, holm, judge,
+                                    one_sided_p)
+from fewtune.stats import metrics
 from fewtune.store import Store
+
 
 def group(label: str, pred: np.ndarray, gold: np.ndarray, shots: int = 32, task: str = "mnli", model: str = "m",
           prefixes=("id", "ood"), population: int | None = None, seeds=None) -> dict:
-    """An option as fewtune.options.group_runs builds it, with only what the judge reads; the same predictions on
+    """An option as fewtune.stats.options.group_runs builds it, with only what the judge reads; the same predictions on
     both splits unless a dict {prefix: pred} is given."""
     g = {"task": task, "model": model, "label": label, "shots": shots, "examples_used": shots,
          "primary_metric": "accuracy", "preds": {}}
@@ -326,7 +327,7 @@ def test_check_against_a_grid_spec(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- grid specs: findings = ..., --models
 def test_a_spec_declares_its_findings_and_they_must_name_its_labels(tmp_path):
-    from fewtune.grid_spec import expand, load_grid
+    from fewtune.grid.grid_spec import expand, load_grid
     assert load_grid("demo").findings == "study"  # the shipped grids judge the study's claims
     spec = {"models": ["m"], "tasks": ["cola"], "seeds": [0, 1], "findings": "study",
             "methods": [{"method": "icl", "label": "icl"}, {"method": "ft", "label": "ft"}]}
@@ -338,7 +339,7 @@ def test_a_spec_declares_its_findings_and_they_must_name_its_labels(tmp_path):
 
 
 def test_models_override_runs_the_studys_design_on_another_model():
-    from fewtune.grid_spec import load_grid
+    from fewtune.grid.grid_spec import load_grid
     paper = load_grid("paper")
     mine = load_grid("paper", models=["smollm2-135m"])
     assert {c.config.model for c in mine.cells} == {"smollm2-135m"}

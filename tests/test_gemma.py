@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fewtune import batching, engine, models, prefix_attention
 from fewtune.config import RunConfig
+from fewtune.engine import batching, engine, models, prefix_attention
 
 GEMMA = "gemma3-270m"
 
@@ -46,8 +46,8 @@ def test_gemma_is_what_the_generic_code_must_handle(gemma_tokenizer, gemma_lm):
 def test_icl_prefix_cache_equals_the_full_prompt(gemma_tokenizer, gemma_lm, data_dir):
     """ICL scores with the shared demonstration prefix equal scoring the whole prompt, on the real model, with a
     prefix longer than the 512-token sliding window (so a cache that ignored the window would differ)."""
-    from fewtune.tasks import load_task
     from fewtune.data import load_split
+    from fewtune.tasks import load_task
     tok = gemma_tokenizer
     task = load_task("cola")
     pattern = task.pattern(0)

@@ -356,9 +356,9 @@ def test_pickled_weights_need_the_opt_in(env, capsys):
 def test_safety_switches_default_off_and_reach_the_loaders(env, monkeypatch, tmp_path):
     """trust_remote_code and allow_unsafe_weights are False unless asked for, in `run` and in a grid spec, and the
     runner hands them to every loader."""
-    from fewtune import models
     from fewtune.cli import build_parser, config_from_args
     from fewtune.config import RunConfig
+    from fewtune.engine import models
     from fewtune.grid import expand
     assert RunConfig().trust_remote_code is False and RunConfig().allow_unsafe_weights is False
     cfg = config_from_args(build_parser().parse_args(["run"]))
@@ -387,4 +387,4 @@ def test_no_code_runs_on_user_files():
     for p, t in text.items():
         for banned in ("import pickle", "pickle.load", "torch.load(", "yaml.load", " eval(", " exec(", "__import__(\"pickle"):
             assert banned not in t, f"{banned} in {p}"
-    assert all("tomllib.loads" in text[src / name] for name in ("grid_spec.py", "cli.py", "tasks/__init__.py"))
+    assert all("tomllib.loads" in text[src / name] for name in ("grid/grid_spec.py", "cli.py", "tasks/__init__.py"))

@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fewtune import data, models
+from fewtune import data
 from fewtune.cli import main
+from fewtune.engine import models
 from fewtune.tasks import load_task
 
 

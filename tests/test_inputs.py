@@ -5,7 +5,6 @@ truncation, cd's teacher context, evaluation on the training split), and errors 
 from __future__ import annotations
 
 import pytest
-
 from conftest import make_tiny_lm
 
 from fewtune.cli import build_parser, config_from_args, main
@@ -158,7 +157,7 @@ def test_out_of_domain_may_be_empty_or_left_out_but_not_a_string(tmp_path):
     ("The film was good.\\nAnswer: ", [" No", " Yes"], True, None),  # two spaces, but the tokens are what the model reads
 ])
 def test_verbalizer_checked_against_the_prompt(tokenizer, prompt, words, ok, message):
-    from fewtune.models import verbalizer_token_ids
+    from fewtune.engine.models import verbalizer_token_ids
     prompt = prompt.replace("\\n", "\n")
     plain = verbalizer_token_ids(tokenizer, words, "m")  # one token each: the old check passes every case
     if ok:
@@ -180,7 +179,7 @@ def test_run_refuses_glued_verbalizer(tmp_path, toy, tiny_model_dir, capsys):
 @pytest.mark.parametrize("name", ["cola", "mnli"])
 def test_builtin_patterns_pass_the_answer_slot_check(tokenizer, name, data_dir):
     from fewtune.data import load_split
-    from fewtune.models import verbalizer_token_ids
+    from fewtune.engine.models import verbalizer_token_ids
     from fewtune.tasks import load_task
     task = load_task(name)
     examples = load_split(task, task.in_domain, data_dir)[:5]
@@ -237,6 +236,7 @@ def test_adaptive_trains_everything_between_last_block_and_head(arch, after, obj
 # ----------------------------------------------------------------------------- 5: one truncation rule for icl
 def test_icl_truncates_queries_to_max_length_with_or_without_demonstrations(toy, tiny_model_dir):
     from conftest import Case, tiny_run_config
+
     from fewtune.runner import run
     counts = {}
     for shots in (0, 2):
@@ -260,6 +260,7 @@ def short_model_dir(tokenizer, tmp_path_factory):
 
 def test_cd_teacher_context_drops_demonstrations_to_fit(toy, short_model_dir):
     from conftest import Case, tiny_run_config
+
     from fewtune.runner import run
     cfg = tiny_run_config(Case("cd", "cd", {"context": "few-shot", "context_shots": 4}), toy, short_model_dir,
                           shots=4, epochs=1, eval_limit=2)
@@ -284,6 +285,7 @@ def test_cd_teacher_context_that_cannot_fit_is_refused(tmp_path, toy, short_mode
 @pytest.mark.parametrize("how", ["eval-splits", "in_domain"])
 def test_eval_on_training_split_leaves_the_sample_out(tmp_path, toy, tiny_model_dir, how):
     from conftest import Case, tiny_run_config
+
     from fewtune.runner import run
     if how == "eval-splits":
         cfg = tiny_run_config(Case("icl", "icl", {}), toy, tiny_model_dir, shots=6, eval_limit=None, eval_splits=["train", "dev"])

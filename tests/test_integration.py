@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from fewtune import batching, engine, models, prefix_attention
 from fewtune.cli import main
 from fewtune.data import eval_subsample, load_split
+from fewtune.engine import batching, engine, models, prefix_attention
 from fewtune.tasks import load_task
 
 pytestmark = pytest.mark.integration

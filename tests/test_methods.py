@@ -6,14 +6,17 @@ are one predicate in TRAINABLE.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_DEPTH, Case
 
-from fewtune import batching, engine, saving
+from fewtune import saving
 from fewtune.data import load_split
+from fewtune.engine import batching, engine
 from fewtune.errors import FewtuneError
 from fewtune.methods import REGISTRY, get_method
 from fewtune.tasks import load_task
@@ -306,3 +309,76 @@ def test_adaptive_frozen_block_cache_trains_like_the_full_forward(recorded, toy,
     # the lower blocks are back in place after training (the saved model holds them)
     from fewtune.methods.adaptive import PassThrough
     assert not any(isinstance(m, PassThrough) for m in cached.model.modules())
+
+
+def test_a_copy_of_ft_py_is_a_working_method_like_ft(toy, tiny_model_dir, tmp_path):
+    """A method is one file: methods/ft.py copied as methods/ft_copy.py, no other file touched, is a method of its
+    own that takes ft's learning rate under --preset quick and gives ft's predictions for the same seed."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import fewtune
+    package = tmp_path / "src" / "fewtune"
+    shutil.copytree(Path(fewtune.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(package / "methods" / "ft.py", package / "methods" / "ft_copy.py")
+    script = f"""
+import json
+from fewtune.config import RunConfig
+from fewtune.methods import REGISTRY
+from fewtune.runner import run
+out = {{"listed": list(REGISTRY)}}
+for method in ("ft", "ft_copy"):
+    cfg = RunConfig(task={str(toy.task_file)!r}, data_root={str(toy.root)!r}, model={str(tiny_model_dir)!r},
+                    method=method, shots=8, seed=0, preset="quick", epochs=2, eval_limit=8, max_length=64,
+                    dtype="fp32", device="cpu", retention="off")
+    r = run(cfg, progress=False)
+    out[method] = {{"lr": r["hyperparameters"]["lr"], "predictions": r["predictions"], "evals": r["evals"],
+                    "losses": r["training"]["epoch_losses"], "method": r["config"]["method"]}}
+print(json.dumps(out, default=str))
+"""
+    env = {**os.environ, "PYTHONPATH": str(package.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "ft_copy" in out["listed"] and out["ft_copy"]["method"] == "ft_copy"
+    assert out["ft_copy"]["lr"] == out["ft"]["lr"] == 2e-5  # ft's quick-preset rate, from the copied file
+    assert out["ft_copy"]["predictions"] == out["ft"]["predictions"]
+    assert out["ft_copy"]["losses"] == out["ft"]["losses"]
+    strip = lambda evals: {k: {m: v for m, v in e.items() if m != "seconds"} for k, e in evals.items()}  # noqa: E731
+    assert strip(out["ft_copy"]["evals"]) == strip(out["ft"]["evals"])
+
+
+def test_every_method_that_trains_names_its_quick_learning_rate():
+    """Without one a method would keep its study budget's rate under the preset's few steps: refused, not silent."""
+    from fewtune.config import RunConfig
+    from fewtune.hyperparameters import PRESETS, for_run
+    for name, cls in REGISTRY.items():
+        if cls.trains:
+            for preset in PRESETS:
+                options = {"peft_type": "IA3"} if name == "peft" else {}  # peft's rate depends on the type
+                assert "lr" in get_method(name, options).preset(preset), (name, preset)
+    bare = get_method("pbft")
+    bare.presets = {}
+    cfg = RunConfig(method="pbft", preset="quick")
+    with pytest.raises(FewtuneError, match="names no learning rate for --preset quick"):
+        for_run(cfg, bare)
+    assert for_run(RunConfig(method="pbft", preset="quick", lr=3e-5), bare)["lr"] == 3e-5
+
+
+def test_cd_loss_reads_nothing_back_from_the_device_per_micro_batch(recorded, monkeypatch):
+    """cd's loss keeps its distillation sum on the device: a float() or .item() per micro-batch makes the host wait
+    for the GPU at every step. Read once, after training (the sum is then checked non-zero)."""
+    from fewtune.engine.batching import collate
+    run = recorded(Case("cd", "cd", {}))
+    loss_fn = run.method.loss(run.ctx)
+    chunk = run.items[:4]
+    batch = collate([it["ids"] for it in chunk], run.ctx.tokenizer.pad_token_id)
+    reads = []
+    for name in ("__float__", "item", "tolist"):  # (a __bool__ in the shared scorer is not the loss's own)
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
+    loss, _ = loss_fn(run.model, chunk, batch)
+    monkeypatch.undo()
+    assert reads == [] and loss.requires_grad

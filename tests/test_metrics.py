@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from fewtune import metrics
+from fewtune.stats import metrics
 
 GOLD = [1, 1, 1, 0, 0]
 PRED = [1, 1, 0, 0, 1]   # TP 2, FN 1, TN 1, FP 1
@@ -43,8 +43,10 @@ def test_a_metric_is_one_registry_entry():
     """Adding a metric is one `register_metric` call: task files accept it, runs compute it, the statistics give it a
     paired interval (from its jackknife pseudo-values), the claim procedure compares options on it, tables print it."""
     import numpy as np
-    from fewtune import compare, fmt, stats, tasks
-    from fewtune.metrics import METRICS, Metric, register_metric
+
+    from fewtune import tasks
+    from fewtune.stats import compare, fmt, stats
+    from fewtune.stats.metrics import METRICS, Metric, register_metric
 
     def balanced_accuracy(cm):  # mean recall over classes
         recall = np.divide(np.diagonal(cm, axis1=-2, axis2=-1), cm.sum(-1), out=np.zeros(cm.shape[:-1]),

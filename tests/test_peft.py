@@ -8,11 +8,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from conftest import SHARP, make_tiny_lm
 
-from fewtune import batching, engine
 from fewtune.cli import main
+from fewtune.engine import batching, engine
 from fewtune.errors import FewtuneError
 from fewtune.methods import get_method
 from fewtune.methods.peft import align_virtual_tokens, peft_types
@@ -130,6 +129,7 @@ def test_grid_spec_validates_peft_options(tmp_path):
 def test_unknown_architecture_falls_back_to_attention_linears(tokenizer, monkeypatch):
     """peft has no default target modules for an architecture: lora's rule (attention Linears) applies."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING as mapping
+
     from fewtune.methods import RunContext
     monkeypatch.delitem(mapping, "llama")
     model = make_tiny_lm(tokenizer)

@@ -10,8 +10,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from fewtune import metrics
 from fewtune.cli import main
+from fewtune.stats import metrics
 from fewtune.store import Store
 
 

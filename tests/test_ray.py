@@ -45,7 +45,7 @@ FAKE_RUNNER = textwrap.dedent('''
             from fewtune.runner import run as real_run
             return real_run(cfg, progress=progress)
         if Path(cfg.model).is_dir() and control.get("load"):  # load the model as the runner would (a warm cache)
-            from fewtune import models
+            from fewtune.engine import models
             from fewtune.tasks import load_task
             models.load_model(cfg.model, "lm", len(load_task(cfg.task).labels), False, False)
         if cfg.method in control.get("crash", []):
@@ -463,7 +463,7 @@ def test_spec_resources_and_retries_are_read(tmp_path):
                                       '[resources]\nnum_cpus = 2\nnum_gpus = 0.5\nmemory_gib = 12\n'))
     grid = load_grid(str(spec))
     assert grid.resources == {"num_cpus": 2.0, "num_gpus": 0.5, "memory_gib": 12.0} and grid.max_retries == 4
-    from fewtune.ray_backend import task_options
+    from fewtune.grid.ray_backend import task_options
     assert task_options(grid.resources) == {"num_cpus": 2.0, "num_gpus": 0.5, "memory": 12 * 2**30}
     # how a cell runs is not what it computes: the same cells as without [resources]
     plain = tmp_path / "plain.toml"
@@ -493,7 +493,7 @@ def test_gpu_shares_and_whole_gpus_are_read_and_counted_as_ray_counts_them(tmp_p
     """Fractions in (0, 1] and whole numbers are read; cells_that_fit counts in Ray's units (1 // 0.2 is 4.0 in floats,
     five 0.2-GPU actors in Ray)."""
     from fewtune.grid import load_grid
-    from fewtune.ray_backend import cells_that_fit
+    from fewtune.grid.ray_backend import cells_that_fit
     for value in (0, 0.0001, 0.2, 0.25, 1 / 3, 1, 2, 8):
         spec = tmp_path / "g.toml"
         spec.write_text(FAKE_SPEC.replace('eval_limit = 10', f'eval_limit = 10\n[resources]\nnum_gpus = {value!r}\n'))
@@ -537,11 +537,12 @@ def test_until_resolved_runs_on_ray(on_cluster, toy, tmp_path, monkeypatch, back
     finally:
         sys.path.pop(0)
     from dataclasses import field, make_dataclass
-    from fewtune.decide import run_until_resolved
+
     from fewtune.grid import expand
+    from fewtune.grid.decide import run_until_resolved
+    from fewtune.grid.ray_backend import RayBackend
+    from fewtune.grid.ray_warm import RayWarmBackend
     from fewtune.methods import icl
-    from fewtune.ray_backend import RayBackend
-    from fewtune.ray_warm import RayWarmBackend
     tagged = make_dataclass("TaggedIcl", [("label_tag", str, field(default=""))], bases=(icl.IclOptions,))
     monkeypatch.setattr(icl.ICL, "Options", tagged)  # as test_decide's _tag_option fixture
     (on_cluster.code / "decide_runner.py").write_text(test_decide.DECIDE_RUNNER.format(tests=str(Path(__file__).parent)))

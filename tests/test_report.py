@@ -1,5 +1,5 @@
 """The report: built from a database of synthetic results with per-example predictions, its numbers must be the
-database's numbers, its statistics those of fewtune.stats on the stored predictions, and its sentences must follow
+database's numbers, its statistics those of fewtune.stats.stats on the stored predictions, and its sentences must follow
 from the intervals."""
 
 import math
@@ -9,15 +9,14 @@ import warnings
 
 import numpy as np
 import pytest
-
 from conftest import TOY_TASK
 
-from fewtune import compare, metrics, stats
-from fewtune.report import data as report_data
 from fewtune.cli import main
 from fewtune.config import RunConfig
+from fewtune.report import data as report_data
 from fewtune.report import write_report
 from fewtune.report.budget import pareto_front
+from fewtune.stats import compare, metrics, stats
 from fewtune.store import Store
 
 LABELS = {  # label -> (method, options, base accuracy, peak MiB, train s per shot)
@@ -563,7 +562,7 @@ def test_costs_compare_only_between_runs_measured_alike(tmp_path):
     """pbft's runs were timed in a warm worker beside another cell with 1 thread, icl's and lora's alone in fresh
     processes with 2: the cost table letters them, break-even and the budgets never compare pbft with the others,
     and claims.cheapest names none of them."""
-    from fewtune import claims, options
+    from fewtune.stats import claims, options
     path = tmp_path / "alike.db"
     rng = np.random.default_rng(8)
     alone = {"backend": "process", "workers": 1, "shared_with": 0, "torch_threads": 2, "eval_batch_size": 16,
@@ -630,7 +629,7 @@ def test_first_screen_reads_only_the_verdicts_named_fields(tmp_path, monkeypatch
     """The box and the interval plot read of a Verdict only best, candidates, worse, equivalent_to_best, margin,
     level, reason and vs_best[o].diff (value, lo, hi: best − o): a verdict with nothing else plugs in."""
     from types import SimpleNamespace as NS
-    from fewtune import claims
+    from fewtune.stats import claims
     from fewtune.report import answer
     diff = lambda v, lo, hi: NS(diff=NS(value=v, lo=lo, hi=hi))  # noqa: E731
     verdict = NS(best="a", candidates=["a", "b", "c"], worse={"d": "a"}, equivalent_to_best=["c"], margin=0.05,

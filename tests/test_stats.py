@@ -1,4 +1,4 @@
-"""The paired intervals (fewtune.stats) are honest: simulated runs with a known true difference.
+"""The paired intervals (fewtune.stats.stats) are honest: simulated runs with a known true difference.
 
 The simulation: N evaluation examples (CoLA-like prevalence), each with an ease shared by both options and a part of
 its own per option (so options disagree on some examples); each option under each data seed gets a training-
@@ -13,7 +13,7 @@ import math
 import numpy as np
 import pytest
 
-from fewtune import metrics, stats
+from fewtune.stats import metrics, stats
 
 PREVALENCE = 0.69   # CoLA in-domain dev: 69% acceptable
 SHARED, OWN = 1.0, 0.7

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 
-from fewtune import models
 from fewtune.data import Example
+from fewtune.engine import models
 from fewtune.errors import FewtuneError
 from fewtune.tasks import DROP, builtin_names, load_task, parse_task_file, task_from_dict
 

@@ -10,9 +10,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from fewtune.backends import ProcessBackend, WarmBackend, WorkerPlan
-from fewtune.driver import run_grid
-from fewtune.grid_spec import load_grid
+from fewtune.grid.backends import ProcessBackend, WarmBackend, WorkerPlan
+from fewtune.grid.driver import run_grid
+from fewtune.grid.grid_spec import load_grid
 from fewtune.store import Store
 
 # Every method, each in the variant that exercises what a warm worker could get wrong: icl with demonstrations (its
@@ -106,8 +106,8 @@ def test_the_template_is_copied_on_the_cells_device_when_it_draws_nothing_at_loa
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fewtune.models import ModelRequest
-    from fewtune.warm import WarmModels
+    from fewtune.engine.models import ModelRequest
+    from fewtune.grid.warm import WarmModels
 
     def load():  # like from_pretrained of a checkpoint with every weight: nothing drawn, every tensor marked loaded
         state = torch.get_rng_state()

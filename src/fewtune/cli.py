@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .errors import FewtuneError
 from .methods import REGISTRY, option_flags
-from .util import check_writable, json_default, write_atomic  # check_writable: also cli_grid's, through cli
+from .util import check_writable, json_default, read_text_file, write_atomic  # check_writable: cli_grid's too
 
 RUN_FIELDS = ("task", "method", "model", "shots", "seed", "train_seed", "pattern", "eval_limit", "data_root",
               "data_source", "epochs", "batch_size", "micro_batch_size", "lr", "weight_decay", "warmup_ratio",
@@ -27,7 +27,9 @@ class Parser(argparse.ArgumentParser):
         raise FewtuneError(f"{self.prog}: {message}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(method_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. `method_flags`: add `run`'s per-method flags, which import every method (and so
+    torch); main() asks for them only when the command is `run`."""
     p = Parser(prog="fewtune", description="Compare few-shot adaptation methods, in-domain and out-of-domain, with their costs.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", parser_class=Parser)
@@ -58,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dtype", help="auto | fp32 | bf16 (autocast; never fp16 on CPU) [auto]")
     r.add_argument("--device", help="auto | cpu | cuda [auto]")
     g = r.add_argument_group("method options")  # each declared by the method's own Options (methods/base.option)
-    for entry in option_flags().values():
+    for entry in (option_flags() if method_flags else {}).values():
         if entry.flag.key_value:
             g.add_argument(entry.flag.flag, dest=entry.dest, action="append", metavar="KEY=VALUE", help=entry.help)
         else:
@@ -228,7 +230,7 @@ def cmd_ls(args) -> int:
             for line in cls.listing():
                 print(f"{'':9s} {line}")
     else:
-        from .models import list_models
+        from .engine.models import list_models
         for m in list_models():
             licence = f" [licence: {m['licence']}]" if m.get("licence") else ""
             print(f"{m['name']:14s} {m['status']:34s} {m['description']}{licence}")
@@ -262,8 +264,8 @@ def cmd_check(args) -> int:
     if args.spec is not None or is_findings_file(args.task):
         return check_findings(args.task, args.spec)
 
-    from . import models
     from .data import load_split
+    from .engine import models
     from .tasks import load_task
     task = load_task(args.task)
     model = args.model or models.DEFAULT_MODEL
@@ -326,9 +328,26 @@ def check_findings(name: str, spec: str | None) -> int:
         grid = load_grid(spec)
         labels = sorted({cell.label for cell in grid.cells})
         check_against_labels(findings, labels, f"grid {grid.name} ({grid.source})")
+        check_margins_against_tasks(findings, grid)
         print(f"  every label and glob names an option of grid {grid.name}: {', '.join(labels)}")
     print(f"ok: {findings.source} is a valid findings file")
     return 0
+
+
+def check_margins_against_tasks(findings, grid) -> None:
+    """Each claim's margin against the primary metric of every task of the grid it applies to, as the report will
+    judge it (a margin of 1.5 is possible for MCC, not for accuracy)."""
+    from .grid.grid_spec import task_name
+    from .tasks import check_margin, load_task
+    tasks = {task_name(c.config.task): c.config.task for c in grid.cells}
+    for claim in findings.claims:
+        if claim.margin is None:
+            continue
+        for name, task in tasks.items():
+            if claim.tasks is None or name in claim.tasks:
+                metric = load_task(task).primary_metric
+                check_margin(claim.margin, metric, f"{findings.source}: claim '{claim.id}': margin on task '{name}' "
+                                                   f"(scored by {metric})")
 
 
 def read_predict_input(path: str, fields: list[str]) -> list[dict]:
@@ -337,10 +356,7 @@ def read_predict_input(path: str, fields: list[str]) -> list[dict]:
         raise FewtuneError(f"--input {p} is a folder; give a file.")
     if not p.is_file():
         raise FewtuneError(f"--input {p} does not exist.")
-    try:  # utf-8-sig: a byte-order mark (Excel, Notepad) is not part of the first example
-        lines = p.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as e:
-        raise FewtuneError(f"--input {p} is not UTF-8 text (bad byte at offset {e.start}).") from None
+    lines = read_text_file(p, "--input").splitlines()  # a byte-order mark (Excel, Notepad) is not an example
     rows = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -388,18 +404,30 @@ COMMANDS = {"run": cmd_run, "ls": cmd_ls, "predict": cmd_predict, "check": cmd_c
 from . import cli_grid; EXTENSIONS.append(cli_grid)  # noqa: E402,E702  grid, results, report
 
 
+# Commands that load no model: they import neither transformers nor torch (tests/test_cli.py checks it)
+READ_ONLY_COMMANDS = ("report", "results", "ls")
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The subcommand named in argv (its first word that is not an option), without parsing the rest."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     for noisy in ("transformers", "huggingface_hub", "datasets", "peft"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:  # transformers' per-load progress bars are noise next to fewtune's own
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = command_of(argv)
+    if command not in READ_ONLY_COMMANDS:
+        try:  # transformers' per-load progress bars are noise next to fewtune's own (importing it takes ~2 s)
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
     try:
-        parser = build_parser()
+        parser = build_parser(method_flags=command == "run")
         args = parser.parse_args(argv)
         if args.verbose:
             logging.getLogger("fewtune").setLevel(logging.INFO)

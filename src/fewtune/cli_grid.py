@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .errors import FewtuneError
-from .estimate import PROBE_EVAL_LIMIT
+from .grid.estimate import PROBE_EVAL_LIMIT
 from .store import STATUSES, default_path
 
 RESULT_COLUMNS = ("config_hash", "status", "label", "task", "model", "shots", "seed", "primary_metric", "id_primary",
@@ -102,6 +102,7 @@ def db_path(args) -> Path:
 
 def cmd_grid(args) -> int:
     import os
+
     from .grid import MAX_CELLS, RUNNER_ENV, Interrupted, check_max_retries, check_models, load_grid, signals_raise
     from .store import Store
     if args.max_cells is not None and args.max_cells < 1:
@@ -114,6 +115,9 @@ def cmd_grid(args) -> int:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         if not models:
             raise FewtuneError("--models needs at least one model: a bundled name, a folder or a Hub id, comma-separated.")
+        twice = next((m for i, m in enumerate(models) if m in models[:i]), None)
+        if twice is not None:  # (the spec's own `models` list is checked by load_grid, in the spec's words)
+            raise FewtuneError(f"--models lists {twice!r} twice; remove the duplicate.")
     grid = load_grid(args.spec, max_cells=args.max_cells or MAX_CELLS, models=models)
     path = db_path(args)
     if args.max_retries is not None:
@@ -129,7 +133,7 @@ def cmd_grid(args) -> int:
             if getattr(args, flag):
                 raise FewtuneError(f"{what}; it does not go with --backend {backend_name}.")
         if not args.dry_run:  # not installed, or no cluster there: say so before the database is touched
-            from .ray_backend import check_address, import_ray
+            from .grid.ray_backend import check_address, import_ray
             import_ray()
             check_address(args.address)
     else:
@@ -140,7 +144,7 @@ def cmd_grid(args) -> int:
                                "--backend warm or --workers.")
     cell_timeout = None
     if args.cell_timeout is not None:
-        from .decide import parse_duration
+        from .grid.decide import parse_duration
         cell_timeout = parse_duration(args.cell_timeout, "--cell-timeout")
     budget_s = None
     if args.time_budget is not None and not args.until_resolved:
@@ -149,7 +153,7 @@ def cmd_grid(args) -> int:
         raise FewtuneError("--equivalence-margin goes with --until-resolved (or `fewtune report`); a plain grid "
                            "makes no claims.")
     if args.until_resolved:
-        from .decide import options_of, parse_duration
+        from .grid.decide import options_of, parse_duration
         budget_s = parse_duration(args.time_budget) if args.time_budget is not None else math.inf
         options_of(grid)  # at least two options and two seeds: say so before anything runs
         if args.equivalence_margin is not None:
@@ -161,19 +165,21 @@ def cmd_grid(args) -> int:
     if args.probe and not args.dry_run:
         raise FewtuneError("--probe goes with --dry-run (it times one cell of each kind to estimate the grid).")
     workers = args.workers if args.workers is not None else grid.workers
+    # where the number came from, for the error when the machine cannot hold it: the flag, or the spec's key
+    asked = f"{grid.source}: workers = {workers}" if args.workers is None and workers is not None else None
     use_gpu = None  # None: no plan here (Ray's [resources] decide; --in-process runs one cell at a time)
     if not on_ray and not args.in_process:
         use_gpu = any(c.config.device in ("auto", "cuda") or str(c.config.device).startswith("cuda") for c in grid.cells)
     if args.dry_run:
-        return dry_run(grid, path, backend_name, workers, use_gpu, args.probe)
+        return dry_run(grid, path, backend_name, workers, use_gpu, args.probe, cell_timeout, asked)
     plan = need = None
     if use_gpu is not None:
-        from .backends import visible_gpus
+        from .grid.backends import visible_gpus
         gpus = visible_gpus(use_gpu)
         # on a GPU the worker's need comes from measured peaks of stored runs; on CPU it needs no stored run
         status, rows = stored_runs(path) if gpus else ({}, [])
         plan, need = worker_plan([c for c in grid.cells if status.get(c.key) != "success"] or grid.cells, rows,
-                                 workers, gpus)
+                                 workers, gpus, asked=asked)
     with Store(path) as store:
         if grid.findings is not None:  # `fewtune report` on this database judges the spec's findings by default
             from .findings import findings_ref
@@ -190,7 +196,7 @@ def cmd_grid(args) -> int:
                 backend = make_backend(backend_name, grid, plan, args.in_process, args.address, cell_timeout)
                 retries = args.max_retries if args.max_retries is not None else grid.max_retries
                 if args.until_resolved:
-                    from .decide import run_until_resolved
+                    from .grid.decide import run_until_resolved
                     d = run_until_resolved(grid, store, path.parent / "logs", budget_s, echo=echo,
                                            reclaim=args.reclaim, backend=backend, retries=retries,
                                            equivalence_margin=args.equivalence_margin)
@@ -212,12 +218,12 @@ def cmd_grid(args) -> int:
 
 def make_backend(name: str, grid, plan, in_process: bool, address: str | None, cell_timeout: float | None):
     """The backend that runs the cells (backends.py, ray_backend.py); the driver is the same for all."""
-    from .backends import InlineBackend, ProcessBackend, WarmBackend
+    from .grid.backends import InlineBackend, ProcessBackend, WarmBackend
     if name == "ray":
-        from .ray_backend import RayBackend
+        from .grid.ray_backend import RayBackend
         return RayBackend(grid.resources, address)
     if name == "ray-warm":
-        from .ray_warm import RayWarmBackend
+        from .grid.ray_warm import RayWarmBackend
         return RayWarmBackend(grid.resources, address, cell_timeout)
     if in_process:
         return InlineBackend()
@@ -236,24 +242,27 @@ def stored_runs(path: Path) -> tuple[dict, list[dict]]:
         return store.statuses(), store.rows(["success"])
 
 
-def worker_plan(cells, rows: list[dict], workers: int | None, gpus, probes: dict | None = None):
+def worker_plan(cells, rows: list[dict], workers: int | None, gpus, probes: dict | None = None,
+                asked: str | None = None):
     """(the worker plan for `cells` on this machine, the memory one worker needs and where that figure came from)."""
-    from .backends import machine_plan
-    from .estimate import worker_need
+    from .grid.backends import machine_plan
+    from .grid.estimate import worker_need
     need = worker_need(cells, rows, probes, on_gpu=bool(gpus))
-    return machine_plan(workers, need.bytes, gpus=gpus), need
+    return machine_plan(workers, need.bytes, gpus=gpus, asked=asked), need
 
 
-def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: bool | None, probe: bool) -> int:
+def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: bool | None, probe: bool,
+            cell_timeout: float | None = None, asked: str | None = None) -> int:
     """List the cells and their status, and estimate the grid's time from stored timings of similar cells and, with
-    `probe`, from one real cell of each kind not yet timed (probe.py). The database is only read."""
-    from .estimate import estimate_grid
+    `probe`, from one real cell of each kind not yet timed (probe.py; a probe past `cell_timeout` is stopped). The
+    database is only read."""
+    from .grid.estimate import estimate_grid
     status, rows = stored_runs(path)
     todo = [c for c in grid.cells if status.get(c.key) != "success"]
     plan = need = None
     if use_gpu is not None:  # a --workers the machine cannot hold is refused before anything is probed
-        from .backends import visible_gpus
-        plan, need = worker_plan(todo or grid.cells, rows, workers, visible_gpus(use_gpu))
+        from .grid.backends import visible_gpus
+        plan, need = worker_plan(todo or grid.cells, rows, workers, visible_gpus(use_gpu), asked=asked)
     for cell in grid.cells:
         print(f"{cell.key}  {status.get(cell.key, 'new'):9s}  {cell.describe()}")
     print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells, {len(todo)} to run, database {path}")
@@ -261,16 +270,16 @@ def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: b
     probes = {}
     if probe and todo:  # stdout stays the list of cells, one per line: the probe's lines go to stderr as the estimate's
         from .grid import Interrupted, signals_raise
-        from .probe import run_probes
+        from .grid.probe import run_probes
         try:
             with signals_raise():  # SIGTERM too stops the probe's process and removes its folder
-                probes = run_probes(todo, rows, out=sys.stderr)
+                probes = run_probes(todo, rows, out=sys.stderr, cell_timeout_s=cell_timeout)
         except Interrupted as e:
             print(f"fewtune: dry run interrupted ({e}); nothing was written", file=sys.stderr)
             return 128 + e.signum
         if use_gpu is not None and any(p.device.startswith("cuda") for p in probes.values()):
-            from .backends import visible_gpus  # a probe measured a peak on the GPU: the plan follows it
-            plan, need = worker_plan(todo, rows, workers, visible_gpus(use_gpu), probes)
+            from .grid.backends import visible_gpus  # a probe measured a peak on the GPU: the plan follows it
+            plan, need = worker_plan(todo, rows, workers, visible_gpus(use_gpu), probes, asked=asked)
     for line in estimate_grid(todo, rows, backend_name, plan.workers if plan else None, probes):
         print(line, file=sys.stderr)
     if plan is not None:
@@ -352,7 +361,7 @@ def cmd_results(args) -> int:
 def findings_block(findings, rows: list[dict], store_path) -> dict:
     """The findings file's verdicts on the runs, as the report's first section has them (JSON-ready)."""
     from .findings.judge import judge
-    from .options import flat_row, group_runs, predictions_reader
+    from .stats.options import flat_row, group_runs, predictions_reader
     from .store import Store
     with Store(store_path, readonly=True) as store:
         groups = group_runs([flat_row(r) for r in rows], rows, predictions_reader(store))
@@ -385,6 +394,7 @@ def export_predictions(path, statuses, fmt: str, out) -> int:
     """`fewtune results --predictions`: every stored per-example prediction, one row per run x example."""
     import csv
     import io
+
     from .store import Store
     with Store(path, readonly=True) as store:
         rows = [r for r in store.rows(statuses) if r["status"] == "success"]
@@ -481,9 +491,16 @@ def cmd_report(args) -> int:
                                                     and 0 < args.equivalence_margin <= 2):
         raise FewtuneError(f"--equivalence-margin must be > 0 and at most the metric's range (1 for accuracy, 2 for "
                            f"MCC), got {args.equivalence_margin:g}.")
-    paths = write_report(db_path(args), out, volume=volume, max_latency_ms=args.max_latency_ms,
-                         max_retention_loss=args.max_retention_loss, margin=args.equivalence_margin,
-                         findings="auto" if default else (findings or "none"))
+    made = not out.exists()
+    try:
+        paths = write_report(db_path(args), out, volume=volume, max_latency_ms=args.max_latency_ms,
+                             max_retention_loss=args.max_retention_loss, margin=args.equivalence_margin,
+                             findings="auto" if default else (findings or "none"))
+    except BaseException:
+        if made:  # refused (or stopped) before the report was whole: the folder this command made goes with it
+            import shutil
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     print(f"report written to {paths['markdown']} and {paths['html']} (figures in {paths['figures']})")
     return 0
 

@@ -18,6 +18,8 @@ MAX_COUNT = 10**9        # shots, epochs, sizes: more is a typo, and would overf
 MAX_SEED = 2**32 - 1     # numpy and torch both take seeds in [0, 2**32)
 
 
+SCORING_ROWS = 16  # rows per scoring batch unless eval_batch_size says otherwise (a CPU gains little past 16)
+
 @dataclass
 class RunConfig:
     task: str = "mnli"                  # built-in name or path to a task file
@@ -41,7 +43,7 @@ class RunConfig:
     warmup_ratio: float | None = None
     max_grad_norm: float = 1.0
     max_length: int = 256
-    eval_batch_size: int = 16
+    eval_batch_size: int | None = None  # rows per scoring batch; None: a token budget on CUDA, 16 rows elsewhere
     dtype: str = "auto"                 # auto (bf16 autocast where the CPU/GPU supports it) | fp32 | bf16
     device: str = "auto"                # auto | cpu | cuda | cuda:N
     method_options: dict = field(default_factory=dict)  # e.g. {"train_layers": 2, "objective": "pbft"}
@@ -70,6 +72,8 @@ class RunConfig:
                 raise FewtuneError(f"Config field '{name}' must be true or false, got {getattr(self, name)!r:.60}.")
         for name in ("shots", "seed", "pattern", "max_length", "eval_batch_size"):
             value = getattr(self, name)
+            if value is None and name == "eval_batch_size":
+                continue
             if not isinstance(value, int) or isinstance(value, bool):
                 raise FewtuneError(f"Config field '{name}' must be an integer, got {value!r:.60}.")
         for name in ("seed", "train_seed"):
@@ -79,7 +83,7 @@ class RunConfig:
         if self.shots < 0:
             raise FewtuneError(f"Config field 'shots' must be ≥ 0, got {self.shots}.")
         for name in ("shots", "pattern", "max_length", "eval_batch_size"):
-            if getattr(self, name) > MAX_COUNT:
+            if (getattr(self, name) or 0) > MAX_COUNT:
                 raise FewtuneError(f"Config field '{name}' must be at most {MAX_COUNT}, got {getattr(self, name)}.")
         if self.pattern < 0:
             raise FewtuneError(f"Config field 'pattern' must be ≥ 0, got {self.pattern}.")
@@ -97,7 +101,7 @@ class RunConfig:
                 raise FewtuneError(f"Config field '{name}' must be a non-negative number, got {value!r:.60}.")
         if self.lr == 0 and REGISTRY[self.method].trains:  # zero steps' worth of change, stored as if it were a result
             raise FewtuneError(f"Config field 'lr' must be > 0 for method '{self.method}' (it trains); got 0.")
-        if self.eval_batch_size < 1:  # caught here, not after the model has loaded
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:  # here, not after the model has loaded
             raise FewtuneError(f"Config field 'eval_batch_size' must be ≥ 1, got {self.eval_batch_size}.")
         if self.warmup_ratio is not None and self.warmup_ratio > 1:
             raise FewtuneError(f"Config field 'warmup_ratio' must be in [0, 1], got {self.warmup_ratio}.")
@@ -124,6 +128,11 @@ class RunConfig:
             if key not in known:
                 raise FewtuneError(f"{where}: unknown field '{key}'.{did_you_mean(key, sorted(known))}")
         return cls(**d)
+
+    @property
+    def scoring_rows(self) -> int:
+        """Rows per scoring batch: `eval_batch_size` as given, else 16 (CUDA then sizes batches by a token budget)."""
+        return self.eval_batch_size or SCORING_ROWS
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

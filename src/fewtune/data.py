@@ -19,6 +19,7 @@ import numpy as np
 from .errors import FewtuneError
 from .settings import data_root
 from .tasks import DROP, Split, Task
+from .util import decode_text_file, nul_line
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
@@ -105,16 +106,11 @@ def _read_local(task: Task, split: Split, path: Path) -> list[Example]:
         hub = " (or --data-source hub)" if split.hub is not None else ""
         raise FewtuneError(f"Data file {path} does not exist (task '{task.name}', split '{split.name}'); set $FEWTUNE_DATA or --data-root{hub}.")
     fmt = split.local.get("format", "tsv")
-    try:  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise FewtuneError(f"Data file {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
-    except OSError as e:
-        raise FewtuneError(f"Data file {path} cannot be read: {e.strerror}.") from None
-    if "\x00" in text:
+    text = decode_text_file(path, "Data file")  # a byte-order mark is not part of the first column's name
+    line_no = nul_line(text)
+    if line_no is not None:
         # A NUL byte is no character of any text field: the file is binary, UTF-16 or damaged. csv would end the
         # row's field there or read it into the text, silently; refused like any other malformed row.
-        line_no = next(n for n, line in enumerate(text.splitlines(), 1) if "\x00" in line)
         raise FewtuneError(f"{path} line {line_no}: malformed row, it contains a NUL byte (\\x00): not a text data "
                            f"file, or a damaged one (task '{task.name}', split '{split.name}').")
     has_header = fmt != "jsonl" and split.local.get("header", True)

@@ -9,40 +9,37 @@ where batch 32 would give only 5), with learning rates raised to make those few 
 
 from __future__ import annotations
 
-from .errors import unknown
+from .errors import FewtuneError, unknown
 
 KEYS = ("epochs", "batch_size", "lr", "weight_decay", "warmup_ratio", "micro_batch_size")  # RunConfig fields
 
+# What a preset sets for every method; each method's own values (its learning rate) are in its file (`presets`).
 PRESETS = {
-    "quick": {
-        "common": dict(epochs=5, batch_size=8, warmup_ratio=0.1, eval_limit=100),
-        "lr": {"ft": 2e-5, "pbft": 2e-5, "adaptive": 1e-4, "lora": 5e-4, "cd": 2e-5, "cd-lora": 5e-4,
-               # peft: by kind of type (methods/peft.py preset_keys); "peft" is every other type
-               "peft": 5e-4, "peft-prompt": 3e-2, "peft-IA3": 1e-2, "peft-VERA": 1e-2},
-    },
+    "quick": dict(epochs=5, batch_size=8, warmup_ratio=0.1, eval_limit=100),
 }
 
 
-def preset_values(name: str | None, keys: tuple = ()) -> dict:
-    """The preset's values for a method: the common ones, and the learning rate of the first of `keys`
-    (`Method.preset_keys`, most specific first, e.g. peft-IA3 then peft) that the preset lists."""
+def preset_values(name: str | None, method=None) -> dict:
+    """The preset's values for a run of `method` (a Method, or None for the shared values only): the shared ones and
+    the method's own (`Method.preset`, its learning rate)."""
     if name is None:
         return {}
     if name not in PRESETS:
         raise unknown("preset", name, PRESETS)
-    p = PRESETS[name]
-    values = dict(p["common"])
-    for k in keys:
-        if k in p["lr"]:
-            values["lr"] = p["lr"][k]
-            break
+    values = dict(PRESETS[name])
+    if method is not None:
+        values.update(method.preset(name))
     return values
 
 
 def for_run(cfg, method) -> dict:
     """The hyperparameters of a run of `method` under the RunConfig `cfg`: method defaults < preset < config."""
     hp = dict(method.defaults)
-    preset = preset_values(cfg.preset, method.preset_keys)
+    preset = preset_values(cfg.preset, method)
+    if cfg.preset and method.trains and "lr" not in preset and cfg.lr is None:
+        # without it the run would silently keep the study budget's rate under the preset's few steps
+        raise FewtuneError(f"method '{method.name}' names no learning rate for --preset {cfg.preset} "
+                           f"(`presets` in its file); give --lr, or run it without the preset.")
     hp.update({k: v for k, v in preset.items() if k != "eval_limit"})
     for key in KEYS:
         if getattr(cfg, key) is not None:

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
+
+from .util import digest
 
 VOLATILE = ("data_root", "device", "eval_batch_size")  # where/how a run executes, not what it computes
 
@@ -60,7 +61,7 @@ def model_identity(spec: str):
     from pathlib import Path
 
     from .data import file_sha256
-    from .models import BUNDLED
+    from .engine.models import BUNDLED
     path = Path(spec).expanduser()
     if spec in BUNDLED or not path.is_dir():
         return spec
@@ -71,16 +72,6 @@ def model_identity(spec: str):
     return {"folder": path.resolve().name, "sha256": h.hexdigest()[:16]}
 
 
-def digest(ident: dict, digits: int = 16) -> str:
-    """Hex digits of the sha256 of an identity (sorted JSON): with 16, the run's key in the results database."""
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:digits]
-
-
 def run_hash(cfg) -> str:
     """The run's key: `digest(identity(cfg))` (callers that also need the identity compute it once and digest it)."""
     return digest(identity(cfg))
-
-
-def variant_hash(ident: dict) -> str:
-    """Id of an identity up to its seeds: runs of one variant are the same experiment under other seeds."""
-    return digest({k: v for k, v in ident.items() if k not in ("seed", "train_seed")}, 8)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import FewtuneError
+from .util import read_text_file
 
 DEFAULT = "mnli-premises"
 OFF = "off"
@@ -65,12 +66,7 @@ def read_file(spec: str) -> list[str]:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise FewtuneError(f"retention: text file {path} does not exist (retention = a file, \"{DEFAULT}\" or \"{OFF}\").")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise FewtuneError(f"retention: {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
-    except OSError as e:
-        raise FewtuneError(f"retention: {path} cannot be read ({e.strerror or e}).") from None
+    text = read_text_file(path, "retention: text file (--retention-text)")
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -105,8 +101,8 @@ def lm_loss(model, tokenizer, texts: list[str], device, dtype: str = "fp32", bat
     """Mean next-token loss (nats/token) over the texts, each scored on its own after the tokenizer's BOS.
 
     Every token of a text is predicted except the first when there is no BOS to predict it from."""
-    from .batching import collate, encode, length_batches
-    from .devices import autocast
+    from .engine.batching import collate, encode, length_batches
+    from .engine.devices import autocast
     seqs, _ = encode(tokenizer, texts)
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
     total, count = 0.0, 0

@@ -7,16 +7,18 @@ from dataclasses import dataclass
 
 import torch
 
-from . import __version__, batching, devices, engine, metrics, models, record, retention
-from .fmt import brief, summary_line  # noqa: F401  (the console lines: `fewtune run` and the grid)
+from . import __version__, record, retention
 from .config import RunConfig
 from .data import eval_subsample, exclude_training, label_counts, load_split, sample_train, shares_training_data
+from .engine import batching, devices, engine, models
 from .errors import FewtuneError
-from .hyperparameters import for_run as hyperparameters, preset_values
-from .identity import digest
+from .hyperparameters import for_run as hyperparameters
+from .hyperparameters import preset_values
 from .methods import RunContext, get_method
+from .stats import metrics
+from .stats.fmt import brief, summary_line  # noqa: F401  (the console lines: `fewtune run` and the grid)
 from .tasks import load_task
-from .util import now
+from .util import digest, now
 
 # The result record's format (result["schema"]); the results database has its own, store.SCHEMA_VERSION.
 RESULT_SCHEMA_VERSION = 2  # 2: identity, data provenance, per-example predictions, calibration, baselines
@@ -81,7 +83,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
 def load_sample(cfg: RunConfig, task, method) -> Sample:
     """The seeded few-shot sample and the (stratified, `eval_limit`-capped) evaluation sets. An evaluation on the
     training data leaves the few-shot sample (and so every demonstration) out."""
-    eval_limit = cfg.eval_limit if cfg.eval_limit is not None else preset_values(cfg.preset, method.preset_keys).get("eval_limit")
+    eval_limit = cfg.eval_limit if cfg.eval_limit is not None else preset_values(cfg.preset, method).get("eval_limit")
     train_pool = load_split(task, task.train, cfg.data_root, cfg.data_source)
     positions = sample_train(train_pool, cfg.shots, cfg.seed, len(task.labels), cfg.balanced)
     train_examples = [train_pool[p] for p in positions]
@@ -120,7 +122,7 @@ def retention_probe(cfg: RunConfig, method, sample: Sample, tokenizer, device, d
     picked = retention.sentences(cfg.retention, cfg.data_root, seen)
     if picked is None:
         return None
-    return retention.Retention(*picked, tokenizer, device, dtype, cfg.eval_batch_size)
+    return retention.Retention(*picked, tokenizer, device, dtype, cfg.scoring_rows)
 
 
 def load_and_prepare_model(cfg: RunConfig, task, method, ctx: RunContext, tokenizer, retained, train_seed: int):
@@ -192,7 +194,7 @@ def evaluate(cfg: RunConfig, task, method, ctx: RunContext, model, sample: Sampl
             texts = [method.text(ctx, ex) for ex in examples]
             # one rule with or without demonstrations: the query is cut to max_length, the demonstrations fitted to the context
             seqs, truncated = batching.encode(ctx.tokenizer, texts, cfg.max_length, with_bos=prefix_ids is None)
-            out = engine.score(model, ctx.tokenizer, seqs, ctx.label_ids, ctx.device, ctx.dtype, cfg.eval_batch_size,
+            out = engine.score(model, ctx.tokenizer, seqs, ctx.label_ids, ctx.device, ctx.dtype, cfg.scoring_rows,
                                prefix_ids=prefix_ids, prefix_store=prefix_store, token_budget=token_budget)
             max_batch = max(max_batch, out.max_batch)
             if prefix_ids:  # shared-prefix attention, the prefix KV cache, or the full prompt (prefix_attention.shared_prefix_path)
@@ -215,7 +217,8 @@ def evaluate(cfg: RunConfig, task, method, ctx: RunContext, model, sample: Sampl
             eval_n += len(examples)
             query_tokens += sum(len(q) for q in seqs)
     # the batch the figures were measured at: the cost of use depends on it (the report compares like with like)
-    cost.update(eval_batch_size=max_batch, eval_batching=f"tokens:{token_budget}" if token_budget else "rows")
+    # (the most rows in one batch: not the config's eval_batch_size, which is what was asked, or None)
+    cost.update(eval_max_batch_rows=max_batch, eval_batching=f"tokens:{token_budget}" if token_budget else "rows")
     cost.update(eval_seconds=round(eval_seconds, 3), eval_peak_memory_mib=mem.mib, eval_tokens=eval_tokens,
                 eval_examples_per_s=round(eval_n / eval_seconds, 3) if eval_seconds else None)
     cost.update(use_cost(cost, eval_seconds, eval_n, query_tokens, prefix_ids, prefix_text, mem.mib))

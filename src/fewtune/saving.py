@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from . import batching, devices, engine, models
 from .data import Example
+from .engine import batching, devices, engine, models
 from .errors import FewtuneError
+from .stats.metrics import METRICS
 from .methods.base import input_text
 from .methods.peft import align_virtual_tokens
 from .tasks import Pattern, Task
@@ -97,7 +98,7 @@ def save(directory, model, tokenizer, cfg, task, pattern, method, result, prefix
         "task": {"name": task.name, "version": task.version, "labels": list(task.labels), "fields": list(task.fields),
                  "raw_separator": task.raw_separator, "pattern": pattern.template, "verbalizer": list(pattern.verbalizer)},
         "max_length": cfg.max_length, "config": cfg.to_dict(), "config_hash": result.get("config_hash"),
-        "evals": {k: {m: v.get(m) for m in ("n", "accuracy", "mcc")} for k, v in result.get("evals", {}).items()},
+        "evals": {k: {m: v.get(m) for m in ("n", *METRICS)} for k, v in result.get("evals", {}).items()},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
 

@@ -3,6 +3,7 @@ that an output path can be written (made before a run, not after it)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -21,6 +22,40 @@ def dumps(obj) -> str | None:
     if obj is None:
         return None
     return json.dumps(obj, sort_keys=True, default=json_default)
+
+
+def digest(obj: dict, digits: int = 16) -> str:
+    """Hex digits of the sha256 of sorted JSON: with 16, of a run's identity, the run's key in the results database."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:digits]
+
+
+def decode_text_file(path: Path, what: str) -> str:
+    """A text file a user gave, as UTF-8 without a byte-order mark (Excel's "CSV UTF-8", Notepad); `what` names it in
+    the one-line error when it cannot be read or is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FewtuneError(f"{what} {path} is not UTF-8 text (bad byte at offset {e.start}).") from None
+    except OSError as e:
+        raise FewtuneError(f"{what} {path} cannot be read: {e.strerror or e}.") from None
+
+
+def nul_line(text: str) -> int | None:
+    """The first line holding a NUL byte, or None. No text holds one: a file saved as UTF-16 without a byte-order
+    mark (every other byte NUL for English) decodes as "UTF-8" into garbage that would be read as text."""
+    if "\x00" not in text:
+        return None
+    return next(n for n, row in enumerate(text.splitlines(), 1) if "\x00" in row)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """decode_text_file, and a NUL byte refused (nul_line)."""
+    text = decode_text_file(path, what)
+    line = nul_line(text)
+    if line is not None:
+        raise FewtuneError(f"{what} {path} line {line} holds a NUL byte (\\x00): not UTF-8 text (UTF-16? save it "
+                           "as UTF-8).")
+    return text
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -17,15 +17,14 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import FewtuneError, did_you_mean
-from ..tasks import METRIC_RANGES, check_margin
+from ..stats.metrics import METRICS
+from ..tasks import METRIC_RANGES, builtin_names, check_margin, load_task
 
 RELATIONS = ("better", "worse", "equivalent", "noninferior")
 SPLITS = {"in_domain": "id", "out_of_domain": "ood"}  # a claim's split role -> the report's prefix
 _NEEDS_MARGIN = ("equivalent", "noninferior")
 _TOP_KEYS = {"title", "description", "claims"}
 _CLAIM_KEYS = {"id", "relation", "a", "b", "split", "margin", "shots", "tasks", "models", "statement", "source"}
-# the primary metric of each built-in task, to check a margin at load time (a user task's is checked when judged)
-_BUILTIN_METRICS = {"cola": "mcc", "mnli": "accuracy"}
 SHIPPED = ("study",)
 
 
@@ -83,8 +82,13 @@ def matches(pattern: str, label: str) -> bool:
 
 
 def is_findings(raw: dict) -> bool:
-    """A parsed TOML file is a findings file when it has a [[claims]] list (task files and grid specs have none)."""
-    return isinstance(raw, dict) and "claims" in raw
+    """A parsed TOML file is a findings file when it has a [[claims]] list (task files and grid specs have none), or
+    a list of tables whose name is close to it ([[claim]]: a findings file with a typo, told so, not read as a task)."""
+    if not isinstance(raw, dict):
+        return False
+    import difflib
+    return "claims" in raw or any(isinstance(v, list) and v and all(isinstance(x, dict) for x in v)
+                                  and difflib.get_close_matches("claims", [k], cutoff=0.8) for k, v in raw.items())
 
 
 def load_findings(spec: str | Path) -> Findings:
@@ -118,7 +122,11 @@ def _read(spec) -> tuple[str, str]:
 def parse_findings(raw: dict, where: str) -> Findings:
     """Validate a parsed findings file; every error names the file and the claim."""
     if not isinstance(raw, dict) or "claims" not in raw:
-        raise FewtuneError(f"{where}: a findings file needs a [[claims]] list (docs/findings.md).")
+        import difflib
+        near = difflib.get_close_matches("claims", list(raw) if isinstance(raw, dict) else [], n=1, cutoff=0.6)
+        hint = f" It has [[{near[0]}]]: Did you mean [[claims]]?" if near else ""
+        raise FewtuneError(f"{where}: a findings file needs a [[claims]] list (docs/findings.md); this one has none."
+                           + hint)
     for key in raw:
         if key not in _TOP_KEYS:
             raise FewtuneError(f"{where}: unknown key '{key}'.{did_you_mean(key, sorted(_TOP_KEYS))} "
@@ -173,7 +181,9 @@ def _parse_claim(item: dict, at: str) -> Claim:
     if margin is not None:
         # at most the range of the primary metric of every task named (built-ins known now; a user task's metric
         # is checked when the claim is judged); without tasks, at most the widest range of any metric (MCC's 2)
-        metrics = [_BUILTIN_METRICS[t] for t in tasks or () if t in _BUILTIN_METRICS] or ["mcc"]
+        builtin = set(builtin_names())  # their primary metric from their own task file (a user task's: when judged)
+        widest = max(METRICS.values(), key=lambda m: m.hi - m.lo).name
+        metrics = [load_task(t).primary_metric for t in tasks or () if t in builtin] or [widest]
         for m in metrics:
             margin = check_margin(margin, m, f"{at}: 'margin'")
     shots = item.get("shots")

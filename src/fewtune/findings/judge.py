@@ -2,7 +2,7 @@
 every claim × setting of the file controlled (docs/findings.md).
 
 For a claim and a setting (model × task × shots present in the results) the estimate is the contrast
-mean(A) − mean(B) of the claim's options at those shots, from fewtune.compare.Fit over *every* option of that
+mean(A) − mean(B) of the claim's options at those shots, from fewtune.stats.compare.Fit over *every* option of that
 (model, task) on the claim's split, so seeds are paired through the fit's seed effects and the seed variance is
 pooled over all options. Each row brings two one-sided hypotheses, "the claim holds" (S) and "its opposite holds"
 (C):
@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import special as _special
 
-from .. import claims as _claims
-from .. import compare
-from ..fmt import METRIC_NAMES, scale_for
-from ..options import model_order
+from ..stats import claims as _claims
+from ..stats import compare
+from ..stats.fmt import METRIC_NAMES, scale_for
+from ..stats.metrics import METRICS
+from ..stats.options import model_order
 from . import Claim, Findings, check_margin_for, matches
 
 SUPPORTED, CONTRADICTED, NOT_SETTLED = "supported", "contradicted", "not settled"
@@ -214,7 +215,7 @@ class _Family:
 
 
 def _family(gs: list[dict], prefix: str) -> _Family | None:
-    """The fit of every option of one (model, task) scored on the split's common examples (as fewtune.claims
+    """The fit of every option of one (model, task) scored on the split's common examples (as fewtune.stats.claims
     pairs them); None when no option has predictions there."""
     have = [g for g in gs if (g.get("preds") or {}).get(prefix) is not None]
     ref = _claims._reference_examples(have, prefix)
@@ -334,7 +335,7 @@ def _fmt(x: float, metric: str) -> str:
 
 def relation_text(c: Claim, metric: str) -> str:
     a, b = "{" + ", ".join(c.a) + "}", "{" + ", ".join(c.b) + "}"
-    unit = "" if metric == "mcc" else " points"
+    unit = METRICS[metric].unit if metric in METRICS else ""
     m = scale_for(metric)(c.margin) + unit if c.margin is not None else ""
     return {"better": f"{a} better than {b}", "worse": f"{a} worse than {b}",
             "equivalent": f"{a} within ±{m} of {b}", "noninferior": f"{a} not worse than {b} by more than {m}"}[

@@ -1,9 +1,14 @@
 """Methods: each a small object that prepares the model, encodes examples and defines the loss.
 
-The registry maps a lower-case name to the method class; it is the one list of methods: config validation, the
-CLI's per-method flags (declared by each option, `base.option`) and `fewtune ls methods` read it, so a new
-method is one file here (imported below) plus its test case. Everything a method does not define
-(batching, precision, optimizer, schedule, scoring) is the engine's, shared by all methods.
+A method is one file of this folder, and its file name is its name: `methods/ft.py` is the method `ft`, and a copy
+under another name is another method that behaves the same. The file holds everything the method needs: its
+options (each with its CLI flag, `base.option`), its budgets (`defaults`, and `presets` for `--preset quick`), its
+objective (`base.ObjectiveOptions`) and its hooks. Everything a method does not define (batching, precision,
+optimizer, schedule, scoring) is the engine's, shared by all methods.
+
+The registry maps each name to "fewtune.methods.<name>" and imports a method's module only when it is used
+(lm-eval's lazy Registry: `fewtune report` or `results` never import torch through it). Config validation, the
+CLI's per-method flags and `fewtune ls methods` read it: it is the one list of methods.
 """
 
 from __future__ import annotations
@@ -11,25 +16,67 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..errors import FewtuneError, unknown
-from .base import Flag, Method, RunContext
 
-REGISTRY: dict[str, type[Method]] = {}
+# The study's methods first, in the order listings, help and errors name them; then every other file of this folder.
+STUDY_ORDER = ("icl", "ft", "pbft", "adaptive", "lora", "cd", "peft")
+HELPERS = ("base", "layers")  # modules of this folder that are not methods
 
 
-def register(cls):
-    name = cls.name
-    if name != name.lower() or not name.isidentifier():
-        raise ValueError(f"method name {name!r} must be a lower-case identifier")
-    if name in REGISTRY:
-        raise ValueError(f"method {name!r} is registered twice")
-    REGISTRY[name] = cls
+class Registry(Mapping):
+    """name -> the method's class, each loaded on first use from its "module" string (the class the module defines
+    that subclasses Method). Iterating gives the names without importing anything."""
+
+    def __init__(self, entries: dict[str, str]):
+        self.entries = entries
+        self._loaded: dict[str, type] = {}
+
+    def __getitem__(self, name: str) -> type:
+        if name not in self._loaded:
+            self._loaded[name] = load_method_class(name, self.entries[name])
+        return self._loaded[name]
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self.entries
+
+
+def load_method_class(name: str, module_name: str) -> type:
+    """The one Method subclass defined in `module_name`, named after its file."""
+    from .base import Method
+    module = importlib.import_module(module_name)
+    defined = [v for v in vars(module).values()
+               if isinstance(v, type) and issubclass(v, Method) and v.__module__ == module.__name__]
+    if len(defined) != 1:
+        raise ValueError(f"{module_name} must define exactly one Method subclass, found "
+                         f"{', '.join(c.__name__ for c in defined) or 'none'}")
+    cls = defined[0]
+    cls.name = name  # the file's name, whatever the class says: a copied file is a method of its own
     return cls
 
 
-def get_method(name: str, options: dict | None = None) -> Method:
+def discover() -> dict[str, str]:
+    """{name: module} for every method file of this folder, without importing any."""
+    names = [m.name for m in pkgutil.iter_modules(__path__) if m.name not in HELPERS and not m.name.startswith("_")]
+    for name in names:
+        if name != name.lower() or not name.isidentifier():
+            raise ValueError(f"method file {name!r}.py: a method's name must be a lower-case identifier")
+    ordered = [n for n in STUDY_ORDER if n in names] + sorted(n for n in names if n not in STUDY_ORDER)
+    return {name: f"{__name__}.{name}" for name in ordered}
+
+
+REGISTRY = Registry(discover())
+
+
+def get_method(name: str, options: dict | None = None):
     if name not in REGISTRY:
         raise unknown("method", name, REGISTRY)
     return REGISTRY[name](options or {})
@@ -38,7 +85,7 @@ def get_method(name: str, options: dict | None = None) -> Method:
 @dataclass
 class OptionFlag:
     """One CLI flag and the option it sets in each method that declares it (--lora-r: lora's r, cd's lora_r)."""
-    flag: Flag
+    flag: object                                # base.Flag
     fields: dict = field(default_factory=dict)  # method name -> option name, in registry order
     helps: dict = field(default_factory=dict)   # method name -> "what it does [default]"
 
@@ -52,8 +99,8 @@ class OptionFlag:
 
 
 def option_flags() -> dict[str, OptionFlag]:
-    """{flag: OptionFlag} over every registered method's options. A flag shared by methods must mean the same kind
-    of value in each (checked: a clash is a programming error, raised at first use)."""
+    """{flag: OptionFlag} over every registered method's options (imports every method). A flag shared by methods
+    must mean the same kind of value in each (checked: a clash is a programming error, raised at first use)."""
     flags: dict[str, OptionFlag] = {}
     for name, cls in REGISTRY.items():
         for f in dataclasses.fields(cls.Options):
@@ -70,10 +117,12 @@ def option_flags() -> dict[str, OptionFlag]:
     return flags
 
 
-# Registration: the study's methods first, in the order listings, help and errors name them; then every other
-# module of this folder (base and layers register nothing), so a new method is one new file.
-from . import icl, ft, pbft, adaptive, lora, cd, peft  # noqa: E402,F401
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+def __getattr__(name: str):
+    # the interface, for `from fewtune.methods import Method, RunContext`: base imports torch, so only on use
+    if name in ("Method", "RunContext", "Options", "ObjectiveOptions", "option", "Flag"):
+        from . import base
+        return getattr(base, name)
+    raise AttributeError(f"module 'fewtune.methods' has no attribute {name!r}")
 
-__all__ = ["Method", "OptionFlag", "RunContext", "REGISTRY", "get_method", "option_flags", "register", "FewtuneError"]
+
+__all__ = ["Method", "OptionFlag", "RunContext", "REGISTRY", "get_method", "option_flags", "FewtuneError"]

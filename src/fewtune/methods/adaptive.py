@@ -9,32 +9,29 @@ from dataclasses import dataclass
 
 import torch
 
-from ..batching import collate
-from ..devices import autocast, speedups_enabled
-from ..engine import class_logits
+from ..engine.batching import collate
+from ..engine.devices import autocast, speedups_enabled
+from ..engine.engine import class_logits
+from ..engine.models import text_config
 from ..errors import FewtuneError
-from ..models import text_config
-from . import register
-from .base import Method, Options, option
+from .base import Method, ObjectiveOptions, option
 from .layers import find_blocks, head_names, params_after_blocks
 
 
 @dataclass
-class AdaptiveOptions(Options):
+class AdaptiveOptions(ObjectiveOptions):
     # top blocks that train; more = closer to full FT, slower and more memory
     train_layers: int = option(2, flag="--train-layers", help="top blocks that train")
     # block at distance d from the top trains at lr * lr_decay**d
     lr_decay: float = option(0.8, flag="--lr-decay", help="per-block learning-rate decay from the top")
-    objective: str = option("pbft", flag="--objective", help="pbft or ft")
     frozen_cache: bool = True  # compute the frozen part once and train the top blocks on its output (3-6x faster per epoch)
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.train_layers, int) or isinstance(self.train_layers, bool) or self.train_layers < 1:
             raise FewtuneError(f"adaptive: train_layers must be a positive integer, got {self.train_layers!r}.")
         if not isinstance(self.lr_decay, (int, float)) or not 0 < self.lr_decay <= 1:
             raise FewtuneError(f"adaptive: lr_decay must be in (0, 1], got {self.lr_decay!r}.")
-        if self.objective not in ("pbft", "ft"):
-            raise FewtuneError(f"adaptive: objective must be pbft or ft, got {self.objective!r}.")
 
 
 log = logging.getLogger("fewtune")
@@ -54,19 +51,14 @@ def has_dropout(model) -> bool:
     return any(r > 0 for r in rates + modules)
 
 
-@register
 class Adaptive(Method):
-    name = "adaptive"
     Options = AdaptiveOptions
     defaults = dict(epochs=40, batch_size=32, lr=1e-5, weight_decay=0.0, warmup_ratio=0.5)
+    presets = {"quick": {"lr": 1e-4}}  # only the top blocks train: a higher rate for the quick preset's 5 epochs
 
     def __init__(self, options):
         super().__init__(options)
         self.frozen_cache = False  # whether training runs on the cached output of the frozen blocks (train_items)
-
-    @property
-    def objective(self):
-        return "head" if self.opts.objective == "ft" else "lm"
 
     def prepare(self, ctx, model):
         prefix, blocks = find_blocks(model)
@@ -112,8 +104,8 @@ class Adaptive(Method):
         k = self._depth - self.opts.train_layers
         model.eval()
         with torch.no_grad(), autocast(ctx.dtype, ctx.device):
-            for start in range(0, len(items), ctx.config.eval_batch_size):
-                chunk = items[start:start + ctx.config.eval_batch_size]
+            for start in range(0, len(items), ctx.config.scoring_rows):
+                chunk = items[start:start + ctx.config.scoring_rows]
                 batch = collate([it["ids"] for it in chunk], ctx.tokenizer.pad_token_id, device=ctx.device)
                 hidden = model(**batch, output_hidden_states=True).hidden_states[k]
                 for i, it in enumerate(chunk):

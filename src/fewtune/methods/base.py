@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from ..engine import class_logits
+from ..engine.engine import class_logits
+from ..engine.models import DEFAULT_MAX_POSITIONS
 from ..errors import FewtuneError, did_you_mean
-from ..models import DEFAULT_MAX_POSITIONS
+
+if TYPE_CHECKING:  # types only: the config and the task sit above the methods (README's Layout)
+    from transformers import PreTrainedTokenizerBase
+
+    from ..config import RunConfig
+    from ..tasks import Pattern, Task
 
 
 @dataclass
@@ -17,10 +24,10 @@ class RunContext:
     """What the run hands a method: its inputs (read-only by convention) and `info`, where the method writes what
     goes into the result's `method_info`. A method keeps its own state (icl's demonstrations, adaptive's cache,
     cd's teacher) on itself, not here: `info` is only written by methods and only read by the runner."""
-    config: object            # RunConfig
-    task: object              # Task
-    pattern: object           # Pattern
-    tokenizer: object
+    config: RunConfig
+    task: Task
+    pattern: Pattern
+    tokenizer: PreTrainedTokenizerBase
     label_ids: list | None    # verbalizer token ids, in label order (None for a classification head)
     train_examples: list      # the few-shot sample, in its seeded order
     device: torch.device
@@ -73,14 +80,34 @@ class Options:
         return cls(**raw)
 
 
+# The objective option's words (the method each names) -> what scores the labels: the LM head over the verbalizer
+# words ('lm'), or a new classification head ('head'). One vocabulary for every method that offers the choice.
+OBJECTIVES = {"pbft": "lm", "ft": "head"}
+
+
+@dataclass
+class ObjectiveOptions(Options):
+    """Options of a method that trains with either objective: pbft (the verbalizer words over the LM head) or ft
+    (a new classification head). Declared once here: a method offers the choice by deriving its Options from this."""
+    objective: str = option("pbft", flag="--objective", help="pbft or ft")
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise FewtuneError(f"objective must be {' or '.join(OBJECTIVES)}, got {self.objective!r}.")
+
+
 class Method:
-    """A few-shot adaptation method. Subclasses set `name`, `trains`, `Options`, and override what they need."""
+    """A few-shot adaptation method. Subclasses set `trains`, `Options`, their budgets, and override what they need;
+    `name` is the file's (methods/__init__.py)."""
 
     name = "method"
     trains = True
     Options = Options
     # the study's GPU budgets (docs/methods.md); RunConfig fields and presets override them
     defaults = dict(epochs=40, batch_size=32, lr=1e-5, weight_decay=0.0, warmup_ratio=0.5)
+    # this method's own values under each preset (hyperparameters.PRESETS holds what every method shares): a method
+    # that trains names its learning rate for each preset, or the preset is refused for it
+    presets: dict = {}
 
     def __init__(self, options: dict):
         self.opts = self.Options.parse(options, self.name)
@@ -90,15 +117,15 @@ class Method:
         """Lines under the method's own in `fewtune ls methods` (peft: the types the installed peft offers)."""
         return []
 
-    @property
-    def preset_keys(self) -> tuple:
-        """Keys of this method's learning rate in a preset's table (hyperparameters.PRESETS), most specific first."""
-        return (self.name,)
+    def preset(self, name: str) -> dict:
+        """This method's own values under the preset `name` (its learning rate), as configured."""
+        return dict(self.presets.get(name, {}))
 
     @property
     def objective(self) -> str:
-        """'lm': score the verbalizer words with the LM head; 'head': a new classification head."""
-        return "lm"
+        """'lm': score the verbalizer words with the LM head; 'head': a new classification head (the option's
+        words, pbft or ft, for methods whose Options derive from ObjectiveOptions)."""
+        return OBJECTIVES[getattr(self.opts, "objective", "pbft")]
 
     # --- the model
     def prepare(self, ctx: RunContext, model):

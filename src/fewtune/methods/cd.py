@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..batching import encode, leading_special_ids
-from .. import engine
+from ..engine import engine
+from ..engine.batching import encode, leading_special_ids
 from ..errors import FewtuneError
-from . import register
 from .base import Method, Options, option
 from .icl import demonstrations_text, drop_to_fit
 from .lora import ADAPTER_DEFAULTS, LoraOptions, wrap
@@ -64,24 +63,26 @@ class CdOptions(Options):
         return LoraOptions(**{k: v for k, v in given.items() if v is not None})
 
 
-@register
 class ContextDistillation(Method):
-    name = "cd"
     Options = CdOptions
 
     def __init__(self, options):
         super().__init__(options)
         self.teacher_calls = 0  # examples the teacher has scored (tests check: once per training example)
-        self.distill_loss_sum = 0.0  # the distillation term summed over training: after_train checks it moved
+        # the distillation term summed over training, kept on the device (a float() per micro-batch would make the
+        # host wait for the GPU every step); read once, in after_train, which checks it moved
+        self.distill_loss_sum = 0.0
 
     @property
     def defaults(self):
         # a LoRA student trains on the adapters' budget, a full student on full fine-tuning's
         return dict(ADAPTER_DEFAULTS) if self.opts.student == "lora" else dict(Method.defaults)
 
-    @property
-    def preset_keys(self):
-        return ("cd-lora",) if self.opts.student == "lora" else ("cd",)
+    def preset(self, name):
+        # the quick preset's learning rate: lora's for a LoRA student, full fine-tuning's otherwise
+        if name != "quick":
+            return {}
+        return {"lr": 5e-4 if self.opts.student == "lora" else 2e-5}
 
     def teacher_context(self, ctx) -> str:
         text = (ctx.task.instruction or "").strip()
@@ -143,14 +144,14 @@ class ContextDistillation(Method):
         base = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         with base:
             out = engine.score(model, ctx.tokenizer, queries, ctx.label_ids, ctx.device, ctx.dtype,
-                        batch_size=ctx.config.eval_batch_size, prefix_ids=prefix_ids)
+                        batch_size=ctx.config.scoring_rows, prefix_ids=prefix_ids)
         self.teacher_calls += len(queries)
         # The distillation term must not be zero: if the teacher's outputs equal the student's (no context,
         # or a context that changes nothing), distillation silently degenerates into plain pbft.
         # Checked on the first 8 examples only: an exactly zero KL there already means the context is inert.
         n_check = min(8, len(seqs))
         student = engine.score(model, ctx.tokenizer, seqs[:n_check], ctx.label_ids, ctx.device, ctx.dtype,
-                        batch_size=ctx.config.eval_batch_size)
+                        batch_size=ctx.config.scoring_rows)
         T = float(self.opts.temperature)
         t_logp = torch.log_softmax(torch.tensor(out.logits[:n_check]) / T, -1)
         s_logp = torch.log_softmax(torch.tensor(student.logits) / T, -1)
@@ -174,12 +175,13 @@ class ContextDistillation(Method):
             kl = torch.nn.functional.kl_div(torch.log_softmax(logits / T, -1), torch.log_softmax(teacher / T, -1),
                                             log_target=True, reduction="batchmean")
             ce = torch.nn.functional.cross_entropy(logits, labels)
-            self.distill_loss_sum += float(kl.detach())
-            ctx.info["distill_loss_sum"] = self.distill_loss_sum
+            self.distill_loss_sum = self.distill_loss_sum + kl.detach()
             return alpha * T * T * kl + (1 - alpha) * ce, logits
         return loss_fn
 
     def after_train(self, ctx):
+        self.distill_loss_sum = float(self.distill_loss_sum)
+        ctx.info["distill_loss_sum"] = self.distill_loss_sum
         if self.opts.alpha > 0 and self.distill_loss_sum <= 0.0:
             raise FewtuneError("cd: the distillation term was zero throughout training.")
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..batching import encode
-from . import register
+from ..engine.batching import encode
 from .base import Method, Options
 
 log = logging.getLogger("fewtune")
@@ -27,9 +26,7 @@ def demonstrations_text(task, pattern, examples, separator: str = "\n\n") -> str
     return "".join(task.format(pattern, ex) + words[ex.label] + separator for ex in examples)
 
 
-@register
 class ICL(Method):
-    name = "icl"
     trains = False
     Options = IclOptions
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..engine.models import text_config
 from ..errors import FewtuneError
-from ..models import text_config
 
 
 def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:

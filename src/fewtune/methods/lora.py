@@ -11,21 +11,20 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FewtuneError
-from . import register
-from .base import Method, Options, option
+from .base import Method, ObjectiveOptions, option
 
 
 @dataclass
-class LoraOptions(Options):
+class LoraOptions(ObjectiveOptions):
     r: int = option(8, flag="--lora-r", help="rank")  # higher = more capacity, more parameters and memory
     alpha: int = option(16, flag="--lora-alpha", help="alpha (scaling alpha/r)")
     dropout: float = option(0.05, flag="--lora-dropout", help="dropout")
     # default: every Linear inside attention modules
     target_modules: list = option(default_factory=list, flag="--lora-targets", kind=str, split=",",
                                   help="comma-separated module names [attention projections]")
-    objective: str = option("pbft", flag="--objective", help="pbft or ft")
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise FewtuneError(f"lora: r must be a positive integer, got {self.r!r}.")
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
@@ -34,8 +33,6 @@ class LoraOptions(Options):
             raise FewtuneError(f"lora: dropout must be in [0, 1), got {self.dropout!r}.")
         if isinstance(self.target_modules, str):
             self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
-        if self.objective not in ("pbft", "ft"):
-            raise FewtuneError(f"lora: objective must be pbft or ft, got {self.objective!r}.")
 
 
 def attention_linears(model) -> list[str]:
@@ -69,15 +66,10 @@ def wrap(model, opts: LoraOptions, objective: str):
 ADAPTER_DEFAULTS = dict(epochs=80, batch_size=32, lr=2e-4, weight_decay=0.0, warmup_ratio=0.25)
 
 
-@register
 class LoRA(Method):
-    name = "lora"
     Options = LoraOptions
     defaults = ADAPTER_DEFAULTS
-
-    @property
-    def objective(self):
-        return "head" if self.opts.objective == "ft" else "lm"
+    presets = {"quick": {"lr": 5e-4}}
 
     def prepare(self, ctx, model):
         return wrap(model, self.opts, self.objective)

@@ -10,6 +10,7 @@ Target modules default to peft's own per-architecture table, else every Linear i
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -17,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import FewtuneError, did_you_mean, one_line
-from . import register
-from .base import Method, Options, option
+from .base import Method, ObjectiveOptions, option
 from .lora import ADAPTER_DEFAULTS, attention_linears
 
 # Config fields fewtune sets itself: the type and task come from peft_type/objective, the rest from the run.
@@ -39,6 +39,8 @@ UNSUPPORTED = {
 # Learning rates by kind of type (the study's LoRA budget for the rest); a preset or --lr overrides them.
 # VeRA trains only two scaling vectors per layer over frozen random matrices: its paper uses ~10x LoRA's rate.
 LR = {"prompt": 3e-2, "IA3": 3e-3, "VERA": 4e-3}
+# Under --preset quick (5 epochs at batch 8), by the same kinds; lora's quick rate for every other type.
+QUICK_LR = {"prompt": 3e-2, "IA3": 1e-2, "VERA": 1e-2}
 
 
 def peft_types() -> dict:
@@ -122,10 +124,9 @@ def type_text(hint) -> str:
 
 
 @dataclass
-class PeftOptions(Options):
+class PeftOptions(ObjectiveOptions):
     peft_type: str = option("", flag="--peft-type",
                             help="a peft.PeftType, e.g. IA3, LOHA, VERA, PROMPT_TUNING (fewtune ls methods)")
-    objective: str = option("pbft", flag="--objective", help="pbft or ft")
     # the peft config's own fields, as given
     fields: dict = option(default_factory=dict, flag="--peft-option", key_value=True,
                           help="a field of the type's peft config; VALUE is a TOML value (8, 0.1, true, "
@@ -139,8 +140,7 @@ class PeftOptions(Options):
         return cls(peft_type=peft_type, objective=objective, fields=raw)
 
     def __post_init__(self):
-        if self.objective not in ("pbft", "ft"):
-            raise FewtuneError(f"peft: objective must be pbft or ft, got {self.objective!r}.")
+        super().__post_init__()
         if self.peft_type in UNSUPPORTED:
             raise FewtuneError(f"peft: {self.peft_type} is not supported: {UNSUPPORTED[self.peft_type]}.")
         cls = self.config_class
@@ -156,6 +156,13 @@ class PeftOptions(Options):
             if key in hints and not matches(value, hints[key]):
                 raise FewtuneError(f"peft: {cls.__name__} field '{key}' must be {type_text(hints[key])}, got "
                                    f"{value!r:.60} ({type(value).__name__}).")
+            # ranges, not only types: peft builds no dropout for p <= 0 (nan is silently none) and stores a bare NaN
+            # in the config, which strict JSON readers of the result then refuse
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FewtuneError(f"peft: --peft-option {key}={value}: must be a finite number.")
+            if "dropout" in key and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and not 0 <= value < 1:
+                raise FewtuneError(f"peft: --peft-option {key}={value}: a dropout probability must be in [0, 1).")
         missing = [k for k in REQUIRED.get(self.peft_type, ()) if self.fields.get(k) in (None, [], "")]
         if missing:
             raise FewtuneError(f"peft: {self.peft_type} needs option(s) {', '.join(missing)} "
@@ -185,9 +192,7 @@ class PeftOptions(Options):
             raise FewtuneError(f"peft {self.peft_type}: {one_line(e)}") from None
 
 
-@register
 class Peft(Method):
-    name = "peft"
     Options = PeftOptions
 
     @property
@@ -200,14 +205,12 @@ class Peft(Method):
         offered = [t for t in sorted(peft_types()) if t not in UNSUPPORTED]
         return [f"--peft-type: {', '.join(offered)}"]
 
-    @property
-    def preset_keys(self):
-        # the quick preset's learning rate for this kind of type (hyperparameters.PRESETS: peft-prompt, peft-IA3, ...), else peft's
-        return ("peft-prompt" if self.opts.prompt_learning else f"peft-{self.opts.peft_type}", "peft")
-
-    @property
-    def objective(self):
-        return "head" if self.opts.objective == "ft" else "lm"
+    def preset(self, name):
+        # the quick preset's learning rate by kind of type: prompt learning, IA3 and VeRA need far higher rates
+        if name != "quick":
+            return {}
+        kind = "prompt" if self.opts.prompt_learning else self.opts.peft_type
+        return {"lr": QUICK_LR.get(kind, 5e-4)}
 
     def prepare(self, ctx, model):
         from peft import get_peft_model

@@ -26,7 +26,7 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, volume:
     with Store(db_path, readonly=True) as store:
         rows = store.rows()
         if findings == "auto" and store.meta().get("findings"):  # the grid spec's `findings = ...`
-            findings = store.meta()["findings"]
+            findings = recorded_findings(store.meta()["findings"])
         try:  # a folder that cannot be written is the user's to fix: one line, before and while writing
             fig_dir.mkdir(parents=True, exist_ok=True)
             doc = build(rows, Path(db_path), fig_dir, predictions_reader(store), volume, max_latency_ms,
@@ -45,3 +45,16 @@ def cannot_write(out: Path, e: OSError) -> FewtuneError:
     where = f" ({e.filename})" if e.filename else ""
     return FewtuneError(f"cannot write the report in {out}: {e.strerror or one_line(e)}{where}.")
 
+
+def recorded_findings(ref: str):
+    """The findings file a grid recorded in the database, loaded; if it cannot be (moved, deleted, edited into
+    something invalid), a one-line warning that says the name came from the database, and the default ('auto')."""
+    import sys
+
+    from ..findings import load_findings
+    try:
+        return load_findings(ref)
+    except FewtuneError as e:
+        print(f"fewtune: warning: the findings file recorded in the database by its grid ({ref}) cannot be read, so "
+              f"the report judges the default claims instead (--findings FILE names another): {e}", file=sys.stderr)
+        return "auto"

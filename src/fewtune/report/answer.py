@@ -1,6 +1,6 @@
 """The report's first screen: for every family (model × task × split) a box with the verdict, and the interval plot
-the verdict rests on. Formatting only: every claim is the family's verdict (fewtune.claims.view, fitted once per
-report). Of the Verdict this module reads best, candidates, worse, equivalent_to_best, margin, level, reason and
+the verdict rests on. Formatting only: every claim is the family's verdict (fewtune.stats.claims.view, fitted once
+per report). Of the Verdict this module reads best, candidates, worse, equivalent_to_best, margin, level, reason and
 vs_best (option -> its Comparison with the best, whose diff is best − option with the simultaneous interval the
 verdict uses); `plotted` turns them into one row per option, which the box's sentences and the plot read."""
 
@@ -11,8 +11,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import claims
-from ..stats import Estimate
+from ..stats import claims
+from ..stats.stats import Estimate
 from . import figures
 from .data import METRIC_NAMES, model_order, scale_for, with_interval
 from .render import Doc

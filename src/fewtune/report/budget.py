@@ -1,4 +1,4 @@
-""""Which method for which budget": the family's verdict (fewtune.claims) read at each budget level.
+""""Which method for which budget": the family's verdict (fewtune.stats.claims) read at each budget level.
 
 For a budget (peak memory, training time, labelled examples used) the candidates are the options that fit in it;
 the one with the highest estimate is named, with the options that fit and are not shown different from it. Every
@@ -6,7 +6,7 @@ pair is read from the family's simultaneous intervals (one family-wise procedure
 table makes no claim of its own. Budget levels are the costs of the Pareto-optimal options; costs that differ by less
 than the run-to-run variation measured for that cost are the same level (process peak memory that differs by 1 %
 between two options is measurement noise, not a reason to prefer one). Measured costs (time, memory) compare only
-between options measured alike (fewtune.options.measured_as: the same processor, precision, threads, company and
+between options measured alike (fewtune.stats.options.measured_as: the same processor, precision, threads, company and
 scoring batch): a family whose options were measured differently gets one table per set of conditions.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from ..claims import name, sentences
+from ..stats.claims import name, sentences
 from .data import COST_KIND, METRIC_NAMES, alike, measured_alike, mib, seconds, signed, with_interval
 
 BUDGETS = (  # group field, heading, how a level prints
@@ -168,7 +168,7 @@ def _budget_table(groups: list[dict], prefixes: tuple[str, ...], views: dict, co
 
 
 def conclusion(views: dict, task: str, model: str) -> list[str]:
-    """The family's verdict in plain words, per split (fewtune.claims.sentences)."""
+    """The family's verdict in plain words, per split (fewtune.stats.claims.sentences)."""
     lines = []
     for prefix in ("id", "ood"):
         if prefix in views:

@@ -9,9 +9,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import claims
 from ..findings import resolve as resolve_findings
 from ..findings.judge import judge
+from ..stats import claims
 from ..tasks import check_margin
 from . import answer, budget, figures, use
 from . import findings as findings_section
@@ -31,7 +31,7 @@ def shots_text(g: dict) -> str:
 
 
 def family_views(gs: list[dict], prefixes, margin: float | None = None, cache: dict | None = None) -> dict:
-    """prefix -> the family's verdict (fewtune.claims.view): one per (model, task, split), shared by every table
+    """prefix -> the family's verdict (fewtune.stats.claims.view): one per (model, task, split), shared by every table
     and sentence of the report, so every claim in it belongs to one family-wise procedure. With `cache` (one per
     report), each family is fitted once however many sections read it."""
     key = (gs[0]["task"], gs[0]["model"], tuple(prefixes), margin, tuple(sorted(g["label"] for g in gs)))

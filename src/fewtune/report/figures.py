@@ -1,7 +1,7 @@
 """The report's figures, drawn with matplotlib's Agg backend from the grouped numbers (report.data).
 
 Each figure is written as PNG and SVG under <out>/figures; the HTML report embeds the SVG.
-Error bars and bands are the paired, seed-aware 95% intervals of fewtune.stats (one seed: evaluation noise only).
+Error bars and bands are the paired, seed-aware 95% intervals of fewtune.stats.stats (one seed: evaluation noise only).
 """
 
 from __future__ import annotations

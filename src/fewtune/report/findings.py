@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..findings import Findings
 from ..findings.judge import Judgement, relation_text
-from ..fmt import METRIC_NAMES, scale_for
+from ..stats.fmt import METRIC_NAMES, scale_for
 from .render import Doc
 
 STUDY_HEADING = "The study's findings on your results"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import FewtuneError, did_you_mean, unknown
-from ..metrics import METRICS
+from ..stats.metrics import METRICS
 
 BUILTIN_DIR = Path(__file__).parent
 DROP = "__drop__"  # label_map value: leave the row out (MNLI's neutral in the binary task)
@@ -33,7 +33,7 @@ METRIC_RANGES = _Ranges()  # read from the registry when asked
 _SPLIT_KEYS = {"local", "columns", "label_map", "hub", "hub_columns", "hub_label_map", "hub_note", "group_by"}
 _LOCAL_KEYS = {"path", "format", "header", "delimiter"}
 _HUB_KEYS = {"path", "name", "split", "revision"}
-_METRICS = METRICS  # the metric registry (fewtune.metrics), read when a task loads
+_METRICS = METRICS  # the metric registry (fewtune.stats.metrics), read when a task loads
 # names other tools use for the same metrics, too far from ours for difflib to suggest
 def _metric_alias(name: str) -> str | None:
     return next((m.name for m in METRICS.values() if name in m.aliases), None)

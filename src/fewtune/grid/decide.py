@@ -3,7 +3,7 @@
 The allocation rule (docs/grid.md, "Until resolved"; the statistics: docs/statistics.md):
 1. Rounds 1 and 2 run the first two seeds of every option (model × task × method entry × shots) of the spec:
    nothing is judged from one seed, where no interval can see training instability.
-2. After each later round, per model × task, the in-domain family's claims are computed (fewtune.compare:
+2. After each later round, per model × task, the in-domain family's claims are computed (fewtune.stats.compare:
    simultaneous intervals over all pairs, α spent over the spec's looks). The look only allocates
    (`allocate`): options shown worse, or shown equivalent to the best within the task's margin, get no more
    seeds; every other candidate for the best gets the next seed in the spec's `seeds` list (the highest estimate
@@ -12,7 +12,7 @@ The allocation rule (docs/grid.md, "Until resolved"; the statistics: docs/statis
    before each run, the time it will take is estimated from the runs of the same option (its longest, else the mean
    of all runs so far) times 1.25; a run that would not finish within the budget is not started.
 4. The answer is made once, at the end, on all the runs, by the same analysis as `fewtune report`
-   (fewtune.claims), and is RESOLVED only when every claim it needs holds at the family-wise level with ≥ 2 seeds
+   (fewtune.stats.claims), and is RESOLVED only when every claim it needs holds at the family-wise level with ≥ 2 seeds
    per option; for what stays open it says what it would take (seeds, or evaluation examples bounded by the split).
 The whole rule is simulated in tests/test_compare.py with `allocate` as it runs: with 8 equal options, ≤ 5 % of
 runs end with any false claim. Everything runs through the ordinary grid (claim, record, resume): an interrupted
@@ -27,9 +27,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import claims, compare
-from .errors import FewtuneError
-from .fmt import METRIC_NAMES, signed, with_interval
+from ..errors import FewtuneError
+from ..stats import claims, compare
+from ..stats.fmt import METRIC_NAMES, signed, with_interval
 from .grid_spec import Cell, Grid
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
@@ -182,7 +182,7 @@ def _assess(store, groups_of, depth, margin: float | None = None) -> dict:
     that is still a candidate for the best and not shown equivalent to it. Options shown worse, or shown
     equivalent to the best within the task's margin, get no more seeds. The answer is not taken from these looks:
     it is the final verdict (`_answer`), on all the runs, made once."""
-    from .options import flat_row, group_runs, predictions_reader
+    from ..stats.options import flat_row, group_runs, predictions_reader
     given = {c.key for opts in groups_of.values() for o in opts for c in o.cells[:depth[o.key]]}
     rows = [r for r in store.rows(["success"]) if r["config_hash"] in given]
     groups = group_runs([flat_row(r) for r in rows], rows, predictions_reader(store))
@@ -225,7 +225,7 @@ def _margin(override: float | None, opts: list[Option]) -> float | None:
     """The equivalence margin, fixed before the run: --equivalence-margin, else the task file's."""
     if override is not None:
         return override
-    from .tasks import load_task
+    from ..tasks import load_task
     return load_task(opts[0].cells[0].config.task).equivalence_margin
 
 

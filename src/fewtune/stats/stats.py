@@ -65,7 +65,7 @@ NAN_ESTIMATE = Estimate(math.nan, math.nan, math.nan, math.nan, math.nan, 0, 0, 
 # ----------------------------------------------------------------------------- metrics from confusion counts
 def from_confusion(cm: np.ndarray, metric: str) -> np.ndarray:
     """`metric` of confusion count arrays [..., C, C] (rows gold, columns predicted), vectorised over the leading
-    axes: the registry's definition (fewtune.metrics.METRICS)."""
+    axes: the registry's definition (fewtune.stats.metrics.METRICS)."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}")
     return METRICS[metric].of_confusion(np.asarray(cm, dtype=np.float64))

@@ -3,9 +3,10 @@
 The driver (driver.py, the `fewtune grid` process) is still the only writer of the results database: it claims a
 cell, this backend submits it as a task with the spec's `[resources]` (num_cpus, num_gpus, memory_gib), and the
 driver records what comes back, exactly as for the local backends.
-A task runs `grid.run_config` in a fresh Ray worker process (`max_calls=1`: its memory and CUDA context go
-back when the cell ends, as with the local backend's child processes) and returns the result record and the
-cell's log as JSON text; the driver appends the log to `<db folder>/logs/<hash>.log`.
+A task runs `cell_process.run_request` in a fresh Ray worker process (`max_calls=1`: its memory and CUDA context go
+back when the cell ends, as with the local backend's child processes): it takes a protocol.CellRequest and returns a
+protocol.CellOutcome carrying the end of the cell's log, both as JSON text; the driver appends the log to
+`<db folder>/logs/<hash>.log`.
 
 An exception inside a cell is a failed cell, never retried (it would fail again). A worker process or node
 that dies is retried by the driver, `max_retries` times (`--max-retries`, spec key `max_retries`), each try
@@ -15,7 +16,6 @@ Warm workers as Ray actors (`--backend ray-warm`), which load a model once for m
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -23,12 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from .backends import Job, Outcome
-from .cell_process import configure_cell_process, mark_shared, output_to, run_config
-from .driver import Summary, run_grid
-from .errors import FewtuneError
-from .grid_spec import Grid
-from .store import Store, dumps, now
+from ..errors import FewtuneError
+from ..util import now
+from .backends import Job, runner_spec
+from .cell_process import configure_cell_process, output_to, run_request
+from .protocol import CellOutcome, CellRequest, leaves_device_unusable
 
 log = logging.getLogger("fewtune")
 MAX_RETRIES = 2     # re-runs of a cell whose worker died (a node lost, an out-of-memory kill), not of one that raised
@@ -49,25 +48,25 @@ def import_ray():
 
 
 # --- in the Ray worker
-def run_cell_task(config_json: str, env: dict) -> str:
-    """The Ray task: one cell in this (fresh, dedicated) worker process. Returns JSON text:
-    {"ok", "result" | "error", "log", "host", "pid"} (JSON, like the local child's hand-over, not a pickle)."""
-    os.environ.update(env)  # the driver's FEWTUNE_* settings: runner, data folder, cache
+def run_cell_task(request_json: str, env: dict) -> str:
+    """The Ray task: one cell in this (fresh, dedicated) worker process. Takes a CellRequest and returns a
+    CellOutcome with the end of the cell's log and where it ran, both JSON text (like the local child's, no pickle)."""
+    os.environ.update(env)  # the driver's FEWTUNE_* settings: data folder, cache
+    req = CellRequest.from_json(request_json)
     with tempfile.TemporaryDirectory(prefix="fewtune-cell-") as tmp:
         log_file = Path(tmp) / "cell.log"
         with output_to(log_file):
-            configure_cell_process()
-            # a Ray worker shares its node with whatever else the cluster schedules there: say only what is known
-            out = mark_shared(run_config(config_json), "ray", None, None)
+            configure_cell_process(req.runner)
+            out = run_request(req)
         return hand_back(out, log_file)
 
 
-def hand_back(out: dict, log_file: Path) -> str:
+def hand_back(out: CellOutcome, log_file: Path) -> str:
     """What a Ray worker returns for a cell: its outcome, the end of its log and where it ran, as JSON text."""
     with open(log_file, "rb") as f:
         f.seek(max(0, log_file.stat().st_size - LOG_LIMIT))
         text = f.read().decode("utf-8", errors="replace")
-    return dumps({**out, "log": text, "host": socket.gethostname(), "pid": os.getpid()})
+    return out.with_(log=text, host=socket.gethostname(), pid=os.getpid()).to_json()
 
 
 # --- in the driver
@@ -142,8 +141,9 @@ class RayBackend:
     how many cells the live nodes can run at once, so the driver claims only what the cluster can start now."""
     name, worker_noun, default_retries, synchronous = "ray", "Ray worker", MAX_RETRIES, False
 
-    def __init__(self, resources: dict, address: str | None = None):
+    def __init__(self, resources: dict, address: str | None = None, runner: str | None = None):
         self.resources, self.address = resources, address
+        self.runner = runner_spec(runner)
         self.ray = None
         self.pending: dict = {}  # ObjectRef -> Job
         self.window = 1
@@ -161,9 +161,11 @@ class RayBackend:
     def start(self, job: Job) -> None:
         with open(job.log_path, "a", encoding="utf-8") as logf:
             logf.write(f"\n=== {now()} fewtune grid: {job.cell.describe()} [{job.key}], Ray task, try {job.attempt}\n")
-        self.pending[self.remote.remote(json.dumps(job.cell.config.to_dict()), self.env)] = job
+        # a Ray worker shares its node with whatever else the cluster schedules there: workers unknown (None)
+        req = job.request(self.name, self.runner, None, None)
+        self.pending[self.remote.remote(req.to_json(), self.env)] = job
 
-    def poll(self, timeout: float) -> list[tuple[Job, Outcome]]:
+    def poll(self, timeout: float) -> list[tuple[Job, CellOutcome]]:
         if not self.pending:
             time.sleep(timeout)
             return []
@@ -171,7 +173,7 @@ class RayBackend:
         out = []
         for ref in ready:
             job = self.pending.pop(ref)
-            out.append((job, collect(self.ray, ref, job.log_path, self.resources)[0]))
+            out.append((job, collect(self.ray, ref, job.log_path, self.resources)))
         return out
 
     def cancel(self, job: Job) -> None:
@@ -188,34 +190,24 @@ class RayBackend:
             self.ray = None
 
 
-def run_grid_ray(grid: Grid, store: Store, log_dir: Path, address: str | None = None, max_retries: int | None = None,
-                 reclaim: bool = False, progress: bool = True, echo=print) -> Summary:
-    """Run every cell that has not succeeded yet as a Ray task, through the one driver (driver.py)."""
-    return run_grid(grid, store, log_dir, reclaim=reclaim, progress=progress, echo=echo,
-                    backend=RayBackend(grid.resources, address),
-                    retries=max_retries if max_retries is not None else grid.max_retries)
-
-
-def collect(ray, ref, log_path: Path, resources: dict) -> tuple[Outcome, dict]:
-    """The outcome of a finished task or actor call (success, failed, died) and what the worker handed back ({} when
-    nothing came); appends its log. A success records the GPU share asked (`cost.ray_num_gpus`: 0.25 = shared by 4)."""
+def collect(ray, ref, log_path: Path, resources: dict) -> CellOutcome:
+    """The outcome of a finished task or actor call (success, failed, died); appends the cell's log. A success records
+    the GPU share asked (`cost.ray_num_gpus`: 0.25 = shared by 4). An error raised outside the cell's runner that can
+    leave the device unusable asks for the worker to be replaced, as one inside it does."""
     from ray.exceptions import RayTaskError
     try:
-        out = json.loads(ray.get(ref))
-    except RayTaskError as e:  # raised outside run_config (e.g. fewtune missing on that node): would fail again
+        out = CellOutcome.from_json(ray.get(ref))
+    except RayTaskError as e:  # raised outside run_request (e.g. fewtune missing on that node): would fail again
         error = one_line(e.cause) if getattr(e, "cause", None) else one_line(e)
         append_log(log_path, f"=== {now()} Ray task failed: {e}\n")
-        return Outcome("failed", error=error), {}
+        return CellOutcome("failed", error=error, replace_worker=leaves_device_unusable(str(e)))
     except ray.exceptions.RayError as e:  # the worker, actor or node died, the call was lost: worth another try
         append_log(log_path, f"=== {now()} Ray worker died: {e}\n")
-        return Outcome("died", error=one_line(e)), {}
-    append_log(log_path, out.get("log", "") + f"\n=== {now()} on {out.get('host')} pid {out.get('pid')}: "
-                                              f"{'success' if out.get('ok') else 'failed'}\n")
-    if not out.get("ok"):
-        return Outcome("failed", error=out["error"]), out
-    if isinstance(out["result"].get("cost"), dict):
-        out["result"]["cost"]["ray_num_gpus"] = resources["num_gpus"]
-    return Outcome("success", result=out["result"]), out
+        return CellOutcome("died", error=one_line(e))
+    append_log(log_path, out.log + f"\n=== {now()} on {out.host} pid {out.pid}: {out.status}\n")
+    if out.status == "success" and isinstance(out.result.get("cost"), dict):
+        out.result["cost"]["ray_num_gpus"] = resources["num_gpus"]
+    return out.with_(log="")
 
 
 def append_log(path: Path, text: str) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .models import ModelRequest, resolve
+from ..engine.models import ModelRequest, resolve
 
 log = logging.getLogger("fewtune")
 DEVICE_ROOM = 4  # a template moves to the GPU only when the free memory is at least 4x its size (the cell's own
@@ -41,9 +41,10 @@ DEVICE_ROOM = 4  # a template moves to the GPU only when the free memory is at l
 
 
 def reset_process_state() -> None:
-    """What a fresh process starts with, as far as a cell can see it: RNGs at a fixed state (the runner seeds torch
-    itself; Python's and NumPy's generators are set here so nothing depends on the previous cell), grad mode on, no
-    garbage of the previous cell holding memory."""
+    """A clean start for the next cell: grad mode on, no garbage of the previous cell holding memory, and RNGs at a
+    fixed state (seed 0), so that nothing depends on the cells before. A fresh process differs here: its Python and
+    NumPy generators start from OS entropy. The runner seeds torch itself before anything it draws; a cell that
+    drew from Python's or NumPy's generator without seeding it would differ between the two (none does)."""
     import numpy as np
     random.seed(0)
     np.random.seed(0)

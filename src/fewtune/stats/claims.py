@@ -1,4 +1,4 @@
-"""What may be said about the options of one family, from fewtune.compare, and the same words for the report and
+"""What may be said about the options of one family, from fewtune.stats.compare, and the same words for the report and
 `--until-resolved`: the verdict of a (model, task, split), the floor (the majority-class baseline), what it would
 take to settle what is open (never more evaluation examples than the split holds), and the sentences."""
 
@@ -11,6 +11,7 @@ import numpy as np
 
 from . import compare, stats
 from .fmt import METRIC_NAMES, scale_for, signed, with_interval
+from .metrics import METRICS
 from .options import measured_alike
 
 
@@ -152,8 +153,10 @@ def floor_sentence(fv: FamilyView) -> str:
     metric = fv.metric
     best = fv.best
     label = majority_label(best, fv.prefix) if best else "?"
-    what = (f"MCC > 0, which predicting '{label}' (the evaluation set's most frequent class) for everything scores 0"
-            if metric == "mcc" else f"predicting '{label}' (the evaluation set's most frequent class) everywhere")
+    constant = METRICS[metric].constant if metric in METRICS else None
+    what = (f"{METRICS[metric].display} > {constant:g}, which predicting '{label}' (the evaluation set's most frequent "
+            f"class) for everything scores {constant:g}" if constant is not None
+            else f"predicting '{label}' (the evaluation set's most frequent class) everywhere")
     beaters = [n for n, e in fv.floor.items() if e.lo > 0]
     judged = [n for n, e in fv.floor.items() if not math.isnan(e.lo)]
     basis = (f"paired by example, each option at {100 * (1 - compare.ALPHA / fv.verdict.looks / max(len(fv.floor), 1)):.2f}% "
@@ -176,7 +179,7 @@ def majority_label(g: dict, prefix: str) -> str:
 
 
 def _margin(margin: float | None, metric: str) -> str:
-    return "–" if margin is None else scale_for(metric)(margin) + (" points" if metric != "mcc" else "")
+    return "–" if margin is None else scale_for(metric)(margin) + (METRICS[metric].unit if metric in METRICS else "")
 
 
 def cheapest(gs: list[dict]) -> dict | None:

@@ -7,6 +7,7 @@ import math
 
 from .metrics import METRICS
 
+
 class _Percent:
     """The metrics printed in % (the others as coefficients), read from the registry when asked."""
     def __contains__(self, name) -> bool:

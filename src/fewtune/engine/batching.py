@@ -65,10 +65,11 @@ CUDA_TOKEN_BUDGET = 16_384
 MAX_ROWS = 1_024
 
 
-def scoring_token_budget(device, eval_batch_size: int, default_batch_size: int = 16) -> int | None:
-    """The token budget of a scoring batch: on CUDA when eval_batch_size is left at its default; else None (fixed
-    batches of eval_batch_size rows; CPUs keep them: their forward pass gains little past 16 rows)."""
-    if getattr(device, "type", str(device)) == "cuda" and eval_batch_size == default_batch_size:
+def scoring_token_budget(device, eval_batch_size: int | None) -> int | None:
+    """The token budget of a scoring batch: on CUDA when eval_batch_size is not given (None); else None (fixed
+    batches of rows: the number given, or 16 on a CPU, whose forward pass gains little past 16 rows). An explicit
+    eval_batch_size, 16 included, is always a number of rows."""
+    if getattr(device, "type", str(device)) == "cuda" and eval_batch_size is None:
         return CUDA_TOKEN_BUDGET
     return None
 

@@ -2,7 +2,7 @@
 running one real cell of each here with its evaluation capped, in a temporary folder deleted afterwards.
 
 Each probe is the kind's cell with the most shots (estimate.kinds_to_probe), run as a grid runs a cell: a fresh
-`python -m fewtune.cell_process` child (backends.ProcessBackend) with the real runner, its own training as configured,
+`python -m fewtune.grid.cell_process` child (backends.ProcessBackend) with the real runner, its own training as configured,
 `eval_limit` capped at estimate.PROBE_EVAL_LIMIT per split. Its result comes back through a file in the temporary folder
 and reaches no database: a dry run only reads the user's. A probe that fails or dies costs one line, and its kind is
 estimated at the default. How a cell's time is extrapolated from a probe: estimate.Probe.
@@ -56,10 +56,11 @@ def describe(p: Probe, cfg) -> str:
             f"{fmt_seconds(p.load_seconds + p.work_seconds(cfg))} for this cell's {n} evaluation examples")
 
 
-def run_probes(cells, rows: list[dict], limit: int | None = None, out=None) -> dict:
+def run_probes(cells, rows: list[dict], limit: int | None = None, out=None, cell_timeout_s: float | None = None) -> dict:
     """Probe each kind among `cells` that `rows` (successful stored runs) have not timed; kind -> Probe for those that
     succeeded. One line per kind on `out` (stderr), the kind's head first so a long probe shows what it is doing.
-    Interrupted (Ctrl-C; SIGTERM under driver.signals_raise), it stops the probe's process and removes its folder."""
+    Interrupted (Ctrl-C; SIGTERM under driver.signals_raise), it stops the probe's process and removes its folder; a
+    probe with no result after `cell_timeout_s` (--cell-timeout) is stopped and counts as failed."""
     limit = limit or PROBE_EVAL_LIMIT
     out = out or sys.stderr
     todo = kinds_to_probe(cells, rows)
@@ -70,7 +71,7 @@ def run_probes(cells, rows: list[dict], limit: int | None = None, out=None) -> d
           f"evaluation capped at {limit} examples per split, in a temporary folder", file=out, flush=True)
     probes, timed, t0 = {}, stored_timings(rows), time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fewtune-probe-") as tmp:
-        backend = ProcessBackend()
+        backend = ProcessBackend(cell_timeout_s=cell_timeout_s)
         try:
             for i, (kind, cell) in enumerate(todo.items(), 1):
                 print(f"probe {i}/{len(todo)} {cell.describe()}: ", end="", file=out, flush=True)

@@ -45,7 +45,7 @@ def eval_examples(cfg, population: dict) -> int:
     """How many examples a cell scores: each evaluation split's size (`population`: split -> rows) capped by the
     cell's eval_limit (its config's, else its preset's; none: the whole split). A split the probe did not score counts
     as its largest one."""
-    from .hyperparameters import preset_values
+    from ..hyperparameters import preset_values
     limit = cfg.eval_limit if cfg.eval_limit is not None else preset_values(cfg.preset).get("eval_limit")
     largest = max(population.values(), default=0)
     sizes = [population.get(split, largest) for split in (cfg.eval_splits or list(population))]

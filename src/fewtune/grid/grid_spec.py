@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .config import RunConfig
-from .errors import FewtuneError, did_you_mean, unknown
+from ..config import RunConfig
+from ..errors import FewtuneError, did_you_mean, unknown
 
 RUNNER_ENV = "FEWTUNE_GRID_RUNNER"  # "module:function" replacing fewtune.runner.run in the cells (tests, plug-ins)
 GRID_KEYS = ("name", "description", "models", "tasks", "shots", "shots_per_class", "seeds", "methods", "resources", "max_retries",
@@ -43,7 +43,7 @@ class Cell:
 
 def task_name(spec: str) -> str:
     """A task as the console names it: its `name`, not the path of its file (a file that does not load: its stem)."""
-    from .tasks import load_task
+    from ..tasks import load_task
     try:
         return load_task(spec).name
     except FewtuneError:
@@ -185,14 +185,14 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
         entry_shots = grid_shots(entry, at, shots)
         methods.append((label, entry["method"], options, overrides, entry_shots))
         if validate:
-            from .methods import get_method
+            from ..methods import get_method
             try:
                 get_method(entry["method"], options)  # unknown method or option: fail now, not hours later
             except FewtuneError as e:
                 raise FewtuneError(f"{at}: {e}") from None
     loaded = {}
     if validate:
-        from .tasks import load_task
+        from ..tasks import load_task
         for task in tasks:
             loaded[task] = load_task(task)
     pairs = sum(len(m[4][1]) for m in methods)  # (method entry, sample size) pairs
@@ -209,7 +209,7 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
                 for label, method, options, overrides, (kind, method_shots) in methods:
                     for n in method_shots:
                         if kind == "per_class":  # recorded as the total: the same cell as shots = K x labels
-                            from .tasks import load_task
+                            from ..tasks import load_task
                             n *= len((loaded.get(task) or load_task(task)).labels)
                         fields = {**shared, **overrides, "model": model, "task": task, "shots": n, "seed": seed,
                                   "method": method, "method_options": dict(options)}
@@ -260,7 +260,7 @@ def check_findings_key(value, labels: list[str], where: str) -> str:
         raise FewtuneError(f"{where}: 'findings' must be a findings file (a path, or a shipped name: study) or "
                            f"\"none\", got {value!r:.60}.")
     if value != "none":
-        from .findings import check_against_labels, load_findings
+        from ..findings import check_against_labels, load_findings
         check_against_labels(load_findings(value), labels, where)
     return value
 
@@ -331,7 +331,7 @@ def check_models(grid: Grid) -> None:
     """Refuse a grid naming a model that cannot be resolved (an unknown name, a missing folder) before any cell
     runs: otherwise every cell of it starts, fails with the same error, and the grid exits 1 hours later.
     Hub ids are accepted as written (whether the Hub has them is known only when a cell loads them)."""
-    from .models import check_resolvable
+    from ..engine.models import check_resolvable
     for model in dict.fromkeys(c.config.model for c in grid.cells):
         try:
             check_resolvable(model)

@@ -1,10 +1,10 @@
 """Options: the runs of one identity up to their seeds, read from the results database, with the task's metrics
-over seeds and their paired, seed-aware intervals (fewtune.stats) from the stored per-example predictions. The
-report and `--until-resolved` both read options here, and ask fewtune.compare what may be claimed about them.
+over seeds and their paired, seed-aware intervals (fewtune.stats.stats) from the stored per-example predictions. The
+report and `--until-resolved` both read options here, and ask fewtune.stats.compare what may be claimed about them.
 Nothing is recomputed from models: every number is read from the stored result or aggregated from the stored
 predictions.
 
-An *option* is every run of one identity up to its seeds (identity.variant_hash): runs whose identity differs
+An *option* is every run of one identity up to its seeds (variant_hash): runs whose identity differs
 (task content, data, normalised method options, anything but the seeds) are never pooled.
 """
 
@@ -15,8 +15,8 @@ import math
 
 import numpy as np
 
+from ..util import digest
 from . import stats
-from .identity import digest, variant_hash
 from .metrics import METRICS
 
 VARIANT_IGNORES = ("seed", "train_seed", "data_root", "device", "eval_batch_size")  # legacy rows (no identity)
@@ -31,6 +31,11 @@ def split_roles(evals: dict | None) -> tuple[str | None, str | None]:
     ind = next((k for k, e in evals.items() if isinstance(e, dict) and e.get("role") == "in_domain"), None)
     ood = next((k for k, e in evals.items() if isinstance(e, dict) and e.get("role") == "out_of_domain"), None)
     return ind, ood
+
+
+def variant_hash(ident: dict) -> str:
+    """Id of an identity up to its seeds: runs of one variant are the same experiment under other seeds."""
+    return digest({k: v for k, v in ident.items() if k not in ("seed", "train_seed")}, 8)
 
 
 def variant_of(row: dict) -> str:
@@ -85,7 +90,8 @@ def measured_as(row: dict) -> dict[str, str]:
     else:
         company = "alone" if shared == 0 else f"beside {shared} other cell{'s' if shared > 1 else ''}"
     batching = cost.get("eval_batching")
-    batch = (f"scoring batches of {cost.get('eval_batch_size')} rows" if batching == "rows" else
+    rows = cost.get("eval_max_batch_rows", cost.get("eval_batch_size"))  # (its name in results recorded before)
+    batch = (f"scoring batches of {rows} rows" if batching == "rows" else
              f"scoring batches of {batching.split(':', 1)[1]} tokens" if batching else "scoring batch unrecorded")
     warm = backend in ("warm", "ray-warm")
     if gpu:  # CUDA's max allocated: a warm template kept on the GPU is in it

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .errors import FewtuneError, one_line, unknown
-from .settings import cache_dir
+from ..errors import FewtuneError, one_line, unknown
+from ..settings import cache_dir
 
 log = logging.getLogger("fewtune")
 
@@ -177,7 +177,15 @@ def check_resolvable(spec: str) -> None:
         if not (cached / "config.json").exists() and bundled_gguf(b) is None:
             raise FewtuneError(f"Bundled model '{spec}' is not installed: {b.install}.")
         return
-    resolve(spec)
+    folder = Path(resolve(spec))
+    config = folder / "config.json"
+    if config.is_file():  # a Hub id resolves to itself: its config is read when a cell loads it
+        import json
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise FewtuneError(f"Model folder {folder}: {config.name} is not valid JSON ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:120]}).") from None
 
 
 # --- where the runner's model comes from
@@ -191,7 +199,7 @@ class ModelRequest:
     allow_unsafe_weights: bool
 
 
-# A process-level hook: a warm grid worker (fewtune.warm) sets it to hand out a pristine copy of a model it keeps
+# A process-level hook: a warm grid worker (fewtune.grid.warm) sets it to hand out a pristine copy of a model it keeps
 # loaded, instead of reading the weights again; None (the default, every other process) loads from disk.
 _provider: Callable[[ModelRequest, Callable[[], object]], object] | None = None
 

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import FewtuneError
 from .batching import (PACK_ROW_TOKENS, collate, collate_packed, length_batches,  # noqa: F401
                        scoring_token_budget, token_batches)
 from .devices import autocast, speedups_enabled
-from .errors import FewtuneError
 from .models import text_config
-from .prefix_attention import (SHARED_PREFIX_ATTENTION, SHARED_PREFIX_MODEL_TYPES, PrefixCache, attention_implementation,
-                               query_mask, register_shared_prefix_attention, shared_prefix_path, supports_prefix_cache)
+from .prefix_attention import (SHARED_PREFIX_ATTENTION, SHARED_PREFIX_MODEL_TYPES, PrefixCache,
+                               attention_implementation, query_mask, register_shared_prefix_attention,
+                               shared_prefix_path, supports_prefix_cache)
 
 
 # ----------------------------------------------------------------------------- the forward pass to class scores
@@ -221,8 +222,8 @@ def train(model, items: list, loss_fn, settings: TrainSettings, device, param_gr
     `pack`: lay each micro-batch's sequences end to end (`collate_packed`) where `packing_supported`; False for
     methods whose loss reads the padded batch's layout (adaptive's cached hidden states).
     """
-    from transformers import get_linear_schedule_with_warmup
     from tqdm.auto import tqdm
+    from transformers import get_linear_schedule_with_warmup
 
     if not items:
         raise FewtuneError("Nothing to train on: the training sample is empty.")

@@ -2,8 +2,8 @@
 
 | backend | a cell runs in | start-up per cell | isolation |
 |---|---|---|---|
-| `process` (default) | a fresh `python -m fewtune.cell_process` child | imports + model load (~3-6 s on CPU, 8-10 s on a GPU) | complete: its memory goes back when it exits |
-| `warm` | one of N long-lived workers that keep the model loaded (fewtune.warm) | a copy of the weights (~0.1-0.3 s for 135M params) | a crash, hang or memory growth replaces the worker |
+| `process` (default) | a fresh `python -m fewtune.grid.cell_process` child | imports + model load (~3-6 s on CPU, 8-10 s on a GPU) | complete: its memory goes back when it exits |
+| `warm` | one of N long-lived workers that keep the model loaded (fewtune.grid.warm) | a copy of the weights (~0.1-0.3 s for 135M params) | a crash, hang or memory growth replaces the worker |
 | `ray` | a Ray task on a cluster (ray_backend.py) | as `process`, on the node | as `process` |
 | `ray-warm` | one of the Ray actors (ray_warm.py), warm workers with the spec's [resources] | as `warm`, on the node | as `warm`: a dead, hung or growing actor is replaced |
 | in-process (`--in-process`) | the driver's own process (debugging) | none | none |
@@ -30,9 +30,10 @@ from multiprocessing.connection import wait as wait_ready
 from pathlib import Path
 from typing import Protocol
 
-from .errors import FewtuneError
-from .grid_spec import Cell
-from .store import now
+from ..errors import FewtuneError
+from ..util import now
+from .grid_spec import RUNNER_ENV, Cell
+from .protocol import DEFAULT_RUNNER, CellOutcome, CellRequest
 
 log = logging.getLogger("fewtune")
 TERMINATE_GRACE_S = 10
@@ -56,14 +57,25 @@ class Job:
     def key(self) -> str:
         return self.cell.key
 
+    @property
+    def outcome_path(self) -> Path:
+        """Where a success waits until the database has it (a fresh process writes it; the driver, for the others)."""
+        return self.log_path.with_name(f"{self.key}.outcome.json")
 
-@dataclass(frozen=True)
-class Outcome:
-    """What came back for a job: 'success' with the result record, 'failed' with a one-line error (the cell raised:
-    it would fail again), or 'died' (the worker process died or hung: worth another try)."""
-    status: str
-    result: dict | None = None
-    error: str | None = None
+    def request(self, backend: str, runner: str, workers: int | None, threads: int | None,
+                result_path: Path | None = None) -> CellRequest:
+        return CellRequest(config=self.cell.config.to_dict(), key=self.key, log_path=str(self.log_path),
+                           attempt=self.attempt, runner=runner, backend=backend, workers=workers, threads=threads,
+                           result_path=str(result_path) if result_path else None)
+
+
+Outcome = CellOutcome  # what a backend's poll returns for a job (protocol.py)
+
+
+def runner_spec(runner: str | None = None) -> str:
+    """The runner the cells import: the one given, else $FEWTUNE_GRID_RUNNER (a plug-in), else fewtune.runner.run.
+    Read here, in the driver, once: it travels to the cells in their requests."""
+    return runner or os.environ.get(RUNNER_ENV) or DEFAULT_RUNNER
 
 
 class Backend(Protocol):
@@ -75,7 +87,7 @@ class Backend(Protocol):
     def open(self) -> None: ...
     def capacity(self) -> int: ...
     def start(self, job: Job) -> None: ...
-    def poll(self, timeout: float) -> list[tuple[Job, Outcome]]: ...
+    def poll(self, timeout: float) -> list[tuple[Job, CellOutcome]]: ...
     def cancel(self, job: Job) -> None: ...
     def close(self) -> None: ...
 
@@ -96,11 +108,13 @@ class WorkerPlan:
 
 
 def plan_workers(requested: int | None, cores: int, ram_available: int, need_bytes: int,
-                 gpus: list[GpuInfo] = ()) -> WorkerPlan:
+                 gpus: list[GpuInfo] = (), asked: str | None = None) -> WorkerPlan:
     """How many cells run at once and with how many threads each. On CPU: at most one worker per core, each with
     cores // workers threads (two processes that each take every core slow each other 10-27x on 2 cores); on GPUs:
     by default as many per device as its free memory holds at `need_bytes` each (at most MAX_PER_GPU), spread over
-    the devices. More than the machine holds is an error, never oversubscription."""
+    the devices. More than the machine holds is an error, never oversubscription; `asked` says where the number was
+    given, for that error (default: the --workers flag; a spec's `workers` key names its file)."""
+    asked = asked or f"--workers {requested}"
     if requested is not None and requested < 1:
         raise FewtuneError(f"--workers must be ≥ 1, got {requested}.")
     gib = lambda b: f"{b / 2**30:.1f} GiB"  # noqa: E731
@@ -113,7 +127,7 @@ def plan_workers(requested: int | None, cores: int, ram_available: int, need_byt
         if requested is None:
             requested = sum(min(f, MAX_PER_GPU) for f in fits)
         elif requested > most:
-            raise FewtuneError(f"--workers {requested}: the GPUs hold at most {most} workers at {gib(need_bytes)} "
+            raise FewtuneError(f"{asked}: the GPUs hold at most {most} workers at {gib(need_bytes)} "
                                f"each (free: {', '.join(gib(g.free_bytes) for g in gpus)}).")
         devices, left = [], list(fits)
         while len(devices) < requested:  # round robin over devices that still have room
@@ -124,32 +138,40 @@ def plan_workers(requested: int | None, cores: int, ram_available: int, need_byt
         return WorkerPlan(requested, max(1, cores // requested), tuple(devices))
     requested = requested or 1
     if requested > cores:
-        raise FewtuneError(f"--workers {requested}: this machine has {cores} usable CPU core(s), so at most {cores} "
+        raise FewtuneError(f"{asked}: this machine has {cores} usable CPU core(s), so at most {cores} "
                            "workers (one core each) without oversubscribing them.")
     if requested * need_bytes > ram_available:
-        raise FewtuneError(f"--workers {requested}: each worker needs about {gib(need_bytes)} and "
+        raise FewtuneError(f"{asked}: each worker needs about {gib(need_bytes)} and "
                            f"{gib(ram_available)} of memory is available; at most {max(1, ram_available // need_bytes)}.")
     return WorkerPlan(requested, None if requested == 1 else cores // requested, (None,) * requested)
 
 
 def visible_gpus(use_gpu: bool) -> list[GpuInfo]:
     """This machine's CUDA devices with their free memory now, when the cells use a GPU and torch sees one; else []."""
-    if not use_gpu:
-        return []
-    import torch
-    if not torch.cuda.is_available():
-        return []
-    return [GpuInfo(i, *torch.cuda.mem_get_info(i)) for i in range(torch.cuda.device_count())]
+    if not use_gpu or not (Path("/proc/driver/nvidia").exists() or Path("/dev/kfd").exists()):
+        return []  # no NVIDIA or ROCm driver here: no device to ask about
+    # asked in a short-lived child: torch.cuda.mem_get_info creates a CUDA context on each device (~0.3-0.5 GiB),
+    # which the grid process would otherwise hold on every GPU for the whole grid
+    import json
+    probe = ("import json, torch\n"
+             "n = torch.cuda.device_count() if torch.cuda.is_available() else 0\n"
+             "print(json.dumps([torch.cuda.mem_get_info(i) for i in range(n)]))")
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        sizes = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+    except (subprocess.TimeoutExpired, ValueError, IndexError):
+        sizes = []
+    return [GpuInfo(i, free, total) for i, (free, total) in enumerate(sizes)]
 
 
 def machine_plan(requested: int | None, need_bytes: int, use_gpu: bool = False,
-                 gpus: list[GpuInfo] | None = None) -> WorkerPlan:
+                 gpus: list[GpuInfo] | None = None, asked: str | None = None) -> WorkerPlan:
     """plan_workers for this machine: its usable cores, available memory, and free GPU memory when cells use a GPU
     (`gpus`, else read from torch)."""
     import psutil
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     gpus = visible_gpus(use_gpu) if gpus is None else gpus
-    return plan_workers(requested, cores, psutil.virtual_memory().available, need_bytes, gpus)
+    return plan_workers(requested, cores, psutil.virtual_memory().available, need_bytes, gpus, asked)
 
 
 # What a measured peak leaves out on CUDA: record.PeakMemory reads torch.cuda.max_memory_allocated, the tensors only.
@@ -165,7 +187,7 @@ def model_need_bytes(models: list[str], measured_peak_mib: float | None = None) 
     fine-tune), at least 1 GiB."""
     if measured_peak_mib:
         return int(measured_peak_mib * 2**20 * PEAK_MARGIN) + CUDA_CONTEXT_BYTES
-    from .models import BUNDLED, cache_dir, resolve
+    from ..engine.models import BUNDLED, cache_dir, resolve
     largest = 0
     for spec in models:
         try:
@@ -207,9 +229,10 @@ class ProcessBackend:
     included, go to the cell's log at the file-descriptor level. The cost: imports and model loading per cell."""
     name, worker_noun, default_retries, synchronous = "process", "worker process", 0, False
 
-    def __init__(self, plan: WorkerPlan | None = None, cell_timeout_s: float | None = None):
+    def __init__(self, plan: WorkerPlan | None = None, cell_timeout_s: float | None = None, runner: str | None = None):
         self.plan = plan or WorkerPlan(1, None, (None,))
         self.cell_timeout_s = cell_timeout_s
+        self.runner = runner_spec(runner)
         self.children: dict[str, _Child] = {}
         self.free_devices = list(self.plan.devices)
 
@@ -220,16 +243,16 @@ class ProcessBackend:
         return self.plan.workers
 
     def start(self, job: Job) -> None:
-        result_path = job.log_path.with_name(f".{job.log_path.stem}.result-{os.getpid()}.json")
+        result_path = job.outcome_path  # kept until the driver has recorded it (driver._settle)
         result_path.unlink(missing_ok=True)
         env = dict(os.environ)
-        package_root = str(Path(__file__).resolve().parents[1])  # the child imports this same fewtune
+        package_root = str(Path(__file__).resolve().parents[2])  # the child imports this same fewtune
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         device = self.free_devices.pop(0) if self.free_devices else None
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(device)
-        cmd = [sys.executable, "-m", "fewtune.cell_process", _config_json(job.cell), str(result_path),
-               str(self.plan.threads or 0), str(self.plan.workers)]
+        req = job.request(self.name, self.runner, self.plan.workers, self.plan.threads, result_path)
+        cmd = [sys.executable, "-m", "fewtune.grid.cell_process", req.to_json()]
         logf = open(job.log_path, "a", encoding="utf-8")
         logf.write(f"\n=== {now()} fewtune grid: {job.cell.describe()} [{job.key}], child process, try {job.attempt}\n")
         logf.flush()
@@ -247,7 +270,7 @@ class ProcessBackend:
                 code = c.proc.poll()
                 if code is None and self.cell_timeout_s and time.monotonic() - c.t0 > self.cell_timeout_s:
                     stop_process(c.proc)
-                    done.append((c, Outcome("died", error=f"worker process hung: no result after "
+                    done.append((c, CellOutcome("died", error=f"worker process hung: no result after "
                                                           f"{self.cell_timeout_s:.0f} s (--cell-timeout); see {c.job.log_path}")))
                 elif code is not None:
                     done.append((c, self._outcome(c, code)))
@@ -255,15 +278,13 @@ class ProcessBackend:
                 return [self._finish(c, o) for c, o in done]
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
 
-    def _outcome(self, c: _Child, code: int) -> Outcome:
-        import json
-        try:
-            if c.result_path.exists():
-                out = json.loads(c.result_path.read_text())
-                return Outcome("success", result=out["result"]) if out.get("ok") else Outcome("failed", error=out["error"])
-        finally:
-            c.result_path.unlink(missing_ok=True)
-        return Outcome("died", error=_died(code, c.job.log_path))
+    @staticmethod
+    def _outcome(c: _Child, code: int) -> CellOutcome:
+        """The outcome the child wrote (whole or not at all). The file stays: the driver removes it once the database
+        holds the result, so a failure to record loses nothing (the next grid records it from there)."""
+        if c.result_path.exists():
+            return CellOutcome.from_json(c.result_path.read_text())
+        return CellOutcome("died", error=_died(code, c.job.log_path))
 
     def _finish(self, c: _Child, o: Outcome) -> tuple[Job, Outcome]:
         c.logf.write(f"\n=== {now()} child process exit code {c.proc.returncode}\n")
@@ -278,17 +299,11 @@ class ProcessBackend:
         if c is not None:
             stop_process(c.proc)
             c.logf.write(f"\n=== {now()} stopped by the grid (interrupted)\n")
-            c.logf.close()
-            c.result_path.unlink(missing_ok=True)
+            c.logf.close()  # an outcome it wrote before it was stopped stays: the next grid records it
 
     def close(self) -> None:
         for key in list(self.children):
             self.cancel(self.children[key].job)
-
-
-def _config_json(cell: Cell) -> str:
-    import json
-    return json.dumps(cell.config.to_dict())
 
 
 # --- in the driver's process (debugging, tests with an injected runner)
@@ -298,13 +313,13 @@ class InlineBackend:
     name, worker_noun, default_retries, synchronous = "in-process", "grid process", 0, True
 
     def __init__(self, runner=None):
-        self.runner = runner
-        self.done: list[tuple[Job, Outcome]] = []
+        self.runner = runner  # a callable (tests), or None: the runner the environment names (runner_spec)
+        self.done: list[tuple[Job, CellOutcome]] = []
 
     def open(self) -> None:
         if self.runner is None:
-            from .cell_process import resolve_runner
-            self.runner = resolve_runner()
+            from .cell_process import import_runner
+            self.runner = import_runner(runner_spec())
 
     def capacity(self) -> int:
         return 1
@@ -321,14 +336,14 @@ class InlineBackend:
                     result = self.runner(job.cell.config, progress=False)
                 if isinstance(result, dict) and isinstance(result.get("cost"), dict):
                     result["cost"].update(backend=self.name, workers=1, shared_with=0)
-                self.done.append((job, Outcome("success", result=result)))
+                self.done.append((job, CellOutcome("success", result=result)))
             except Exception as e:
                 traceback.print_exc(file=logf)
-                self.done.append((job, Outcome("failed", error=f"{type(e).__name__}: {e}")))
+                self.done.append((job, CellOutcome("failed", error=f"{type(e).__name__}: {e}")))
             finally:
                 root.removeHandler(handler)
 
-    def poll(self, timeout: float) -> list[tuple[Job, Outcome]]:
+    def poll(self, timeout: float) -> list[tuple[Job, CellOutcome]]:
         out, self.done = self.done, []
         return out
 
@@ -339,20 +354,7 @@ class InlineBackend:
         pass
 
 
-# --- warm workers
-@dataclass
-class _Worker:
-    index: int
-    process: multiprocessing.Process
-    conn: object
-    device: int | None
-    job: Job | None = None
-    t0: float = 0.0
-    rss_mib: list = field(default_factory=list)  # after each cell
-    cells: int = 0
-    ready: bool = False   # its imports are done (the cell timeout counts from here)
-
-
+# --- warm workers: local processes (WarmBackend) and Ray actors (ray_warm.RayWarmBackend) share WarmPool
 def outgrown(history: list[float], rss_mib: float, cache_miss: bool,
              limit_mib: float | None) -> tuple[list[float], str | None]:
     """A warm worker's memory after a cell (a local worker or a Ray actor): its RSS history, counted from its last new
@@ -371,59 +373,129 @@ def outgrown(history: list[float], rss_mib: float, cache_miss: bool,
     return history, None
 
 
-class WarmBackend:
+@dataclass
+class WarmSlot:
+    """One warm worker as the driver sees it: the cell it runs, since when, and its memory after each cell."""
+    index: int
+    job: Job | None = None
+    t0: float = 0.0
+    cells: int = 0
+    rss_mib: list = field(default_factory=list)  # after each cell since its last new model
+    ready: bool = False   # its imports are done (the cell timeout counts from here)
+
+
+class WarmPool:
+    """What every warm backend does with its workers, local processes or Ray actors alike: one cell at a time per
+    worker; a worker that died, hung past the cell timeout, leaks memory, or whose cell failed with an error that can
+    leave its device unusable (a CUDA error) is killed and replaced before its next cell. Subclasses start, poll and
+    kill their kind of worker."""
+    worker_noun = "warm worker"
+
+    def __init__(self, cell_timeout_s: float | None = None, max_rss_mib: float | None = None):
+        self.cell_timeout_s, self.max_rss_mib = cell_timeout_s, max_rss_mib
+        self.slots: list[WarmSlot | None] = []
+        self.replaced = 0  # workers killed for a fault (died, hung, grew, a broken device), not at cancel or close
+
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    def free_slot(self) -> int:
+        return next(i for i, w in enumerate(self.slots) if w is None or w.job is None)
+
+    def memory_limit(self) -> float | None:
+        return self.max_rss_mib
+
+    def finished(self, w: WarmSlot, outcome: CellOutcome) -> None:
+        """A cell's outcome came back from `w`: replace the worker if it must not run another cell."""
+        w.job, w.cells = None, w.cells + 1
+        why = None
+        if outcome.status == "died":
+            why = "died"
+        elif outcome.replace_worker:
+            why = f"ran a cell that failed with an error that can leave its device unusable ({outcome.error:.160})"
+        elif outcome.rss_mib is not None:
+            w.rss_mib, why = outgrown(w.rss_mib, outcome.rss_mib, outcome.cache_miss, self.memory_limit())
+        if why:
+            if why != "died":
+                log.warning("%s %d %s: replaced", self.worker_noun, w.index, why)
+            self.replace(w)
+
+    def hung(self, w: WarmSlot) -> bool:
+        if not self.cell_timeout_s or w.job is None:
+            return False
+        limit = self.cell_timeout_s if w.ready else max(self.cell_timeout_s, STARTUP_LIMIT_S)
+        return time.monotonic() - w.t0 > limit
+
+    def replace(self, w: WarmSlot) -> None:
+        self.kill(w)
+        self.replaced += 1
+
+    def kill(self, w: WarmSlot) -> None:  # the worker is gone afterwards and its slot empty
+        raise NotImplementedError
+
+
+@dataclass
+class _Worker(WarmSlot):
+    process: multiprocessing.Process | None = None
+    conn: object = None
+    device: int | None = None
+
+
+class WarmBackend(WarmPool):
     """N long-lived worker processes (multiprocessing, spawn) that keep the models they have loaded and run many cells
-    each, from a pristine copy of the weights (fewtune.warm). The driver replaces a worker that dies (its cell 'died':
-    retried or recorded failed, never lost), that hangs past --cell-timeout, or whose memory keeps growing (a leak). Workers never touch the database: results come back over a pipe."""
+    each, from a pristine copy of the weights (fewtune.grid.warm). The driver retries or records the cell of a worker
+    that dies, hangs past --cell-timeout, leaks or breaks its device; the pool replaces the worker. Workers never touch
+    the database: requests and outcomes cross the pipe as JSON (protocol.py), never pickles."""
     name, worker_noun, default_retries, synchronous = "warm", "warm worker", 1, False
 
     def __init__(self, plan: WorkerPlan | None = None, cell_timeout_s: float | None = None,
-                 max_rss_mib: float | None = None):
+                 max_rss_mib: float | None = None, runner: str | None = None):
+        super().__init__(cell_timeout_s, max_rss_mib)
         self.plan = plan or WorkerPlan(1, None, (None,))
-        self.cell_timeout_s = cell_timeout_s
-        self.max_rss_mib = max_rss_mib
-        self.workers: list[_Worker | None] = [None] * self.plan.workers
+        self.runner = runner_spec(runner)
+        self.slots = [None] * self.plan.workers
         self.ctx = multiprocessing.get_context("spawn")  # fork after torch's threads started is unsafe
-        self.replaced = 0
 
     def open(self) -> None:
         pass
 
-    def capacity(self) -> int:
-        return self.plan.workers
+    def memory_limit(self) -> float:
+        import psutil
+        return self.max_rss_mib or RAM_SHARE * psutil.virtual_memory().total / 2**20 / max(self.plan.workers, 1)
 
     def _spawn(self, i: int) -> _Worker:
-        from .cell_process import warm_worker_main
+        from .cell_process import warm_worker_entry
         device = self.plan.devices[i] if i < len(self.plan.devices) else None
         env = {k: v for k, v in os.environ.items() if k.startswith(("FEWTUNE_", "PYTHONPATH", "HF_", "TOKENIZERS"))}
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(device)
         parent, child = self.ctx.Pipe()
         alone = device is None or self.plan.devices.count(device) == 1  # (a GPU shared: no template on it)
-        p = self.ctx.Process(target=warm_worker_main, args=(child, self.plan.threads, self.plan.workers, env, alone),
+        p = self.ctx.Process(target=warm_worker_entry, args=(child, env, self.plan.threads, alone, self.runner),
                              name=f"fewtune-warm-{i}", daemon=True)
         p.start()
         child.close()
-        w = _Worker(i, p, parent, device)
-        self.workers[i] = w
+        w = _Worker(i, process=p, conn=parent, device=device)
+        self.slots[i] = w
         return w
 
     def start(self, job: Job) -> None:
-        import json
-        i = next(i for i, w in enumerate(self.workers) if w is None or w.job is None)
-        w = self.workers[i]
-        if w is None or not w.process.is_alive():
+        i = self.free_slot()
+        w = self.slots[i]
+        if w is not None and not w.process.is_alive():
+            self.kill(w)  # its pipe closed with it, not leaked
+            w = None
+        if w is None:
             w = self._spawn(i)
         with open(job.log_path, "a", encoding="utf-8") as logf:
             logf.write(f"\n=== {now()} fewtune grid: {job.cell.describe()} [{job.key}], warm worker {i} "
                        f"(pid {w.process.pid}, cell {w.cells + 1}), try {job.attempt}\n")
         w.job, w.t0 = job, time.monotonic()
-        # JSON bytes both ways, never pickles: the pipe carries text only
-        w.conn.send_bytes(json.dumps({"config": _config_json(job.cell), "log": str(job.log_path)}).encode())
+        w.conn.send_bytes(job.request(self.name, self.runner, self.plan.workers, self.plan.threads).to_json().encode())
 
-    def poll(self, timeout: float) -> list[tuple[Job, Outcome]]:
+    def poll(self, timeout: float) -> list[tuple[Job, CellOutcome]]:
         import json
-        busy = [w for w in self.workers if w is not None and w.job is not None]
+        busy = [w for w in self.slots if w is not None and w.job is not None]
         if not busy:
             time.sleep(timeout)
             return []
@@ -434,78 +506,64 @@ class WarmBackend:
             job = w.job
             if id(w.conn) in ready:
                 try:
-                    data = json.loads(w.conn.recv_bytes())
+                    raw = w.conn.recv_bytes()
                 except (EOFError, OSError):
-                    data = None
-                if data is not None and data.get("ready"):  # started: its imports do not count against the timeout
+                    raw = None
+                if raw is not None and json.loads(raw).get("ready"):  # its imports do not count against the timeout
                     w.t0, w.ready = time.monotonic(), True
                     continue
-                if data is not None:
-                    w.job, w.cells = None, w.cells + 1
-                    o = Outcome("success", result=data["result"]) if data.get("ok") else Outcome("failed", error=data["error"])
-                    out.append((job, o))
-                    self._check_memory(w, data.get("rss_mib"), bool(data.get("cache_miss")))
+                if raw is not None:
+                    outcome = CellOutcome.from_json(raw)
+                    out.append((job, outcome))
+                    self.finished(w, outcome)
                     continue
             if id(w.conn) in ready or id(w.process.sentinel) in ready or not w.process.is_alive():
                 w.process.join(1)
                 code = w.process.exitcode
                 how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
-                       else f"exited with code {code}")
+                       else f"exited with code {code}" if code is not None else "closed its pipe")
                 self._log(job, f"warm worker {w.index} (pid {w.process.pid}) {how}")
-                out.append((job, Outcome("died", error=f"warm worker {how} without a result (out of memory?); "
-                                                       f"see {job.log_path}")))
-                self._drop(w)
-            elif self.cell_timeout_s and time.monotonic() - w.t0 > (self.cell_timeout_s if w.ready else
-                                                                   max(self.cell_timeout_s, STARTUP_LIMIT_S)):
+                outcome = CellOutcome("died", error=f"warm worker {how} without a result (out of memory?); "
+                                                    f"see {job.log_path}")
+                out.append((job, outcome))
+                self.finished(w, outcome)  # killed if it still runs (no exit code): never an orphan
+            elif self.hung(w):
                 self._log(job, f"warm worker {w.index} (pid {w.process.pid}) hung past {self.cell_timeout_s:.0f} s: killed")
-                self._kill(w)
-                out.append((job, Outcome("died", error=f"warm worker hung: no result after {self.cell_timeout_s:.0f} s "
-                                                       f"(--cell-timeout); see {job.log_path}")))
+                outcome = CellOutcome("died", error=f"warm worker hung: no result after {self.cell_timeout_s:.0f} s "
+                                                    f"(--cell-timeout); see {job.log_path}")
+                out.append((job, outcome))
+                self.finished(w, outcome)
         return out
-
-    def _check_memory(self, w: _Worker, rss_mib: float | None, cache_miss: bool = False) -> None:
-        if rss_mib is None:
-            return
-        import psutil
-        share = RAM_SHARE * psutil.virtual_memory().total / 2**20 / max(self.plan.workers, 1)
-        w.rss_mib, why = outgrown(w.rss_mib, rss_mib, cache_miss, self.max_rss_mib or share)
-        if why:
-            log.warning("warm worker %d %s: replaced", w.index, why)
-            self._kill(w)
 
     @staticmethod
     def _log(job: Job, text: str) -> None:
         with open(job.log_path, "a", encoding="utf-8") as f:
             f.write(f"\n=== {now()} {text}\n")
 
-    def _kill(self, w: _Worker) -> None:
+    def kill(self, w: _Worker) -> None:
         if w.process.is_alive():
             w.process.kill()
         w.process.join(5)
-        self._drop(w)
-
-    def _drop(self, w: _Worker) -> None:
         with contextlib.suppress(OSError):
             w.conn.close()
-        self.workers[w.index] = None
-        self.replaced += 1
+        self.slots[w.index] = None
 
     def cancel(self, job: Job) -> None:
-        for w in self.workers:
+        for w in self.slots:
             if w is not None and w.job is not None and w.job.key == job.key:
                 self._log(job, "stopped by the grid (interrupted)")
                 w.process.terminate()
                 w.process.join(TERMINATE_GRACE_S)
-                self._kill(w)
+                self.kill(w)
 
     def close(self) -> None:
-        for w in list(self.workers):
+        for w in list(self.slots):
             if w is None:
                 continue
             with contextlib.suppress(OSError, BrokenPipeError):
                 w.conn.send_bytes(b"")
             w.process.join(5)
-            self._kill(w)
+            self.kill(w)
         self.replaced = 0
 
 

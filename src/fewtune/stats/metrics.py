@@ -14,7 +14,7 @@ import numpy as np
 @dataclass(frozen=True)
 class Metric:
     """A classification metric: one entry here is all fewtune needs to compute it per run, to give it a paired,
-    seed-aware interval (fewtune.stats, from its jackknife pseudo-values), to claim differences (fewtune.compare),
+    seed-aware interval (fewtune.stats.stats, from its jackknife pseudo-values), to claim differences (fewtune.stats.compare),
     to print it and to accept it in a task file. Computed from confusion counts, vectorised over leading axes."""
     name: str                                   # the key task files use (lower case)
     display: str                                # in tables and sentences
@@ -26,6 +26,13 @@ class Metric:
     higher_is_better: bool = True
     aliases: tuple[str, ...] = ()               # what other tools call it (suggested in errors)
     per_example: bool = False                   # a mean of per-example right/wrong: pseudo-values are exactly 1/0
+    constant: float | None = None               # what predicting one class everywhere scores, whichever class
+                                                # (MCC: 0); None where it depends on the data (accuracy)
+
+    @property
+    def unit(self) -> str:
+        """What a difference of this metric is counted in, after the number: " points" for a percentage."""
+        return " points" if self.percent else ""
 
     def value(self, gold, pred, n_labels: int) -> float:
         """The metric of one labelling (NaN for no examples)."""
@@ -71,7 +78,8 @@ def register_metric(m: Metric) -> Metric:
 
 register_metric(Metric("accuracy", "accuracy", "acc", _accuracy, 0.0, 1.0, percent=True, aliases=("acc",),
                        per_example=True))
-register_metric(Metric("mcc", "MCC", "mcc", _mcc, -1.0, 1.0, aliases=("matthews", "matthews_correlation")))
+register_metric(Metric("mcc", "MCC", "mcc", _mcc, -1.0, 1.0, aliases=("matthews", "matthews_correlation"),
+                       constant=0.0))
 register_metric(Metric("macro_f1", "macro-F1", "macro-F1", _macro_f1, 0.0, 1.0, percent=True,
                        aliases=("f1", "macro-f1", "f1_macro", "macrof1")))
 

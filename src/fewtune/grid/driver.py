@@ -4,8 +4,13 @@ The driver (the `fewtune grid` process) is the only writer of the results databa
 'running', owned by this process), starts it on the backend while the backend has capacity, polls for outcomes and
 records each ('success' + the result record, or 'failed' + a one-line error). A cell whose worker died (killed,
 out of memory, a lost Ray node, a hung warm worker) is tried again in the same row up to `retries` times, then
-recorded failed. SIGINT/SIGTERM cancel every cell in flight (recorded 'cancelled') and raise Interrupted; a cell
-killed with the driver (kill -9) stays 'running' with a dead owner and the next grid claims it again.
+recorded failed. SIGINT/SIGTERM cancel every cell in flight (recorded 'cancelled') and raise Interrupted, and so
+does any other way out of the loop (the rows in flight are cancelled, never left 'running'); a cell killed with the
+driver (kill -9) stays 'running' with a dead owner and the next grid claims it again.
+
+Nothing is lost between a worker and the database: a success waits on disk (`<key>.outcome.json` beside the cell's
+log) until the database holds it. If recording fails (the database locked past its timeout, a full disk), the grid
+stops with one line naming that file, and the next grid records it from there without running the cell again.
 Backends: backends.py (process, warm, in-process), ray_backend.py (ray), ray_warm.py (ray-warm). Docs:
 docs/grid.md.
 """
@@ -19,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .backends import POLL_S, Backend, Job, Outcome
+from ..errors import FewtuneError
+from ..store import Store, this_process
+from ..util import write_atomic
+from .backends import POLL_S, Backend, Job
 from .grid_spec import Cell, Grid, task_name
-from .store import Store, this_process
+from .protocol import CellOutcome
 
 
 class Interrupted(Exception):
@@ -59,8 +67,8 @@ class Summary:
 
 
 def brief(result: dict) -> str:
-    """The per-run console line's result: the task's name and its primary metric per split (runner.brief)."""
-    from .fmt import brief as run_brief
+    """The per-run console line's result: the task's name and its primary metric per split (stats.fmt.brief)."""
+    from ..stats.fmt import brief as run_brief
     return run_brief(result)
 
 
@@ -140,26 +148,40 @@ class Driver:
                     if log_path is None:
                         continue
                     job = Job(cell, log_path)
+                    kept = self._kept_outcome(job)
+                    if kept is not None:  # an earlier grid computed it but could not record it: record, not rerun
+                        write(f"- {cell.describe()}: recording the result an earlier grid kept in {job.outcome_path}")
+                        pending[job.key] = job
+                        self._settle(job, kept, s, bar, write, on_done)
+                        pending.pop(job.key, None)
+                        continue
                     pending[job.key] = job
                     bar.set_postfix_str(cell.describe())
                     self.backend.start(job)
                 self._check_signals()
-                for job, outcome in self.backend.poll(POLL_S if pending else 0):
+                polled = self.backend.poll(POLL_S if pending else 0)
+                for i, (job, outcome) in enumerate(polled):
+                    try:
+                        retry = self._settle(job, outcome, s, bar, write, on_done)
+                    except BaseException:
+                        self._keep(polled[i + 1:])  # received, not yet recorded: on disk for the next grid
+                        raise
                     pending.pop(job.key, None)
-                    retry = self._settle(job, outcome, s, bar, write, on_done)
                     if retry is not None:
                         pending[retry.key] = retry
                         self.backend.start(retry)
                 self._own_signals()
                 self._check_signals()
-        except (KeyboardInterrupt, Interrupted) as e:
-            why = e if isinstance(e, Interrupted) else "SIGINT"
+        except BaseException as e:  # every way out: the rows in flight are cancelled, never left 'running'
+            why = (e if isinstance(e, Interrupted) else "SIGINT" if isinstance(e, KeyboardInterrupt)
+                   else f"the grid stopping ({type(e).__name__})")
             for job in pending.values():
                 with contextlib.suppress(Exception):
                     self.backend.cancel(job)
-                if self.store.cancel(job.key, f"cancelled by {why} after {time.perf_counter() - job.started:.0f} s",
-                                     self.owner):
-                    write(f"x {job.cell.describe()}: cancelled [{job.key}]")
+                with contextlib.suppress(Exception):  # the database itself may be what failed
+                    if self.store.cancel(job.key, f"cancelled by {why} after {time.perf_counter() - job.started:.0f} s",
+                                         self.owner):
+                        write(f"x {job.cell.describe()}: cancelled [{job.key}]")
             raise
         finally:
             bar.close()
@@ -179,22 +201,71 @@ class Driver:
             write(f"- {cell.describe()}: running in another process, skipped")
         return None
 
-    def _settle(self, job: Job, o: Outcome, s: Summary, bar, write, on_done) -> Job | None:
+    @staticmethod
+    def _keep(received: list) -> None:
+        """Successes that came back but will not be recorded by this grid (it is stopping): kept on disk, where the
+        next grid finds them (best effort: the disk may be what failed)."""
+        for job, o in received:
+            if o.status == "success" and not job.outcome_path.exists():
+                with contextlib.suppress(Exception):
+                    write_atomic(job.outcome_path, o.to_json())
+
+    @staticmethod
+    def _kept_outcome(job: Job) -> CellOutcome | None:
+        """A success that an earlier grid left on disk for this cell (it could not record it), if any and whole."""
+        path = job.outcome_path
+        if not path.is_file():
+            return None
+        try:
+            kept = CellOutcome.from_json(path.read_text(encoding="utf-8"))
+        except (ValueError, TypeError, OSError):
+            return None
+        if kept.status != "success":
+            path.unlink(missing_ok=True)  # only successes are kept: a failure is cheap to meet again
+            return None
+        return kept
+
+    def _settle(self, job: Job, o: CellOutcome, s: Summary, bar, write, on_done) -> Job | None:
         """Record a finished try, or return the next try of a cell whose worker died."""
         seconds = time.perf_counter() - job.started
         if o.status == "died" and job.attempt <= self.retries:
             write(f"! {job.cell.describe()}: {o.error}; retry {job.attempt}/{self.retries}")
-            # the same row, attempts + 1 (the claim succeeds: the row is ours)
+            # the same row, attempts + 1 (the claim succeeds while the row is ours)
             if self.store.claim(job.cell.config, job.cell.label, self.grid_name, str(job.log_path), self.owner,
                                 False, key=job.key, task_name=task_name(job.cell.config.task)) == "claimed":
                 return Job(job.cell, job.log_path, job.attempt + 1, job.started)
+            s.lost += 1  # another grid took the cell over meanwhile (--reclaim): counted, never silently dropped
+            write(f"NOT RECORDED {job.cell.describe()}: its worker died ({o.error}) and another grid took this cell "
+                  f"over meanwhile (--reclaim), so it is not retried here [{job.key}; log: {job.log_path}]")
+            bar.update(1)
             return None
-        outcome, payload = ("success", o.result) if o.status == "success" else ("failed", o.error)
+        if o.status == "success":
+            outcome, payload = "success", o.result
+            ran = payload.get("config_hash") if isinstance(payload, dict) else None
+            if ran is not None and ran != job.key:  # the cell read other inputs than the grid claimed it with
+                outcome, payload = "failed", (
+                    f"its inputs changed after the grid claimed it: the run's identity hashes to {ran}, not to the "
+                    f"cell's key {job.key} (a task, data or model file edited meanwhile?); run the grid again")
+        else:
+            outcome, payload = "failed", o.error
         if o.status == "died" and job.attempt > 1:
             payload = (f"{self.backend.worker_noun[0].upper()}{self.backend.worker_noun[1:]} died on each of "
                        f"{job.attempt} tries; last: {o.error}; see {job.log_path}")
-        recorded = (self.store.finish(job.key, payload, self.owner) if outcome == "success"
-                    else self.store.fail(job.key, payload, self.owner))
+        kept = job.outcome_path
+        try:
+            if outcome == "success":
+                if not kept.exists():  # a fresh process wrote it already; the other backends hand it over
+                    write_atomic(kept, o.to_json())
+                recorded = self.store.finish(job.key, payload, self.owner)
+            else:
+                recorded = self.store.fail(job.key, payload, self.owner)
+        except Exception as e:  # noqa: BLE001 - whatever it was, the result must not be lost with the grid
+            where = f"; the result is kept in {kept}" if outcome == "success" and kept.exists() else ""
+            raise FewtuneError(f"could not record {job.cell.describe()} [{job.key}] in the database "
+                               f"({type(e).__name__}: {' '.join(str(e).split())[:200]}){where}: run the grid "
+                               "again to record it (it will not run the cell again)") from None
+        if recorded or outcome != "success":
+            kept.unlink(missing_ok=True)  # the database has it now (a failure is cheap to meet again)
         s.seconds[job.key] = seconds
         if not recorded:  # the row is no longer ours: say so, never "ok"
             s.lost += 1

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .errors import FewtuneError
+from ..errors import FewtuneError
 
 
 def speedups_enabled() -> bool:
