@@ -202,17 +202,19 @@ LABEL_PT = 6  # the front's label size, points; labels stay 1.4 lines apart
 
 
 def label_front(ax, points: list[tuple[str, float, float]]) -> None:
-    """Label (text, x, y) points to their right, moved apart vertically where they would overlap, with a leader
-    line to a label that had to move."""
+    """Label (text, x, y) points beside them (to the right, or to the left in the axes' right half, so a label stays
+    inside its panel), moved apart vertically where they would overlap, with a leader line to a label that moved."""
     if not points:
         return
     ax.get_xlim(), ax.get_ylim()  # settle the autoscaled limits before reading positions
     to_pt = 72 / ax.figure.dpi
     at = [ax.transData.transform((x, y)) for _, x, y in points]
+    middle = ax.transAxes.transform((0.5, 0.5))[0]
     ys = spread([py * to_pt for _, py in at], 1.4 * LABEL_PT)
-    for (text, x, y), (_, py), ly in zip(points, at, ys):
-        dy = ly - py * to_pt
-        ax.annotate(text, (x, y), textcoords="offset points", xytext=(7, dy), fontsize=LABEL_PT, va="center",
+    for (text, x, y), (px, py), ly in zip(points, at, ys):
+        dy, left = ly - py * to_pt, px > middle
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(-7 if left else 7, dy), fontsize=LABEL_PT,
+                    va="center", ha="right" if left else "left",
                     arrowprops=dict(arrowstyle="-", lw=0.4, color="grey") if abs(dy) > 1 else None)
 
 
