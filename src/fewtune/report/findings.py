@@ -29,7 +29,7 @@ def estimate_cell(r) -> str:
 
 
 def section(doc: Doc, j: Judgement, default: bool) -> None:
-    """Heading, what was judged and how, the claims with their sources, and the table of verdicts."""
+    """Heading, the table of verdicts, the claims with their sources, and how they were judged (collapsed)."""
     f = j.findings
     doc.heading(2, heading(f))
     lead = (f"Each claim of {f.source}" + (f" ({f.title})" if f.title and not f.shipped else "")
@@ -47,21 +47,21 @@ def section(doc: Doc, j: Judgement, default: bool) -> None:
         lead += (" No findings file was given, so the study's shipped findings (study.toml) are used for the tasks "
                  f"they cover ({covered}); `fewtune report --findings FILE` uses yours, `--findings none` leaves this "
                  "section out.")
-    doc.para(lead, note=True)
-    doc.bullets([f"{c.id}: {c.statement or relation_text(c, 'accuracy')}" + (f" Source: {c.source}" if c.source else "")
-                 for c in f.claims])
     if not j.rows:
         doc.para("None of these claims applies to the tasks and models in the database.")
-        return
-    rows = []
-    for r in j.rows:
-        metric = METRIC_NAMES.get(r.metric, r.metric)
-        rows.append([r.claim.id, f"{r.task} / {r.model}", "–" if r.shots is None else str(r.shots),
-                     f"{r.split or r.claim.split} ({metric})", relation_text(r.claim, r.metric),
-                     estimate_cell(r), r.verdict, r.sentence()])
-    doc.table(["claim", "task / model", "shots", "split (metric)", "claim reads", "A − B [interval]", "verdict",
-               "why"], rows, caption="One row per claim and setting: the verdict, the estimate of mean(A) − mean(B) "
-                                     "and the interval behind it (Holm's level for the claim)")
+    else:
+        rows = []
+        for r in j.rows:
+            metric = METRIC_NAMES.get(r.metric, r.metric)
+            rows.append([r.claim.id, r.verdict, estimate_cell(r), f"{r.task} / {r.model}",
+                         "–" if r.shots is None else str(r.shots), f"{r.split or r.claim.split} ({metric})",
+                         relation_text(r.claim, r.metric), r.sentence()])
+        doc.table(["claim", "verdict", "A − B [interval]", "task / model", "shots", "split (metric)", "claim reads",
+                   "why"], rows, caption="One row per claim and setting: the verdict, the estimate of mean(A) − "
+                                         "mean(B) and the interval behind it (Holm's level for the claim)")
+    doc.bullets([f"{c.id}: {c.statement or relation_text(c, 'accuracy')}" + (f" Source: {c.source}" if c.source else "")
+                 for c in f.claims])
+    doc.details("How these claims were judged", lead)
 
 
 def closing(j: Judgement | None, task: str, model: str) -> list[str]:
