@@ -28,8 +28,11 @@ install-gemma: install
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
 # The Ray cluster tests run in a private network namespace with loopback only (scripts/loopback_netns.sh):
 # Ray binds to the machine's interface address otherwise.
+# The report's browser test needs a Chromium (scripts/install_chromium.sh: Debian's package where apt-get can run as
+# root; the test skips, saying why, where none can be installed) and Playwright (the test extra's pinned wheel).
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider
 test: install
+	@scripts/install_chromium.sh
 	$(PYTEST) --ignore=tests/test_ray.py; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; [ $$rc -eq 0 ] || exit $$rc; \
 	scripts/loopback_netns.sh $(PYTEST) tests/test_ray.py; rc=$$?; \

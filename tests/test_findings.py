@@ -4,6 +4,7 @@ works end to end through `fewtune report --findings`; bad files are one-line err
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -268,7 +269,7 @@ def test_study_is_the_default_and_none_turns_it_off(tmp_path, capsys):
     assert "No findings file was given" in section
     for cid in ("alternatives-ood-comparable", "pbft-worse-than-ft-ood", "adaptive-lora-not-better",
                 "cd-better-than-standard", "finetuning-icl-ood-similar"):
-        assert f"| {cid} | cola / m | 8 |" in section
+        assert re.search(rf"^\| {cid} \| [a-z ]+ \| [^|]+ \| cola / m \| 8 \|", section, flags=re.M)
     assert "no runs for adaptive, lora at 8 shots" in section
     assert "Source: arXiv 2405.13181" in section
     closing = md[md.index("## Which method for which budget"):]
@@ -363,7 +364,8 @@ def test_lpft_findings_are_judged_where_lpft_and_ft_ran(tmp_path, capsys):
     heading = "## Published findings on your results: LP-FT against fine-tuning (Kumar et al., ICLR 2022)"
     assert "## The study's findings on your results" in md and heading in md
     section = md[md.index(heading):md.index("## Task cola")]
-    assert "| lpft-not-worse-in-domain | cola / m | 8 |" in section and "| lpft-better-ood | cola / m | 8 |" in section
+    for cid in ("lpft-not-worse-in-domain", "lpft-better-ood"):
+        assert re.search(rf"^\| {cid} \| [a-z ]+ \| [^|]+ \| cola / m \| 8 \|", section, flags=re.M)
     assert "Source: Kumar et al., ICLR 2022 (arXiv 2202.10054)" in section
     assert "Each findings file is its own family" in section and "over 4 one-sided tests" in section
     assert main(["report", "--db", str(db), "--out", str(tmp_path / "b"), "--findings", "lpft"]) == 0

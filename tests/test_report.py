@@ -3,6 +3,7 @@ database's numbers, its statistics those of fewtune.stats.stats on the stored pr
 from the intervals."""
 
 import math
+import os
 import re
 import warnings
 
@@ -40,16 +41,18 @@ def gold_of(task: str, split: str) -> np.ndarray:
     return (rng.random(N) < positive).astype(int)
 
 
-def synthetic_result(cfg: RunConfig, label: str, rng) -> dict:
+def synthetic_result(cfg: RunConfig, label: str, rng, spec: tuple | None = None) -> dict:
     """A result as the runner writes it, from synthetic predictions: per example, right with the option's accuracy
-    (examples share a difficulty, so options are paired), confidence from a logit."""
-    method, _, base, mem, per_shot = LABELS[label]
+    (examples share a difficulty, so options are paired), confidence from a logit. `spec`: a LABELS entry for a
+    label that is not in LABELS."""
+    method, _, base, mem, per_shot = spec or LABELS[label]
     task_labels = ["unacceptable", "acceptable"] if cfg.task == "cola" else ["entailment", "non-entailment"]
     evals, predictions = {}, {}
     for role, split in zip(("in_domain", "out_of_domain"), SPLITS[cfg.task]):
         gold = gold_of(cfg.task, split)
         ease = np.random.default_rng(len(split)).normal(0, 1.0, N)
-        acc = base + 0.02 * SHOTS.index(cfg.shots) - (0.1 if role == "out_of_domain" else 0) + rng.normal(0, 0.01)
+        acc = (base + 0.02 * (SHOTS.index(cfg.shots) if cfg.shots in SHOTS else 0)
+               - (0.1 if role == "out_of_domain" else 0) + rng.normal(0, 0.01))
         p = 1 / (1 + np.exp(-(np.log(acc / (1 - acc)) + 1.2 * ease)))
         correct = rng.random(N) < p
         pred = np.where(correct, gold, 1 - gold)
@@ -142,13 +145,17 @@ def test_files_exist_and_html_is_self_contained(report):
                 name = f"{metric}-{kind}-{task}-{model}"
                 assert f"{name}.png" in figures and f"{name}.svg" in figures, (name, figures)
         assert f"hans-heuristic-{model}.png" in figures
+        for task in SPLITS:
+            for split in ("id", "ood"):
+                assert f"intervals-{task}-{model}-{split}.svg" in figures  # the verdict box's plot, per family
     assert "id-vs-ood-cola.svg" in figures and "id-vs-ood-mnli.svg" in figures
     assert all((out / "figures" / f).stat().st_size > 1000 for f in figures)
     linked = re.findall(r"\]\(figures/([^)]+)\.png\)", md)
     assert len(linked) == len(figures) // 2
     assert html.count('src="data:image/svg+xml;base64,') == len(linked)
     assert not re.search(r'(src|href)="(?!data:)', html)  # no external file, script, font or stylesheet
-    assert "<script" not in html and "<link" not in html
+    assert html.count("<script") == 1 and "<script>" in html and "<link" not in html  # the inline sort, nothing else
+    assert not re.search(r"fetch\(|XMLHttpRequest|import\(|https?:", html.split("<script>")[1])
 
 
 def test_score_tables_are_the_paired_statistics_of_the_stored_predictions(db, report):
@@ -161,15 +168,18 @@ def test_score_tables_are_the_paired_statistics_of_the_stored_predictions(db, re
             section = md[md.index(f"### {task} / {model}\n"):]
             assert f"Ranked by {name}, {task}'s primary metric" in section.split("\n\n")[1]
             table = md_tables_after(md, f"### {task} / {model}")[0]
-            assert table[0][:4] == ["method", "shots", "seeds", f"ID {name} [95% CI]"]
+            # the columns a reader needs first: the option, then per split the verdict, the estimate, the difference
+            assert table[0][:6] == ["method", "shots", "ID verdict", f"ID {name} [95% CI]",
+                                    "ID best − it [simultaneous]", "ID > majority?"]
+            col = {h: i for i, h in enumerate(table[0])}
             assert len(table) == 2 + len(LABELS) * len(SHOTS)
-            best_line = next(line for line in table[2:] if line[4] == "best")
+            best_line = next(line for line in table[2:] if line[col["ID best − it [simultaneous]"]] == "best")
             best = (best_line[0], int(best_line[1]))
             for line in table[2:]:
                 label, shots = line[0], int(line[1])
-                assert line[2] == str(len(SEEDS))
+                assert line[col["seeds"]] == str(len(SEEDS))
                 gold, preds = stored(db, task, model, label, shots, ind)
-                assert line[3] == fmt(stats.estimate(gold, preds, None, 2, metric), metric)
+                assert line[col[f"ID {name} [95% CI]"]] == fmt(stats.estimate(gold, preds, None, 2, metric), metric)
                 # the family's verdict, recomputed here from the stored predictions of every option
                 fam = compare.family(gold, [compare.OptionRuns(f"{lab} ({sh} shots)", tuple(SEEDS),
                                                                stored(db, task, model, lab, sh, ind)[1])
@@ -179,15 +189,16 @@ def test_score_tables_are_the_paired_statistics_of_the_stored_predictions(db, re
                 if (label, shots) != best:
                     d = fam.vs_best[me].diff
                     assert d.value >= 0
-                    assert line[4] == report_data.signed(d, metric)
+                    assert line[col["ID best − it [simultaneous]"]] == report_data.signed(d, metric)
                     expected = (f"worse than {fam.worse[me]}" if me in fam.worse else
                                 "equivalent to best" if me in fam.equivalent_to_best else "not shown different")
-                    assert line[5] == expected
+                    assert line[col["ID verdict"]] == expected
                 majority = np.full_like(preds, np.bincount(gold).argmax())
                 vm = stats.estimate(gold, preds, majority, 2, metric, confidence=1 - 0.05 / fam.looks / len(fam.options))
-                assert line[6] == ("yes" if vm.lo > 0 else ("no (worse)" if vm.hi < 0 else "not shown"))
+                assert line[col["ID > majority?"]] == ("yes" if vm.lo > 0 else
+                                                       "no (worse)" if vm.hi < 0 else "not shown")
                 ogold, opreds = stored(db, task, model, label, shots, ood)
-                assert line[7 + 2] == fmt(stats.estimate(ogold, opreds, None, 2, metric), metric)
+                assert line[col[f"OOD {name} [95% CI]"]] == fmt(stats.estimate(ogold, opreds, None, 2, metric), metric)
                 checked += 1
     assert checked == len(SPLITS) * len(MODELS) * len(LABELS) * len(SHOTS)
 
@@ -369,6 +380,30 @@ def test_dtype_auto_pools_only_runs_of_one_resolved_precision(tmp_path, toy, res
         assert len(table) == 3 and table[2][0] == "icl"
 
 
+def test_figures_are_drawn_where_they_show_something(report, tmp_path):
+    """MCC vs sample size needs a method at two sample sizes; Pareto labels of near options are moved apart; every
+    figure has a caption and its own alt text."""
+    from fewtune.report import figures
+    def g(label, cost, v, shots=32):
+        return {"task": "cola", "model": "m", "label": label, "shots": shots, "train_seconds": cost,
+                "primary_metric": "mcc", "id_primary": stats.Estimate(v, v - .1, v + .1, .05, 1, 2, 100, 0, 0),
+                "id_split": "dev", "id_majority": 0.0}
+    gs = [g("pbft", 10.0, 0.30), g("cd-instruction", 10.4, 0.305), g("icl", 1.0, 0.1), g("zero-shot", 0, 0.0, 0)]
+    color = figures.colors([x["label"] for x in gs])
+    assert figures.metric_vs_shots(gs, "cola", "m", tmp_path, color, ("id",)) is None  # one size per method
+    assert figures.metric_vs_shots(gs + [g("icl", 1.0, 0.2, 8)], "cola", "m", tmp_path, color, ("id",))
+    name = figures.metric_vs_cost(gs, "cola", "m", "train_seconds", "training time (s)", tmp_path, color, ("id",))
+    svg = (tmp_path / f"{name}.svg").read_text()
+    ys = {t: float(y) for y, t in re.findall(r'<text [^>]*y="([0-9.]+)"[^>]*>([a-z-]+ \(32\))</text>', svg)}
+    assert {"pbft (32)", "cd-instruction (32)"} <= set(ys)  # the front's labels, as text
+    assert abs(ys["pbft (32)"] - ys["cd-instruction (32)"]) >= figures.LABEL_PT  # 0.005 MCC apart: moved apart
+    assert figures.spread([5.0, 5.0, 30.0], 8.0) == pytest.approx([5.0 - 8 / 3, 5.0 + 8 - 8 / 3, 30.0 - 8 / 3])
+    _, md, html = report
+    alts = re.findall(r"!\[([^\]]+)\]\(figures/[^)]+\.png\)\n\n\*([^*]+)\*", md)
+    assert len(alts) == len(re.findall(r"<img ", html)) and all(a and c and a != c for a, c in alts)
+    assert html.count("<figcaption>") == len(alts)
+
+
 def test_pareto_front_on_hand_made_options():
     def g(label, value, mem):
         return {"label": label, "id_primary": stats.Estimate(value, value, value, 0, 2, 3, 100, 0, 0),
@@ -389,6 +424,70 @@ def test_report_cli_and_empty_database(tmp_path, capsys):
     assert "No successful runs yet" in md and "nothing worked" in md
     assert main(["report", "--db", str(tmp_path / "missing.db"), "--out", str(tmp_path / "rep2")]) == 2
     assert "No results database" in capsys.readouterr().err
+
+
+def store_options(path, labels, seeds, task="mnli"):
+    """A database of synthetic runs: every label under every seed, 8 shots."""
+    rng = np.random.default_rng(4)
+    with Store(path) as store:
+        for seed in seeds:
+            for label in labels:
+                cfg = RunConfig(task=task, model="m", method=LABELS[label][0], method_options=LABELS[label][1],
+                                shots=8, seed=seed, eval_limit=N)
+                store.claim(cfg, label=label)
+                store.finish(cfg.hash(), synthetic_result(cfg, label, rng))
+    return path
+
+
+def first_box(md: str) -> tuple[str, list[str]]:
+    """The first verdict box of report.md: its heading and its lines."""
+    block = md[md.index("\n### ") + 1:].split("\n\n")
+    return block[0][4:], [x[2:] for x in block[1].splitlines() if x.startswith("- ")]
+
+
+@pytest.mark.parametrize("case, status, says", [
+    ("no successful run", "NO RESULTS", "No successful runs yet: run `fewtune grid SPEC` first."),
+    ("one option", "OPEN", "Nothing is judged yet: only one option: there is nothing to compare."),
+    ("one seed", "OPEN", "Nothing is judged yet: an option has one seed: training instability is unknown"),
+])
+def test_the_first_box_says_what_is_missing_in_one_line(tmp_path, capsys, case, status, says):
+    """Bad input still renders (exit 0) and the first box says in its first line why there is no answer."""
+    path = tmp_path / "bad.db"
+    if case == "no successful run":
+        with Store(path) as store:
+            cfg = RunConfig(task="cola", method="icl", shots=2)
+            store.claim(cfg)
+            store.fail(cfg.hash(), "RuntimeError: nothing worked")
+    else:
+        one_option = case == "one option"
+        store_options(path, ["pbft"] if one_option else ["icl", "pbft"], (0, 1) if one_option else (0,))
+    assert main(["report", "--db", str(path), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    html = (tmp_path / "rep" / "report.html").read_text()
+    heading, lines = first_box(md)
+    assert heading.startswith(status + " · ") and lines[0].startswith(says)
+    assert md.index(says) < md.index("How to read this report")  # above the method notes
+    assert html.index('<section class="answer') < html.index("<details>")
+    if case != "no successful run":  # the box still has its plot: each option's value, nothing judged
+        assert re.search(r"!\[Interval plot, mnli / m, in-domain: \d options", md)
+
+
+@pytest.mark.parametrize("blocker", ["figures is a file", "report.html is a folder", "read-only folder"])
+def test_a_report_folder_that_cannot_be_written_is_one_line(tmp_path, capsys, blocker):
+    path = store_options(tmp_path / "ok.db", ["icl", "pbft"], (0, 1))
+    out = tmp_path / "rep"
+    out.mkdir()
+    if blocker == "figures is a file":
+        (out / "figures").write_text("not a folder")
+    elif blocker == "report.html is a folder":
+        (out / "report.html").mkdir()
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only folder")
+        out.chmod(0o500)
+    assert main(["report", "--db", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fewtune: error: cannot write the report in {out}: ") and "\n" not in err
 
 
 def test_one_seed_is_flagged(tmp_path):
@@ -524,3 +623,32 @@ def test_results_csv_has_every_rows_columns(tmp_path, capsys):
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert {r["label"]: r["demonstrations_dropped"] for r in rows} == {"pbft": "", "icl": "3"}
     assert all(r["measured_time"] and r["measured_memory"] for r in rows)
+
+
+def test_first_screen_reads_only_the_verdicts_named_fields(tmp_path, monkeypatch):
+    """The box and the interval plot read of a Verdict only best, candidates, worse, equivalent_to_best, margin,
+    level, reason and vs_best[o].diff (value, lo, hi: best − o): a verdict with nothing else plugs in."""
+    from types import SimpleNamespace as NS
+    from fewtune.stats import claims
+    from fewtune.report import answer
+    diff = lambda v, lo, hi: NS(diff=NS(value=v, lo=lo, hi=hi))  # noqa: E731
+    verdict = NS(best="a", candidates=["a", "b", "c"], worse={"d": "a"}, equivalent_to_best=["c"], margin=0.05,
+                 level=0.99, reason="", vs_best={"b": diff(0.10, -0.02, 0.22), "c": diff(0.01, -0.03, 0.04),
+                                                 "d": diff(0.30, 0.12, 0.48)})
+    est = lambda v: stats.Estimate(v, v - 0.1, v + 0.1, 0.05, 2, 3, 200, 0, 0)  # noqa: E731
+    groups = {n: {"label": n, "shots": 8, "runs": [], "id_primary": est(v), "id_split": "dev", "id_majority": 0.0,
+                  "id_majority_label": "acceptable"} for n, v in (("d", 0.1), ("b", 0.3), ("a", 0.4), ("c", 0.39))}
+    floor = {n: stats.Estimate(0, lo, lo + 0.2, 0, 2, 3, 200, 0, 0) for n, lo in (("a", 0.1), ("b", -0.1), ("c", 0.05),
+                                                                                 ("d", -0.3))}
+    fv = claims.FamilyView("id", "mcc", verdict, groups, [], floor, 527)
+    monkeypatch.setattr(claims, "what_it_takes", lambda fv, o: f"(what it takes for {o})")
+    rows = answer.plotted(fv, {})
+    assert [(r.name, r.kind) for r in rows] == [("a", "highest"), ("c", "equivalent"), ("b", "open"), ("d", "worse")]
+    assert rows[2].vs_best == (-0.10, -0.22, 0.02) and rows[0].vs_best == (0.0, 0.0, 0.0)
+    assert [r.floor for r in rows] == ["beats", "beats", "not shown", "worse"]  # d: [-0.3, -0.1]
+    lines = answer.verdict_lines(fv, rows, None, "")
+    assert lines == ["3 options may be the best: a, MCC 0.400 [0.300, 0.500] (highest estimate); c, b.",
+                     "Shown worse than a: d.", "Shown to beat the majority-class floor (MCC > 0): a, c.",
+                     "Equivalent to the best within ±0.050: c.", "To settle a vs b: (what it takes for b)"]
+    name, caption, alt = answer.figure(rows, fv, "cola", "m", tmp_path)
+    assert (tmp_path / f"{name}.svg").is_file() and "99.0% interval" in alt and "still open" in caption

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import FewtuneError, one_line
 from ..store import Store, write_atomic
 
 
@@ -21,17 +22,28 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, volume:
 
     out = Path(out_dir)
     fig_dir = out / "figures"
+    paths = {"markdown": out / "report.md", "html": out / "report.html", "figures": fig_dir}
     with Store(db_path, readonly=True) as store:
         rows = store.rows()
         if findings == "auto" and store.meta().get("findings"):  # the grid spec's `findings = ...`
             findings = recorded_findings(store.meta()["findings"])
-        out.mkdir(parents=True, exist_ok=True)
-        doc = build(rows, Path(db_path), fig_dir, predictions_reader(store), volume, max_latency_ms, max_retention_loss,
-                    margin, findings)
-    paths = {"markdown": out / "report.md", "html": out / "report.html", "figures": fig_dir}
-    write_atomic(paths["markdown"], to_markdown(doc))
-    write_atomic(paths["html"], to_html(doc, "fewtune report", fig_dir))
+        try:  # a folder that cannot be written is the user's to fix: one line, before and while writing
+            fig_dir.mkdir(parents=True, exist_ok=True)
+            doc = build(rows, Path(db_path), fig_dir, predictions_reader(store), volume, max_latency_ms,
+                        max_retention_loss, margin, findings)
+        except OSError as e:
+            raise cannot_write(out, e) from None
+    try:
+        write_atomic(paths["markdown"], to_markdown(doc))
+        write_atomic(paths["html"], to_html(doc, "fewtune report", fig_dir))
+    except OSError as e:
+        raise cannot_write(out, e) from None
     return paths
+
+
+def cannot_write(out: Path, e: OSError) -> FewtuneError:
+    where = f" ({e.filename})" if e.filename else ""
+    return FewtuneError(f"cannot write the report in {out}: {e.strerror or one_line(e)}{where}.")
 
 
 def recorded_findings(ref: str):
@@ -39,7 +51,6 @@ def recorded_findings(ref: str):
     something invalid), a one-line warning that says the name came from the database, and the default ('auto')."""
     import sys
 
-    from ..errors import FewtuneError
     from ..findings import load_findings
     try:
         return load_findings(ref)

@@ -13,7 +13,7 @@ from ..findings import companions, resolve as resolve_findings
 from ..findings.judge import judge
 from ..stats import claims
 from ..tasks import check_margin
-from . import budget, figures, use
+from . import answer, budget, figures, use
 from . import findings as findings_section
 from .data import (METRIC_NAMES, flat_row, group_runs, measured_alike, mib, model_order, num, params, pct, scale_for,
                    seconds, signed, size, with_interval)
@@ -74,28 +74,30 @@ def floor_cell(fv, g: dict) -> str:
 
 
 def score_table(gs: list[dict], prefixes, views: dict) -> tuple[list[str], list[list[str]]]:
-    """Per option: the primary metric with its own interval; against the highest estimate, the simultaneous
-    interval of the difference and what the family's verdict says; whether it is shown to beat the majority-class
-    baseline; the task's other metrics (means over seeds)."""
+    """Per option, the columns a reader needs first: per split, what the family's verdict says, the primary metric
+    with its own interval, against the highest estimate the simultaneous interval of the difference, whether it is
+    shown to beat the majority-class baseline; then seeds and the task's other metrics (means over seeds)."""
     metric = gs[0]["primary_metric"]
     mname = METRIC_NAMES[metric]
     others = [m for m in gs[0]["metrics"] if m != metric]
-    headers = ["method", "shots", "seeds"]
+    headers = ["method", "shots"]
     for p in prefixes:
         w = "ID" if p == "id" else "OOD"
-        headers += [f"{w} {mname} [95% CI]", f"{w} best − it [simultaneous]", f"{w} verdict", f"{w} > majority?"]
-        headers += [f"{w} {METRIC_NAMES[m]}" for m in others]
+        headers += [f"{w} verdict", f"{w} {mname} [95% CI]", f"{w} best − it [simultaneous]", f"{w} > majority?"]
+    headers += ["seeds"] + [f"{'ID' if p == 'id' else 'OOD'} {METRIC_NAMES[m]}" for p in prefixes for m in others]
     rows = []
     for g in gs:
-        row = [g["label"], shots_text(g), str(g["n_runs"])]
+        row = [g["label"], shots_text(g)]
         for p in prefixes:
             fv = views.get(p)
             n = claims.name(g)
             c = fv.verdict.vs_best.get(n) if fv else None
-            row += [with_interval(g.get(f"{p}_primary"), metric),
+            row += [verdict_cell(fv, g) if fv else "–", with_interval(g.get(f"{p}_primary"), metric),
                     "best" if fv and n == fv.verdict.best else (signed(c.diff, metric) if c else "–"),
-                    verdict_cell(fv, g) if fv else "–", floor_cell(fv, g)]
-            row += [scale_for(m)(g[f"{p}_{m}"].value) if g.get(f"{p}_{m}") is not None else "–" for m in others]
+                    floor_cell(fv, g)]
+        row.append(str(g["n_runs"]))
+        row += [scale_for(m)(g[f"{p}_{m}"].value) if g.get(f"{p}_{m}") is not None else "–"
+                for p in prefixes for m in others]
         rows.append(row)
     return headers, rows
 
@@ -211,9 +213,15 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
     color = figures.colors([f["label"] for f in flat] + [g["label"] for g in groups])
     label_of = {h: g["label"] for g in groups for h in g["runs"]}
     doc = Doc()
-    header(doc, rows, db_path, groups)
-    judged = findings_first(doc, groups, opts.findings)
+    header(doc, rows, db_path)
+    judged, default = judge_findings(groups, opts.findings)
     views = {}  # each family's verdict, fitted once for every section that reads it
+    answer.section(doc, groups, judged, {f["config_hash"]: f for f in flat}, fig_dir,
+                   lambda gs: family_views(gs, prefixes_of(gs), opts.margin, views))
+    method_notes(doc)
+    if judged is not None:
+        findings_section.section(doc, judged, default)
+    companion_findings(doc, groups, opts.findings)
     task_sections(doc, groups, fig_dir, color, opts.margin, views)
     breakdown_sections(doc, rows, flat, label_of, fig_dir, color)
     if groups:
@@ -222,45 +230,58 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
     return doc
 
 
-def header(doc: Doc, rows: list[dict], db_path: Path, groups: list[dict]) -> None:
+def header(doc: Doc, rows: list[dict], db_path: Path) -> None:
     status = Counter(r["status"] for r in rows)
     doc.heading(1, "fewtune report")
     doc.para(f"Database {db_path} · generated {time.strftime('%Y-%m-%d %H:%M')} · {len(rows)} runs: "
              + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ".")
-    doc.para("Every number is read from the database (each run's stored result and per-example predictions), never "
-             "recomputed from a model. Options are ranked by each task's own primary metric (its task file's "
-             "primary_metric: MCC for CoLA, accuracy for MNLI). Values are means over data seeds; [95% CI] is an "
-             "option's own paired, seed-aware interval (docs/statistics.md): it covers both training instability "
-             "(between seeds) and evaluation sampling (which examples were scored). † one seed: evaluation noise only. "
-             "Claims are made per family (one model, task and split) by one procedure: simultaneous intervals for "
-             "every pair of options (Tukey–Kramer on a model with option and seed effects, each option with its own "
-             "seed variance), at a level that spends the family-wise 5% over the looks the data can have had (one per "
-             "seed count from 2), so the best can be chosen from the same data and 'worse' still holds. Nothing is "
-             "judged before every option has 2 seeds. 'best − it' is that simultaneous interval against the highest "
-             "estimate; 'verdict': worse (than the named option), equivalent to the best (only when the interval lies "
-             "within the task's equivalence margin, fixed before the run), or not shown different. '> majority?': "
-             "shown to beat predicting the evaluation set's most frequent class everywhere (for MCC: MCC > 0, which "
-             "that constant answer scores), paired by example, Bonferroni over the family's options. ECE (15 bins) and "
-             "Brier score from the stored class probabilities. Costs are means over seeds: train s (including a "
-             "teacher's forward passes), eval s (all evaluation splits), peak MiB (process RSS on CPU, max allocated "
-             "on GPU), trainable parameters. Measured costs (time, memory) are compared only between options measured "
-             "alike: the same processor, precision, threads, scoring batch and company (alone or beside other cells); "
-             "where a family's options were not, the cost table says which were and the budgets compare only those.",
-             note=True)
-    if not groups:
-        doc.para("No successful runs yet: run `fewtune grid SPEC` first.")
 
 
-def findings_first(doc: Doc, groups: list[dict], findings):
-    """The findings section, first: the claims of the findings file judged on these results (None: no file)."""
+def method_notes(doc: Doc) -> None:
+    """How every number was made: below the answer, collapsed in HTML."""
+    doc.details(
+        "How to read this report (method notes)",
+        "Every number is read from the database (each run's stored result and per-example predictions), never "
+        "recomputed from a model. Options are ranked by each task's own primary metric (its task file's "
+        "primary_metric: MCC for CoLA, accuracy for MNLI). Values are means over data seeds; [95% CI] is an "
+        "option's own paired, seed-aware interval (docs/statistics.md): it covers both training instability "
+        "(between seeds) and evaluation sampling (which examples were scored). † one seed: evaluation noise only. "
+        "Claims are made per family (one model, task and split) by one procedure: simultaneous intervals for "
+        "every pair of options (Tukey–Kramer on a model with option and seed effects, each option with its own "
+        "seed variance), at a level that spends the family-wise 5% over the looks the data can have had (one per "
+        "seed count from 2), so the best can be chosen from the same data and 'worse' still holds. Nothing is "
+        "judged before every option has 2 seeds. 'best − it' is that simultaneous interval against the highest "
+        "estimate; 'verdict': worse (than the named option), equivalent to the best (only when the interval lies "
+        "within the task's equivalence margin, fixed before the run), or not shown different. '> majority?': "
+        "shown to beat predicting the evaluation set's most frequent class everywhere (for MCC: MCC > 0, which "
+        "that constant answer scores), paired by example, Bonferroni over the family's options. ECE (15 bins) and "
+        "Brier score from the stored class probabilities. Costs are means over seeds: train s (including a "
+        "teacher's forward passes), eval s (all evaluation splits), peak MiB (process RSS on CPU, max allocated "
+        "on GPU), trainable parameters. Measured costs (time, memory) are compared only between options measured "
+        "alike: the same processor, precision, threads, scoring batch and company (alone or beside other cells); "
+        "where a family's options were not, the cost table says which were and the budgets compare only those.")
+
+
+def companion_findings(doc: Doc, groups: list[dict], findings) -> None:
+    """After the findings section: every other shipped findings file these results can answer (lpft.toml where lpft
+    and ft have runs), each a section and a Holm family of its own; none beside a user's own file or with 'none'."""
+    chosen, default = resolve_findings(findings)
+    if not groups or (chosen is None and not default):
+        return
+    for extra in companions(chosen, {g["label"] for g in groups}):
+        judged = judge(extra, groups)
+        if judged.rows:
+            findings_section.section(doc, judged, False)
+
+
+def judge_findings(groups: list[dict], findings):
+    """(the claims of the findings file judged on these results, None where the report has no findings section;
+    whether they are the shipped study's by default)."""
     chosen, default = resolve_findings(findings)
     judged = judge(chosen, groups) if chosen is not None and groups else None
-    if judged is not None and (judged.rows or not default):  # the default study is silent on tasks it does not cover
-        findings_section.section(doc, judged, default)
-    if groups and (chosen is not None or default):  # --findings none: no findings at all
-        for extra in companions(chosen, {g["label"] for g in groups}):  # lpft.toml where lpft and ft have runs
-            findings_section.section(doc, judge(extra, groups), False)
-    return judged
+    if judged is not None and not judged.rows and default:  # the default study is silent on tasks it does not cover
+        judged = None
+    return judged, default
 
 
 def task_sections(doc: Doc, groups: list[dict], fig_dir: Path, color: dict, margin: float | None,
@@ -301,14 +322,25 @@ def task_sections(doc: Doc, groups: list[dict], fig_dir: Path, color: dict, marg
                                        "once and predicting cheaply costs less compute than prompting "
                                        "(train s / (ms per icl prediction − ms per prediction)); 'never': not "
                                        "cheaper per prediction")
+            panels = " and ".join(("in-domain", "out-of-domain")[:len(pre)])
             doc.figure(figures.metric_vs_shots(groups, task, model, fig_dir, color, pre),
-                       f"{task} / {model}: {metric} vs sample size")
-            doc.figure(figures.metric_vs_cost(groups, task, model, "train_seconds", "training time (s)", fig_dir, color, pre),
-                       f"{task} / {model}: {metric} vs training time, Pareto front ringed")
-            doc.figure(figures.metric_vs_cost(groups, task, model, "peak_memory_mib", "peak memory (MiB)", fig_dir, color, pre),
-                       f"{task} / {model}: {metric} vs peak memory, Pareto front ringed")
+                       f"{task} / {model}: {metric} vs sample size. Read: how each method's {metric} changes with "
+                       "more labelled examples, against the majority class (dashed); bars are 95% intervals.",
+                       f"Line chart, one line per method, {metric} ({panels}) against the number of training "
+                       "examples on a log scale, with 95% interval bars and a dashed majority-class line.")
+            for cost, what in (("train_seconds", "training time (s)"), ("peak_memory_mib", "peak memory (MiB)")):
+                doc.figure(figures.metric_vs_cost(groups, task, model, cost, what, fig_dir, color, pre),
+                           f"{task} / {model}: {metric} vs {what.split(' (')[0]}. Read: the ringed options (the "
+                           f"Pareto front) are the best {metric} at each cost; any other option is beaten by one "
+                           "that costs no more.",
+                           f"Scatter plot ({panels}): each option's mean {metric} against its {what}, the Pareto "
+                           "front ringed and joined by a step line, its options labelled with method and shots.")
         if "ood" in prefixes_of(task_groups):
-            doc.figure(figures.id_vs_ood(groups, task, fig_dir, color), f"{task}: in-domain vs out-of-domain {metric}")
+            doc.figure(figures.id_vs_ood(groups, task, fig_dir, color),
+                       f"{task}: in-domain vs out-of-domain {metric}. Read: options below the dashed diagonal score "
+                       "lower out of domain than in domain; the further right and up, the better on both.",
+                       f"Scatter plot: each option's out-of-domain {metric} against its in-domain {metric}, with 95% "
+                       "interval bars, the number of shots next to each point and a dashed diagonal of equal scores.")
 
 
 def breakdown_sections(doc: Doc, rows: list[dict], flat: list[dict], label_of: dict, fig_dir: Path, color: dict) -> None:
@@ -325,7 +357,10 @@ def breakdown_sections(doc: Doc, rows: list[dict], flat: list[dict], label_of: d
         doc.table(headers, table_rows)
         for model in dict.fromkeys(r["model"] for r in runs):
             doc.figure(figures.group_bars(runs, model, fig_dir, color, split, key),
-                       f"{split} / {model}: accuracy per {key} and label")
+                       f"{split} / {model}: accuracy per {key} and label. Read: bars under the dashed 50 % line are "
+                       "worse than chance on that subset.",
+                       f"Grouped bar chart, one panel per sample size: accuracy % of each method per {key} and gold "
+                       "label, with a dashed line at 50 %.")
 
 
 def which_method(doc: Doc, groups: list[dict], judged, opts: ReportOptions, cache: dict | None = None) -> None:
@@ -333,12 +368,13 @@ def which_method(doc: Doc, groups: list[dict], judged, opts: ReportOptions, cach
     volume, max_latency_ms, max_retention_loss = opts.volume, opts.max_latency_ms, opts.max_retention_loss
     margin = opts.margin
     doc.heading(2, "Which method for which budget")
-    doc.para("The verdict of each family first (the same claims as the tables above), then, for each budget, the "
-             "option with the highest estimate among those that fit, and the options that fit and are not shown "
-             "different from it (pairs read from the same family-wise intervals: no new claims). Budget levels are "
-             "the costs at which a better option becomes affordable (the Pareto front); costs within the "
-             "run-to-run variation measured for that cost count as equal. Labelled examples count what a run "
-             "used (icl: the demonstrations that fit the context).", note=True)
+    doc.details("How the budgets are read",
+                "The verdict of each family first (the same claims as the tables above), then, for each budget, the "
+                "option with the highest estimate among those that fit, and the options that fit and are not shown "
+                "different from it (pairs read from the same family-wise intervals: no new claims). Budget levels are "
+                "the costs at which a better option becomes affordable (the Pareto front); costs within the "
+                "run-to-run variation measured for that cost count as equal. Labelled examples count what a run "
+                "used (icl: the demonstrations that fit the context).")
     if volume or max_latency_ms or max_retention_loss is not None:
         doc.para("Use: " + "; ".join(x for x in (
             f"the budgets include training plus {volume:,.0f} predictions" if volume else "",

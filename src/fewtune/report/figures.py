@@ -19,7 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .budget import pareto_front  # noqa: E402
 from .data import COST_KIND, METRIC_NAMES, PERCENT, alike  # noqa: E402
 
-plt.rcParams.update({"svg.hashsalt": "fewtune", "font.size": 9, "axes.grid": True, "grid.alpha": 0.3})
+# svg.fonttype none: text stays text (the browser's sans-serif draws it), an SVG half the bytes of glyph outlines
+plt.rcParams.update({"svg.hashsalt": "fewtune", "svg.fonttype": "none", "font.size": 9, "axes.grid": True,
+                     "grid.alpha": 0.3})
 MARKERS = "osD^v<>PX*"
 
 
@@ -85,8 +87,8 @@ def _panel_figure(gs: list[dict], prefixes):
 
 def metric_vs_shots(groups: list[dict], task: str, model: str, out: Path, color: dict, prefixes=("id", "ood")) -> str | None:
     gs = [g for g in groups if g["task"] == task and g["model"] == model]
-    if not gs:
-        return None
+    if not any(len({g["shots"] for g in gs if g["label"] == label}) >= 2 for label in {g["label"] for g in gs}):
+        return None  # no method at two sample sizes: there is no line to draw
     k, unit, mname, fig, axes = _panel_figure(gs, prefixes)
     for ax, (prefix, title) in zip(axes[0], _panels(prefixes)):
         labels = sorted({g["label"] for g in gs})
@@ -165,6 +167,7 @@ def metric_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabel:
     k, unit, mname, fig, axes = _panel_figure(gs, prefixes)
     parts, mixed = alike(gs, COST_KIND[cost]) if cost in COST_KIND else ([(None, gs)], [])
     alike_gs = parts[0][1] if parts else []  # the front only among options measured alike (the most of them)
+    labels = []  # placed once both panels are drawn: they share the metric's axis
     for ax, (prefix, title) in zip(axes[0], _panels(prefixes)):
         for g in gs:
             if _est(g, prefix) is not None and finite(_est(g, prefix).value):
@@ -176,23 +179,43 @@ def metric_vs_cost(groups: list[dict], task: str, model: str, cost: str, xlabel:
                     color="black", lw=1, zorder=2)
             ax.scatter([g[cost] for g in front], [k * _est(g, prefix).value for g in front], s=70,
                        facecolors="none", edgecolors="black", zorder=4, label="Pareto front")
-            for g in front:
-                ax.annotate(f"{g['label']} ({g['shots']})", (g[cost], k * _est(g, prefix).value),
-                            textcoords="offset points", xytext=(5, -9), fontsize=6)
         if cost == "train_seconds" and min(g[cost] for g in gs) <= 0:
             ax.set_xscale("symlog", linthresh=1.0)  # icl trains for 0 s
         elif max(g[cost] for g in gs) > 10 * max(min(g[cost] for g in gs), 1e-9):
             ax.set_xscale("log")
+        labels.append((ax, [(f"{g['label']} ({g['shots']})", g[cost], k * _est(g, prefix).value) for g in front]))
         ax.set_xlabel(xlabel)
         ax.set_title(title)
     axes[0, 0].set_ylabel(f"{mname}{unit}")
     for label in sorted({g["label"] for g in gs}):
         axes[0, 0].scatter([], [], color=color[label], s=18, label=label)
     axes[0, 0].legend(fontsize=7, loc="best")
+    for ax, points in labels:
+        label_front(ax, points)
     differ = len(parts) > 1 or mixed
     fig.suptitle(f"{task} / {model}: {mname} vs {xlabel} (ringed: Pareto front"
                  + ("; x: measured differently, left out of the front)" if differ else ")"))
     return save(fig, out, f"{key_slug(mname)}-vs-{key_slug(cost)}-{slug(task)}-{slug(model)}")
+
+
+LABEL_PT = 6  # the front's label size, points; labels stay 1.4 lines apart
+
+
+def label_front(ax, points: list[tuple[str, float, float]]) -> None:
+    """Label (text, x, y) points beside them (to the right, or to the left in the axes' right half, so a label stays
+    inside its panel), moved apart vertically where they would overlap, with a leader line to a label that moved."""
+    if not points:
+        return
+    ax.get_xlim(), ax.get_ylim()  # settle the autoscaled limits before reading positions
+    to_pt = 72 / ax.figure.dpi
+    at = [ax.transData.transform((x, y)) for _, x, y in points]
+    middle = ax.transAxes.transform((0.5, 0.5))[0]
+    ys = spread([py * to_pt for _, py in at], 1.4 * LABEL_PT)
+    for (text, x, y), (px, py), ly in zip(points, at, ys):
+        dy, left = ly - py * to_pt, px > middle
+        ax.annotate(text, (x, y), textcoords="offset points", xytext=(-7 if left else 7, dy), fontsize=LABEL_PT,
+                    va="center", ha="right" if left else "left",
+                    arrowprops=dict(arrowstyle="-", lw=0.4, color="grey") if abs(dy) > 1 else None)
 
 
 def group_bars(runs: list[dict], model: str, out: Path, color: dict, split: str = "hans",
@@ -226,3 +249,83 @@ def group_bars(runs: list[dict], model: str, out: Path, color: dict, split: str 
     axes[0, 0].legend(fontsize=7, ncol=min(len(labels), 4), loc="upper right")
     fig.suptitle(f"{split} / {model}: accuracy per {key} and gold label (mean over seeds; dashed: chance)")
     return save(fig, out, f"{slug(split)}-{slug(key)}-{slug(model)}")
+
+
+KIND_STYLE = {  # how the interval plot draws an option, by what the verdict says of it
+    "best": ("#1a1a1a", "the best"), "highest": ("#1a1a1a", "highest estimate"),
+    "equivalent": ("#2a7d4f", "shown equivalent"), "open": ("#c77700", "not shown different (open)"),
+    "worse": ("#8c8c8c", "shown worse"), "not judged": ("#4a6fa5", "not judged"),
+}
+FEW_SEEDS = 10  # per-seed points are drawn up to this many seeds: beyond, the mean and interval say it
+
+
+def interval_plot(rows: list, metric: str, floor: float | None, margin: float | None, level: float, out: Path,
+                  name: str) -> str | None:
+    """The comparison a family's verdict rests on (rows: report.answer.Plotted, highest estimate first). Left: each
+    option's value per seed, its mean and own 95% interval, the majority-class floor. Right (when the verdict judged
+    anything): each option's difference to the best with the simultaneous interval, 0 and the ±margin band."""
+    if not rows:
+        return None
+    k, unit = (100.0, " %") if metric in PERCENT else (1.0, "")
+    mname = METRIC_NAMES[metric]
+    judged = any(r.vs_best is not None and r.kind not in ("best", "highest") for r in rows)
+    fig, axes = plt.subplots(1, 2 if judged else 1, figsize=(7.6 if judged else 4.8, 0.28 * len(rows) + 1.3),
+                             sharey=True, squeeze=False, gridspec_kw={"width_ratios": [1, 1.3]} if judged else None)
+    ys = list(range(len(rows)))[::-1]  # the highest estimate on top
+    left = axes[0, 0]
+    for y, r in zip(ys, rows):
+        color = KIND_STYLE[r.kind][0]
+        if r.own is not None and finite(r.own.value):
+            if finite(r.own.lo, r.own.hi):
+                left.plot([k * r.own.lo, k * r.own.hi], [y, y], color=color, lw=2.5, alpha=0.45, solid_capstyle="butt")
+            left.plot(k * r.own.value, y, "|", color=color, ms=11, mew=2)
+        if len(r.seeds) <= FEW_SEEDS:
+            jitter = [0.0] if len(r.seeds) == 1 else [0.3 * (i / (len(r.seeds) - 1) - 0.5) for i in range(len(r.seeds))]
+            left.scatter([k * s for s in r.seeds], [y + j for j in jitter], s=14, facecolors="none",
+                         edgecolors=color, linewidths=0.9, zorder=3)
+    if floor is not None:
+        left.axvline(k * floor, color="grey", ls="--", lw=1)
+    left.set_yticks(ys, [r.name for r in rows])
+    left.set_ylim(-0.6, len(rows) - 0.4)
+    left.set_xlabel(f"{mname}{unit}")
+    left.set_title("each seed ○, mean |, 95% interval", fontsize=8)
+    if judged:
+        right = axes[0, 1]
+        if margin is not None:
+            right.axvspan(-k * margin, k * margin, color=KIND_STYLE["equivalent"][0], alpha=0.12, lw=0)
+        right.axvline(0, color="black", lw=0.8)
+        for y, r in zip(ys, rows):
+            if r.vs_best is None:
+                continue
+            color = KIND_STYLE[r.kind][0]
+            value, lo, hi = (k * x for x in r.vs_best)
+            if r.kind in ("best", "highest"):
+                right.plot(0, y, "D", color=color, ms=5, zorder=3)
+                continue
+            right.plot([lo, hi], [y, y], color=color, lw=2.5, solid_capstyle="butt")
+            right.plot(value, y, "o", color=color, ms=4, zorder=3)
+        right.set_xlabel(f"{mname}{unit} − the best's")
+        right.set_title(f"difference to the best, simultaneous {100 * level:.1f}%", fontsize=8)
+    kinds = list(dict.fromkeys(r.kind for r in rows))
+    handles = [plt.Line2D([], [], color=KIND_STYLE[c][0], lw=2.5, label=KIND_STYLE[c][1]) for c in kinds]
+    if floor is not None:
+        handles.append(plt.Line2D([], [], color="grey", ls="--", lw=1, label="majority class (floor)"))
+    if judged and margin is not None:
+        handles.append(plt.Rectangle((0, 0), 1, 1, color=KIND_STYLE["equivalent"][0], alpha=0.12, lw=0,
+                                     label=f"±{k * margin:g}{unit}: equivalence margin"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False,
+               bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    return save(fig, out, name)
+
+
+def spread(ys: list[float], gap: float) -> list[float]:
+    """Positions for labels at heights `ys` (display units), each at least `gap` from the others, moved as little as
+    the order allows (a forward pass pushes them apart, then the set is recentred on the points)."""
+    order = sorted(range(len(ys)), key=lambda i: ys[i])
+    placed = [0.0] * len(ys)
+    last = -math.inf
+    for i in order:
+        placed[i] = last = max(ys[i], last + gap)
+    shift = sum(placed[i] - ys[i] for i in order) / max(len(ys), 1)
+    return [p - shift for p in placed]

@@ -15,6 +15,13 @@ def is_study(findings: Findings) -> bool:
     return findings.source == "shipped study.toml"
 
 
+def label(findings: Findings) -> str:
+    """How the report names a findings file's claims in a sentence: the study's, a published source's, yours."""
+    if is_study(findings):
+        return "The study's findings"
+    return f"The findings of {findings.title}" if findings.shipped else "Your findings"
+
+
 def heading(findings: Findings) -> str:
     if is_study(findings):
         return STUDY_HEADING
@@ -37,7 +44,7 @@ def estimate_cell(r) -> str:
 
 
 def section(doc: Doc, j: Judgement, default: bool) -> None:
-    """Heading, what was judged and how, the claims with their sources, and the table of verdicts."""
+    """Heading, the table of verdicts, the claims with their sources, and how they were judged (collapsed)."""
     f = j.findings
     doc.heading(2, heading(f))
     lead = (f"Each claim of {f.source}" + (f" ({f.title})" if f.title and not is_study(f) else "")
@@ -56,21 +63,21 @@ def section(doc: Doc, j: Judgement, default: bool) -> None:
         lead += (" No findings file was given, so the study's shipped findings (study.toml) are used for the tasks "
                  f"they cover ({covered}); `fewtune report --findings FILE` uses yours, `--findings none` leaves this "
                  "section out.")
-    doc.para(lead, note=True)
-    doc.bullets([f"{c.id}: {c.statement or relation_text(c, 'accuracy')}" + (f" Source: {c.source}" if c.source else "")
-                 for c in f.claims])
     if not j.rows:
         doc.para("None of these claims applies to the tasks and models in the database.")
-        return
-    rows = []
-    for r in j.rows:
-        metric = METRIC_NAMES.get(r.metric, r.metric)
-        rows.append([r.claim.id, f"{r.task} / {r.model}", "–" if r.shots is None else str(r.shots),
-                     f"{r.split or r.claim.split} ({metric})", relation_text(r.claim, r.metric),
-                     estimate_cell(r), r.verdict, r.sentence()])
-    doc.table(["claim", "task / model", "shots", "split (metric)", "claim reads", "A − B [interval]", "verdict",
-               "why"], rows, caption="One row per claim and setting: the verdict, the estimate of mean(A) − mean(B) "
-                                     "and the interval behind it (Holm's level for the claim)")
+    else:
+        rows = []
+        for r in j.rows:
+            metric = METRIC_NAMES.get(r.metric, r.metric)
+            rows.append([r.claim.id, r.verdict, estimate_cell(r), f"{r.task} / {r.model}",
+                         "–" if r.shots is None else str(r.shots), f"{r.split or r.claim.split} ({metric})",
+                         relation_text(r.claim, r.metric), r.sentence()])
+        doc.table(["claim", "verdict", "A − B [interval]", "task / model", "shots", "split (metric)", "claim reads",
+                   "why"], rows, caption="One row per claim and setting: the verdict, the estimate of mean(A) − "
+                                         "mean(B) and the interval behind it (Holm's level for the claim)")
+    doc.bullets([f"{c.id}: {c.statement or relation_text(c, 'accuracy')}" + (f" Source: {c.source}" if c.source else "")
+                 for c in f.claims])
+    doc.details("How these claims were judged", lead)
 
 
 def closing(j: Judgement | None, task: str, model: str) -> list[str]:
@@ -78,7 +85,6 @@ def closing(j: Judgement | None, task: str, model: str) -> list[str]:
     rows = [r for r in (j.rows if j else []) if r.task == task and r.model == model]
     if not rows:
         return []
-    what = ("The study's findings" if is_study(j.findings) else
-            f"The findings of {j.findings.title}" if j.findings.shipped else "Your findings")
+    what = label(j.findings)
     return [f"{what} here (first section, family-wise 5% by Holm): " + "; ".join(
         f"{r.claim.id}" + ("" if r.shots is None else f" at {r.shots} shots") + f": {r.verdict}" for r in rows) + "."]
