@@ -120,3 +120,23 @@ def test_grid_throughput_runs_every_variant_and_compares_predictions(tmp_path, m
     assert out["cells_runner_seconds"] == {v: [0.5] for v in out["seconds"]}  # 2 cells x 0.25 s, every variant
     assert all(out["identical_predictions"].values())
     assert any("cells' own seconds 0 (1.00x fresh)" in line for line in lines if line.strip().startswith("warm×2"))
+
+
+def test_ood_methods_benchmark_runs_each_method_in_its_own_process(toy, tiny_model_dir, tmp_path, capsys):
+    """benchmarks/ood_methods.py: one fresh `fewtune run` per method, the cost columns read from its result."""
+    import json
+    spec = importlib.util.spec_from_file_location("ood_methods", REPO / "benchmarks" / "ood_methods.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "ood.json"
+    assert module.main(["--methods", "probe", "--task", str(toy.task_file), "--data-root", str(toy.root), "--model",
+                        str(tiny_model_dir), "--shots", "4", "--eval-limit", "4", "--threads", "1",
+                        "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["cpu"] and doc["load_before"] and [r["method"] for r in doc["rows"]] == ["probe"]
+    row = doc["rows"][0]
+    assert row["trainable_params"] == 32 * 2 and row["shipped_bytes"] == 4 * 32 * 2  # the tiny model's head
+    assert row["process_cpu_seconds"] > 0 and row["train_seconds"] >= 0
+    assert "CPU:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        module.main(["--methods", "prob"])

@@ -34,7 +34,7 @@ def one_line_error(capsys, argv) -> str:
 # ----------------------------------------------------------------------------- ls
 @pytest.mark.parametrize("what, names", [
     ("tasks", ["cola", "mnli"]),
-    ("methods", ["icl", "ft", "pbft", "adaptive", "lora", "cd", "peft"]),
+    ("methods", ["icl", "ft", "pbft", "adaptive", "lora", "cd", "peft", "probe", "lpft", "bitfit"]),
     ("models", ["smollm2-135m", "gemma3-270m"]),
 ])
 def test_ls(capsys, what, names):
@@ -246,6 +246,34 @@ BAD = {
     "method option typo": (lambda tmp, toy, m: ["run", "--config", str(write_config(tmp, 'method = "lora"\n[method_options]\nrank = 4\n'))],
                            ["Method 'lora' has no option 'rank'"]),
 }
+
+
+# probe, lpft and bitfit options out of range, and bitfit on a model with nothing it can train: one line naming the
+# option, exit 2, and neither the result file nor the model folder written
+OOD_BAD = {
+    "probe c 0": (["--method", "probe", "--probe-c", "0"], ["probe: c (--probe-c", "must be a positive number"]),
+    "probe c negative": (["--method", "probe", "--probe-c", "-0.5"], ["probe: c (--probe-c"]),
+    "probe pooling": (["--method", "probe", "--pooling", "max"], ["probe: pooling (--pooling) must be last or mean"]),
+    "probe max iter 0": (["--method", "probe", "--probe-max-iter", "0"], ["probe: max_iter (--probe-max-iter"]),
+    "lpft lp budget 0": (["--method", "lpft", "--probe-max-iter", "0"], ["lpft: max_iter (--probe-max-iter"]),
+    "lpft ft budget 0": (["--method", "lpft", "--epochs", "0"], ["'epochs' must be a positive integer"]),
+    "lpft c negative": (["--method", "lpft", "--probe-c", "-1"], ["lpft: c (--probe-c"]),
+    "bitfit params": (["--method", "bitfit", "--bitfit-params", "weights"], ["bitfit: params (--bitfit-params)"]),
+    "bitfit without biases": (["--method", "bitfit"], ["bitfit: LlamaForCausalLM has no bias terms",
+                                                       "--bitfit-params norm trains its normalisation weights"]),
+    "probe flag on ft": (["--method", "ft", "--probe-c", "2"], ["--probe-c applies to method(s) lpft, probe"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OOD_BAD), ids=list(OOD_BAD))
+def test_bad_probe_lpft_bitfit_options_write_nothing(case, tmp_path, tiny_model_dir, capsys):
+    argv, words = OOD_BAD[case]
+    out, saved = tmp_path / "r.json", tmp_path / "saved"
+    line = one_line_error(capsys, run_args(tiny_model_dir, user_task(tmp_path), *argv, "-o", str(out),
+                                           "--save-model", str(saved)))
+    for w in words:
+        assert w in line, f"{w!r} not in {line!r}"
+    assert not out.exists() and not saved.exists()
 
 
 def write_config(tmp_path: Path, text: str) -> Path:

@@ -233,16 +233,13 @@ def test_user_findings_end_to_end(tmp_path, toy, capsys):
     assert "findings on" not in (tmp_path / "rep2" / "report.md").read_text()
 
 
-def test_study_is_the_default_and_none_turns_it_off(tmp_path, capsys):
-    """A cola database: the report opens with the study's findings (and says they are the default); the demo's
-    labels without lora get 'no runs for lora', never an error; --findings none leaves the section out."""
-    db = tmp_path / "cola.db"
+def store_cola_runs(db, labels, seeds=(0, 1), n=100):
+    """Synthetic cola runs of these options (label = method, cd-* = cd with a few-shot teacher), 70% right."""
     rng = np.random.default_rng(3)
-    n = 100
     gold = np.array([1, 1, 0] * (n // 3) + [1])
     with Store(db) as store:
-        for seed in (0, 1):
-            for label in ("icl", "ft", "pbft", "cd-fewshot"):
+        for seed in seeds:
+            for label in labels:
                 cfg = RunConfig(task="cola", model="m", method=label.split("-")[0],
                                 method_options={"context": "few-shot"} if label.startswith("cd") else {},
                                 shots=8, seed=seed, eval_limit=n)
@@ -259,6 +256,13 @@ def test_study_is_the_default_and_none_turns_it_off(tmp_path, capsys):
                                           "task": {"name": "cola", "primary_metric": "mcc",
                                                    "labels": ["unacceptable", "acceptable"]},
                                           "evals": evals, "predictions": preds, "cost": {"train_seconds": 1.0}})
+
+
+def test_study_is_the_default_and_none_turns_it_off(tmp_path, capsys):
+    """A cola database: the report opens with the study's findings (and says they are the default); the demo's
+    labels without lora get 'no runs for lora', never an error; --findings none leaves the section out."""
+    db = tmp_path / "cola.db"
+    store_cola_runs(db, ("icl", "ft", "pbft", "cd-fewshot"))
     assert main(["report", "--db", str(db), "--out", str(tmp_path / "a")]) == 0
     md = (tmp_path / "a" / "report.md").read_text()
     section = md[md.index("## The study's findings on your results"):md.index("## Task cola")]
@@ -346,3 +350,75 @@ def test_models_override_runs_the_studys_design_on_another_model():
     assert len(mine.cells) == len(paper.cells) // len({c.config.model for c in paper.cells})
     assert {(c.label, c.config.shots, c.config.seed, c.config.task) for c in mine.cells} == \
         {(c.label, c.config.shots, c.config.seed, c.config.task) for c in paper.cells}
+
+
+# ----------------------------------------------------------------------------- lpft.toml: judged where its options ran
+def test_lpft_findings_are_judged_where_lpft_and_ft_ran(tmp_path, capsys):
+    """Results with lpft and ft: the report judges Kumar et al.'s claims in a section of their own, beside the
+    study's (each file its own family, Holm within it); --findings none leaves both out, a user's file stands alone;
+    results without lpft get no such section."""
+    db = tmp_path / "cola.db"
+    store_cola_runs(db, ("icl", "ft", "pbft", "lpft"))
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "a")]) == 0
+    md = (tmp_path / "a" / "report.md").read_text()
+    heading = "## Published findings on your results: LP-FT against fine-tuning (Kumar et al., ICLR 2022)"
+    assert "## The study's findings on your results" in md and heading in md
+    section = md[md.index(heading):md.index("## Task cola")]
+    for cid in ("lpft-not-worse-in-domain", "lpft-better-ood"):
+        assert re.search(rf"^\| {cid} \| [a-z ]+ \| [^|]+ \| cola / m \| 8 \|", section, flags=re.M)
+    assert "Source: Kumar et al., ICLR 2022 (arXiv 2202.10054)" in section
+    assert "Each findings file is its own family" in section and "over 4 one-sided tests" in section
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "b"), "--findings", "lpft"]) == 0
+    md = (tmp_path / "b" / "report.md").read_text()
+    # the study's pbft-worse-than-ft-ood has its options here: judged too, after lpft's, as its companion
+    assert md.index(heading) < md.index("## The study's findings on your results") < md.index("## Task cola")
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "c"), "--findings", "none"]) == 0
+    assert "findings on your results" not in (tmp_path / "c" / "report.md").read_text()
+    mine = tmp_path / "mine.toml"
+    mine.write_text(claims_file('id = "c"\nrelation = "better"\na = ["ft"]\nb = ["icl"]\nsplit = "in_domain"'))
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "d"), "--findings", str(mine)]) == 0
+    assert "Kumar" not in (tmp_path / "d" / "report.md").read_text().split("## Task cola")[0]
+    db2 = tmp_path / "no-lpft.db"
+    store_cola_runs(db2, ("icl", "ft", "pbft"))
+    assert main(["report", "--db", str(db2), "--out", str(tmp_path / "e")]) == 0
+    assert "Kumar" not in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_companions_are_the_shipped_files_the_labels_can_answer():
+    from fewtune.findings import companions
+    study, lpft = load_findings("study"), load_findings("lpft")
+    assert [f.source for f in companions(study, ["icl", "ft", "lpft"])] == ["shipped lpft.toml"]
+    assert companions(study, ["icl", "ft", "probe"]) == []  # lpft has no runs: nothing to answer
+    assert [f.source for f in companions(lpft, ["ft", "pbft", "icl", "lpft"])] == ["shipped study.toml"]
+    assert companions(lpft, ["ft", "lpft", "zero-shot"]) == []  # no study claim has all its options here
+    assert companions(parse_findings({"claims": [dict(id="c", relation="better", a=["ft"], b=["icl"],
+                                                      split="in_domain")]}, "mine.toml"), ["ft", "lpft"]) == []
+
+
+def test_lpft_findings_check_against_the_shipped_grids(capsys):
+    assert main(["check", "lpft", "--spec", "beyond"]) == 0
+    assert main(["check", "lpft.toml", "--spec", "paper"]) == 0  # paper's opt-in list has lpft
+    out = capsys.readouterr().out
+    assert out.count("ok: shipped lpft.toml is a valid findings file") == 2
+    assert main(["check", "lpft", "--spec", "cpu"]) == 2  # cpu's cells are unchanged: no lpft there
+    assert "label 'lpft' names no option of grid cpu" in capsys.readouterr().err
+
+
+def test_opt_in_lists_add_options_and_leave_the_specs_own_cells_alone(capsys):
+    from fewtune.grid.grid_spec import load_grid
+    paper, ood = load_grid("paper"), load_grid("paper", opt_in=["ood"])
+    assert paper.opt_in == () and ood.opt_in == ("ood",) and set(paper.opt_in_labels) == {"probe", "lpft", "bitfit"}
+    keys = {c.key for c in paper.cells}
+    assert keys < {c.key for c in ood.cells}
+    added = [c for c in ood.cells if c.key not in keys]
+    assert {c.label for c in added} == {"probe", "lpft", "bitfit"} and len(added) == 240
+    with pytest.raises(FewtuneError, match=r"--opt-in oods: preset paper has no opt-in method list 'oods' "
+                                           r"\(its lists: ood\)\. Did you mean: ood\?"):
+        load_grid("paper", opt_in=["oods"])
+    with pytest.raises(FewtuneError, match=r"preset cpu has no opt-in method list 'ood' \(it has none\)"):
+        load_grid("cpu", opt_in=["ood"])
+    assert main(["grid", "paper", "--opt-in", "", "--dry-run"]) == 2
+    assert "--opt-in needs the name" in capsys.readouterr().err
+    beyond = load_grid("beyond")
+    assert beyond.findings == "lpft" and {c.label for c in beyond.cells} == {"zero-shot", "icl", "ft", "probe",
+                                                                              "lpft", "bitfit"}

@@ -130,7 +130,7 @@ def test_expand_errors_name_the_problem(data, message):
 
 
 def test_shipped_presets():
-    assert preset_names() == ["cpu", "demo", "models", "paper"]
+    assert preset_names() == ["beyond", "cpu", "demo", "models", "paper"]
     demo, cpu, paper = load_grid("demo"), load_grid("cpu"), load_grid("paper")
     methods = {"icl", "ft", "pbft", "adaptive", "lora", "cd"}
     for grid in (demo, cpu, paper):
@@ -151,6 +151,11 @@ def test_shipped_presets():
     assert {c.config.method for c in two.cells} == methods | {"peft"} and len(two.cells) == 36
     assert all(c.config.eval_limit == 100 and c.config.preset == "quick" for c in two.cells)
     assert len(demo.cells) < len(cpu.cells) < len(paper.cells)
+    beyond = load_grid("beyond")  # the out-of-domain methods beside ft, icl and zero-shot, on CoLA at 32 shots
+    assert {c.config.method for c in beyond.cells} == {"icl", "ft", "probe", "lpft", "bitfit"}
+    assert {c.config.task for c in beyond.cells} == {"cola"} and {c.config.shots for c in beyond.cells} == {0, 32}
+    assert all(c.config.eval_limit == 200 and c.config.preset == "quick" for c in beyond.cells)
+    assert len(beyond.cells) == 6 * 6 and beyond.findings == "lpft"
 
 
 def test_unknown_spec(tmp_path):

@@ -64,6 +64,14 @@ def peft_and_head(name):
     return peft_only(name) or ".score.modules_to_save." in name
 
 
+def head_only(name):
+    return name.startswith("score.")
+
+
+def norms_only(name):  # the tiny Llama's RMSNorm gains: input_layernorm, post_attention_layernorm, model.norm
+    return name.endswith("norm.weight")
+
+
 CASES = [
     # id             method      options                                              trainable
     (Case("icl", "icl", {}), None),
@@ -82,12 +90,19 @@ CASES = [
     (Case("peft-vera", "peft", {"peft_type": "VERA", "r": 16}, lr=3e-2), peft_only),
     (Case("peft-prompt", "peft", {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 16}, lr=3e-1), peft_only),
     (Case("peft-prefix", "peft", {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4}, lr=3e-1), peft_only),
+    (Case("probe", "probe", {}), head_only),
+    (Case("probe-mean", "probe", {"pooling": "mean"}), head_only),
+    (Case("lpft", "lpft", {}), everything),
+    (Case("lpft-mean", "lpft", {"pooling": "mean"}), everything),
+    (Case("bitfit-norm", "bitfit", {"params": "norm"}, lr=1e-1), norms_only),  # the tiny Llama has no biases
 ]
 TRAINABLE = {case.id: pred for case, pred in CASES}
 ALL = [case for case, _ in CASES]
 TRAINED = [case for case in ALL if case.method != "icl"]
 FULL = [case for case in TRAINED if TRAINABLE[case.id] is everything]
 ADAPTER = [case for case in TRAINED if TRAINABLE[case.id] in (lora_only, lora_and_head, peft_only, peft_and_head)]
+SOLVED = [case for case in TRAINED if case.method == "probe"]  # fitted by a solver, not by the training loop
+LOOP = [case for case in TRAINED if case not in SOLVED]
 
 
 def ids(cases):
@@ -155,7 +170,7 @@ def test_adapters_train_and_base_weights_do_not(recorded, case):
     assert base and all(torch.equal(run.before[n], run.after[n]) for n in base)
 
 
-@pytest.mark.parametrize("case", TRAINED, ids=ids(TRAINED))
+@pytest.mark.parametrize("case", LOOP, ids=ids(LOOP))
 def test_loss_falls_when_overfitting_8_examples(recorded, case):
     training = recorded(case).result["training"]
     losses = training["epoch_losses"]
@@ -171,17 +186,21 @@ def test_loss_falls_when_overfitting_8_examples(recorded, case):
 def test_trained_model_is_scored_without_gradients_in_eval_mode(recorded, case):
     run = recorded(case)
     assert not run.model.training
-    assert True in run.grad_enabled and False in run.grad_enabled  # trained with, scored without
+    if case in SOLVED:  # a probe computes no gradient through the model at all: its head is fitted on stored vectors
+        assert run.grad_enabled and not any(run.grad_enabled)
+    else:
+        assert True in run.grad_enabled and False in run.grad_enabled  # trained with, scored without
 
 
 PACKED = {"ft", "pbft", "lora", "lora-ft", "cd", "cd-fewshot", "cd-lora", "peft-ia3", "peft-ia3-ft", "peft-loha",
-          "peft-vera"}
+          "peft-vera", "lpft", "bitfit-norm"}
 
 
 @pytest.mark.parametrize("case", TRAINED, ids=ids(TRAINED))
 def test_training_packs_batches_where_the_method_allows(recorded, case):
     """Every method's batches are packed on the tiny Llama, except adaptive's (its frozen-block cache is laid
-    out as the padded batch) and peft's prompt learning (virtual tokens go before each row)."""
+    out as the padded batch), peft's prompt learning (virtual tokens go before each row), mean pooling (the packed
+    loss reads each sequence's last token) and the probe (no training loop)."""
     run = recorded(case)
     assert run.result["training"]["packed_batches"] is (case.id in PACKED)
 
@@ -235,6 +254,7 @@ def test_saved_model_reloads_with_identical_predictions(recorded, toy, case):
     run = recorded(case)
     model, tokenizer, manifest = saving.load(run.saved, "cpu")
     assert manifest["adapter"] == (case in ADAPTER)
+    assert (manifest["weights"] == "trained") == run.method.ships_trained_only  # probe, bitfit: only what trained
     task = load_task(str(toy.task_file))
     examples = load_split(task, "dev", toy.root)[:12]
     pattern = task.patterns[0]
@@ -281,6 +301,16 @@ def test_training_is_deterministic(recorded, toy, tiny_model_dir):
     ("cd", {"alpha": 2}, "alpha"),
     ("cd", {"student": "adapter"}, "student"),
     ("icl", {"seperator": "\n"}, "Did you mean: separator"),
+    ("probe", {"c": 0}, r"probe: c \(--probe-c"),
+    ("probe", {"c": -1.0}, r"probe: c \(--probe-c"),
+    ("probe", {"c": float("nan")}, r"probe: c \(--probe-c"),
+    ("probe", {"pooling": "max"}, r"probe: pooling \(--pooling\) must be last or mean"),
+    ("probe", {"max_iter": 0}, r"probe: max_iter \(--probe-max-iter"),
+    ("lpft", {"max_iter": 0}, r"lpft: max_iter \(--probe-max-iter"),
+    ("lpft", {"c": 0}, r"lpft: c \(--probe-c"),
+    ("lpft", {"pooling": "cls"}, r"lpft: pooling"),
+    ("bitfit", {"params": "weights"}, r"bitfit: params \(--bitfit-params\)"),
+    ("bitfit", {"objective": "lm"}, "objective"),
 ])
 def test_bad_method_options_name_the_field(method, options, words):
     with pytest.raises(FewtuneError, match=words):
@@ -355,10 +385,12 @@ def test_every_method_that_trains_names_its_quick_learning_rate():
     from fewtune.config import RunConfig
     from fewtune.hyperparameters import PRESETS, for_run
     for name, cls in REGISTRY.items():
-        if cls.trains:
+        options = {"peft_type": "IA3"} if name == "peft" else {}  # peft's rate depends on the type
+        method = get_method(name, options)
+        if cls.trains and "lr" in method.budget(dict(method.defaults)):  # probe: a solver, no learning rate
             for preset in PRESETS:
-                options = {"peft_type": "IA3"} if name == "peft" else {}  # peft's rate depends on the type
-                assert "lr" in get_method(name, options).preset(preset), (name, preset)
+                assert "lr" in method.preset(preset), (name, preset)
+    assert for_run(RunConfig(method="probe", preset="quick"), get_method("probe"))["solver"].startswith("scikit")
     bare = get_method("pbft")
     bare.presets = {}
     cfg = RunConfig(method="pbft", preset="quick")
@@ -382,3 +414,111 @@ def test_cd_loss_reads_nothing_back_from_the_device_per_micro_batch(recorded, mo
     loss, _ = loss_fn(run.model, chunk, batch)
     monkeypatch.undo()
     assert reads == [] and loss.requires_grad
+
+
+# ----------------------------------------------------------------------------- probe, lpft, bitfit
+NEW = [case for case in TRAINED if case.method in ("probe", "lpft", "bitfit")]
+
+
+@pytest.mark.parametrize("case", NEW, ids=ids(NEW))
+def test_exactly_what_the_method_trains_changes(recorded, case):
+    """Counted on the weights themselves: every parameter the method says it trains changed, and no other did."""
+    run = recorded(case)
+    changed = {n for n in run.before if not torch.equal(run.before[n], run.after[n])}
+    expected = {n for n in run.before if TRAINABLE[case.id](n)}
+    assert changed == expected, f"changed but not expected: {sorted(changed - expected)[:5]}; " \
+                                f"expected but unchanged: {sorted(expected - changed)[:5]}"
+    assert run.result["cost"]["trainable_params"] == sum(run.before[n].numel() for n in expected)
+    assert run.result["cost"]["shipped_bytes"] == 4 * run.result["cost"]["trainable_params"]
+
+
+@pytest.mark.parametrize("case", SOLVED, ids=ids(SOLVED))
+def test_probe_computes_each_representation_once_without_gradients(recorded, case):
+    run = recorded(case)
+    shots = run.result["config"]["shots"]
+    assert run.method.representation_calls == shots == run.result["method_info"]["representation_examples"]
+    # one forward pass per batch of training examples (no epochs), then the evaluation; none with gradients
+    assert not any(run.grad_enabled)
+    assert run.result["method_info"]["converged"] is True and run.result["method_info"]["iterations"] >= 1
+    hidden = run.result["method_info"]["representation_dim"]
+    assert run.result["cost"]["trainable_params"] == hidden * 2  # hidden x classes: what a probe ships
+    hp = run.result["hyperparameters"]
+    assert hp["solver"].startswith("scikit-learn") and hp["c"] == 1.0 and "epochs" not in hp and "lr" not in hp
+    assert run.result["training"]["train_accuracy"] == run.result["method_info"]["train_accuracy"]
+
+
+def test_probe_head_is_the_logistic_regression_optimum(recorded):
+    """At the optimum of C·Σ CE + ½|w|² (features scaled by s) the gradient is zero: checked on the head the probe
+    put in the model, with representations computed here through the model's own head input."""
+    from fewtune.methods.probe import head_module, representations
+    run = recorded(Case("probe", "probe", {}))
+    ctx = run.ctx
+    seqs, _ = batching.encode(ctx.tokenizer, [run.method.text(ctx, ex) for ex in ctx.train_examples], 64)
+    x = representations(run.model, ctx.tokenizer, seqs, "last", ctx.device, "fp32", 4).double()
+    y = torch.tensor([ex.label for ex in ctx.train_examples])
+    W = head_module(run.model).weight.detach().double()
+    s = run.result["method_info"]["feature_scale"]
+    w = (W[1] - W[0]) * s  # scikit-learn's vector, in the scaled features' units
+    p = torch.sigmoid((x / s) @ w)
+    grad = run.method.opts.c * ((p - y.double())[:, None] * (x / s)).sum(0) + w
+    assert float(grad.abs().max()) < 1e-3 * max(1.0, float(w.abs().max()))
+    assert torch.allclose(W[0], -W[1])  # two logits from scikit-learn's one vector, symmetric
+
+
+def test_lpft_starts_fine_tuning_from_the_probes_head(recorded):
+    probe, lpft = recorded(Case("probe", "probe", {})), recorded(Case("lpft", "lpft", {}))
+    assert torch.allclose(lpft.method.lp_head, probe.after["score.weight"], atol=1e-6)
+    assert not torch.allclose(lpft.after["score.weight"], probe.after["score.weight"], atol=1e-6)  # then it trained
+    hp = lpft.result["hyperparameters"]  # both stages' budgets, recorded
+    assert hp["epochs"] == 30 and hp["lr"] == 1e-3 and hp["lp"]["max_iter"] == 1000 and hp["lp"]["c"] == 1.0
+    info = lpft.result["method_info"]
+    assert info["lp_converged"] is True and info["representation_examples"] == 8
+    assert info["ft_steps"] == lpft.result["training"]["steps"] == 30
+    assert info["lp_seconds"] >= 0 and info["ft_seconds"] > 0
+
+
+@pytest.mark.parametrize("case_id", ["probe-mean", "lpft-mean"])
+def test_mean_pooling_scores_the_mean_of_the_final_states(recorded, case_id):
+    run = recorded(next(c for c in ALL if c.id == case_id))
+    ctx = run.ctx
+    seqs, _ = batching.encode(ctx.tokenizer, [run.method.text(ctx, ex) for ex in ctx.train_examples[:4]], 64)
+    batch = batching.collate(seqs, ctx.tokenizer.pad_token_id)
+    with torch.no_grad():
+        got = engine.class_logits(run.model, batch, None)
+        states = run.model.model(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].float()
+        want = run.model.score((states * mask).sum(1) / mask.sum(1))
+    assert torch.allclose(got, want, atol=1e-5)
+    assert run.result["training"]["packed_batches"] is False
+
+
+@pytest.fixture(scope="session")
+def biased_model_dir(tokenizer, tmp_path_factory):
+    """The tiny Llama with bias terms in its attention and MLP projections (OPT-like), for BitFit as published."""
+    from conftest import make_tiny_lm
+    folder = tmp_path_factory.mktemp("tiny-llama-biased")
+    make_tiny_lm(tokenizer, attention_bias=True, mlp_bias=True).save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("objective", ["pbft", "ft"])
+def test_bitfit_trains_the_bias_terms_and_nothing_else(toy, biased_model_dir, tmp_path, objective):
+    from conftest import record_run, tiny_run_config
+    case = Case(f"bitfit-bias-{objective}", "bitfit", {"objective": objective}, lr=1e-1)
+    run = record_run(tiny_run_config(case, toy, biased_model_dir), save_model=tmp_path / "saved")
+    biases = {n for n in run.before if n.endswith(".bias")}
+    expected = biases | ({"score.weight"} if objective == "ft" else set())
+    assert len(biases) == TINY_DEPTH * 7  # q, k, v, o, gate, up, down in every block
+    assert {n for n, t in run.trainable.items() if t} == expected
+    assert {n for n in run.before if not torch.equal(run.before[n], run.after[n])} == expected
+    # the save ships only those vectors (and the head), over the base model named by reference
+    manifest = __import__("json").loads((tmp_path / "saved" / "fewtune.json").read_text())
+    assert manifest["weights"] == "trained" and manifest["base_model"] == str(biased_model_dir)
+    assert not (tmp_path / "saved" / "model.safetensors").exists()
+
+
+def test_bitfit_on_a_model_without_biases_names_the_option(toy, tiny_model_dir):
+    from conftest import record_run, tiny_run_config
+    with pytest.raises(FewtuneError, match=r"bitfit: LlamaForCausalLM has no bias terms.*--bitfit-params norm"):
+        record_run(tiny_run_config(Case("bitfit", "bitfit", {}), toy, tiny_model_dir))

@@ -18,7 +18,8 @@ from fewtune.store import Store
 # Every method, each in the variant that exercises what a warm worker could get wrong: icl with demonstrations (its
 # prefix KV cache), ft (a new head drawn from the RNG at load), adaptive (its frozen-block cache), lora and peft
 # (adapters injected into the model in place), a prompt-learning peft type (virtual tokens), cd with a few-shot
-# teacher (the frozen base model scores the context).
+# teacher (the frozen base model scores the context); probe (a new head drawn at load, then fitted; mean pooling put
+# on the model instance), lpft (the probe's head, then the loop), bitfit (the normalisation weights of a bias-free model).
 METHODS = '''
 [[methods]]
 method = "icl"
@@ -46,6 +47,18 @@ method = "peft"
 label = "peft-prompt"
 method_options = { peft_type = "PROMPT_TUNING", num_virtual_tokens = 4 }
 lr = 3e-1
+
+[[methods]]
+method = "probe"
+method_options = { pooling = "mean" }
+
+[[methods]]
+method = "lpft"
+
+[[methods]]
+method = "bitfit"
+method_options = { params = "norm" }
+lr = 1e-1
 '''
 
 
@@ -80,9 +93,9 @@ def test_a_warm_worker_gives_a_fresh_process_results_for_every_method(toy, tiny_
     quiet = dict(progress=False, echo=lambda _: None)
     with Store(tmp_path / "fresh.db") as fresh_db, Store(tmp_path / "warm.db") as warm_db:
         s = run_grid(fresh_grid, fresh_db, tmp_path / "logs-fresh", backend=ProcessBackend(two_fresh), **quiet)
-        assert (s.success, s.failed) == (7, 0), s.failures
+        assert (s.success, s.failed) == (10, 0), s.failures
         w = run_grid(warm_grid, warm_db, tmp_path / "logs-warm", backend=WarmBackend(one_thread), **quiet)
-        assert (w.success, w.failed) == (14, 0), w.failures
+        assert (w.success, w.failed) == (20, 0), w.failures
         for cell in fresh_grid.cells:
             a, b = fresh_db.get(cell.key), warm_db.get(cell.key)
             assert b["result"]["cost"]["backend"] == "warm" and b["result"]["cost"]["warm_model_cache"] is True

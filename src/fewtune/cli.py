@@ -326,7 +326,7 @@ def check_findings(name: str, spec: str | None) -> int:
     if spec is not None:
         from .grid import load_grid
         grid = load_grid(spec)
-        labels = sorted({cell.label for cell in grid.cells})
+        labels = sorted({cell.label for cell in grid.cells} | set(grid.opt_in_labels))  # opt-in lists' labels too
         check_against_labels(findings, labels, f"grid {grid.name} ({grid.source})")
         check_margins_against_tasks(findings, grid)
         print(f"  every label and glob names an option of grid {grid.name}: {', '.join(labels)}")

@@ -53,6 +53,8 @@ def add_parser(sub) -> None:
                                                    "ray-warm 2]")
     g.add_argument("--models", help="replace the spec's models, comma-separated (e.g. fewtune grid paper --models "
                                     "smollm2-135m,gemma3-270m: the study's design on the bundled models)")
+    g.add_argument("--opt-in", help="add the spec's opt-in method lists of these names, comma-separated (e.g. "
+                                    "fewtune grid paper --opt-in ood: probe, lpft and bitfit beside the study's methods)")
     g.add_argument("--max-cells", type=int, help="refuse a spec that expands to more cells than this [10000]")
     g.add_argument("--until-resolved", action="store_true",
                    help="run a first seed of every option, then more seeds only where the comparison with the best "
@@ -118,7 +120,12 @@ def cmd_grid(args) -> int:
         twice = next((m for i, m in enumerate(models) if m in models[:i]), None)
         if twice is not None:  # (the spec's own `models` list is checked by load_grid, in the spec's words)
             raise FewtuneError(f"--models lists {twice!r} twice; remove the duplicate.")
-    grid = load_grid(args.spec, max_cells=args.max_cells or MAX_CELLS, models=models)
+    opt_in = None
+    if args.opt_in is not None:
+        opt_in = [m.strip() for m in args.opt_in.split(",") if m.strip()]
+        if not opt_in:
+            raise FewtuneError("--opt-in needs the name of at least one of the spec's opt-in method lists.")
+    grid = load_grid(args.spec, max_cells=args.max_cells or MAX_CELLS, models=models, opt_in=opt_in)
     path = db_path(args)
     if args.max_retries is not None:
         check_max_retries(args.max_retries, "--max-retries")

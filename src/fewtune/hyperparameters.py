@@ -36,12 +36,13 @@ def for_run(cfg, method) -> dict:
     """The hyperparameters of a run of `method` under the RunConfig `cfg`: method defaults < preset < config."""
     hp = dict(method.defaults)
     preset = preset_values(cfg.preset, method)
-    if cfg.preset and method.trains and "lr" not in preset and cfg.lr is None:
-        # without it the run would silently keep the study budget's rate under the preset's few steps
-        raise FewtuneError(f"method '{method.name}' names no learning rate for --preset {cfg.preset} "
-                           f"(`presets` in its file); give --lr, or run it without the preset.")
     hp.update({k: v for k, v in preset.items() if k != "eval_limit"})
     for key in KEYS:
         if getattr(cfg, key) is not None:
             hp[key] = getattr(cfg, key)
-    return hp
+    budget = method.budget(hp)  # what the run records: the loop's values, or a solver's (probe: no learning rate)
+    if cfg.preset and method.trains and "lr" in budget and "lr" not in preset and cfg.lr is None:
+        # without it the run would silently keep the study budget's rate under the preset's few steps
+        raise FewtuneError(f"method '{method.name}' names no learning rate for --preset {cfg.preset} "
+                           f"(`presets` in its file); give --lr, or run it without the preset.")
+    return budget

@@ -41,7 +41,7 @@ def run(cfg: RunConfig, progress: bool = True, save_model: str | None = None) ->
     task = load_task(cfg.task)
     pattern = task.pattern(cfg.pattern)
     method = get_method(cfg.method, cfg.method_options)
-    hp = hyperparameters(cfg, method)
+    hp = hyperparameters(cfg, method)  # as the run records it (Method.budget)
     device = devices.pick_device(cfg.device)
     dtype = devices.resolve_dtype(cfg.dtype, device)
     train_seed = cfg.train_seed if cfg.train_seed is not None else cfg.seed
@@ -110,7 +110,7 @@ def make_context(cfg: RunConfig, task, pattern, method, tokenizer, sample: Sampl
     prompts = [task.format(pattern, ex) for ex in (sample.train or next(iter(sample.eval_sets.values()), []))[:4]]
     label_ids = models.verbalizer_token_ids(tokenizer, pattern.verbalizer, cfg.model, prompts) if method.objective == "lm" else None
     return RunContext(config=cfg, task=task, pattern=pattern, tokenizer=tokenizer, label_ids=label_ids,
-                      train_examples=sample.train, device=device, dtype=dtype, lr=hp["lr"])
+                      train_examples=sample.train, device=device, dtype=dtype, lr=hp.get("lr"))
 
 
 def retention_probe(cfg: RunConfig, method, sample: Sample, tokenizer, device, dtype):
@@ -164,19 +164,14 @@ def train_model(cfg: RunConfig, method, ctx: RunContext, model, hp: dict, train_
     t_train = time.perf_counter()
     with record.PeakMemory(ctx.device) as mem:
         items = method.train_items(ctx, model, seqs, ctx.train_examples)
-        settings = engine.TrainSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], lr=hp["lr"],
-                                        weight_decay=hp["weight_decay"], warmup_ratio=hp["warmup_ratio"],
-                                        micro_batch_size=hp.get("micro_batch_size"), max_grad_norm=cfg.max_grad_norm,
-                                        seed=train_seed, dtype=ctx.dtype)
         cost["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        tr = engine.train(model, items, method.loss(ctx), settings, ctx.device, method.param_groups(ctx, model),
-                          pad_id=ctx.tokenizer.pad_token_id, progress=progress, pack=method.packs(ctx))
+        tr = method.fit(ctx, model, items, hp, train_seed, progress)  # the one training loop (probe: its solver)
         method.after_train(ctx)
     train_seconds = time.perf_counter() - t_train
     cost.update(train_seconds=round(train_seconds, 3), train_loop_seconds=round(tr.seconds, 3),
                 train_peak_memory_mib=mem.mib, train_tokens=tr.tokens,
                 train_examples_per_s=round(tr.examples_seen / train_seconds, 3))
-    return {"steps": tr.steps, "epochs": hp["epochs"], "final_loss": tr.final_loss, "epoch_losses": tr.epoch_losses,
+    return {"steps": tr.steps, "epochs": hp.get("epochs"), "final_loss": tr.final_loss, "epoch_losses": tr.epoch_losses,
             "train_accuracy": tr.train_accuracy, "truncated_examples": truncated, "packed_batches": tr.packed}
 
 

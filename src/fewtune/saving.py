@@ -17,6 +17,7 @@ from .methods.peft import align_virtual_tokens
 from .tasks import Pattern, Task
 
 MANIFEST = "fewtune.json"
+TRAINED = "trained.safetensors"  # a method that ships only what it trained (probe's head, bitfit's biases)
 FORMAT = 1  # the manifest's "format" as `save` writes it; a folder of another format is refused, never half-read
 
 
@@ -41,12 +42,11 @@ def check_format(manifest, path) -> None:
                            "another fewtune version: use that version, or save the model again with --save-model).")
 
 
-def check_weights(folder: Path, adapter: bool) -> None:
-    """The saved weights are there and whole, checked before loading: peft would otherwise take an adapter folder
-    without its weights for a Hub repository id and go to the network, and a truncated file would fail inside
-    the libraries with a traceback."""
+def check_weights(folder: Path, stem: str) -> None:
+    """The saved weights (`stem`*.safetensors: model, adapter_model or trained) are there and whole, checked before
+    loading: peft would otherwise take an adapter folder without its weights for a Hub repository id and go to the
+    network, and a truncated file would fail inside the libraries with a traceback."""
     from safetensors import safe_open
-    stem = "adapter_model" if adapter else "model"
     files = sorted(folder.glob(f"{stem}*.safetensors"))
     if not files:
         raise FewtuneError(f"{folder}: the saved weights ({stem}.safetensors) are missing; save the model again "
@@ -85,15 +85,21 @@ def save(directory, model, tokenizer, cfg, task, pattern, method, result, prefix
         raise FewtuneError(f"--save-model {out}: cannot create the folder ({e.strerror}).") from None
     is_adapter = hasattr(model, "peft_config")
     by_reference = not method.trains  # icl: the base model is used as it is
+    trained_only = method.ships_trained_only and not is_adapter  # probe, bitfit: what they trained, over the base
     base = cfg.model
-    if (is_adapter or by_reference) and Path(base).expanduser().exists():
+    if (is_adapter or by_reference or trained_only) and Path(base).expanduser().exists():
         base = str(Path(base).expanduser().resolve())  # a relative folder would not resolve from elsewhere
-    if not by_reference:
+    if trained_only:
+        from safetensors.torch import save_file
+        save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(out / TRAINED))
+    elif not by_reference:
         model.save_pretrained(out, safe_serialization=True)  # peft: adapter + modules_to_save (the ft head)
     tokenizer.save_pretrained(out)
     manifest = {
         "format": 1, "method": cfg.method, "objective": method.objective, "adapter": is_adapter,
-        "base_model": base if (is_adapter or by_reference) else None, "weights": not by_reference,
+        "base_model": base if (is_adapter or by_reference or trained_only) else None,
+        "weights": "trained" if trained_only else not by_reference,
         "prefix": prefix if by_reference else None,
         "task": {"name": task.name, "version": task.version, "labels": list(task.labels), "fields": list(task.fields),
                  "raw_separator": task.raw_separator, "pattern": pattern.template, "verbalizer": list(pattern.verbalizer)},
@@ -114,13 +120,18 @@ def load(directory, device="cpu"):
     except json.JSONDecodeError as e:
         raise FewtuneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
     check_format(manifest, path)
-    if manifest.get("weights") is not False:  # a save that names its base model instead carries no weights
-        check_weights(folder, bool(manifest["adapter"]))
+    weights = manifest.get("weights")
+    if weights is not False:  # a save that names its base model instead carries no weights
+        check_weights(folder, "trained" if weights == "trained" else "adapter_model" if manifest["adapter"] else "model")
     n_labels = len(manifest["task"]["labels"])
     tokenizer = load_tokenizer(folder)
-    if manifest.get("weights") is False:  # icl: the base model itself, with the saved demonstrations
+    if weights is False:  # icl: the base model itself, with the saved demonstrations
         model = models.load_model(manifest["base_model"], manifest["objective"], n_labels)
         models.set_pad_token(model, tokenizer)
+    elif weights == "trained":  # probe, bitfit: the base model with the parameters the run trained put back
+        model = models.load_model(manifest["base_model"], manifest["objective"], n_labels)
+        models.set_pad_token(model, tokenizer)
+        load_trained(model, folder / TRAINED)
     elif manifest["adapter"]:
         from peft import PeftModel
         base = models.load_model(manifest["base_model"], manifest["objective"], n_labels)
@@ -130,8 +141,30 @@ def load(directory, device="cpu"):
     else:
         model = models.load_model(str(folder), manifest["objective"], n_labels)
         models.set_pad_token(model, tokenizer)
+    model = reloaded(model, manifest)
     model.to(device).eval()
     return model, tokenizer, manifest
+
+
+def load_trained(model, path: Path) -> None:
+    """Put the trained parameters saved in `path` into the base model, each by name; a name or shape the base
+    model does not have means the folder was saved from another model: one line."""
+    from safetensors.torch import load_file
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(str(path)).items():
+            if name not in params or params[name].shape != tensor.shape:
+                raise FewtuneError(f"{path}: parameter {name} {tuple(tensor.shape)} is not in the base model "
+                                   f"{type(model).__name__} (saved from another model?); save the model again.")
+            params[name].copy_(tensor)
+
+
+def reloaded(model, manifest: dict):
+    """The method's own way of scoring a reloaded model (methods.base.Method.reloaded; probe's mean pooling)."""
+    from .methods import REGISTRY
+    cls = REGISTRY.get(manifest.get("method"))
+    options = (manifest.get("config") or {}).get("method_options") or {}
+    return cls(options).reloaded(model) if cls is not None else model
 
 
 def predict(directory, rows: list[dict], device="auto", batch_size: int = 16) -> list[dict]:

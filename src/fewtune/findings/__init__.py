@@ -25,7 +25,7 @@ SPLITS = {"in_domain": "id", "out_of_domain": "ood"}  # a claim's split role -> 
 _NEEDS_MARGIN = ("equivalent", "noninferior")
 _TOP_KEYS = {"title", "description", "claims"}
 _CLAIM_KEYS = {"id", "relation", "a", "b", "split", "margin", "shots", "tasks", "models", "statement", "source"}
-SHIPPED = ("study",)
+SHIPPED = ("study", "lpft")  # study.toml (the study's five findings), lpft.toml (Kumar et al.'s LP-FT claims)
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,8 @@ def load_findings(spec: str | Path) -> Findings:
 
 def _read(spec) -> tuple[str, str]:
     name = str(spec)
+    if name.endswith(".toml") and name[:-5] in SHIPPED and not Path(name).exists():
+        name = name[:-5]  # `fewtune check lpft.toml`: the shipped file, when there is no such file here
     if name in SHIPPED:
         return (resources.files("fewtune") / "findings" / f"{name}.toml").read_text(encoding="utf-8"), \
             f"shipped {name}.toml"
@@ -232,6 +234,30 @@ def check_against_labels(findings: Findings, labels, where: str) -> None:
                 kind = "glob" if any(ch in pattern for ch in "*?[") else "label"
                 raise FewtuneError(f"{findings.source} claim '{c.id}': {kind} '{pattern}' names no option of {where}."
                                    f"{did_you_mean(pattern, labels)} Its labels: {', '.join(labels)}.")
+
+
+def answerable(findings: Findings, labels) -> bool:
+    """Whether results with these option labels can answer some claim of the file: every label and glob of that
+    claim names one of them."""
+    labels = list(labels)
+    return any(all(any(matches(p, lab) for lab in labels) for p in (*c.a, *c.b)) for c in findings.claims)
+
+
+def companions(chosen: Findings | None, labels) -> list[Findings]:
+    """The other shipped findings files that results with these labels can answer (lpft.toml where there are lpft
+    and ft options): a report that judges shipped findings (the default, a grid's, or `--findings study`) judges
+    these too, each in its own section with its own family-wise control. None beside a user's own file."""
+    if chosen is not None and not chosen.shipped:
+        return []
+    taken = chosen.source if chosen is not None else None
+    out = []
+    for name in SHIPPED:
+        if f"shipped {name}.toml" == taken:
+            continue
+        f = load_findings(name)
+        if answerable(f, labels):
+            out.append(f)
+    return out
 
 
 def check_margin_for(claim: Claim, metric: str) -> str | None:

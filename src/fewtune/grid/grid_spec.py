@@ -18,7 +18,8 @@ from ..errors import FewtuneError, did_you_mean, unknown
 RUNNER_ENV = "FEWTUNE_GRID_RUNNER"  # "module:function" replacing fewtune.runner.run in the cells (tests, plug-ins)
 GRID_KEYS = ("name", "description", "models", "tasks", "shots", "shots_per_class", "seeds", "methods", "resources", "max_retries",
              "findings",
-             "workers")
+             "workers",
+             "opt_in")
 # [resources]: what one cell (--backend ray) or one warm actor (ray-warm) asks of a Ray cluster; ignored locally
 RESOURCE_KEYS = {"num_cpus": 1.0, "num_gpus": 0.0, "memory_gib": None}
 MAX_RESOURCE = {"num_cpus": 1024, "num_gpus": 1024, "memory_gib": 65536}  # per cell: more is a typo, not a node
@@ -60,6 +61,8 @@ class Grid:
     max_retries: int | None = None  # re-runs of a cell whose worker process died [backends.default_retries]
     workers: int | None = None      # cells at once on this machine (warm/process backends) [--workers, 1]
     findings: str | None = None     # the findings file its report judges (a path, a shipped name, or "none")
+    opt_in: tuple = ()              # the spec's opt-in method lists added to its methods (--opt-in), by name
+    opt_in_labels: tuple = ()       # the labels of every opt-in list, taken or not (`fewtune check --spec`)
 
 
 # --- the spec
@@ -67,10 +70,12 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in (resources.files("fewtune") / "presets").iterdir() if p.name.endswith(".toml"))
 
 
-def load_grid(spec: str, validate: bool = True, max_cells: int = MAX_CELLS, models: list[str] | None = None) -> Grid:
+def load_grid(spec: str, validate: bool = True, max_cells: int = MAX_CELLS, models: list[str] | None = None,
+              opt_in: list[str] | None = None) -> Grid:
     """A grid from a spec file path, or from the name of a spec shipped in fewtune/presets (paper, cpu, demo).
     A spec that expands to more than `max_cells` cells is refused before any cell is built. `models` replaces the
-    spec's models (`fewtune grid paper --models smollm2-135m`: the study's design on another model)."""
+    spec's models (`fewtune grid paper --models smollm2-135m`: the study's design on another model); `opt_in` adds
+    the spec's opt-in method lists of those names to its methods (`fewtune grid paper --opt-in ood`)."""
     path = Path(spec)
     if path.is_dir():
         raise FewtuneError(f"Grid spec {path} is a folder; give a spec file (.toml) or a shipped name "
@@ -94,7 +99,44 @@ def load_grid(spec: str, validate: bool = True, max_cells: int = MAX_CELLS, mode
         data["findings"] = resolve_task_path(data["findings"], path.parent)  # next to the spec, as task files are
     if models is not None:
         data["models"] = list(models)
-    return expand(data, source, default_name, validate, max_cells)
+    taken, labels = take_opt_in(data, opt_in or [], source)
+    grid = expand(data, source, default_name, validate, max_cells)
+    grid.opt_in, grid.opt_in_labels = taken, labels
+    return grid
+
+
+def take_opt_in(data: dict, names: list[str], where: str) -> tuple[tuple, tuple]:
+    """Move the spec's `[[opt_in.NAME]]` method lists out of `data`, appending the ones named in `names` to its
+    `methods`: ((the names taken), (the labels of every list)). Options a grid runs only when asked for (paper's
+    `ood`: methods beyond the study's), so the spec's own cells, and their keys, stay as they are without them."""
+    lists = data.pop("opt_in", {})
+    if not isinstance(lists, dict) or not all(isinstance(v, list) and v and all(isinstance(e, dict) for e in v)
+                                              for v in lists.values()):
+        raise FewtuneError(f"{where}: 'opt_in' must hold named lists of method tables ([[opt_in.NAME]] with method = "
+                           f"\"...\").")
+    for name in names:
+        if name not in lists:
+            known = f"its lists: {', '.join(lists)}" if lists else "it has none"
+            raise FewtuneError(f"--opt-in {name}: {where} has no opt-in method list '{name}' ({known})."
+                               f"{did_you_mean(name, list(lists))}")
+    if len(set(names)) != len(names):
+        raise FewtuneError(f"--opt-in lists a name twice: {', '.join(names)}.")
+    if names:
+        if not isinstance(data.get("methods"), list):
+            raise FewtuneError(f"{where}: 'methods' must be a list of tables ([[methods]] with method = \"...\").")
+        data["methods"] = list(data["methods"]) + [e for name in names for e in lists[name]]
+    labels = tuple(e.get("label") or default_label(e.get("method", "?"), e.get("method_options") or {})
+                   for entries in lists.values() for e in entries)
+    for name, entries in lists.items():  # a list not taken is still checked: it must work when someone opts in
+        if name in names:
+            continue
+        from ..methods import get_method
+        for i, entry in enumerate(entries):
+            try:
+                get_method(str(entry.get("method")), entry.get("method_options") or {})
+            except FewtuneError as e:
+                raise FewtuneError(f"{where} opt_in.{name}[{i}]: {e}") from None
+    return tuple(names), labels
 
 
 def resolve_task_path(task, spec_dir: Path):

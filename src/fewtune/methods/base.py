@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..engine import engine
 from ..engine.engine import class_logits
 from ..engine.models import DEFAULT_MAX_POSITIONS
 from ..errors import FewtuneError, did_you_mean
@@ -103,6 +104,9 @@ class Method:
     name = "method"
     trains = True
     Options = Options
+    # What --save-model writes: False, every weight of the model (or the adapter, for peft wrappers); True, only the
+    # parameters the method trained, over the base model named by reference (probe: its head; bitfit: its biases)
+    ships_trained_only = False
     # the study's GPU budgets (docs/methods.md); RunConfig fields and presets override them
     defaults = dict(epochs=40, batch_size=32, lr=1e-5, weight_decay=0.0, warmup_ratio=0.5)
     # this method's own values under each preset (hyperparameters.PRESETS holds what every method shares): a method
@@ -172,3 +176,25 @@ class Method:
 
     def after_train(self, ctx: RunContext) -> None:
         """Checks after training (cd: the distillation term must not have been zero)."""
+
+    # --- training and its record
+    def budget(self, hp: dict) -> dict:
+        """The run's training budget as recorded (result["hyperparameters"]) from the loop's hyperparameters
+        (method defaults < preset < config): the loop's own for every method that trains through it."""
+        return hp
+
+    def fit(self, ctx: RunContext, model, items: list, hp: dict, seed: int, progress: bool = True) -> engine.TrainResult:
+        """Train the prepared model on the training items: the one training loop (engine.train), for every method
+        but one whose training is a convex problem solved exactly (probe's logistic regression)."""
+        settings = engine.TrainSettings(epochs=hp["epochs"], batch_size=hp["batch_size"], lr=hp["lr"],
+                                        weight_decay=hp["weight_decay"], warmup_ratio=hp["warmup_ratio"],
+                                        micro_batch_size=hp.get("micro_batch_size"),
+                                        max_grad_norm=ctx.config.max_grad_norm, seed=seed, dtype=ctx.dtype)
+        return engine.train(model, items, self.loss(ctx), settings, ctx.device, self.param_groups(ctx, model),
+                            pad_id=ctx.tokenizer.pad_token_id, progress=progress, pack=self.packs(ctx))
+
+    # --- a saved model
+    def reloaded(self, model):
+        """The model `fewtune predict` loaded from a save of this method, made to score as the run did (probe's
+        mean pooling). The method is built from the saved run's options."""
+        return model

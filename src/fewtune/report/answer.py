@@ -15,6 +15,7 @@ from ..stats import claims
 from ..stats.stats import Estimate
 from . import figures
 from .data import METRIC_NAMES, model_order, scale_for, with_interval
+from .findings import label as findings_label
 from .render import Doc
 
 NO_RESULTS = "No successful runs yet: run `fewtune grid SPEC` first."
@@ -143,7 +144,7 @@ def section(doc: Doc, groups: list[dict], judged, per_seed: dict[str, dict], fig
     if not groups:
         doc.box("NO RESULTS", "nothing to compare", [NO_RESULTS])
         return
-    what = ("The study's findings" if judged.findings.shipped else "Your findings") if judged else ""
+    what = findings_label(judged.findings) if judged else ""
     for task, model in model_order(groups):
         gs = [g for g in groups if g["task"] == task and g["model"] == model]
         for prefix, fv in views(gs).items():

@@ -9,7 +9,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..findings import resolve as resolve_findings
+from ..findings import companions, resolve as resolve_findings
 from ..findings.judge import judge
 from ..stats import claims
 from ..tasks import check_margin
@@ -221,6 +221,7 @@ def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: f
     method_notes(doc)
     if judged is not None:
         findings_section.section(doc, judged, default)
+    companion_findings(doc, groups, opts.findings)
     task_sections(doc, groups, fig_dir, color, opts.margin, views)
     breakdown_sections(doc, rows, flat, label_of, fig_dir, color)
     if groups:
@@ -259,6 +260,18 @@ def method_notes(doc: Doc) -> None:
         "on GPU), trainable parameters. Measured costs (time, memory) are compared only between options measured "
         "alike: the same processor, precision, threads, scoring batch and company (alone or beside other cells); "
         "where a family's options were not, the cost table says which were and the budgets compare only those.")
+
+
+def companion_findings(doc: Doc, groups: list[dict], findings) -> None:
+    """After the findings section: every other shipped findings file these results can answer (lpft.toml where lpft
+    and ft have runs), each a section and a Holm family of its own; none beside a user's own file or with 'none'."""
+    chosen, default = resolve_findings(findings)
+    if not groups or (chosen is None and not default):
+        return
+    for extra in companions(chosen, {g["label"] for g in groups}):
+        judged = judge(extra, groups)
+        if judged.rows:
+            findings_section.section(doc, judged, False)
 
 
 def judge_findings(groups: list[dict], findings):

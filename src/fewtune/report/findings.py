@@ -11,8 +11,23 @@ from .render import Doc
 STUDY_HEADING = "The study's findings on your results"
 
 
+def is_study(findings: Findings) -> bool:
+    return findings.source == "shipped study.toml"
+
+
+def label(findings: Findings) -> str:
+    """How the report names a findings file's claims in a sentence: the study's, a published source's, yours."""
+    if is_study(findings):
+        return "The study's findings"
+    return f"The findings of {findings.title}" if findings.shipped else "Your findings"
+
+
 def heading(findings: Findings) -> str:
-    return STUDY_HEADING if findings.shipped else f"Your findings on these results ({findings.title or findings.source})"
+    if is_study(findings):
+        return STUDY_HEADING
+    if findings.shipped:  # another published source's claims (lpft.toml: Kumar et al.)
+        return f"Published findings on your results: {findings.title}"
+    return f"Your findings on these results ({findings.title or findings.source})"
 
 
 def _signed(x: float, metric: str) -> str:
@@ -32,7 +47,7 @@ def section(doc: Doc, j: Judgement, default: bool) -> None:
     """Heading, the table of verdicts, the claims with their sources, and how they were judged (collapsed)."""
     f = j.findings
     doc.heading(2, heading(f))
-    lead = (f"Each claim of {f.source}" + (f" ({f.title})" if f.title and not f.shipped else "")
+    lead = (f"Each claim of {f.source}" + (f" ({f.title})" if f.title and not is_study(f) else "")
             + ", fixed before these results were seen, judged on every model, task and number of shots here: "
             "supported, contradicted (the opposite shown; for 'within ±margin': shown outside it) or not settled "
             "(with what it would take). The estimate is mean(A) − mean(B) over the claim's options at those shots, "
@@ -41,7 +56,8 @@ def section(doc: Doc, j: Judgement, default: bool) -> None:
             f"{100 * j.alpha:.0f}% by Holm's procedure over {j.hypotheses} one-sided tests (each claim and its "
             "opposite; 'within ±margin' by two one-sided tests), each spent over the looks the data can have had; the "
             "interval shown is the one behind the verdict, at the level Holm tested the claim at. Nothing is judged "
-            "from one seed.")
+            "from one seed." + ("" if is_study(f) else " Each findings file is its own family: its claims were "
+                                "fixed together, from one source, and its error is held at that level on its own."))
     if default:
         covered = ", ".join(sorted(f.tasks or ["every task"]))
         lead += (" No findings file was given, so the study's shipped findings (study.toml) are used for the tasks "
@@ -69,6 +85,6 @@ def closing(j: Judgement | None, task: str, model: str) -> list[str]:
     rows = [r for r in (j.rows if j else []) if r.task == task and r.model == model]
     if not rows:
         return []
-    what = "The study's findings" if j.findings.shipped else "Your findings"
+    what = label(j.findings)
     return [f"{what} here (first section, family-wise 5% by Holm): " + "; ".join(
         f"{r.claim.id}" + ("" if r.shots is None else f" at {r.shots} shots") + f": {r.verdict}" for r in rows) + "."]
