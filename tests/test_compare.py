@@ -17,7 +17,8 @@ import pytest
 from scipy.optimize import brentq
 
 from fewtune.grid.decide import allocate
-from fewtune.stats import compare
+from fewtune.stats import compare, sequential
+from fewtune.stats.sequential import FUTILITY
 
 PREVALENCE = 0.69
 SHARED, OWN = 1.0, 0.7
@@ -58,141 +59,186 @@ def simulate(rng, taus, targets, n_seeds, n_examples=200):
     return gold, preds
 
 
-def options(preds, depth):
-    return [compare.OptionRuns(f"o{k}", tuple(range(depth[k])), p[:depth[k]]) for k, p in enumerate(preds)]
+def options(preds, depth, constant=None):
+    constant = constant or [False] * len(preds)
+    return [compare.OptionRuns(f"o{k}", tuple(range(depth[k])), p[:depth[k]], constant[k]) for k, p in enumerate(preds)]
 
 
-def until_resolved(gold, preds, max_seeds, metric="accuracy", margin=None):
-    """decide.run_until_resolved's rule, round by round, on simulated runs: round 1 and 2 give every option a seed;
-    then each look (α spent over the spec's looks) decides where seeds go, with decide.allocate; the verdict is
-    made once at the end, as the grid's answer and `fewtune report` make it."""
-    depth = [1] * len(preds)
+def until_resolved(gold, preds, max_seeds, metric="accuracy", margin=None, constant=None, futility=FUTILITY):
+    """decide.run_until_resolved's rule, round by round, on simulated runs: every look is the answer's analysis
+    under the spec's plan (sequential.sequential), and decide.allocate decides where the next seeds go, as the grid
+    does (a seed-free option runs once)."""
+    k_all = len(preds)
+    constant = constant or [False] * k_all
+    depth = [1] * k_all
+    plan = sequential.Plan(max_seeds)
+    names = [f"o{k}" for k in range(k_all)]
     while True:
-        v = compare.family(gold, options(preds, depth), 2, metric, margin=margin,
-                           looks=compare.looks_for(max_seeds))
-        wanted, resolved = allocate(v, {f"o{k}": d for k, d in enumerate(depth)})
-        nxt = [k for k in range(len(preds)) if f"o{k}" in wanted and depth[k] < max_seeds]
-        if resolved or not nxt:
-            break
+        v = sequential.sequential(gold, options(preds, depth, constant), 2, metric, margin, plan)
+        a = allocate(v, dict(zip(names, depth)), {n: max_seeds for n in names},
+                     {n for n, c in zip(names, constant) if c}, futility)
+        nxt = [k for k in range(k_all) if names[k] in a.next and depth[k] < max_seeds and not constant[k]]
+        if a.resolved or a.futile or not nxt:
+            return v, sum(1 if constant[k] else depth[k] for k in range(k_all))
         for k in nxt:
             depth[k] += 1
-    return compare.family(gold, options(preds, depth), 2, metric, margin=margin), sum(depth)
 
 
 def false_claims(v, truth):
-    """Claims the truth contradicts: 'a is worse than b' where a is not worse; 'equivalent' beyond the margin."""
+    """Claims the truth contradicts: 'a is worse than b' where a is not worse; 'within the margin' beyond it."""
     bad = sum(truth[w] >= truth[b] for w, b in v.worse.items())
     if v.margin is not None:
-        bad += sum(abs(truth[v.best] - truth[o]) >= v.margin for o in v.equivalent_to_best)
+        top = max(truth.values())
+        bad += sum(top - truth[o] >= v.margin for o in v.equivalent_to_best)
     return bad
 
 
-def test_equal_options_almost_never_get_a_false_claim_with_the_allocator_as_it_runs():
-    """The issue's check: 8 equal options, 200 examples, up to 4 seeds, `--until-resolved` as it runs: at most 5% of
-    1,000 simulated runs end with any false claim (the old rule: 79%)."""
-    rng = np.random.default_rng(17)
-    truth = {f"o{k}": 0.7 for k in range(8)}
-    with_claim = runs = 0
-    trials = 1000
-    for _ in range(trials):
-        gold, preds = simulate(rng, DEMO_TAUS, [0.7] * 8, 4)
-        v, used = until_resolved(gold, preds, 4)
-        with_claim += false_claims(v, truth) > 0
-        runs += used
-        assert v.min_seeds >= 2  # nothing is judged before every option has 2 seeds
-    assert with_claim / trials <= 0.05
-    assert runs / trials <= 32
+# ----------------------------------------------------------------------------- the critical values
+@pytest.mark.parametrize("k, df", [(8, 3.0), (8, 12.0), (4, 2.5), (8, math.inf)])
+def test_the_closure_critical_value_is_tukeys_at_all_equal_and_dunnetts_at_one(k, df):
+    """critical(k, k, df) is scipy's studentized range / √2; critical(k, 1, df) makes scipy's multivariate t (normal)
+    with correlation ½ over k − 1 comparisons hold with probability 0.95 (Hsu's MCB); in between it grows with m."""
+    from scipy import stats as st
+    q = st.studentized_range.ppf(0.95, k, df if math.isfinite(df) else 1e7) / math.sqrt(2)
+    assert compare.critical(k, k, df) == pytest.approx(q, rel=1e-3)
+    c1 = compare.critical(k, 1, df)
+    cov = np.full((k - 1, k - 1), 0.5) + 0.5 * np.eye(k - 1)
+    dist = st.multivariate_normal(cov=cov) if math.isinf(df) else st.multivariate_t(shape=cov, df=df)
+    assert dist.cdf(np.full(k - 1, c1)) == pytest.approx(0.95, abs=2e-3)
+    values = [compare.critical(k, m, df) for m in range(1, k + 1)]
+    assert all(a < b for a, b in zip(values, values[1:]))
 
 
-@pytest.mark.parametrize("taus, metric", [(UNEQUAL_TAUS, "accuracy"), (DEMO_TAUS, "mcc")])
-def test_false_claims_stay_rare_with_unequal_instability_and_for_mcc(taus, metric):
-    rng = np.random.default_rng(23 if metric == "mcc" else 29)
-    truth = {f"o{k}": 0.7 for k in range(8)}
-    trials = 300
-    bad = sum(false_claims(until_resolved(*simulate(rng, taus, [0.7] * 8, 4), 4, metric)[0], truth) > 0
-              for _ in range(trials))
-    assert bad / trials <= 0.05
+def test_the_plan_spends_alpha_obrien_fleming_like_and_the_looks_add_up_to_alpha():
+    four, eight = sequential.Plan(4), sequential.Plan(8)
+    assert four.looks == (3, 4) and eight.looks == tuple(range(3, 9))
+    assert four.share(3) == pytest.approx(0.0236, abs=1e-4) and four.share(4) == pytest.approx(0.0264, abs=1e-4)
+    assert sum(eight.share(n) for n in eight.looks) == pytest.approx(0.05)
+    shares = [eight.share(n) for n in eight.looks]
+    assert all(a < b for a, b in zip(shares, shares[1:]))  # early looks get little: the last keeps most of α
+    assert sequential.Plan(2).looks == () and sequential.Plan(2).share(2) == 0.0
 
 
-def test_a_truly_better_option_is_found_and_the_rate_it_beats_the_others_is_what_docs_say():
-    """One option 12 points better (accuracy), the others equal: how often it has the highest estimate, and how
-    often each other option is shown worse (the power; docs/statistics.md quotes these figures). No false claim
-    among the equal ones beyond the family-wise 5%."""
-    rng = np.random.default_rng(31)
-    targets = [0.82] + [0.70] * 7
-    truth = {f"o{k}": t for k, t in enumerate(targets)}
-    taus = (0.3,) * 8
-    found = shown = bad = 0
-    trials = 300
-    for _ in range(trials):
-        v, _ = until_resolved(*simulate(rng, taus, targets, 4), 4)
-        found += v.best == "o0"
-        shown += sum(1 for w, b in v.worse.items() if b == "o0" or truth[b] > truth[w])
-        bad += false_claims(v, truth) > 0
-    assert found / trials >= 0.9
-    assert bad / trials <= 0.05
-    power = shown / (7 * trials)
-    assert 0.0 < power < 0.5  # at the demo's 4 seeds × 200 examples a 12-point gap is mostly left open (docs)
+# ----------------------------------------------------------------------------- the closed procedure
+def _brute_force_worse(v_diffs, names, k, alpha):
+    """Closed testing by enumeration: i is worse when every S ∋ i is rejected, H_S rejected when some member is
+    beaten at c_|S| (the definition; compare.family uses the shortcut through m*)."""
+    from itertools import combinations
+
+    def beaten(i, m):
+        return any(d.value - d.half(compare.critical(k, m, d.df, alpha), compare.critical(k, m, math.inf, alpha)) > 0
+                   for (j, ii), d in v_diffs.items() if ii == i)
+    worse = set()
+    for i in names:
+        others = [n for n in names if n != i]
+        if all(any(beaten(x, len(s) + 1) for x in (i, *s)) for m in range(k) for s in combinations(others, m)):
+            worse.add(i)
+    return worse
 
 
-def test_simultaneous_intervals_cover_all_pairs_together_and_are_not_needlessly_wide():
-    """One look (a fixed design): all 28 intervals contain the true difference (0) together in about 95% of
-    families; an interval twice as wide would cover ~100% and fail the upper bound."""
-    rng = np.random.default_rng(37)
-    trials = 600
-    covered = wide = 0
-    for _ in range(trials):
-        gold, preds = simulate(rng, (0.3,) * 8, [0.7] * 8, 4)
-        v = compare.family(gold, options(preds, [4] * 8), 2, "accuracy", looks=1)
-        covered += all(c.diff.lo <= 0 <= c.diff.hi for c in v.pairs.values())
-        wide += all(2 * c.diff.lo - c.diff.value <= 0 <= 2 * c.diff.hi - c.diff.value for c in v.pairs.values())
-    assert 0.93 <= covered / trials <= 0.99
-    assert wide / trials > 0.99  # the check above would catch intervals twice too wide
+def test_the_shortcut_is_the_closed_test_it_stands_for():
+    rng = np.random.default_rng(5)
+    for trial in range(12):
+        targets = list(rng.choice([0.6, 0.7, 0.8], 5))
+        gold, preds = simulate(rng, (0.3,) * 5, targets, 4)
+        opts = options(preds, [4] * 5)
+        v = compare.family(gold, opts, 2, "accuracy")
+        fit = compare.Fit(gold, opts, 2, "accuracy")
+        diffs = {}
+        for a in v.options:
+            for b in v.options:
+                if a != b:
+                    diffs[(a, b)] = fit.pair(a, b)
+        assert set(v.worse) == _brute_force_worse(diffs, v.options, 5, compare.ALPHA)
 
 
-def test_equivalence_is_shown_only_within_the_margin():
-    """Options 1 point apart and a margin of 10 points: shown equivalent with enough seeds; options 15 points apart
-    are never shown equivalent; without a margin nothing is called equivalent."""
-    rng = np.random.default_rng(41)
-    gold, preds = simulate(rng, (0.05, 0.05), [0.70, 0.71], 8, n_examples=2000)
-    v = compare.family(gold, options(preds, [8, 8]), 2, "accuracy", margin=0.10)
-    assert v.equivalent_to_best and v.resolved
-    assert not compare.family(gold, options(preds, [8, 8]), 2, "accuracy").equivalent_to_best
-    gold, preds = simulate(rng, (0.05, 0.05), [0.70, 0.85], 8, n_examples=2000)
-    far = compare.family(gold, options(preds, [8, 8]), 2, "accuracy", margin=0.10)
-    assert not far.equivalent_to_best and far.worse == {"o0": "o1"}
+def test_an_unstable_option_widens_only_its_own_comparisons():
+    """Own variances: with one option 10x more unstable, the contrast of two stable options keeps their small seed
+    variance (a pooled variance would have inflated it), and the unstable one's contrasts carry its variance."""
+    rng = np.random.default_rng(7)
+    taus = (0.05, 0.05, 0.05, 0.05, 1.0)
+    gold, preds = simulate(rng, taus, [0.7] * 5, 6)
+    fit = compare.Fit(gold, options(preds, [6] * 5), 2, "accuracy")
+    var = fit.variances()
+    assert var["o4"][0] > 3 * max(var[n][0] for n in ("o0", "o1", "o2", "o3"))
+    stable, wild = fit.pair("o0", "o1"), fit.pair("o0", "o4")
+    assert wild.seed_var > 3 * stable.seed_var
+    assert stable.seed_var < fit.sigma2 * (2 / 6)  # below what the pooled variance would give the pair
 
 
-def test_one_seed_and_one_option_claim_nothing():
-    rng = np.random.default_rng(43)
-    gold, preds = simulate(rng, (0.3, 0.3), [0.5, 0.95], 1)
-    v = compare.family(gold, options(preds, [1, 1]), 2, "accuracy")
-    assert not v.worse and "one seed" in v.reason and not v.resolved
-    one = compare.family(gold, options(preds[:1], [1]), 2, "accuracy")
-    assert "nothing to compare" in one.reason
+def test_a_trained_option_whose_seeds_agree_is_floored_never_zero_and_never_a_constant():
+    """All 3 seeds of a trained option collapsed to the majority class: identical predictions, yet it is not a
+    seed-free constant; its variance is the pooled one, and the verdict carries the warning."""
+    rng = np.random.default_rng(11)
+    gold, preds = simulate(rng, (0.3,) * 4, [0.7] * 4, 3)
+    preds[2] = np.ones_like(preds[2])  # every run predicts the majority class for everything
+    v = compare.family(gold, options(preds, [3] * 4), 2, "accuracy")
+    fit = v.fit
+    assert fit.constant == [False] * 4 and fit.collapsed == [False, False, True, False]
+    assert fit.variances()["o2"] == (pytest.approx(fit.sigma2), fit.df)
+    assert v.collapsed == ["o2"] and not v.constants
+    assert fit.pair("o0", "o2").seed_var > 0
 
 
-def test_the_best_is_never_shown_worse_than_another_option():
-    """The best is the highest fitted level and every pair comes from the same fit: no option can be 'better than
-    the best' (the old report compared on common seeds a best chosen on its own seeds)."""
-    rng = np.random.default_rng(47)
-    for _ in range(50):
-        gold, preds = simulate(rng, DEMO_TAUS, [0.6, 0.7, 0.7, 0.75, 0.8, 0.7, 0.65, 0.7], 3)
-        depth = list(rng.integers(2, 4, 8))
-        v = compare.family(gold, options(preds, depth), 2, "accuracy")
-        assert v.best not in v.worse
-        assert all(c.diff.value >= 0 for c in v.vs_best.values())
-
-
-def test_a_deterministic_option_is_a_constant_and_pairs_of_trained_options_are_paired_by_seed():
+def test_a_constant_is_what_the_option_is_not_what_its_runs_did():
     rng = np.random.default_rng(53)
     gold, preds = simulate(rng, (0.0, 0.3, 0.3), [0.7, 0.7, 0.7], 3)
-    fit = compare.Fit(gold, options(preds, [3, 3, 3]), 2, "accuracy")
-    assert fit.deterministic == [True, False, False]
+    fit = compare.Fit(gold, options(preds, [1, 3, 3], [True, False, False]), 2, "accuracy")
+    assert fit.constant == [True, False, False] and fit.n == [1, 3, 3]
     d = fit.pair("o1", "o2")
     per_seed = (preds[1] == gold).mean(1) - (preds[2] == gold).mean(1)
     assert d.value == pytest.approx(per_seed.mean())
-    assert d.df == 2  # (2 options − 1) × (3 seeds − 1): zero-shot's zero residuals are not pooled in
     z = fit.pair("o1", "o0")
     assert z.value == pytest.approx((preds[1] == gold).mean() - (preds[0][0] == gold).mean())
-    assert z.df == 4  # the within-option variance of the 2 trained options, 2 × (3 − 1)
+    assert z.seed_var == pytest.approx(np.var((preds[1] == gold).mean(1), ddof=1) / 3)  # o1's own, with β
+    # the same runs without the flag: zero-shot's three identical runs are a trained option that agreed
+    as_trained = compare.Fit(gold, options(preds, [3, 3, 3]), 2, "accuracy")
+    assert as_trained.constant == [False] * 3 and as_trained.variances()["o0"][0] > 0
+
+
+def test_one_or_two_seeds_claim_nothing_and_one_option_has_nothing_to_compare():
+    rng = np.random.default_rng(43)
+    gold, preds = simulate(rng, (0.3, 0.3), [0.5, 0.95], 2)
+    v = compare.family(gold, options(preds, [2, 2]), 2, "accuracy")
+    assert not v.worse and "2 seeds" in v.reason and not v.resolved
+    one = compare.family(gold, options(preds[:1], [2]), 2, "accuracy")
+    assert "nothing to compare" in one.reason
+
+
+def test_the_best_is_never_shown_worse_and_every_worse_claim_has_a_positive_lower_bound():
+    rng = np.random.default_rng(47)
+    for _ in range(40):
+        gold, preds = simulate(rng, DEMO_TAUS, [0.6, 0.7, 0.7, 0.75, 0.8, 0.7, 0.65, 0.7], 5)
+        depth = [1] + list(rng.integers(3, 6, 7))
+        v = sequential.sequential(gold, options(preds, depth, [True] + [False] * 7), 2, "accuracy",
+                                  plan=sequential.Plan(5))
+        assert v.best not in v.worse
+        for o in v.worse:
+            if v.claimed_at.get(o) == max(depth):  # claimed at the last look: its interval shows it
+                assert v.vs_best[o].diff.lo > 0
+
+
+def test_within_the_margin_is_claimed_only_within_it():
+    """Options 1 point apart and a margin of 10 points: within it with enough seeds; 15 points apart: never;
+    without a margin nothing is called within one."""
+    rng = np.random.default_rng(41)
+    gold, preds = simulate(rng, (0.05,) * 3, [0.70, 0.71, 0.705], 8, n_examples=2000)
+    v = compare.family(gold, options(preds, [8] * 3), 2, "accuracy", margin=0.10)
+    assert set(v.equivalent_to_best) == {"o0", "o1", "o2"} - {v.best} and v.resolved
+    assert not compare.family(gold, options(preds, [8] * 3), 2, "accuracy").equivalent_to_best
+    gold, preds = simulate(rng, (0.05,) * 3, [0.70, 0.85, 0.84], 8, n_examples=2000)
+    far = compare.family(gold, options(preds, [8] * 3), 2, "accuracy", margin=0.10)
+    assert "o0" not in far.equivalent_to_best and "o0" in far.worse
+
+
+def test_a_claim_made_at_an_earlier_look_stands():
+    rng = np.random.default_rng(59)
+    for _ in range(30):
+        gold, preds = simulate(rng, (0.3,) * 4, [0.55, 0.8, 0.8, 0.8], 6)
+        plan = sequential.Plan(6)
+        early = sequential.sequential(gold, options(preds, [3] * 4), 2, "accuracy", plan=plan)
+        if early.worse:
+            break
+    later = sequential.sequential(gold, options(preds, [3, 6, 6, 6]), 2, "accuracy", plan=plan)
+    assert set(early.worse) <= set(later.worse)
+    assert all(later.claimed_at[o] == 3 for o in early.worse)

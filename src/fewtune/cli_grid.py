@@ -57,14 +57,19 @@ def add_parser(sub) -> None:
                                     "fewtune grid paper --opt-in ood: probe, lpft and bitfit beside the study's methods)")
     g.add_argument("--max-cells", type=int, help="refuse a spec that expands to more cells than this [10000]")
     g.add_argument("--until-resolved", action="store_true",
-                   help="run a first seed of every option, then more seeds only where the comparison with the best "
-                        "is still open (docs/grid.md); ends with the answer and its confidence")
+                   help="run seeds of every option until 3 can be judged, then more seeds only where a comparison "
+                        "with the best is open and can still be settled (docs/grid.md); ends with the answer, or "
+                        "early with what it would take")
     g.add_argument("--time-budget", help="with --until-resolved: stop starting runs after this long, e.g. 15m, 1h30m "
                                          "[no limit]")
     g.add_argument("--equivalence-margin", type=float,
                    help="with --until-resolved: options are called equivalent only when their simultaneous interval "
                         "lies within ±this (the primary metric's units), fixed before the run [each task's "
                         "equivalence_margin]")
+    g.add_argument("--futility", type=float, default=None,
+                   help="with --until-resolved: an open comparison whose chance to be settled within the spec's "
+                        "seeds and the time budget is below this gets no more seeds; the grid stops when none "
+                        "reaches it (docs/statistics.md, Futility) [0.2]")
 
     r = sub.add_parser("results", help="list or export the runs in the results database")
     r.add_argument("--db", help=db_help)
@@ -159,8 +164,12 @@ def cmd_grid(args) -> int:
     if args.equivalence_margin is not None and not args.until_resolved:
         raise FewtuneError("--equivalence-margin goes with --until-resolved (or `fewtune report`); a plain grid "
                            "makes no claims.")
+    if args.futility is not None and not args.until_resolved:
+        raise FewtuneError("--futility goes with --until-resolved (a plain grid runs every cell).")
     if args.until_resolved:
-        from .grid.decide import options_of, parse_duration
+        from .grid.decide import check_futility, options_of, parse_duration
+        if args.futility is not None:
+            check_futility(args.futility)
         budget_s = parse_duration(args.time_budget) if args.time_budget is not None else math.inf
         options_of(grid)  # at least two options and two seeds: say so before anything runs
         if args.equivalence_margin is not None:
@@ -188,6 +197,9 @@ def cmd_grid(args) -> int:
         plan, need = worker_plan([c for c in grid.cells if status.get(c.key) != "success"] or grid.cells, rows,
                                  workers, gpus, asked=asked)
     with Store(path) as store:
+        # the looks of this grid's claims follow its seeds (fewtune.stats.sequential.Plan): kept for the report
+        store.set_meta(f"seeds:{grid.name}", json.dumps(list(dict.fromkeys(c.config.seed for c in grid.cells))
+                                                         if not getattr(grid, "seeds", None) else list(grid.seeds)))
         if grid.findings is not None:  # `fewtune report` on this database judges the spec's findings by default
             from .findings import findings_ref
             store.set_meta("findings", findings_ref(grid.findings))
@@ -206,7 +218,8 @@ def cmd_grid(args) -> int:
                     from .grid.decide import run_until_resolved
                     d = run_until_resolved(grid, store, path.parent / "logs", budget_s, echo=echo,
                                            reclaim=args.reclaim, backend=backend, retries=retries,
-                                           equivalence_margin=args.equivalence_margin)
+                                           equivalence_margin=args.equivalence_margin,
+                                           **({"futility": args.futility} if args.futility is not None else {}))
                     print(f"grid {grid.name}: {'resolved' if d.resolved else 'not resolved'} after {d.rounds} round(s), "
                           f"{d.runs} run(s) in {d.seconds:.0f} s; `fewtune report --db {path}` for the tables")
                     return 0
@@ -370,8 +383,11 @@ def findings_block(findings, rows: list[dict], store_path) -> dict:
     from .findings.judge import judge
     from .stats.options import flat_row, group_runs, predictions_reader
     from .store import Store
+    from .stats.claims import attach_plans
     with Store(store_path, readonly=True) as store:
-        groups = group_runs([flat_row(r) for r in rows], rows, predictions_reader(store))
+        flat = [flat_row(r) for r in rows]
+        groups = group_runs(flat, rows, predictions_reader(store))
+        attach_plans(groups, flat, store.seed_plans())
     return judge(findings, groups).to_dict()
 
 

@@ -404,6 +404,20 @@ class Store:
     def meta(self) -> dict[str, str]:
         return {k: v for k, v in self.conn.execute("SELECT key, value FROM meta")}
 
+    def seed_plans(self) -> dict[str, list]:
+        """grid name -> the seeds of its spec, in order, as recorded when it ran (the looks of its claims follow
+        them: fewtune.stats.sequential.Plan). Unreadable entries are skipped (the report then falls back)."""
+        out = {}
+        for k, v in self.meta().items():
+            if k.startswith("seeds:"):
+                try:
+                    seeds = json.loads(v)
+                except ValueError:
+                    continue
+                if isinstance(seeds, list) and seeds:
+                    out[k[len("seeds:"):]] = seeds
+        return out
+
     def set_meta(self, key: str, value: str) -> None:
         """Record a database-wide setting (the grid spec's findings file, read by `fewtune report`)."""
         with self.transaction() as c:

@@ -14,10 +14,12 @@ pooled over all options. Each row brings two one-sided hypotheses, "the claim ho
 
 A one-sided p-value is the smallest α at which the bound d ∓ half(α) clears the null, with
 half(α)² = t(1−α, df)²·seed_var + z(1−α)²·example_var: the same construction as every interval of the report
-(each variance part widened by the quantile of its own degrees of freedom), inverted. The p-values are multiplied
-by the looks the data can have had (compare.looks_for: one per seed count from 2, as everywhere in the report),
-then Holm's step-down runs over all of the file's hypotheses (S and C of every row) at α = 5%: the claims were
-fixed before the data, so that multiplicity is the only one there is. Holm is a few lines here (statsmodels is not
+(each variance part widened by the quantile of its own degrees of freedom), inverted. The claims are judged at
+every look the data can have had (fewtune.stats.sequential.Plan: each option's first 3, 4, … N runs in the spec's
+seed order, N the grid's seeds), as everywhere in the report: at the look with n seeds each p-value is weighted by
+that look's share of α (p · α / share(n)), Holm's step-down runs over all of the file's hypotheses (S and C of every
+row) at α = 5%, and a verdict reached at a look stands (the union of the looks is within α, a union bound). The
+claims were fixed before the data, so the looks and the claims are the only multiplicity there is. Holm is a few lines here (statsmodels is not
 a dependency and is not needed for it).
 """
 
@@ -30,7 +32,7 @@ import numpy as np
 from scipy import special as _special
 
 from ..stats import claims as _claims
-from ..stats import compare
+from ..stats import compare, sequential
 from ..stats.fmt import METRIC_NAMES, scale_for
 from ..stats.metrics import METRICS
 from ..stats.options import model_order
@@ -64,7 +66,8 @@ class Row:
     needs: str = ""                   # what it would take to settle it
     # internals for the tests and the step-down; not printed
     contrast: compare.Contrast | None = field(default=None, repr=False)
-    looks: int = 1
+    looks: float = 1.0               # the p-value weight of the look the verdict comes from: α / its share
+    look: int = 0                     # the seeds of that look (0: no look yet)
     population: int | None = None
     n_examples: int = 0
 
@@ -98,7 +101,7 @@ class Judgement:
     def to_dict(self) -> dict:
         return {"source": self.findings.source, "title": self.findings.title, "alpha": self.alpha,
                 "procedure": "Holm over every claim x setting (support and contradiction each a one-sided test; "
-                             "equivalence by two one-sided tests), p-values times the looks (docs/findings.md)",
+                             "equivalence by two one-sided tests), each look weighted by its share of α, a verdict reached at a look stands (docs/findings.md)",
                 "hypotheses": self.hypotheses, "rows": [r.to_dict() for r in self.rows]}
 
 
@@ -171,7 +174,8 @@ def decide(rows: list[Row], alpha: float = compare.ALPHA) -> int:
     adjusted, divisor = holm(np.concatenate([ps, pc]))
     rejected = adjusted <= alpha
     n = len(judged)
-    first_kept = min((divisor[i] for i in range(2 * n) if not rejected[i]), default=None)
+    # the level the step-down stopped at: the largest divisor among those kept (Holm tests them in order)
+    first_kept = max((divisor[i] for i in range(2 * n) if not rejected[i]), default=None)
     for i, r in enumerate(judged):
         r.p_support, r.p_contra = float(adjusted[i]), float(adjusted[n + i])
         r.verdict = SUPPORTED if rejected[i] else (CONTRADICTED if rejected[n + i] else NOT_SETTLED)
@@ -190,18 +194,57 @@ def decide(rows: list[Row], alpha: float = compare.ALPHA) -> int:
 # ----------------------------------------------------------------------------- rows from option groups
 def judge(findings: Findings, groups: list[dict], alpha: float = compare.ALPHA) -> Judgement:
     """Every claim of `findings` on every (model, task, shots) of `groups` (options.group_runs) that it applies
-    to; a claim naming no option there gets a row that says so, never an error."""
-    rows: list[Row] = []
-    for task, model in model_order(groups):
+    to, at every look (see the module docstring); a claim naming no option there gets a row that says so."""
+    pairs = model_order(groups)
+    plans, most = {}, {}
+    for task, model in pairs:
         gs = [g for g in groups if g["task"] == task and g["model"] == model]
+        counts = [g["n_runs"] for g in gs if not _claims.is_constant(g)]
+        most[(task, model)] = max(counts, default=0)
+        plans[(task, model)] = sequential.plan_for(_claims.plan_of(gs), []) if _claims.plan_of(gs) else \
+            sequential.Plan(max(most[(task, model)], compare.MIN_SEEDS))
+    looks = sorted({n for k in pairs for n in plans[k].looks if n <= most[k]})
+    final: list[Row] | None = None
+    decided: dict[int, Row] = {}
+    hypotheses = 0
+    for n in looks or [None]:
+        rows = _rows(findings, groups, pairs, n, plans, most, alpha)
+        hypotheses = max(hypotheses, decide([r for r in rows if r.look == n or n is None], alpha))
+        if final is None:
+            final = rows
+        for i, r in enumerate(rows):
+            if n is not None and r.look != n:
+                continue  # its family has no look at n: its last look stands
+            final[i] = r
+            if r.verdict in (SUPPORTED, CONTRADICTED) and i not in decided:
+                decided[i] = r
+    rows = [decided.get(i, r) for i, r in enumerate(final or [])]
+    return Judgement(findings, rows, alpha, hypotheses)
+
+
+def _rows(findings, groups, pairs, n, plans, most, alpha) -> list[Row]:
+    rows: list[Row] = []
+    for task, model in pairs:
+        gs = [g for g in groups if g["task"] == task and g["model"] == model]
+        plan = plans[(task, model)]
+        own = [k for k in plan.looks if k <= most[(task, model)]]
+        if not own:  # no look yet (fewer than 3 seeds): its rows say so at every look
+            at, share, look = None, plan.share(compare.MIN_SEEDS) or alpha, n
+        elif n is not None and n in own:
+            at, share, look = n, plan.share(n), n
+        else:  # its last look was earlier: that one stands
+            at, share, look = max(own), plan.share(max(own)), -1
         families: dict[str, _Family | None] = {}
         for c in findings.claims:
             if not c.applies_to(task, model):
                 continue
             if c.prefix not in families:
-                families[c.prefix] = _family(gs, c.prefix)
-            rows += _rows_for(c, task, model, gs, families[c.prefix])
-    return Judgement(findings, rows, alpha, decide(rows, alpha))
+                families[c.prefix] = _family(gs, c.prefix, at)
+            for r in _rows_for(c, task, model, gs, families[c.prefix]):
+                r.look = look
+                r.looks = alpha / share
+                rows.append(r)
+    return rows
 
 
 @dataclass
@@ -211,26 +254,31 @@ class _Family:
     split: str
     metric: str
     population: int | None
-    looks: int
+    seeds: dict[str, int]             # runs per option at this look (a seed-free option: 1)
+    constant: set[str]
 
 
-def _family(gs: list[dict], prefix: str) -> _Family | None:
+def _family(gs: list[dict], prefix: str, n: int | None = None) -> _Family | None:
     """The fit of every option of one (model, task) scored on the split's common examples (as fewtune.stats.claims
-    pairs them); None when no option has predictions there."""
+    pairs them), each option's first n runs in the spec's seed order (all with n None); None when no option has
+    predictions there."""
     have = [g for g in gs if (g.get("preds") or {}).get(prefix) is not None]
     ref = _claims._reference_examples(have, prefix)
     if ref is None:
         return None
     paired = [g for g in have if np.array_equal(g["preds"][prefix]["idx"], ref)]
     by_name = {_claims.name(g): g for g in paired}
-    runs = [compare.OptionRuns(n, tuple(g["preds"][prefix]["seeds"]), g["preds"][prefix]["pred"])
-            for n, g in by_name.items()]
+    order = _claims.seed_order_of(paired)
+    runs = [_claims.option_runs(name, g, prefix, order) for name, g in by_name.items()]
+    if n is not None:
+        runs = sequential.first(runs, n)
     p0 = paired[0]["preds"][prefix]
     pops = [g.get(f"{prefix}_population") for g in paired if g.get(f"{prefix}_population")]
     metric = paired[0]["primary_metric"]
     return _Family(compare.Fit(p0["gold"], runs, p0["n_classes"], metric), by_name,
                    paired[0].get(f"{prefix}_split") or prefix, metric, max(pops) if pops else None,
-                   compare.looks_for(max(len(o.seeds) for o in runs)))
+                   {o.name: (1 if o.constant else len(np.atleast_2d(o.pred))) for o in runs},
+                   {o.name for o in runs if o.constant})
 
 
 def _rows_for(c: Claim, task: str, model: str, gs: list[dict], fam: _Family | None) -> list[Row]:
@@ -272,8 +320,9 @@ def _row(c: Claim, row: Row, gs: list[dict], fam: _Family | None) -> Row:
         row.reason = (f"no stored predictions on the split's common examples for {', '.join(outside)}")
         row.verdict = NOT_JUDGED
         return row
-    row.min_seeds = min(len(fam.by_name[n]["preds"][c.prefix]["seeds"]) for n in (*names["a"], *names["b"]))
-    row.population, row.n_examples, row.looks = fam.population, fam.fit.n_examples, fam.looks
+    trained = [n for n in (*names["a"], *names["b"]) if n not in fam.constant]
+    row.min_seeds = min((fam.seeds[n] for n in trained), default=compare.MIN_SEEDS)
+    row.population, row.n_examples = fam.population, fam.fit.n_examples
     weights = {n: 1.0 / len(names["a"]) for n in names["a"]}
     weights.update({n: -1.0 / len(names["b"]) for n in names["b"]})
     d = fam.fit.contrast(weights)
@@ -283,9 +332,10 @@ def _row(c: Claim, row: Row, gs: list[dict], fam: _Family | None) -> Row:
         return row
     row.contrast, row.estimate = d, d.value
     if row.min_seeds < compare.MIN_SEEDS:
-        one = [n for n in (*names["a"], *names["b"]) if len(fam.by_name[n]["preds"][c.prefix]["seeds"]) < 2]
-        row.reason = f"one seed of {', '.join(one)}: training instability is unknown"
-        row.verdict, row.needs = NOT_SETTLED, f"at least {compare.MIN_SEEDS} seeds of {', '.join(one)}"
+        few = [n for n in trained if fam.seeds[n] < compare.MIN_SEEDS]
+        row.reason = (f"fewer than {compare.MIN_SEEDS} seeds of {', '.join(few)}: its training instability cannot "
+                      "be estimated")
+        row.verdict, row.needs = NOT_SETTLED, f"at least {compare.MIN_SEEDS} seeds of {', '.join(few)}"
     elif not (d.df > 0 and math.isfinite(d.seed_var)):
         row.reason = "no degrees of freedom left for the seed variance"
         row.verdict, row.needs = NOT_SETTLED, "more seeds"
@@ -318,10 +368,11 @@ def what_it_takes(r: Row, alpha_one: float) -> str:
                     f"has {r.population:,}")
         have = f" of the split's {r.population:,}" if r.population is not None else ""
         return f"about {need:,} evaluation examples{have} (now {r.n_examples:,}; raise eval_limit)"
-    n = max(r.min_seeds, 2)
+    n = max(r.min_seeds, compare.MIN_SEEDS)
     n2 = np.arange(n + 1, MAX_SEEDS + 1)
-    df2 = d.df * (n2 - 1) / max(n - 1, 1)  # the pooled residual's degrees of freedom grow with the seeds
-    a2 = alpha_one * r.looks / np.array([compare.looks_for(k) for k in n2])  # and so do the looks
+    df2 = d.df * (n2 - 1) / max(n - 1, 1)  # the residual degrees of freedom grow with the seeds
+    # the level it was tested at, moved to the last look of a plan with n2 seeds
+    a2 = alpha_one * r.looks * np.array([sequential.Plan(int(k)).share(int(k)) for k in n2]) / compare.ALPHA
     enough = half_width(a2, d.seed_var * n / n2, d.example_var, df2) < dist
     if enough.any():
         return f"about {int(n2[enough.argmax()])} seeds per option (now {r.min_seeds}) if the difference holds"

@@ -30,7 +30,7 @@ def write_report(db_path: str | os.PathLike, out_dir: str | os.PathLike, volume:
         try:  # a folder that cannot be written is the user's to fix: one line, before and while writing
             fig_dir.mkdir(parents=True, exist_ok=True)
             doc = build(rows, Path(db_path), fig_dir, predictions_reader(store), volume, max_latency_ms,
-                        max_retention_loss, margin, findings)
+                        max_retention_loss, margin, findings, seed_plans=store.seed_plans())
         except OSError as e:
             raise cannot_write(out, e) from None
     try:

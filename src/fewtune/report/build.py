@@ -204,11 +204,12 @@ class ReportOptions:
 
 def build(rows: list[dict], db_path: Path, fig_dir: Path, predictions, volume: float | None = None,
           max_latency_ms: float | None = None, max_retention_loss: float | None = None,
-          margin: float | None = None, findings="auto") -> Doc:
+          margin: float | None = None, findings="auto", seed_plans: dict | None = None) -> Doc:
     """The report, section by section (ReportOptions says what the options change)."""
     opts = ReportOptions(volume, max_latency_ms, max_retention_loss, margin, findings)
     flat = [flat_row(r) for r in rows]
     groups = group_runs(flat, rows, predictions)
+    claims.attach_plans(groups, flat, seed_plans)  # the looks follow each grid's seeds (stats.sequential)
     use.with_volume(groups, volume)
     color = figures.colors([f["label"] for f in flat] + [g["label"] for g in groups])
     label_of = {h: g["label"] for g in groups for h in g["runs"]}
