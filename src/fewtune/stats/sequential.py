@@ -152,7 +152,7 @@ def _projected(fit: compare.Fit, best: str, other: str, n_now: float, n_then: fl
     if not (df > 0) or math.isnan(var):
         return None
     scale = n_now / max(n_then, 1)
-    return d.value, var * per * scale, d.example_var, df / scale
+    return d.value, var * per * scale, d.example_var, df * (n_then - 1) / max(n_now - 1, 1)
 
 
 def settle_chance(fit: compare.Fit, best: str, other: str, n_then: int, margin: float | None, k: int,
