@@ -84,6 +84,7 @@ def test_run_writes_a_complete_result(two_runs, toy):
     assert all(r["versions"][p] for p in ("torch", "transformers", "peft"))
     assert set(r["git"]) == {"commit", "dirty"} and r["machine"]["cpu_count"] >= 1
     assert r["seeds"] == {"data_seed": 1, "train_seed": 1, "eval_subsample_seed": 0}
+    assert r["seed_free"] is False  # pbft trains on the seeded sample (zero-shot icl: True, tests/test_methods.py)
 
 
 def test_result_is_enough_to_reproduce_the_run(two_runs, toy):
