@@ -107,6 +107,19 @@ def test_the_same_command_twice_gives_identical_metrics(two_runs):
     assert first["train_indices"] == second["train_indices"] and first["config_hash"] == second["config_hash"]
 
 
+def test_zero_shot_is_recorded_seed_free_and_predicts_the_same_under_any_seed(toy, tiny_model_dir, tmp_path):
+    """icl with 0 shots says it is seed-free (the grid runs it once): under two data seeds its predictions are equal."""
+    results = []
+    for seed in (0, 7):
+        path = tmp_path / f"zero{seed}.json"
+        assert main(tiny_args(toy, tiny_model_dir, "--method", "icl", "--seed", str(seed), "-o", str(path),
+                              shots=0)) == 0
+        results.append(json.loads(path.read_text()))
+    assert [r["seed_free"] for r in results] == [True, True]
+    assert results[0]["config_hash"] != results[1]["config_hash"]  # two runs by identity; one prediction
+    assert results[0]["predictions"] == results[1]["predictions"]
+
+
 def test_config_file_with_flag_override(toy, tiny_model_dir, tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text(f'task = "{toy.task_file}"\nmodel = "{tiny_model_dir}"\ndata_root = "{toy.root}"\n'
