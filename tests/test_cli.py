@@ -84,6 +84,7 @@ def test_run_writes_a_complete_result(two_runs, toy):
     assert all(r["versions"][p] for p in ("torch", "transformers", "peft"))
     assert set(r["git"]) == {"commit", "dirty"} and r["machine"]["cpu_count"] >= 1
     assert r["seeds"] == {"data_seed": 1, "train_seed": 1, "eval_subsample_seed": 0}
+    assert r["seed_free"] is False  # pbft trains on the seeded sample (zero-shot icl: True, tests/test_methods.py)
 
 
 def test_result_is_enough_to_reproduce_the_run(two_runs, toy):
@@ -104,6 +105,19 @@ def test_the_same_command_twice_gives_identical_metrics(two_runs):
     assert metrics(first) == metrics(second)
     assert first["training"]["epoch_losses"] == second["training"]["epoch_losses"]
     assert first["train_indices"] == second["train_indices"] and first["config_hash"] == second["config_hash"]
+
+
+def test_zero_shot_is_recorded_seed_free_and_predicts_the_same_under_any_seed(toy, tiny_model_dir, tmp_path):
+    """icl with 0 shots says it is seed-free (the grid runs it once): under two data seeds its predictions are equal."""
+    results = []
+    for seed in (0, 7):
+        path = tmp_path / f"zero{seed}.json"
+        assert main(tiny_args(toy, tiny_model_dir, "--method", "icl", "--seed", str(seed), "-o", str(path),
+                              shots=0)) == 0
+        results.append(json.loads(path.read_text()))
+    assert [r["seed_free"] for r in results] == [True, True]
+    assert results[0]["config_hash"] != results[1]["config_hash"]  # two runs by identity; one prediction
+    assert results[0]["predictions"] == results[1]["predictions"]
 
 
 def test_config_file_with_flag_override(toy, tiny_model_dir, tmp_path, capsys):

@@ -96,7 +96,8 @@ def test_expand_cells_labels_and_order():
                                 "method_options": {"context": "few-shot", "context_shots": 2}},
                                {"method": "lora", "epochs": 3}]}, "spec")
     cells = grid.cells
-    assert len(cells) == 2 * 2 * 2 * (2 + 2 + 2)
+    # per model x task: 5 method/shots pairs x 2 seeds, and icl's zero-shot once (seed-free, at the first seed)
+    assert len(cells) == 2 * 2 * (5 * 2 + 1)
     assert len({c.key for c in cells}) == len(cells)
     assert all(c.config.eval_limit == 20 and c.config.preset == "quick" for c in cells)
     assert {c.label for c in cells} == {"icl", "cd-fewshot", "lora"}
@@ -105,8 +106,8 @@ def test_expand_cells_labels_and_order():
     assert all(c.config.epochs is None for c in cells if c.label != "lora")
     cd = next(c for c in cells if c.label == "cd-fewshot")
     assert cd.config.method_options == {"context": "few-shot", "context_shots": 2}
-    # seed outermost: the first half of the grid is seed 0, a whole comparison on its own
-    assert [c.config.seed for c in cells] == [0] * (len(cells) // 2) + [1] * (len(cells) // 2)
+    # seed outermost: the grid opens with seed 0, a whole comparison on its own (zero-shot included)
+    assert [c.config.seed for c in cells] == [0] * (2 * 2 * 6) + [1] * (2 * 2 * 5)
 
 
 @pytest.mark.parametrize("data, message", [
@@ -141,7 +142,9 @@ def test_shipped_presets():
     assert {c.config.task for c in demo.cells} == {"cola"} and {c.config.seed for c in demo.cells} == {0, 1, 2, 3}
     assert {c.config.model for c in demo.cells} == {"smollm2-135m"}
     assert all(c.config.eval_limit is not None and c.config.preset == "quick" for c in demo.cells)
-    assert len(demo.cells) == 8 * 4 and {c.config.shots for c in demo.cells} == {0, 32}
+    # zero-shot cannot depend on the seed: it runs once, at the first seed (7 options x 4 seeds + 1 = 29)
+    assert len(demo.cells) == 7 * 4 + 1 and {c.config.shots for c in demo.cells} == {0, 32}
+    assert [(c.label, c.config.seed) for c in demo.cells if c.seed_free] == [("zero-shot", 0)]
     assert {c.config.model for c in paper.cells} == {"facebook/opt-125m", "facebook/opt-350m"}
     assert {c.config.shots for c in paper.cells} == {16, 32, 64, 128}
     assert {c.config.seed for c in paper.cells} == {0, 1, 2, 3, 4}
@@ -155,7 +158,8 @@ def test_shipped_presets():
     assert {c.config.method for c in beyond.cells} == {"icl", "ft", "probe", "lpft", "bitfit"}
     assert {c.config.task for c in beyond.cells} == {"cola"} and {c.config.shots for c in beyond.cells} == {0, 32}
     assert all(c.config.eval_limit == 200 and c.config.preset == "quick" for c in beyond.cells)
-    assert len(beyond.cells) == 6 * 6 and beyond.findings == "lpft"
+    assert len(beyond.cells) == 5 * 6 + 1 and beyond.findings == "lpft"  # zero-shot once
+    assert not any(c.seed_free for grid in (cpu, paper, two) for c in grid.cells)  # no zero-shot entry in these
 
 
 def test_unknown_spec(tmp_path):
@@ -173,8 +177,58 @@ def test_dry_run_lists_cells_and_creates_nothing(fake, tmp_path, capsys):
     db = tmp_path / "out" / "r.db"
     assert main(["grid", "demo", "--dry-run", "--db", str(db)]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 33 and "32 cells, 32 to run" in out[-1]
+    assert len(out) == 30 and "29 cells, 29 to run" in out[-1]
+    assert "seed-free, run once for every seed: zero-shot (0 shots)" in out[-1]
+    zero = [line for line in out[:-1] if " zero-shot " in line]  # one line, that says it runs once
+    assert len(zero) == 1 and "seed=0 (seed-free: runs once" in zero[0]
     assert not db.parent.exists()
+
+
+SEED_FREE_SPEC = {"models": ["a", "b"], "tasks": ["cola"], "shots": [4], "eval_limit": 10,
+                  "methods": [{"method": "icl", "label": "zero-shot", "shots": [0]}, {"method": "icl"},
+                              {"method": "pbft"}]}
+
+
+def test_a_seed_free_option_is_one_cell_with_its_first_seed_key():
+    """Zero-shot (icl, 0 shots) is one cell per model x task, at the spec's first seed (not the smallest), with the key
+    that cell always had; every other option's cells and keys are what one-seed grids give."""
+    seeds = [3, 1, 2]
+    grid = expand({**SEED_FREE_SPEC, "seeds": seeds}, "spec")
+    assert grid.seeds == seeds
+    once = [c for c in grid.cells if c.seed_free]
+    assert [(c.label, c.config.model, c.config.seed) for c in once] == [("zero-shot", "a", 3), ("zero-shot", "b", 3)]
+    assert len(grid.cells) == 2 * (2 * 3 + 1)
+    alone = {s: {c.key: c for c in expand({**SEED_FREE_SPEC, "seeds": [s]}, "spec").cells} for s in seeds}
+    assert {c.key for c in once} == {k for k, c in alone[3].items() if c.label == "zero-shot"}
+    expected = set(alone[3]) | {k for s in (1, 2) for k, c in alone[s].items() if c.label != "zero-shot"}
+    assert {c.key for c in grid.cells} == expected
+    # one seed: nothing to drop, and the zero-shot cell is the same run
+    assert {c.key for c in expand({**SEED_FREE_SPEC, "seeds": [3]}, "spec").cells} == set(alone[3])
+
+
+def test_a_seed_free_option_runs_once_and_resumes(fake, tmp_path):
+    """A grid runs zero-shot once for both seeds; run again, it runs nothing; the report's options read it as
+    seed-free (the fake runner records no seed_free field: read as a row from before the field, icl with 0 shots)."""
+    from fewtune.stats.options import flat_row, group_runs
+    spec = tmp_path / "once.toml"
+    spec.write_text(SPEC.replace('[[methods]]\nmethod = "icl"\n',
+                                 '[[methods]]\nmethod = "icl"\nlabel = "zero-shot"\nshots = [0]\n', 1))
+    grid = load_grid(str(spec))
+    assert [(c.label, c.config.seed) for c in grid.cells if c.seed_free] == [("zero-shot", 0)]
+    with Store(tmp_path / "r.db") as store:
+        runner = counting(fake.run)
+        s = run_grid(grid, store, tmp_path / "logs", runner=runner, in_process=True, progress=False,
+                     echo=lambda _: None)
+        assert (s.total, s.success, len(runner.calls)) == (5, 5, 5)  # zero-shot once, pbft and lora twice each
+        runner = counting(fake.run)
+        s = run_grid(load_grid(str(spec)), store, tmp_path / "logs", runner=runner, in_process=True,
+                     progress=False, echo=lambda _: None)
+        assert runner.calls == [] and s.done_before == 5
+        rows = store.rows()
+    assert sorted((r["label"], r["seed"]) for r in rows if r["label"] == "zero-shot") == [("zero-shot", 0)]
+    groups = group_runs([flat_row(r) for r in rows], rows, lambda key: {})
+    assert {g["label"]: (g["seed_free"], g["n_runs"]) for g in groups} == {
+        "zero-shot": (True, 1), "pbft": (False, 2), "lora": (False, 2)}
 
 
 # --- running in process, with an injected runner

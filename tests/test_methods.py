@@ -113,6 +113,23 @@ def test_every_registered_method_has_a_case():
     assert set(REGISTRY) == {c.method for c in ALL}
 
 
+@pytest.mark.parametrize("case", ALL, ids=ids(ALL))
+def test_only_zero_shot_icl_is_seed_free(case):
+    """Seed-free (the grid runs it once, the statistics read it as one constant) is decided from the method and its
+    options: icl without demonstrations; anything that trains on the sample, or samples demonstrations, is not."""
+    from types import SimpleNamespace
+
+    from fewtune.config import RunConfig
+    from fewtune.methods import seed_free
+    method = get_method(case.method, case.options)
+    for shots in (4, 32):
+        cfg = RunConfig(task="cola", model="m", method=case.method, method_options=case.options, shots=shots)
+        assert method.seed_free(cfg) is False and seed_free(cfg) is False
+    # 0 shots: a config only icl may have (RunConfig refuses it for a method that trains); asked all the same
+    zero = SimpleNamespace(task="cola", model="m", method=case.method, method_options=case.options, shots=0, seed=0)
+    assert method.seed_free(zero) is (case.method == "icl")
+
+
 @pytest.mark.parametrize("case", TRAINED, ids=ids(TRAINED))
 def test_trainable_parameters(recorded, case):
     run = recorded(case)

@@ -652,3 +652,56 @@ def test_first_screen_reads_only_the_verdicts_named_fields(tmp_path, monkeypatch
                      "Equivalent to the best within ±0.050: c.", "To settle a vs b: (what it takes for b)"]
     name, caption, alt = answer.figure(rows, fv, "cola", "m", tmp_path)
     assert (tmp_path / f"{name}.svg").is_file() and "99.0% interval" in alt and "still open" in caption
+
+
+def test_one_disturbed_run_moves_no_cost_and_is_named(tmp_path):
+    """An option's times and memory are medians over its runs: a run slowed by other work on the machine (evaluation
+    135 s against 15.0 and 16.8 s, as in a make demo) is named under the cost table and moves neither the option's time
+    per prediction nor a break-even against it."""
+    from fewtune.report.use import count
+    from fewtune.stats import options
+    path = tmp_path / "disturbed.db"
+    rng = np.random.default_rng(11)
+    evals = {0: 135.0, 1: 15.0, 2: 16.8}  # icl's evaluation seconds per seed; N = 200 predictions
+    with Store(path) as store:
+        for seed in evals:
+            for label in ("icl", "pbft"):
+                cfg = RunConfig(task="mnli", model="m", method=label, shots=8, seed=seed, eval_limit=N)
+                r = synthetic_result(cfg, label, rng)
+                if label == "icl":
+                    r["cost"].update(eval_seconds=evals[seed], predict_seconds_per_1k=evals[seed] / N * 1000)
+                else:
+                    r["cost"].update(train_seconds=40.0, eval_seconds=4.0, predict_seconds_per_1k=20.0)
+                store.claim(cfg, label=label)
+                store.finish(cfg.hash(), r)
+        rows = store.rows()
+    groups = {g["label"]: g for g in options.group_runs([options.flat_row(r) for r in rows], rows, lambda key: {})}
+    icl = groups["icl"]
+    assert icl["eval_seconds"] == 16.8 and icl["predict_seconds_per_1k"] == pytest.approx(84.0)  # not 278 (mean)
+    assert [(o["seed"], o["costs"]["eval_seconds"], o["n_runs"]) for o in icl["cost_outliers"]] == [(0, (135.0, 16.8), 3)]
+    assert icl["cost_range"]["eval_seconds"] == (15.0, 16.8)  # the disturbed run does not widen budget levels either
+    assert groups["pbft"]["cost_outliers"] == []
+
+    paths = write_report(path, tmp_path / "rep")
+    md, html = paths["markdown"].read_text(), paths["html"].read_text()
+    note = ("icl (8 shots), seed 0: evaluation 135 s against a median of 16.8 s over 3 runs — disturbed? the option's "
+            "costs use the median")
+    assert note in md and note.replace("'", "&#x27;") in html
+    table = next(t for t in md_tables_after(md, "### mnli / m") if t[0][0] == "method" and t[0][-1].startswith("vs icl"))
+    assert "84.0 ms" in table[0][-1]  # icl's time per prediction in the heading: the median
+    assert next(x for x in table[2:] if x[0] == "pbft")[-1] == count(40.0 / (0.084 - 0.020)) == "625"
+
+
+def test_seed_free_is_read_from_the_result_or_from_icl_with_no_shots():
+    """flat_row's seed_free: the recorded field; a row recorded before it: icl with 0 shots (zero-shot)."""
+    from fewtune.stats.options import flat_row
+
+    def row(method, shots, recorded=None):
+        result = {} if recorded is None else {"seed_free": recorded}
+        return {"config_hash": "h", "status": "success", "method": method, "shots": shots, "seed": 0,
+                "config": {"method": method, "shots": shots}, "result": result}
+    assert flat_row(row("icl", 0))["seed_free"] is True
+    assert flat_row(row("icl", 32))["seed_free"] is False
+    assert flat_row(row("ft", 32))["seed_free"] is False
+    assert flat_row(row("icl", 0, recorded=False))["seed_free"] is False  # recorded wins (a method of its own)
+    assert flat_row(row("peft", 0, recorded=True))["seed_free"] is True

@@ -285,7 +285,10 @@ def dry_run(grid, path: Path, backend_name: str, workers: int | None, use_gpu: b
         plan, need = worker_plan(todo or grid.cells, rows, workers, visible_gpus(use_gpu), asked=asked)
     for cell in grid.cells:
         print(f"{cell.key}  {status.get(cell.key, 'new'):9s}  {cell.describe()}")
-    print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells, {len(todo)} to run, database {path}")
+    once = [c for c in grid.cells if c.seed_free]
+    print(f"grid {grid.name} ({grid.source}): {len(grid.cells)} cells, {len(todo)} to run, database {path}"
+          + (f"; seed-free, run once for every seed: {', '.join(f'{c.label} ({c.config.shots} shots)' for c in once)}"
+             if once and len(grid.seeds) > 1 else ""))
     sys.stdout.flush()
     probes = {}
     if probe and todo:  # stdout stays the list of cells, one per line: the probe's lines go to stderr as the estimate's

@@ -152,6 +152,9 @@ def result_header(cfg: RunConfig, task, pattern, method, sample: Sample, hp: dic
                      "pattern": pattern.template, "verbalizer": list(pattern.verbalizer), "labels": list(task.labels)},
             "data": identity["data"],
             "seeds": {"data_seed": cfg.seed, "train_seed": train_seed, "eval_subsample_seed": 0},
+            # its predictions cannot depend on the seeds (Method.seed_free: zero-shot): the statistics treat it as
+            # one constant for every seed, and a grid runs it once
+            "seed_free": bool(method.seed_free(cfg)),
             "train_indices": [ex.idx for ex in sample.train], "train_label_counts": label_counts(sample.train),
             "hyperparameters": hp if method.trains else {}, "device": str(device), "dtype": dtype}
 

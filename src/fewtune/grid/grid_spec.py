@@ -37,9 +37,18 @@ class Cell:
     def key(self) -> str:  # computed once: hashing is most of the cost of expanding a large grid
         return self.config.hash()
 
+    @functools.cached_property
+    def seed_free(self) -> bool:
+        """Whether its predictions cannot depend on the data seed (Method.seed_free: zero-shot icl): the grid runs
+        such an option once, at the spec's first seed, and it stands for every seed. Asks the method registry
+        (imports the method's module) on first use."""
+        from ..methods import seed_free
+        return seed_free(self.config)
+
     def describe(self) -> str:
         c = self.config
-        return f"{self.label} {task_name(c.task)} {c.model} shots={c.shots} seed={c.seed}"
+        return (f"{self.label} {task_name(c.task)} {c.model} shots={c.shots} seed={c.seed}"
+                + (" (seed-free: runs once, for every seed)" if self.seed_free else ""))
 
 
 def task_name(spec: str) -> str:
@@ -57,6 +66,7 @@ class Grid:
     source: str
     description: str = ""
     cells: list[Cell] = field(default_factory=list)
+    seeds: list = field(default_factory=list)  # the spec's seeds, in its order (a seed-free option runs at the first)
     resources: dict = field(default_factory=lambda: dict(RESOURCE_KEYS))  # per cell, for the Ray backend
     max_retries: int | None = None  # re-runs of a cell whose worker process died [backends.default_retries]
     workers: int | None = None      # cells at once on this machine (warm/process backends) [--workers, 1]
@@ -245,6 +255,7 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
                            f"the limit of {max_cells:,}; check the axes, or pass --max-cells {total} to run it anyway.")
 
     cells, seen = [], {}
+    once = set()  # (model, task, label, shots) of the seed-free options: their one cell is the first seed's
     for seed in seeds:
         for model in models:
             for task in tasks:
@@ -253,6 +264,8 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
                         if kind == "per_class":  # recorded as the total: the same cell as shots = K x labels
                             from ..tasks import load_task
                             n *= len((loaded.get(task) or load_task(task)).labels)
+                        if (model, task, label, n) in once:
+                            continue  # seed-free: the first seed's cell (its key as it always was) stands for this
                         fields = {**shared, **overrides, "model": model, "task": task, "shots": n, "seed": seed,
                                   "method": method, "method_options": dict(options)}
                         try:
@@ -267,6 +280,8 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
                                                f"({cell.describe()}); remove one.")
                         seen[cell.key] = label
                         cells.append(cell)
+                        if seed == seeds[0] and len(seeds) > 1 and cell_seed_free(cell, validate):
+                            once.add((model, task, label, n))
     if loaded:  # what else would fail in every cell at run time: a pattern or an evaluation split the task lacks
         checked = set()
         for cell in cells:
@@ -289,10 +304,22 @@ def expand(data: dict, where: str = "grid", default_name: str = "grid", validate
     name = data.get("name", default_name)
     findings = check_findings_key(data["findings"], [m[0] for m in methods], where) if "findings" in data else None
     return Grid(name=str(name), source=where, description=str(data.get("description", "")), cells=cells,
+                seeds=list(seeds),
                 resources=parse_resources(data.get("resources", {}), where),
                 max_retries=check_max_retries(data["max_retries"], where) if "max_retries" in data else None,
                 workers=check_workers_key(data["workers"], where) if "workers" in data else None,
                 findings=findings)
+
+
+def cell_seed_free(cell: Cell, validate: bool) -> bool:
+    """Whether the cell's option runs once (Cell.seed_free). Unvalidated (expand(validate=False)), a method the
+    registry does not know is not seed-free rather than an error."""
+    try:
+        return cell.seed_free
+    except FewtuneError:
+        if validate:
+            raise
+        return False
 
 
 def check_findings_key(value, labels: list[str], where: str) -> str:

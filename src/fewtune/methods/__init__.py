@@ -82,6 +82,12 @@ def get_method(name: str, options: dict | None = None):
     return REGISTRY[name](options or {})
 
 
+def seed_free(config) -> bool:
+    """Whether a run's predictions cannot depend on its data seed, as its method says from its options and config
+    (Method.seed_free: icl with 0 shots). Imports the method's module on first use."""
+    return bool(get_method(config.method, config.method_options).seed_free(config))
+
+
 @dataclass
 class OptionFlag:
     """One CLI flag and the option it sets in each method that declares it (--lora-r: lora's r, cd's lora_r)."""
@@ -125,4 +131,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fewtune.methods' has no attribute {name!r}")
 
 
-__all__ = ["Method", "OptionFlag", "RunContext", "REGISTRY", "get_method", "option_flags", "FewtuneError"]
+__all__ = ["Method", "OptionFlag", "RunContext", "REGISTRY", "get_method", "option_flags", "seed_free", "FewtuneError"]

@@ -125,6 +125,14 @@ class Method:
         """This method's own values under the preset `name` (its learning rate), as configured."""
         return dict(self.presets.get(name, {}))
 
+    def seed_free(self, config: RunConfig) -> bool:
+        """Whether this run's predictions cannot depend on its data seed (nor on the training seed it defaults to):
+        True only when nothing the method does with these options and this config reads a seed — no training sample,
+        no sampled or shuffled demonstrations, no initialisation, no dropout, no shuffled batches. Decided from the
+        method and its options, never from runs that happened to agree. A grid runs such an option once, at its first
+        seed, and the statistics treat it as a constant for every seed (docs/grid.md). Default: False."""
+        return False
+
     @property
     def objective(self) -> str:
         """'lm': score the verbalizer words with the LM head; 'head': a new classification head (the option's

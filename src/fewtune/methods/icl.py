@@ -34,6 +34,10 @@ class ICL(Method):
         super().__init__(options)
         self.demonstrations = None  # the run's sample until fit_eval_prefix has fitted it to the context
 
+    def seed_free(self, config):
+        # zero-shot: no demonstrations to sample or order, no training; the evaluation subsample has a fixed seed
+        return config.shots == 0
+
     def eval_prefix(self, ctx):
         demos = ctx.train_examples if self.demonstrations is None else self.demonstrations
         if not demos:

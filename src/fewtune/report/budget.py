@@ -1,7 +1,8 @@
 """"Which method for which budget": the family's verdict (fewtune.stats.claims) read at each budget level.
 
-For a budget (peak memory, training time, labelled examples used) the candidates are the options that fit in it;
-the one with the highest estimate is named, with the options that fit and are not shown different from it. Every
+For a budget (peak memory, training time, labelled examples used) the candidates are the options that fit in it,
+each at its median cost over its runs (fewtune.stats.options.MEDIAN_KEYS); the one with the highest estimate is
+named, with the options that fit and are not shown different from it. Every
 pair is read from the family's simultaneous intervals (one family-wise procedure per model × task × split): a budget
 table makes no claim of its own. Budget levels are the costs of the Pareto-optimal options; costs that differ by less
 than the run-to-run variation measured for that cost are the same level (process peak memory that differs by 1 %
@@ -36,8 +37,10 @@ def mean_of(g: dict, prefix: str) -> float:
 
 
 def tolerance(groups: list[dict], cost: str) -> float:
-    """The relative run-to-run variation of a cost: the largest (max − min) / mean over the runs of one option, among
-    options with 2+ runs (UNMEASURED_TOLERANCE when none has); 0 for labelled examples, which are counted."""
+    """The relative run-to-run variation of a cost: the largest (max − min) / median over the runs of one option,
+    among options with 2+ runs (UNMEASURED_TOLERANCE when none has), a run flagged as far from its option's median
+    left out (stats.options.cost_outliers: one disturbed run would make every level equal); 0 for labelled examples,
+    which are counted."""
     if cost == "examples_used":
         return 0.0
     spreads = []

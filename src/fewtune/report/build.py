@@ -129,6 +129,26 @@ def cost_table(gs: list[dict], prefixes) -> tuple[list[str], list[list[str]]]:
     return headers, rows
 
 
+COST_WORDS = {"train_seconds": ("training", "s"), "eval_seconds": ("evaluation", "s"),
+              "predict_seconds_per_1k": ("prediction", "s / 1k predictions")}
+
+
+def cost_outlier_notes(gs: list[dict]) -> list[str]:
+    """One line per run whose time is far from its option's median (stats.options.cost_outliers): what it took, the
+    median, and that the option's costs (tables, budgets, break-evens) read the median, not it."""
+    lines = []
+    for g in gs:
+        for o in g.get("cost_outliers") or ():
+            costs = dict(o["costs"])
+            if "eval_seconds" in costs:  # the time per prediction is the evaluation's, divided: said once
+                costs.pop("predict_seconds_per_1k", None)
+            said = ", ".join(f"{COST_WORDS[k][0]} {seconds(v)} {COST_WORDS[k][1]} against a median of "
+                             f"{seconds(m)} {COST_WORDS[k][1]}" for k, (v, m) in costs.items())
+            lines.append(f"{g['label']} ({shots_text(g)} shots), seed {o['seed']}: {said} over {o['n_runs']} runs "
+                         "— disturbed? the option's costs use the median")
+    return lines
+
+
 def n_text(gs: list[dict], prefix: str) -> str:
     """The evaluation size of a table's options: one n, or the range when options were scored on different sets."""
     ns = sorted({g[f"{prefix}_n"] for g in gs if g.get(f"{prefix}_n") is not None})
@@ -256,9 +276,12 @@ def method_notes(doc: Doc) -> None:
         "within the task's equivalence margin, fixed before the run), or not shown different. '> majority?': "
         "shown to beat predicting the evaluation set's most frequent class everywhere (for MCC: MCC > 0, which "
         "that constant answer scores), paired by example, Bonferroni over the family's options. ECE (15 bins) and "
-        "Brier score from the stored class probabilities. Costs are means over seeds: train s (including a "
-        "teacher's forward passes), eval s (all evaluation splits), peak MiB (process RSS on CPU, max allocated "
-        "on GPU), trainable parameters. Measured costs (time, memory) are compared only between options measured "
+        "Brier score from the stored class probabilities. Measured costs are medians over an option's runs, so that "
+        "one run slowed by other work on the machine moves neither the cost table, the budgets nor the break-evens "
+        "(a run whose time is at least twice or at most half its option's median, over 3 or more runs, is named "
+        "below the cost table): train s (including a teacher's forward passes), eval s (all evaluation splits), "
+        "s / 1k predictions, peak MiB (process RSS on CPU, max allocated on GPU); trainable parameters, tokens and "
+        "shipped bytes are counted. Measured costs (time, memory) are compared only between options measured "
         "alike: the same processor, precision, threads, scoring batch and company (alone or beside other cells); "
         "where a family's options were not, the cost table says which were and the budgets compare only those.")
 
@@ -313,7 +336,10 @@ def task_sections(doc: Doc, groups: list[dict], fig_dir: Path, color: dict, marg
             doc.table(headers, table_rows, caption="Calibration (means over seeds) and costs: to train, and to use "
                                                    "(measured on the evaluation pass at its batch size; icl's "
                                                    "demonstrations computed once and reused; shipped = what a user "
-                                                   "needs besides the base model)")
+                                                   "needs besides the base model); times and memory are medians "
+                                                   "over the option's runs, so one disturbed run cannot move them")
+            for line in cost_outlier_notes(gs):
+                doc.para(line, note=True)
             note = budget.measured_note(gs)
             if note:
                 doc.para(note, note=True)
@@ -321,8 +347,8 @@ def task_sections(doc: Doc, groups: list[dict], fig_dir: Path, color: dict, marg
             if be:
                 doc.table(*be, caption="Break-even against in-context learning: predictions after which training "
                                        "once and predicting cheaply costs less compute than prompting "
-                                       "(train s / (ms per icl prediction − ms per prediction)); 'never': not "
-                                       "cheaper per prediction")
+                                       "(train s / (ms per icl prediction − ms per prediction), each an option's "
+                                       "median over its runs); 'never': not cheaper per prediction")
             panels = " and ".join(("in-domain", "out-of-domain")[:len(pre)])
             doc.figure(figures.metric_vs_shots(groups, task, model, fig_dir, color, pre),
                        f"{task} / {model}: {metric} vs sample size. Read: how each method's {metric} changes with "

@@ -1,6 +1,7 @@
 """What a method costs to *use*: per-prediction cost, break-even against in-context learning, and budgets that
 include a prediction volume or a latency limit. Every number comes from the stored cost fields of the runs
-(runner.use_cost: measured on the evaluation pass, same hardware, precision and batch size). Two options' times are
+(runner.use_cost: measured on the evaluation pass, same hardware, precision and batch size), each option's the median
+over its runs (fewtune.stats.options.MEDIAN_KEYS: one disturbed run does not move a break-even). Two options' times are
 compared only when both were measured alike (fewtune.stats.options.measured_as)."""
 
 from __future__ import annotations

@@ -23,6 +23,18 @@ VARIANT_IGNORES = ("seed", "train_seed", "data_root", "device", "eval_batch_size
 COST_KEYS = ("train_seconds", "eval_seconds", "peak_memory_mib", "trainable_params", "total_params",
              "predict_seconds_per_1k", "predict_tokens_per_1k", "predict_peak_memory_mib", "shipped_bytes",
              "retention_delta")
+# Measured costs (time, memory) of an option are the median over its runs: one run slowed by other work on the
+# machine (a make demo's first zero-shot run took 135 s to evaluate, its two others 15.0 and 16.8 s) must not move
+# the option's cost, its budgets or its break-evens. Counted costs (parameters, tokens, bytes) and the retention
+# loss are means.
+MEDIAN_KEYS = ("train_seconds", "eval_seconds", "predict_seconds_per_1k", "peak_memory_mib", "predict_peak_memory_mib")
+# A run whose time is at least OUTLIER_RATIO times its option's median, or at most 1/OUTLIER_RATIO of it, and differs
+# from it by at least OUTLIER_MIN_SECONDS, is flagged (g["cost_outliers"]), when the option has OUTLIER_MIN_RUNS runs:
+# with two, neither is the odd one out. The floor keeps a 0.02 s training against a median of 0.05 s unflagged.
+OUTLIER_KEYS = ("train_seconds", "eval_seconds", "predict_seconds_per_1k")
+OUTLIER_RATIO = 2.0
+OUTLIER_MIN_RUNS = 3
+OUTLIER_MIN_SECONDS = 1.0
 
 
 def split_roles(evals: dict | None) -> tuple[str | None, str | None]:
@@ -132,7 +144,7 @@ def flat_row(row: dict) -> dict:
     method_info = result.get("method_info") or {}
     out = {"config_hash": row["config_hash"], "status": row["status"], "label": row.get("label") or cfg.get("method"),
            "grid": row.get("grid"), "model": row.get("model"), "task": row.get("task"), "method": row.get("method"),
-           "shots": row.get("shots"), "seed": row.get("seed"),
+           "shots": row.get("shots"), "seed": row.get("seed"), "seed_free": seed_free_of(row),
            "examples_used": result.get("examples_used", row.get("shots")),
            "variant": variant_of(row) if (cfg or result) else None, "primary_metric": primary,
            "equivalence_margin": (result.get("task") or {}).get("equivalence_margin"),
@@ -158,6 +170,18 @@ def flat_row(row: dict) -> dict:
                finished_at=row.get("finished_at"), log_path=row.get("log_path"),
                config=json.dumps(cfg, sort_keys=True))
     return out
+
+
+def seed_free_of(row: dict) -> bool:
+    """Whether the run's predictions cannot depend on its seeds, as recorded with it (result["seed_free"],
+    Method.seed_free); a run recorded before the field was: zero-shot icl (icl with 0 shots), the one such option."""
+    recorded = (row.get("result") or {}).get("seed_free")
+    if recorded is not None:
+        return bool(recorded)
+    cfg = row.get("config") or {}
+    method = row.get("method") or cfg.get("method")
+    shots = row.get("shots") if row.get("shots") is not None else cfg.get("shots")
+    return method == "icl" and shots == 0
 
 
 # ----------------------------------------------------------------------------- options and their statistics
@@ -215,12 +239,17 @@ def group_runs(flat: list[dict], rows: list[dict], predictions) -> list[dict]:
             g[f"{prefix}_uniform"] = first.get(f"{prefix}_uniform_{g['primary_metric']}")
             for key in ("majority_label", "majority_accuracy"):
                 g[f"{prefix}_{key}"] = first.get(f"{prefix}_{key}")
+        # its runs' predictions cannot depend on the seed (zero-shot): one constant for every seed (stats.claims)
+        g["seed_free"] = all(r.get("seed_free") for r in runs)
         g["measured"] = {kind: sorted({r[f"measured_{kind}"] for r in runs}) for kind in ("time", "memory")}
+        g["cost_outliers"] = cost_outliers(runs)
+        odd = {(o["config_hash"], key) for o in g["cost_outliers"] for key in o["costs"]}
         g["cost_range"] = {}
         for key in COST_KEYS:
-            g[key] = _mean([r[key] for r in runs])
-            vals = [r[key] for r in runs if r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
-            if len(vals) >= 2:  # what the same option's runs differ by: costs closer than this are ties in budgets
+            g[key] = (_median if key in MEDIAN_KEYS else _mean)([r[key] for r in runs])
+            # what the same option's runs differ by, a flagged run left out: costs closer than this tie in budgets
+            vals = [r[key] for r in runs if _finite(r[key]) and (r["config_hash"], key) not in odd]
+            if len(vals) >= 2:
                 g["cost_range"][key] = (min(vals), max(vals))
         out.append(g)
     out.sort(key=lambda g: (g["task"], g["model"], g["label"], g["shots"]))
@@ -232,9 +261,42 @@ def _used(runs) -> int | None:
     return max(used) if used else None
 
 
+def cost_outliers(runs: list[dict]) -> list[dict]:
+    """The runs of one option whose time is far from the option's median (OUTLIER_RATIO either way, by at least
+    OUTLIER_MIN_SECONDS), when it has OUTLIER_MIN_RUNS runs with that time: [{"seed", "config_hash", "n_runs",
+    "costs": {key: (the run's value, the option's median)}}], in seed order. A flagged run stays in the option (its
+    predictions count); its costs do not move the option's, which are medians."""
+    flagged: dict[str, dict] = {}
+    for key in OUTLIER_KEYS:
+        vals = [r[key] for r in runs if _finite(r[key])]
+        if len(vals) < OUTLIER_MIN_RUNS:
+            continue
+        median = float(np.median(vals))
+        if median <= 0:
+            continue
+        for r in runs:
+            v = r[key]
+            if not _finite(v) or abs(v - median) < OUTLIER_MIN_SECONDS:
+                continue
+            if v >= OUTLIER_RATIO * median or v <= median / OUTLIER_RATIO:
+                entry = flagged.setdefault(r["config_hash"], {"seed": r["seed"], "config_hash": r["config_hash"],
+                                                              "n_runs": len(vals), "costs": {}})
+                entry["costs"][key] = (float(v), median)
+    return sorted(flagged.values(), key=lambda o: [r["config_hash"] for r in runs].index(o["config_hash"]))
+
+
+def _finite(x) -> bool:
+    return x is not None and not (isinstance(x, float) and math.isnan(x))
+
+
 def _mean(values) -> float:
-    v = [x for x in values if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    v = [x for x in values if _finite(x)]
     return float(np.mean(v)) if v else math.nan
+
+
+def _median(values) -> float:
+    v = [x for x in values if _finite(x)]
+    return float(np.median(v)) if v else math.nan
 
 
 def _aligned(runs, split, predictions) -> dict | None:
