@@ -129,7 +129,6 @@ class Scenario:
 
 NULL_TARGET = {"accuracy": 0.70, "mcc": 0.20}
 POWER_GAP = {"accuracy": 0.12, "mcc": 0.15}
-N_OPTIONS = 8
 
 
 def _null(name, metric, trained_taus, collapse=0.0) -> Scenario:
