@@ -1,13 +1,16 @@
-"""How often fewtune's claims are wrong, and how often they are made: the simulation of tests/test_compare.py at
-more trials and more sizes (docs/statistics.md quotes its output).
+"""How often fewtune's claims are wrong, and how often they are made: the procedure of `--until-resolved` as it runs
+(fewtune.stats.sequential's looks and plan, fewtune.grid.decide.allocate with the futility rule) on simulated grids
+with a known truth (tests/claims_sim.py: the data generator, with unstable and collapsing fine-tuning runs).
+docs/statistics.md quotes its tables.
 
-Run:  python benchmarks/claims.py [--trials 1000]      (CPU only; ~10-20 min on 2 cores)
+Run:  python benchmarks/claims.py [--trials 1000] [--power-trials 250] [--only nulls|power] [--workers 2]
 
-Prints, for 8 options, 200 evaluation examples and `--until-resolved` as it runs (decide.allocate):
-- the share of runs with any false claim when all options are equal (zero-shot deterministic, 7 trained options
-  with a seed-to-seed sd of ~0.05 accuracy; then with 5x differing instability; then by MCC);
-- with one option 12 accuracy points better: how often it has the highest estimate, the share of the 7 others
-  shown worse (the power), at 4-16 seeds and 200-1,000 examples, so you can read what reaches 80 %.
+Prints two tables (CPU only; about 40 min on 2 cores at the defaults):
+- null scenarios (every option truly equal; 8 options, one seed-free; 200 examples; up to 4 seeds): the share of
+  grids with any false claim with its 95 % Clopper–Pearson interval, mean runs used, the share stopped early;
+- power (one option truly better: +12 accuracy points or +0.15 MCC; up to 4, 6, 8 seeds): how often it has the
+  highest estimate, the share of the seven others shown worse, false claims, runs used, early stops; with the
+  futility rule and without it (--futility 1e-9: every open comparison gets seeds).
 """
 
 from __future__ import annotations
@@ -15,48 +18,66 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_compare import DEMO_TAUS, UNEQUAL_TAUS, false_claims, simulate, until_resolved  # noqa: E402
+import claims_sim as cs  # noqa: E402
 
 
-def run(taus, targets, trials, max_seeds=4, n_examples=200, metric="accuracy", seed=0):
-    rng = np.random.default_rng(seed)
-    truth = {f"o{k}": t for k, t in enumerate(targets)}
-    bad = found = shown = runs = 0
-    for _ in range(trials):
-        gold, preds = simulate(rng, taus, targets, max_seeds, n_examples)
-        v, used = until_resolved(gold, preds, max_seeds, metric)
-        bad += false_claims(v, truth) > 0
-        found += v.best == "o0"
-        shown += sum(1 for w, b in v.worse.items() if truth[b] > truth[w])
-        runs += used
-    return {"false": bad / trials, "best_found": found / trials, "power": shown / ((len(taus) - 1) * trials),
-            "runs": runs / trials}
+def _one(job):
+    scenario, trials, seed, futility = job
+    t0 = time.time()
+    r = cs.run(scenario, trials, seed=seed, futility=futility)
+    r["seconds"] = time.time() - t0
+    return scenario, futility, r
+
+
+def _table(rows, head):
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trials", type=int, default=1000)
+    ap.add_argument("--trials", type=int, default=1000, help="simulated grids per null scenario [1000]")
+    ap.add_argument("--power-trials", type=int, default=250, help="simulated grids per power scenario [250]")
+    ap.add_argument("--only", choices=["nulls", "power"])
+    ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     t0 = time.time()
-    equal = [0.7] * 8
-    for name, taus, metric in (("equal, demo instability", DEMO_TAUS, "accuracy"),
-                               ("equal, 5x differing instability", UNEQUAL_TAUS, "accuracy"),
-                               ("equal, demo instability, MCC", DEMO_TAUS, "mcc")):
-        r = run(taus, equal, args.trials, metric=metric, seed=1)
-        print(f"{name}: runs with any false claim {100 * r['false']:.1f} % ({args.trials} runs, 8 options, "
-              f"200 examples, up to 4 seeds; {r['runs']:.1f} runs used of 32)", flush=True)
-    better = [0.82] + [0.7] * 7
-    for seeds, n in ((4, 200), (6, 200), (8, 200), (12, 200), (16, 200), (4, 1000), (8, 1000)):
-        r = run((0.3,) * 8, better, max(args.trials // 4, 100), seeds, n, seed=2)
-        print(f"one option +12 points, up to {seeds} seeds, {n} examples: found best {100 * r['best_found']:.0f} %, "
-              f"others shown worse {100 * r['power']:.0f} % (power), any false claim {100 * r['false']:.1f} %, "
-              f"{r['runs']:.1f} runs", flush=True)
-    print(f"({time.time() - t0:.0f} s)")
+    jobs = []
+    if args.only != "power":
+        jobs += [(s, args.trials, 100 + i, None) for i, s in enumerate(cs.null_scenarios())]
+    if args.only != "nulls":
+        for i, s in enumerate(cs.power_scenarios()):
+            jobs += [(s, args.power_trials, 200 + i, None), (s, args.power_trials, 200 + i, 1e-9)]
+    with ProcessPoolExecutor(args.workers) as pool:
+        done = list(pool.map(_one, jobs))
+    nulls = [(s, r) for s, f, r in done if s in cs.null_scenarios()]
+    if nulls:
+        print(f"\nNull scenarios: every option truly equal (8 options, o0 seed-free; 200 examples; up to 4 seeds; "
+              f"{args.trials} grids each)\n")
+        rows = []
+        for s, r in nulls:
+            lo, hi = cs.clopper_pearson(r["false"], r["trials"])
+            rows.append([s.name, s.metric, f"{100 * r['false_rate']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}]",
+                         f"{r['runs']:.1f} of {r['max_runs']}", f"{100 * r['futile']:.0f} %"])
+        _table(rows, ["scenario", "metric", "any false claim [95 % CI]", "runs used", "stopped early"])
+    power = [(s, f, r) for s, f, r in done if s not in cs.null_scenarios()]
+    if power:
+        print(f"\nPower: o0 truly better, the 7 others equal (o1 seed-free); 200 examples; "
+              f"{args.power_trials} grids each\n")
+        rows = []
+        for s, f, r in power:
+            rows.append([s.name, s.metric, "off" if f else "0.2", f"{100 * r['best_found']:.0f} %",
+                         f"{100 * r['power']:.1f} %", f"{100 * r['false_rate']:.1f} %",
+                         f"{r['runs']:.1f} of {r['max_runs']}", f"{100 * r['futile']:.0f} %"])
+        _table(rows, ["scenario", "metric", "futility", "highest estimate", "others shown worse (power)",
+                      "any false claim", "runs used", "stopped early"])
+    print(f"\n({time.time() - t0:.0f} s, {args.workers} workers)")
     return 0
 
 

@@ -303,3 +303,55 @@ if __name__ == "__main__":  # the finite-N bias table: python tests/claims_sim.p
         bias = m - np.array(sc.targets)
         print(f"{sc.label:34s} bias per option (mean sample − target) {np.array2string(bias, precision=4)}  "
               f"spread {bias.max() - bias.min():.4f}  ({time.time() - t0:.0f} s)", flush=True)
+
+
+# ----------------------------------------------------------------------------- the procedure as the grid runs it
+def until_resolved(gold, preds, max_seeds: int, metric: str = "accuracy", margin: float | None = None,
+                   constant=None, futility: float | None = None):
+    """fewtune's `--until-resolved` rule on simulated runs, round by round: every look is the answer's analysis
+    under the spec's plan (fewtune.stats.sequential.sequential), and fewtune.grid.decide.allocate decides where
+    the next seeds go, as the grid does; a seed-free option runs once. Returns (the last look's verdict, the runs
+    used, whether it stopped early for futility)."""
+    from fewtune.grid.decide import allocate
+    from fewtune.stats import compare, sequential
+    k_all = len(preds)
+    constant = list(constant) if constant is not None else [False] * k_all
+    futility = sequential.FUTILITY if futility is None else futility
+    depth = [1] * k_all
+    plan = sequential.Plan(max_seeds)
+    names = [f"o{k}" for k in range(k_all)]
+    while True:
+        opts = [compare.OptionRuns(names[k], tuple(range(depth[k])), preds[k][:depth[k]], constant[k])
+                for k in range(k_all)]
+        v = sequential.sequential(gold, opts, 2, metric, margin, plan)
+        a = allocate(v, dict(zip(names, depth)), {n: max_seeds for n in names},
+                     {n for n, c in zip(names, constant) if c}, futility)
+        nxt = [k for k in range(k_all) if names[k] in a.next and depth[k] < max_seeds and not constant[k]]
+        if a.resolved or a.futile or not nxt:
+            return v, sum(1 if constant[k] else depth[k] for k in range(k_all)), a.futile
+        for k in nxt:
+            depth[k] += 1
+
+
+def run(scenario: Scenario, trials: int, seed: int = 0, futility: float | None = None, margin: float | None = None,
+        max_seeds: int | None = None) -> dict:
+    """`trials` simulated grids of `scenario` through until_resolved: the share with any false claim, how often the
+    truly best option has the highest estimate, the share of truly worse options shown worse (the power), mean runs
+    used, the share stopped early for futility."""
+    rng = np.random.default_rng(seed)
+    n = max_seeds or scenario.max_seeds
+    t = truth(scenario)
+    top = max(t.values())
+    worse_truly = [o for o, v in t.items() if v < top]
+    bad = found = shown = runs = futile = 0
+    for _ in range(trials):
+        gold, preds = simulate(rng, scenario, n)
+        v, used, stopped = until_resolved(gold, preds, n, scenario.metric, margin, scenario.seed_free, futility)
+        bad += false_claims(v.worse, v.equivalent_to_best, v.best, t, margin) > 0
+        found += t.get(v.best, -math.inf) == top
+        shown += sum(1 for o in v.worse if o in worse_truly)
+        runs += used
+        futile += stopped
+    return {"trials": trials, "false": bad, "false_rate": bad / trials, "best_found": found / trials,
+            "power": shown / (len(worse_truly) * trials) if worse_truly else math.nan, "runs": runs / trials,
+            "futile": futile / trials, "max_runs": sum(1 if c else n for c in scenario.seed_free)}

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from fewtune.grid.decide import allocate
+import claims_sim as cs
 from fewtune.stats import compare, sequential
-from fewtune.stats.sequential import FUTILITY
 
 PREVALENCE = 0.69
 SHARED, OWN = 1.0, 0.7
@@ -64,33 +63,31 @@ def options(preds, depth, constant=None):
     return [compare.OptionRuns(f"o{k}", tuple(range(depth[k])), p[:depth[k]], constant[k]) for k, p in enumerate(preds)]
 
 
-def until_resolved(gold, preds, max_seeds, metric="accuracy", margin=None, constant=None, futility=FUTILITY):
-    """decide.run_until_resolved's rule, round by round, on simulated runs: every look is the answer's analysis
-    under the spec's plan (sequential.sequential), and decide.allocate decides where the next seeds go, as the grid
-    does (a seed-free option runs once)."""
-    k_all = len(preds)
-    constant = constant or [False] * k_all
-    depth = [1] * k_all
-    plan = sequential.Plan(max_seeds)
-    names = [f"o{k}" for k in range(k_all)]
-    while True:
-        v = sequential.sequential(gold, options(preds, depth, constant), 2, metric, margin, plan)
-        a = allocate(v, dict(zip(names, depth)), {n: max_seeds for n in names},
-                     {n for n, c in zip(names, constant) if c}, futility)
-        nxt = [k for k in range(k_all) if names[k] in a.next and depth[k] < max_seeds and not constant[k]]
-        if a.resolved or a.futile or not nxt:
-            return v, sum(1 if constant[k] else depth[k] for k in range(k_all))
-        for k in nxt:
-            depth[k] += 1
+# ----------------------------------------------------------------------------- the whole rule, simulated
+NULLS = {(s.name, s.metric): s for s in cs.null_scenarios()}
 
 
-def false_claims(v, truth):
-    """Claims the truth contradicts: 'a is worse than b' where a is not worse; 'within the margin' beyond it."""
-    bad = sum(truth[w] >= truth[b] for w, b in v.worse.items())
-    if v.margin is not None:
-        top = max(truth.values())
-        bad += sum(top - truth[o] >= v.margin for o in v.equivalent_to_best)
-    return bad
+@pytest.mark.parametrize("name, metric, seed", [
+    ("equal", "accuracy", 1), ("unstable 10x (τ 0.1)", "accuracy", 2), ("unstable 4x (τ 0.3)", "mcc", 3),
+    ("collapse 50 %", "accuracy", 4), ("collapse 50 %", "mcc", 5), ("collapse 25 %", "mcc", 6)])
+def test_equal_options_almost_never_get_a_false_claim_with_the_allocator_as_it_runs(name, metric, seed):
+    """All 8 options truly equal (one seed-free), up to 4 seeds, `--until-resolved` as it runs (the looks, the plan,
+    the futility rule): at most 5 % of 200 simulated grids end with any false claim, with one option 4-10x more
+    unstable or a share of the trained runs collapsed (benchmarks/claims.py: 1,000 runs of every scenario)."""
+    r = cs.run(NULLS[(name, metric)], 200, seed=seed)
+    assert r["false_rate"] <= 0.05, r
+    assert r["runs"] <= r["max_runs"]
+
+
+def test_the_early_stop_comes_on_equal_options_and_not_when_one_is_far_better():
+    """Equal options: most grids stop early (no comparison can be settled within 4 seeds), using fewer runs than
+    the spec holds. One option 30 points better with 6 seeds: the others are shown worse, rarely an early stop."""
+    equal = cs.run(NULLS[("equal", "accuracy")], 120, seed=8)
+    assert equal["futile"] >= 0.5 and equal["runs"] < equal["max_runs"]
+    far = cs.Scenario("one far better", "accuracy", (0.3, 0.0) + (0.3,) * 6, (0.95,) + (0.65,) * 7, (0.0,) * 8,
+                      (False, True) + (False,) * 6, max_seeds=6)
+    r = cs.run(far, 60, seed=9)
+    assert r["futile"] <= 0.1 and r["power"] >= 0.8 and r["best_found"] >= 0.95 and r["false_rate"] <= 0.05
 
 
 # ----------------------------------------------------------------------------- the critical values
@@ -111,12 +108,13 @@ def test_the_closure_critical_value_is_tukeys_at_all_equal_and_dunnetts_at_one(k
 
 def test_the_plan_spends_alpha_obrien_fleming_like_and_the_looks_add_up_to_alpha():
     four, eight = sequential.Plan(4), sequential.Plan(8)
-    assert four.looks == (3, 4) and eight.looks == tuple(range(3, 9))
-    assert four.share(3) == pytest.approx(0.0236, abs=1e-4) and four.share(4) == pytest.approx(0.0264, abs=1e-4)
+    assert four.looks == (4,) and eight.looks == tuple(range(4, 9))
+    assert four.share(4) == pytest.approx(0.05) and four.share(3) == 0.0
+    assert sequential.Plan(6).share(4) == pytest.approx(0.0164, abs=1e-4)  # α(4/6) = 2 − 2Φ(1.96/√(2/3))
     assert sum(eight.share(n) for n in eight.looks) == pytest.approx(0.05)
     shares = [eight.share(n) for n in eight.looks]
     assert all(a < b for a, b in zip(shares, shares[1:]))  # early looks get little: the last keeps most of α
-    assert sequential.Plan(2).looks == () and sequential.Plan(2).share(2) == 0.0
+    assert sequential.Plan(3).looks == () and sequential.Plan(3).share(3) == 0.0
 
 
 # ----------------------------------------------------------------------------- the closed procedure
@@ -152,27 +150,27 @@ def test_the_shortcut_is_the_closed_test_it_stands_for():
         assert set(v.worse) == _brute_force_worse(diffs, v.options, 5, compare.ALPHA)
 
 
-def test_an_unstable_option_widens_only_its_own_comparisons():
-    """Own variances: with one option 10x more unstable, the contrast of two stable options keeps their small seed
-    variance (a pooled variance would have inflated it), and the unstable one's contrasts carry its variance."""
+def test_an_unstable_option_widens_its_own_comparisons_and_no_variance_is_below_the_pool():
+    """Own variances: an option 20x more unstable keeps its own, large variance and widens the contrasts it is in;
+    every other option's variance is at least the family's pooled residual variance (the floor)."""
     rng = np.random.default_rng(7)
     taus = (0.05, 0.05, 0.05, 0.05, 1.0)
     gold, preds = simulate(rng, taus, [0.7] * 5, 6)
     fit = compare.Fit(gold, options(preds, [6] * 5), 2, "accuracy")
     var = fit.variances()
-    assert var["o4"][0] > 3 * max(var[n][0] for n in ("o0", "o1", "o2", "o3"))
+    assert var["o4"][0] > 3 * fit.sigma2 and var["o4"][1] < fit.df  # its own, on its own degrees of freedom
+    assert all(var[n][0] >= fit.sigma2 - 1e-15 for n in ("o0", "o1", "o2", "o3"))
     stable, wild = fit.pair("o0", "o1"), fit.pair("o0", "o4")
-    assert wild.seed_var > 3 * stable.seed_var
-    assert stable.seed_var < fit.sigma2 * (2 / 6)  # below what the pooled variance would give the pair
+    assert wild.seed_var > 2 * stable.seed_var and wild.df < stable.df
 
 
 def test_a_trained_option_whose_seeds_agree_is_floored_never_zero_and_never_a_constant():
-    """All 3 seeds of a trained option collapsed to the majority class: identical predictions, yet it is not a
+    """All 4 seeds of a trained option collapsed to the majority class: identical predictions, yet it is not a
     seed-free constant; its variance is the pooled one, and the verdict carries the warning."""
     rng = np.random.default_rng(11)
-    gold, preds = simulate(rng, (0.3,) * 4, [0.7] * 4, 3)
+    gold, preds = simulate(rng, (0.3,) * 4, [0.7] * 4, 4)
     preds[2] = np.ones_like(preds[2])  # every run predicts the majority class for everything
-    v = compare.family(gold, options(preds, [3] * 4), 2, "accuracy")
+    v = compare.family(gold, options(preds, [4] * 4), 2, "accuracy")
     fit = v.fit
     assert fit.constant == [False] * 4 and fit.collapsed == [False, False, True, False]
     assert fit.variances()["o2"] == (pytest.approx(fit.sigma2), fit.df)
@@ -196,12 +194,13 @@ def test_a_constant_is_what_the_option_is_not_what_its_runs_did():
     assert as_trained.constant == [False] * 3 and as_trained.variances()["o0"][0] > 0
 
 
-def test_one_or_two_seeds_claim_nothing_and_one_option_has_nothing_to_compare():
+def test_fewer_than_four_seeds_claim_nothing_and_one_option_has_nothing_to_compare():
     rng = np.random.default_rng(43)
-    gold, preds = simulate(rng, (0.3, 0.3), [0.5, 0.95], 2)
-    v = compare.family(gold, options(preds, [2, 2]), 2, "accuracy")
-    assert not v.worse and "2 seeds" in v.reason and not v.resolved
-    one = compare.family(gold, options(preds[:1], [2]), 2, "accuracy")
+    gold, preds = simulate(rng, (0.3, 0.3), [0.5, 0.95], 3)
+    v = compare.family(gold, options(preds, [3, 3]), 2, "accuracy")
+    assert not v.worse and "3 seeds" in v.reason and not v.resolved
+    assert compare.family(gold, options(preds, [3, 3]), 2, "accuracy").best == "o1"
+    one = compare.family(gold, options(preds[:1], [3]), 2, "accuracy")
     assert "nothing to compare" in one.reason
 
 
@@ -209,7 +208,7 @@ def test_the_best_is_never_shown_worse_and_every_worse_claim_has_a_positive_lowe
     rng = np.random.default_rng(47)
     for _ in range(40):
         gold, preds = simulate(rng, DEMO_TAUS, [0.6, 0.7, 0.7, 0.75, 0.8, 0.7, 0.65, 0.7], 5)
-        depth = [1] + list(rng.integers(3, 6, 7))
+        depth = [1] + list(rng.integers(4, 6, 7))
         v = sequential.sequential(gold, options(preds, depth, [True] + [False] * 7), 2, "accuracy",
                                   plan=sequential.Plan(5))
         assert v.best not in v.worse
@@ -236,9 +235,9 @@ def test_a_claim_made_at_an_earlier_look_stands():
     for _ in range(30):
         gold, preds = simulate(rng, (0.3,) * 4, [0.55, 0.8, 0.8, 0.8], 6)
         plan = sequential.Plan(6)
-        early = sequential.sequential(gold, options(preds, [3] * 4), 2, "accuracy", plan=plan)
+        early = sequential.sequential(gold, options(preds, [4] * 4), 2, "accuracy", plan=plan)
         if early.worse:
             break
-    later = sequential.sequential(gold, options(preds, [3, 6, 6, 6]), 2, "accuracy", plan=plan)
-    assert set(early.worse) <= set(later.worse)
-    assert all(later.claimed_at[o] == 3 for o in early.worse)
+    later = sequential.sequential(gold, options(preds, [4, 6, 6, 6]), 2, "accuracy", plan=plan)
+    assert early.worse and set(early.worse) <= set(later.worse)
+    assert all(later.claimed_at[o] == 4 for o in early.worse)

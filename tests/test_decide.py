@@ -88,19 +88,20 @@ def test_finds_the_best_option_and_never_claims_what_the_intervals_do_not_suppor
 def test_a_close_contest_gets_the_seeds_and_the_rest_stops(toy, tmp_path):
     true = {"a": 0.80, "b": 0.79, "c": 0.50}
     calls = []
-    grid = expand(spec(toy, labels=tuple(true), seeds=range(4)), where="test")
+    grid = expand(spec(toy, labels=tuple(true), seeds=range(6)), where="test")
     lines = []
     with Store(tmp_path / "close.db") as store:
         d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lines.append, in_process=True,
                                runner=fake_runner(true, 0, calls=calls))
     seeds = {label: sorted(s for lab, s in calls if lab == label) for label in true}
-    # c is clearly worse, shown so at the first look (3 seeds); a against b (one point apart) has no chance to be
-    # settled within the spec's 4 seeds, so the grid stops there, early, and says what it would take
-    assert seeds["a"] == seeds["b"] == seeds["c"] == [0, 1, 2]
+    # c is clearly worse, shown so at the first look (4 seeds); a against b (one point apart) has no chance to be
+    # settled within the spec's 6 seeds, so the grid stops there, early, and says what it would take
+    assert seeds["a"] == seeds["b"] == seeds["c"] == [0, 1, 2, 3]
     assert d.futile and not d.resolved and any(line.startswith("OPEN") for line in d.lines)
     assert any("stopped early" in line and "What it would take" in line for line in d.lines)
-    assert not any("shown worse" in line for line in lines if line.startswith(("round 1", "round 2")))
-    assert any(line.startswith("round 3") and "shown worse than the best: c" in line for line in lines)
+    assert not any("shown worse" in line for line in lines if line.startswith(("round 1", "round 2", "round 3")))
+    assert any(line.startswith("round 4") and "shown worse than the best: c" in line for line in lines)
+    assert all(str(toy.task_file) not in line for line in lines + d.lines)  # a task file is named by its name
 
 
 def test_no_early_stop_while_a_comparison_can_still_be_settled(toy, tmp_path):
@@ -149,8 +150,20 @@ def test_cli_refuses_what_cannot_be_decided(toy, tmp_path, capsys):
     one = tmp_path / "one.toml"
     one.write_text(f'models = ["m"]\ntasks = ["{toy.task_file}"]\ndata_root = "{toy.root}"\nseeds = [0, 1]\n'
                    '[[methods]]\nmethod = "icl"\n')
+    few = tmp_path / "few.toml"
+    few.write_text(f'models = ["m"]\ntasks = ["{toy.task_file}"]\ndata_root = "{toy.root}"\nseeds = [0]\n'
+                   '[[methods]]\nmethod = "icl"\n[[methods]]\nmethod = "ft"\n')
+    zero = tmp_path / "zero.toml"
+    zero.write_text(f'models = ["m"]\ntasks = ["{toy.task_file}"]\ndata_root = "{toy.root}"\nseeds = [0, 1, 2, 3]\n'
+                    'shots = [0]\n[[methods]]\nmethod = "icl"\nlabel = "a"\n'
+                    '[[methods]]\nmethod = "icl"\nlabel = "b"\nmethod_options = { separator = " | " }\n')
     for argv, message in [
         (["grid", str(one), "--until-resolved"], "has only one"),
+        (["grid", str(few), "--until-resolved"], "at least 4 seeds"),
+        (["grid", str(zero), "--until-resolved"], "nothing to allocate"),
+        (["grid", "demo", "--until-resolved", "--futility", "1.5"], "--futility"),
+        (["grid", "demo", "--until-resolved", "--futility", "0"], "--futility"),
+        (["grid", "demo", "--futility", "0.3"], "goes with --until-resolved"),
         (["grid", str(one), "--time-budget", "5m"], "goes with --until-resolved"),
         (["grid", "demo", "--until-resolved", "--time-budget", "soon"], "not a duration"),
         (["grid", "demo", "--until-resolved", "--backend", "ray", "--workers", "2"], "does not go with --backend ray"),
@@ -184,7 +197,7 @@ def test_until_resolved_on_every_backend(toy, tmp_path, monkeypatch, backend):
     monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     monkeypatch.setenv("FEWTUNE_GRID_RUNNER", "decide_runner:run")
     true = {"a": 0.80, "b": 0.79, "c": 0.50}
-    grid = expand(spec(toy, labels=tuple(true), seeds=range(4)), where="test")
+    grid = expand(spec(toy, labels=tuple(true), seeds=range(6)), where="test")
     plan = WorkerPlan(2, 1, (None, None)) if backend == "warm2" else WorkerPlan(1, 1, (None,))
     runs_on = ProcessBackend(plan) if backend == "process" else WarmBackend(plan)
     with Store(tmp_path / "b.db") as store:
@@ -192,8 +205,32 @@ def test_until_resolved_on_every_backend(toy, tmp_path, monkeypatch, backend):
         rows = store.rows()
     seeds = {label: sorted(r["seed"] for r in rows if r["label"] == label) for label in true}
     assert {r["status"] for r in rows} == {"success"}
-    # as on the in-process runner above: c shown worse at 3 seeds, a against b out of reach: the early stop
-    assert seeds["a"] == seeds["b"] == seeds["c"] == [0, 1, 2]
-    assert d.runs == 9 and not d.resolved and d.futile
+    # as on the in-process runner above: c shown worse at 4 seeds, a against b out of reach: the early stop
+    assert seeds["a"] == seeds["b"] == seeds["c"] == [0, 1, 2, 3]
+    assert d.runs == 12 and not d.resolved and d.futile
     if backend != "process":
         assert {r["result"]["cost"]["workers"] for r in rows} == {plan.workers}
+
+
+def test_a_seed_free_option_runs_once_under_until_resolved_and_resumes(toy, tmp_path):
+    """Zero-shot (icl at 0 shots) runs in round 1 only and stands for every seed in the claims; an interrupted run
+    (a time budget) resumes without running anything twice, and the rerun never runs zero-shot again."""
+    true = {"z": 0.55, "a": 0.80, "b": 0.60}
+    s = spec(toy, labels=("a", "b"), seeds=range(6))
+    s["methods"].insert(0, {"method": "icl", "label": "z", "shots": 0, "method_options": {"label_tag": "z"}})
+    grid = expand(s, where="test")
+    assert [c.seed_free for c in grid.cells].count(True) == 1 and len(grid.cells) == 1 + 2 * 6
+    calls, db = [], tmp_path / "z.db"
+    with Store(db) as store:
+        run_until_resolved(grid, store, tmp_path / "logs", 0.5, echo=lambda _: None, in_process=True,
+                           runner=fake_runner(true, 4, sleep=0.2, calls=calls))
+    first = list(calls)
+    assert ("z", 0) in first and len(first) < 13
+    with Store(db) as store:
+        d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lambda _: None, in_process=True,
+                               runner=fake_runner(true, 4, calls=calls))
+    again = calls[len(first):]
+    assert all(c not in first for c in again) and not any(label == "z" for label, _ in again)
+    v = d.state[next(iter(d.state))]["view"].verdict
+    assert v.constants == ["z (0 shots)"] and v.min_seeds >= 4
+    assert "z (0 shots)" in v.worse  # 25 points below a: a constant compared with every seed of a

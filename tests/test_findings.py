@@ -105,7 +105,7 @@ def test_every_verdict_right_by_construction():
     close = got[("close", "small")]
     assert close.verdict == NOT_SETTLED and ("seeds" in close.needs or "examples" in close.needs)
     assert "no runs for lora" in got[("missing", "mnli")].sentence()
-    assert "one seed of solo" in got[("one-seed", "mnli")].sentence()
+    assert "fewer than 4 seeds of solo" in got[("one-seed", "mnli")].sentence()
     # the claims that name no option of a task get a row there that says so, never an error
     assert got[("good-better", "small")].verdict == NO_RUNS
     # the interval shown is the one behind the verdict
@@ -132,13 +132,13 @@ def false_verdicts(j) -> list:
 
 def test_all_equal_family_wise_false_verdicts_within_5_percent():
     """The shipped study's five claims on the cpu grid's seven options, every option equal (a seed shift and a
-    shared example ease, so pairing matters), both splits: at most 5% of 1,200 simulated result sets get any false
-    verdict. 2-4 seeds, so the looks differ too."""
+    shared example ease, so pairing matters), both splits: at most 5% of 600 simulated result sets get any false
+    verdict. 4-6 seeds, so the plans and the looks differ too (one look at 4 seeds, up to three at 6)."""
     f = load_findings("study")
     rng = np.random.default_rng(20)
-    sims, bad, supported = 1200, 0, 0
+    sims, bad, supported = 600, 0, 0
     for s in range(sims):
-        seeds = 2 + s % 3
+        seeds = 4 + s % 3
         gold, p_id = simulate(rng, dict.fromkeys(STUDY_LABELS, 0.7), seeds=seeds, n=100)
         _, p_ood = simulate(rng, dict.fromkeys(STUDY_LABELS, 0.7), seeds=seeds, n=100)
         j = judge(f, [group(lab, {"id": p_id[lab], "ood": p_ood[lab]}, gold) for lab in STUDY_LABELS])
@@ -203,7 +203,7 @@ def test_user_findings_end_to_end(tmp_path, toy, capsys):
     """Two claims on a user task, through `fewtune report --findings FILE` and `fewtune results --format json
     --findings FILE`: the section opens the report with a verdict per claim, the same in md, html and json."""
     db = tmp_path / "toy.db"
-    store_toy_runs(db, toy.task_file, toy.root, {"icl": 0.6, "lora": 0.9, "ft": 0.88})
+    store_toy_runs(db, toy.task_file, toy.root, {"icl": 0.6, "lora": 0.9, "ft": 0.88}, seeds=range(6))
     findings = tmp_path / "mine.toml"
     findings.write_text(USER_FINDINGS)
     out = tmp_path / "rep"
@@ -221,7 +221,7 @@ def test_user_findings_end_to_end(tmp_path, toy, capsys):
     capsys.readouterr()
     assert main(["results", "--db", str(db), "--format", "json", "--findings", str(findings)]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert len(doc["runs"]) == 12
+    assert len(doc["runs"]) == 18
     verdicts = {r["claim"]: r for r in doc["findings"]["rows"]}
     assert verdicts["lora-beats-icl"]["verdict"] == "supported" and verdicts["lora-beats-icl"]["lo"] > 0
     assert verdicts["lora-close-to-ft-ood"]["options_b"] == ["ft (4 shots)"]
@@ -358,7 +358,7 @@ def test_lpft_findings_are_judged_where_lpft_and_ft_ran(tmp_path, capsys):
     study's (each file its own family, Holm within it); --findings none leaves both out, a user's file stands alone;
     results without lpft get no such section."""
     db = tmp_path / "cola.db"
-    store_cola_runs(db, ("icl", "ft", "pbft", "lpft"))
+    store_cola_runs(db, ("icl", "ft", "pbft", "lpft"), seeds=(0, 1, 2, 3))
     assert main(["report", "--db", str(db), "--out", str(tmp_path / "a")]) == 0
     md = (tmp_path / "a" / "report.md").read_text()
     heading = "## Published findings on your results: LP-FT against fine-tuning (Kumar et al., ICLR 2022)"
@@ -422,3 +422,32 @@ def test_opt_in_lists_add_options_and_leave_the_specs_own_cells_alone(capsys):
     beyond = load_grid("beyond")
     assert beyond.findings == "lpft" and {c.label for c in beyond.cells} == {"zero-shot", "icl", "ft", "probe",
                                                                               "lpft", "bitfit"}
+
+
+# ----------------------------------------------------------------------------- the step-down's level and the looks
+def test_holm_holds_every_kept_hypothesis_at_the_level_where_it_stopped():
+    """p = [.001, .03, .04, .045]: .001 is rejected at α/4, the step-down stops at .03 (α/3), and every later one is
+    held to α/3 too (an interval at α/2 or α/1 would clear 0 for a hypothesis that was not rejected)."""
+    from fewtune.findings.judge import holm_levels
+    adjusted, rejected, level = holm_levels(np.array([0.001, 0.03, 0.04, 0.045]))
+    assert list(rejected) == [True, False, False, False]
+    assert list(level) == [4, 3, 3, 3]
+    _, rejected, level = holm_levels(np.array([0.04, 0.001, 0.045, 0.03]))  # the same, in another order
+    assert list(level) == [3, 4, 3, 3]
+
+
+def test_the_looks_come_from_the_grid_s_seeds_not_from_where_the_runs_stopped():
+    """Runs of a 6-seed spec that stopped at 4 seeds are judged at the plan's share for the look at 4 (α(4/6)), not
+    at the full α a 4-seed spec would have; without a recorded plan the most seeds present stand for it."""
+    from fewtune.stats.sequential import Plan
+    rng = np.random.default_rng(1)
+    gold, preds = simulate(rng, {"good": 0.8, "bad": 0.7}, seeds=4, n=300)
+    f = parse_findings({"claims": [dict(id="g", relation="better", a=["good"], b=["bad"], split="in_domain")]},
+                       "t.toml")
+    plain = [group(k, v, gold) for k, v in preds.items()]
+    (row,) = [r for r in judge(f, plain).rows if r.task == "mnli"]
+    assert row.looks == pytest.approx(1.0) and row.look == 4
+    planned = [dict(g, seed_plan=list(range(6))) for g in plain]
+    (row6,) = [r for r in judge(f, planned).rows if r.task == "mnli"]
+    assert row6.looks == pytest.approx(0.05 / Plan(6).share(4))
+    assert row6.hi - row6.lo > row.hi - row.lo  # a smaller share of α: a wider interval

@@ -15,7 +15,7 @@ pooled over all options. Each row brings two one-sided hypotheses, "the claim ho
 A one-sided p-value is the smallest α at which the bound d ∓ half(α) clears the null, with
 half(α)² = t(1−α, df)²·seed_var + z(1−α)²·example_var: the same construction as every interval of the report
 (each variance part widened by the quantile of its own degrees of freedom), inverted. The claims are judged at
-every look the data can have had (fewtune.stats.sequential.Plan: each option's first 3, 4, … N runs in the spec's
+every look the data can have had (fewtune.stats.sequential.Plan: each option's first 4, 5, … N runs in the spec's
 seed order, N the grid's seeds), as everywhere in the report: at the look with n seeds each p-value is weighted by
 that look's share of α (p · α / share(n)), Holm's step-down runs over all of the file's hypotheses (S and C of every
 row) at α = 5%, and a verdict reached at a look stands (the union of the looks is within α, a union bound). The
@@ -164,6 +164,18 @@ def _tests(rows: list[Row]) -> tuple[np.ndarray, np.ndarray]:
     return np.minimum(1.0, ps * looks), np.minimum(1.0, pc * looks)
 
 
+def holm_levels(p, alpha: float = compare.ALPHA) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(adjusted p-values, rejected, the divisor each hypothesis is held to): a rejected one its own step's, every
+    kept one the step at which the step-down stopped, the largest divisor among those kept (Holm tests in order of
+    p and stops at the first it keeps; p = [.001, .03, .04, .045] gives 4, 3, 3, 3)."""
+    adjusted, divisor = holm(p)
+    rejected = adjusted <= alpha
+    kept = [divisor[i] for i in range(len(p)) if not rejected[i]]
+    stop = max(kept) if kept else None
+    level = np.where(rejected | (stop is None), divisor, np.maximum(divisor, stop if stop is not None else 0))
+    return adjusted, rejected, level
+
+
 def decide(rows: list[Row], alpha: float = compare.ALPHA) -> int:
     """Fill each judged row's verdict, adjusted p-values and interval (Holm over all rows' S and C); returns the
     number of hypotheses."""
@@ -171,19 +183,15 @@ def decide(rows: list[Row], alpha: float = compare.ALPHA) -> int:
     if not judged:
         return 0
     ps, pc = _tests(judged)
-    adjusted, divisor = holm(np.concatenate([ps, pc]))
-    rejected = adjusted <= alpha
+    adjusted, rejected, level = holm_levels(np.concatenate([ps, pc]), alpha)
     n = len(judged)
-    # the level the step-down stopped at: the largest divisor among those kept (Holm tests them in order)
-    first_kept = max((divisor[i] for i in range(2 * n) if not rejected[i]), default=None)
     for i, r in enumerate(judged):
         r.p_support, r.p_contra = float(adjusted[i]), float(adjusted[n + i])
         r.verdict = SUPPORTED if rejected[i] else (CONTRADICTED if rejected[n + i] else NOT_SETTLED)
         # the interval behind the verdict: at the level Holm tested C at when contradicted (equivalence: each side
         # at half of it), else at S's (for one not rejected: the level at which the step-down stopped)
         k = n + i if r.verdict == CONTRADICTED else i
-        div = divisor[k] if rejected[k] or first_kept is None else max(divisor[k], first_kept)
-        a_one = alpha / div / r.looks / (2 if k == n + i and r.claim.relation == "equivalent" else 1)
+        a_one = alpha / level[k] / r.looks / (2 if k == n + i and r.claim.relation == "equivalent" else 1)
         half = float(half_width(a_one, r.contrast.seed_var, r.contrast.example_var, r.contrast.df))
         r.lo, r.hi, r.level = r.estimate - half, r.estimate + half, 1 - 2 * a_one
         if r.verdict == NOT_SETTLED:
@@ -199,7 +207,8 @@ def judge(findings: Findings, groups: list[dict], alpha: float = compare.ALPHA) 
     plans, most = {}, {}
     for task, model in pairs:
         gs = [g for g in groups if g["task"] == task and g["model"] == model]
-        counts = [g["n_runs"] for g in gs if not _claims.is_constant(g)]
+        counts = [max((len(p["seeds"]) for p in (g.get("preds") or {}).values() if p), default=g.get("n_runs", 0))
+                  for g in gs if not _claims.is_constant(g)]
         most[(task, model)] = max(counts, default=0)
         plans[(task, model)] = sequential.plan_for(_claims.plan_of(gs), []) if _claims.plan_of(gs) else \
             sequential.Plan(max(most[(task, model)], compare.MIN_SEEDS))
@@ -228,7 +237,7 @@ def _rows(findings, groups, pairs, n, plans, most, alpha) -> list[Row]:
         gs = [g for g in groups if g["task"] == task and g["model"] == model]
         plan = plans[(task, model)]
         own = [k for k in plan.looks if k <= most[(task, model)]]
-        if not own:  # no look yet (fewer than 3 seeds): its rows say so at every look
+        if not own:  # no look yet (fewer than 4 seeds): its rows say so at every look
             at, share, look = None, plan.share(compare.MIN_SEEDS) or alpha, n
         elif n is not None and n in own:
             at, share, look = n, plan.share(n), n

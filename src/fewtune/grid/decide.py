@@ -5,9 +5,9 @@ The allocation rule (docs/grid.md, "Until resolved"; the statistics: docs/statis
 1. A seed-free option (zero-shot: its method never reads the data seed) runs once, in the first round; it is a
    known constant for every seed. Every trained option runs seeds in the spec's order.
 2. After each round, per model × task, the in-domain family is looked at (fewtune.stats.claims.view over the plan
-   of the spec's seeds: a look at 3, 4, … N seeds, each with its share of α; fewtune.stats.sequential), and
-   `allocate` decides: below 3 seeds every trained option gets its next seed (nothing is judged before 3), as
-   long as some comparison can still be settled; from 3 seeds the next seed goes to the highest estimate and to
+   of the spec's seeds: a look at 4, 5, … N seeds, each with its share of α; fewtune.stats.sequential), and
+   `allocate` decides: below 4 seeds every trained option gets its next seed (nothing is judged before 4), as
+   long as some comparison can still be settled; from 4 seeds the next seed goes to the highest estimate and to
    each open comparison (an option neither shown worse than the best nor within the margin of it) whose chance of
    being settled within reach (the seeds left in the spec, and the rounds the time budget still allows) is at least
    the futility threshold (FUTILITY = 20 %, `--futility`).

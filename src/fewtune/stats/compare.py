@@ -11,11 +11,11 @@ fewtune.stats.claims) what may be claimed. In short:
    squares over every run, so options with different numbers of seeds (after `--until-resolved`) are compared on
    all they have. **Each option has its own residual variance** σ²_k (`Fit.variances`): the unbiased
    solution of E[SS_k] = Σ_j B_kj σ²_j (each option's residual sum of squares also holds a share of the others'
-   variances through the fitted seed effects), floored at the option's own per-seed evaluation noise. A contrast's seed variance is Σ_c w_c² σ²_{k(c)}
+   variances through the fitted seed effects), floored at the pooled residual variance of the family. A contrast's seed variance is Σ_c w_c² σ²_{k(c)}
    over the runs c it weighs, with Welch–Satterthwaite degrees of freedom: an unstable option widens only the
-   contrasts it is in, so it cannot make stable options look different from it. A *trained* option whose per-seed
-   values all agree (its runs collapsed to one class, or happened to score the same) never gets a zero variance:
-   the pooled residual variance of the family is its floor.
+   contrasts it is in, so it cannot make stable options look different from it. No trained option's variance is
+   below the pooled residual variance of the family: three runs that agree (collapsed to one class, or happened to
+   miss the collapses other runs show) say little about how unstable a method is, and never give a variance of 0.
 2. **Seed-free constants** (`OptionRuns.constant`): an option whose method and options never read the data seed
    (zero-shot; fewtune.methods' `seed_free`) is a known constant under every seed, decided by what it *is*, never
    because its runs happened to agree. It is kept out of the fit and enters contrasts as a constant; a contrast of a
@@ -37,8 +37,10 @@ fewtune.stats.claims) what may be claimed. In short:
    report's subsets), and are said to be that.
 6. **The floor**: each option against the majority-class baseline, paired by example, Bonferroni over the options.
 
-Nothing is claimed before every trained option has MIN_SEEDS = 3 seeds: with 2, each option's own variance has one
-degree of freedom and no interval is worth reading. Checked by simulation (tests/test_compare.py, and at 1,000 runs
+Nothing is claimed before every trained option has MIN_SEEDS = 4 seeds: an option's own variance from 3 runs has
+under 2 degrees of freedom, and an unstable method whose first 3 runs happened to agree was then read as stable
+often enough to push the false-claim rate past 5 % (6.4 % with one option 4x more unstable; 4.8 % from 4 seeds:
+benchmarks/claims.py). Checked by simulation (tests/test_compare.py, and at 1,000 runs
 a scenario in benchmarks/claims.py): equal options, one option up to 10x more unstable, up to half of the trained
 runs collapsed, accuracy and MCC, with the allocator as it runs.
 """
@@ -57,7 +59,7 @@ from scipy import stats as _scipy_stats
 from . import stats
 
 ALPHA = 0.05
-MIN_SEEDS = 3      # nothing is claimed before every trained option has 3 seeds (see the module docstring)
+MIN_SEEDS = 4      # nothing is claimed before every trained option has 4 seeds (see the module docstring)
 ASSESS_SEEDS = 2   # the allocator may project what more seeds would do from 2 (it claims nothing from them)
 
 
@@ -165,9 +167,9 @@ class Fit:
         """Each trained option's own residual variance and its degrees of freedom (docs/statistics.md, "Own
         variances"): the unbiased solution of E[SS_k] = Σ_j B_kj σ²_j, B_kj = Σ_{c∈k, c'∈j} (I − H)²_cc' (each
         option's residual sum of squares holds a share of every other option's variance through the fitted seed
-        effects; for the balanced design this is Shukla's stability variance), floored at the option's own per-seed
-        evaluation noise (eps/N, estimated from hundreds of degrees of freedom), and at the pooled residual variance
-        where its per-seed values all agree (never 0). Also its own between-seed variance (with β), for contrasts
+        effects; for the balanced design this is Shukla's stability variance), floored at the family's pooled residual
+        variance (with its degrees of freedom): an option above it keeps its own, one below it (its few runs agree,
+        or happened to miss the collapses the other options show) gets the pooled one, never less, never 0. Also its own between-seed variance (with β), for contrasts
         with a constant."""
         own, own_df, lvl, lvl_df = {}, {}, {}, {}
         ks = self.stochastic
@@ -182,17 +184,18 @@ class Fit:
             if np.linalg.matrix_rank(b) == len(ks):
                 est = np.linalg.solve(b, ss)
         for i, k in enumerate(ks):
-            if self.agree[k] or not h[i] > 1e-9:
+            value = (est[i] if est is not None else ss[i] / h[i]) if h[i] > 1e-9 else math.nan
+            if self.agree[k] or not value > self.sigma2:
+                # the pooled variance is the floor: a trained option whose few runs agree, or happened to miss
+                # its collapses, is never more certain than the family's options are on average
                 own[k], own_df[k] = self.sigma2, self.df
             else:
-                value = est[i] if est is not None else ss[i] / h[i]
-                own[k], own_df[k] = max(value, self.eps[k] / max(self.n_examples, 1)), h[i]
-                if not own[k] > 0:
-                    own[k], own_df[k] = self.sigma2, self.df
-            if self.n[k] >= 2 and not self.agree[k]:
-                lvl[k], lvl_df[k] = float(np.var(self.per_seed[k], ddof=1)), float(self.n[k] - 1)
-            else:
+                own[k], own_df[k] = value, h[i]
+            spread = float(np.var(self.per_seed[k], ddof=1)) if self.n[k] >= 2 else math.nan
+            if self.agree[k] or not spread > self.within2:  # the same floor for the level (with β)
                 lvl[k], lvl_df[k] = self.within2, self.df_within
+            else:
+                lvl[k], lvl_df[k] = spread, float(self.n[k] - 1)
         return own, own_df, lvl, lvl_df
 
     @property
@@ -300,9 +303,11 @@ def _df_grid(df: float) -> float:
         return 0.25
     if math.isinf(df) or df > 1000:
         return math.inf
-    if df < 30:
+    if df < 10:
         return max(math.floor(df * 4) / 4, 0.25)
-    return float(math.floor(df)) if df < 200 else 200.0
+    if df < 30:
+        return float(math.floor(df))
+    return float(math.floor(df / 5) * 5) if df < 200 else 200.0
 
 
 _Z, _ZW = np.polynomial.legendre.leggauss(240)
@@ -348,15 +353,12 @@ def _critical(k: int, m: int, df: float, alpha: float) -> float:
 
 
 def tukey_critical(k: int, df: float, alpha: float = ALPHA) -> float:
-    """q(1 − α; k, df)/√2, the all-pairs (Tukey–Kramer) value: scipy's studentized range."""
+    """q(1 − α; k, df)/√2, the all-pairs (Tukey–Kramer) value: the closure's value at m = k, which is the
+    studentized range (equal to scipy.stats.studentized_range to 1e-6, tests/test_compare.py; scipy's own quantile
+    takes ~80 ms a call, this shares the closure's cache)."""
     if k < 2:
         return float(_scipy_stats.norm.ppf(1 - alpha / 2))
-    return _tukey(int(k), _df_grid(df), float(alpha))
-
-
-@functools.lru_cache(maxsize=4096)
-def _tukey(k: int, df: float, alpha: float) -> float:
-    return float(_scipy_stats.studentized_range.ppf(1 - alpha, k, df)) / math.sqrt(2)
+    return critical(k, k, df, alpha)
 
 
 # ----------------------------------------------------------------------------- the claims of one look
@@ -390,7 +392,7 @@ class Verdict:
     min_seeds: int                        # the fewest seeds of a trained option
     n_examples: int
     df: float                             # the pooled residual degrees of freedom
-    reason: str = ""                      # why nothing is claimed ("fewer than 3 seeds", "one option")
+    reason: str = ""                      # why nothing is claimed ("fewer than 4 seeds", "one option")
     pairs: dict = field(default_factory=dict)  # (a, b) -> Tukey–Kramer Comparison: pairs below the best only
     m_star: int = 0                       # the closure's level: c_{m*} made the claims
     critical: float = math.nan            # c_{m*} at df = ∞ (the seed part uses each contrast's own df)

@@ -1,17 +1,17 @@
 """Looks that spend α by a stated plan, and what more seeds could still settle (docs/statistics.md, "Looks" and
 "Futility").
 
-**The plan** (`Plan`): a grid whose spec lists N seeds can be looked at with 3, 4, …, N seeds per option (nothing is
-claimed before 3: fewtune.stats.compare.MIN_SEEDS). The looks are fixed by the seed counts, not by when someone
+**The plan** (`Plan`): a grid whose spec lists N seeds can be looked at with 4, 5, …, N seeds per option (nothing is
+claimed before 4: fewtune.stats.compare.MIN_SEEDS). The looks are fixed by the seed counts, not by when someone
 runs `fewtune report`: a look at n seeds always reads each option's first n runs in the spec's seed order, so
 reading the database again adds no chance to be wrong. The family-wise α is spent over the looks by the
 Lan–DeMets O'Brien–Fleming-type function α(t) = 2 − 2Φ(z_{1−α/2}/√t) at the information fraction t = n/N; the look at
 n seeds gets α(n/N) − α(previous look), so the last look gets what the earlier ones did not use and the looks add
 up to α exactly. Each look is tested at its own share (a union bound over the looks: valid whatever their
-correlation, so the error over all looks is ≤ α; simulated in benchmarks/claims.py). For N = 4: 2.36 % at 3 seeds,
-2.64 % at 4; for N = 8: 0.14, 0.42, 0.76, 1.05, 1.25, 1.39 %.
+correlation, so the error over all looks is ≤ α; simulated in benchmarks/claims.py). For N = 4: one look, 5 %; N = 6: 1.64,
+1.54, 1.82 % at 4, 5, 6 seeds; N = 8: 0.56, 0.76, 1.05, 1.25, 1.39 % at 4 … 8.
 
-**The claims over looks** (`sequential`): a claim made at any look stands ("shown worse at 3 seeds"); the
+**The claims over looks** (`sequential`): a claim made at any look stands ("shown worse at 4 seeds"); the
 intervals shown are the last look's.
 
 **Futility** (`chances`): for every open comparison (an option neither shown worse than the best nor within the
