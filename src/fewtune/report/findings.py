@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ..findings import Findings
 from ..findings.judge import Judgement, relation_text
+from ..stats import compare
 from ..stats.fmt import METRIC_NAMES, scale_for
 from .render import Doc
 
@@ -56,7 +57,7 @@ def section(doc: Doc, j: Judgement, default: bool) -> None:
             f"{100 * j.alpha:.0f}% by Holm's procedure over {j.hypotheses} one-sided tests (each claim and its "
             "opposite; 'within ±margin' by two one-sided tests), each spent over the looks the data can have had; the "
             "interval shown is the one behind the verdict, at the level Holm tested the claim at. Nothing is judged "
-            "from one seed." + ("" if is_study(f) else " Each findings file is its own family: its claims were "
+            f"from fewer than {compare.MIN_SEEDS} seeds." + ("" if is_study(f) else " Each findings file is its own family: its claims were "
                                 "fixed together, from one source, and its error is held at that level on its own."))
     if default:
         covered = ", ".join(sorted(f.tasks or ["every task"]))
