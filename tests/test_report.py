@@ -705,3 +705,28 @@ def test_seed_free_is_read_from_the_result_or_from_icl_with_no_shots():
     assert flat_row(row("ft", 32))["seed_free"] is False
     assert flat_row(row("icl", 0, recorded=False))["seed_free"] is False  # recorded wins (a method of its own)
     assert flat_row(row("peft", 0, recorded=True))["seed_free"] is True
+
+
+def test_a_collapsed_option_is_a_warning_not_a_constant(tmp_path):
+    """Every run of a trained option predicts the majority class for every example: the report warns that all its
+    seeds collapsed, and it is not treated as seed-free (its variance is the family's pooled one)."""
+    path = tmp_path / "collapse.db"
+    rng = np.random.default_rng(2)
+    with Store(path) as store:
+        for seed in SEEDS:
+            for label in ("icl", "pbft", "lora"):
+                cfg = RunConfig(task="cola", model="m", method=label, shots=8, seed=seed, eval_limit=N)
+                r = synthetic_result(cfg, label, rng)
+                if label == "lora":
+                    split = "in_domain_dev"
+                    gold = np.asarray(r["predictions"][split]["gold"])
+                    pred = np.full_like(gold, np.bincount(gold).argmax())
+                    r["predictions"][split]["pred"] = pred.tolist()
+                    r["evals"][split] = {"role": "in_domain", **metrics.evaluation(
+                        gold.tolist(), pred.tolist(), np.log(np.full((N, 2), 0.5)), ["unacceptable", "acceptable"],
+                        ("accuracy", "mcc", "macro_f1"))}
+                store.claim(cfg, label=label)
+                store.finish(cfg.hash(), r)
+    md = write_report(path, tmp_path / "rep")["markdown"].read_text()
+    assert f"lora (8 shots): all {len(SEEDS)} seeds collapsed to one class" in md
+    assert "Seed-free" not in md

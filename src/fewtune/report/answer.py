@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..stats import claims
+from ..stats import claims, compare
 from ..stats.stats import Estimate
 from . import figures
 from .data import METRIC_NAMES, model_order, scale_for, with_interval
@@ -91,7 +91,8 @@ def verdict_lines(fv: claims.FamilyView, rows: list[Plotted], findings: Counter 
                   "for everything")
     beats = [r.name for r in rows if r.floor == "beats"]
     if all(r.floor == "not judged" for r in rows):
-        out.append(f"The majority-class floor ({floor_what}) cannot be judged yet: 2 seeds per option needed.")
+        out.append(f"The majority-class floor ({floor_what}) cannot be judged yet: {compare.MIN_SEEDS} seeds per "
+                   "trained option needed.")
     else:
         out.append(f"Shown to beat the majority-class floor ({floor_what}): {', '.join(beats)}." if beats else
                    f"No option is shown to beat the majority-class floor ({floor_what}).")
@@ -105,6 +106,16 @@ def verdict_lines(fv: claims.FamilyView, rows: list[Plotted], findings: Counter 
         if undecided:
             more = f" ({len(undecided) - 1} more open: see the plot)" if len(undecided) > 1 else ""
             out.append(f"To settle {v.best} vs {undecided[0]}{more}: {claims.what_it_takes(fv, undecided[0])}")
+    if v.constants:
+        out.append("Seed-free, run once (one run stands for every seed): " + ", ".join(v.constants) + ".")
+    for o in v.collapsed:
+        out.append(f"⚠ {o}: all {fv.group(o)['n_runs']} seeds collapsed to one class (a single label for every "
+                   "example); its seed variance is floored at the family's pooled one, never 0.")
+    if v.claimed_at and not v.reason:
+        early = {o: n for o, n in v.claimed_at.items() if n < v.min_seeds}
+        if early:
+            out.append("Claimed at an earlier look (it stands): " + ", ".join(f"{o} at {n} seeds"
+                                                                              for o, n in early.items()) + ".")
     if findings:
         out.append(f"{what} on this family: " + ", ".join(f"{n} {FINDING_WORDS.get(verdict, verdict)}"
                                                          for verdict, n in findings.most_common()) + " (table below).")
