@@ -85,14 +85,19 @@ def test_finds_the_best_option_and_never_claims_what_the_intervals_do_not_suppor
     assert runs / trials < 0.9 * 4 * 6
 
 
+def decide_toy(toy, db, true: dict, trial: int, seeds=range(6)):
+    """`--until-resolved` in process on the fake runner: (the decision, the (label, seed) calls, the printed lines)."""
+    calls, lines = [], []
+    grid = expand(spec(toy, labels=tuple(true), seeds=seeds), where="test")
+    with Store(db) as store:
+        d = run_until_resolved(grid, store, db.parent / "logs", float("inf"), echo=lines.append, in_process=True,
+                               runner=fake_runner(true, trial, calls=calls))
+    return d, calls, lines
+
+
 def test_a_close_contest_gets_the_seeds_and_the_rest_stops(toy, tmp_path):
     true = {"a": 0.80, "b": 0.79, "c": 0.50}
-    calls = []
-    grid = expand(spec(toy, labels=tuple(true), seeds=range(6)), where="test")
-    lines = []
-    with Store(tmp_path / "close.db") as store:
-        d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lines.append, in_process=True,
-                               runner=fake_runner(true, 0, calls=calls))
+    d, calls, lines = decide_toy(toy, tmp_path / "close.db", true, trial=0)
     seeds = {label: sorted(s for lab, s in calls if lab == label) for label in true}
     # c is clearly worse, shown so at the first look (4 seeds); a against b (one point apart) has no chance to be
     # settled within the spec's 6 seeds, so the grid stops there, early, and says what it would take
@@ -108,12 +113,7 @@ def test_no_early_stop_while_a_comparison_can_still_be_settled(toy, tmp_path):
     """One option clearly better (20 points): the chance to settle it within 6 seeds is high, so seeds keep coming until it is
     (or the spec's seeds end); never the early stop."""
     true = {"a": 0.85, "b": 0.65}
-    calls = []
-    grid = expand(spec(toy, labels=tuple(true), seeds=range(6)), where="test")
-    lines = []
-    with Store(tmp_path / "clear.db") as store:
-        d = run_until_resolved(grid, store, tmp_path / "logs", float("inf"), echo=lines.append, in_process=True,
-                               runner=fake_runner(true, 3, calls=calls))
+    d, calls, lines = decide_toy(toy, tmp_path / "clear.db", true, trial=3)
     assert not d.futile, "\n".join(lines)
     assert d.resolved or len(calls) == 12
 

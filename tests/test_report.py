@@ -269,20 +269,10 @@ def test_no_option_beating_the_majority_is_the_answer(tmp_path):
     """CoLA at a tiny budget: every option at chance. The conclusion says the majority baseline is as good."""
     path = tmp_path / "floor.db"
     rng = np.random.default_rng(1)
-    with Store(path) as store:
-        for seed in SEEDS:
-            for label in ("icl", "pbft"):
-                cfg = RunConfig(task="cola", model="m", method=label, shots=8, seed=seed, eval_limit=N)
-                r = synthetic_result(cfg, label, rng)
-                split = "in_domain_dev"
-                gold = np.asarray(r["predictions"][split]["gold"])
-                pred = np.where(rng.random(N) < 0.9, np.bincount(gold).argmax(), 1 - np.bincount(gold).argmax())
-                r["predictions"][split]["pred"] = pred.tolist()
-                r["evals"][split] = {"role": "in_domain", **metrics.evaluation(
-                    gold.tolist(), pred.tolist(), np.log(np.full((N, 2), 0.5)), ["unacceptable", "acceptable"],
-                    ("accuracy", "mcc", "macro_f1"))}
-                store.claim(cfg, label=label)
-                store.finish(cfg.hash(), r)
+
+    def near_majority(label, gold):  # 90 % of the examples get the majority class
+        return np.where(rng.random(N) < 0.9, np.bincount(gold).argmax(), 1 - np.bincount(gold).argmax())
+    store_cola_in_domain(path, ("icl", "pbft"), rng, near_majority)
     paths = write_report(path, tmp_path / "rep")
     md = paths["markdown"].read_text()
     lines = md.splitlines()
@@ -712,21 +702,28 @@ def test_a_collapsed_option_is_a_warning_not_a_constant(tmp_path):
     seeds collapsed, and it is not treated as seed-free (its variance is the family's pooled one)."""
     path = tmp_path / "collapse.db"
     rng = np.random.default_rng(2)
+    store_cola_in_domain(path, ("icl", "pbft", "lora"), rng,
+                         lambda label, gold: np.full_like(gold, np.bincount(gold).argmax()) if label == "lora" else None)
+    md = write_report(path, tmp_path / "rep")["markdown"].read_text()
+    assert f"lora (8 shots): all {len(SEEDS)} seeds collapsed to one class" in md
+    assert "Seed-free" not in md
+
+
+def store_cola_in_domain(path, labels, rng, predict):
+    """Synthetic cola runs of `labels` under SEEDS whose in-domain predictions are `predict(label, gold)` (None: the
+    synthetic ones), with the metrics recomputed from them."""
     with Store(path) as store:
         for seed in SEEDS:
-            for label in ("icl", "pbft", "lora"):
+            for label in labels:
                 cfg = RunConfig(task="cola", model="m", method=label, shots=8, seed=seed, eval_limit=N)
                 r = synthetic_result(cfg, label, rng)
-                if label == "lora":
-                    split = "in_domain_dev"
-                    gold = np.asarray(r["predictions"][split]["gold"])
-                    pred = np.full_like(gold, np.bincount(gold).argmax())
+                split = "in_domain_dev"
+                gold = np.asarray(r["predictions"][split]["gold"])
+                pred = predict(label, gold)
+                if pred is not None:
                     r["predictions"][split]["pred"] = pred.tolist()
                     r["evals"][split] = {"role": "in_domain", **metrics.evaluation(
                         gold.tolist(), pred.tolist(), np.log(np.full((N, 2), 0.5)), ["unacceptable", "acceptable"],
                         ("accuracy", "mcc", "macro_f1"))}
                 store.claim(cfg, label=label)
                 store.finish(cfg.hash(), r)
-    md = write_report(path, tmp_path / "rep")["markdown"].read_text()
-    assert f"lora (8 shots): all {len(SEEDS)} seeds collapsed to one class" in md
-    assert "Seed-free" not in md
