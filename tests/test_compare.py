@@ -241,3 +241,16 @@ def test_a_claim_made_at_an_earlier_look_stands():
     later = sequential.sequential(gold, options(preds, [4, 6, 6, 6]), 2, "accuracy", plan=plan)
     assert early.worse and set(early.worse) <= set(later.worse)
     assert all(later.claimed_at[o] == 4 for o in early.worse)
+
+
+def test_a_seed_free_best_does_not_limit_how_far_a_comparison_can_reach():
+    """Zero-shot (a constant, one run) as the highest estimate: the chance of settling it against a trained option
+    is projected to the trained option's reach, not to the constant's single run."""
+    rng = np.random.default_rng(61)
+    gold, preds = simulate(rng, (0.0, 0.3, 0.3), [0.76, 0.70, 0.70], 8)
+    opts = options(preds, [1, 2, 2], [True, False, False])
+    v = sequential.sequential(gold, opts, 2, "accuracy", plan=sequential.Plan(8))
+    assert v.best == "o0" and v.constants == ["o0"]
+    near = sequential.chances(v, {"o0": 1, "o1": 4, "o2": 4})
+    far = sequential.chances(v, {"o0": 1, "o1": 8, "o2": 8})
+    assert far["o1"] > near["o1"] + 0.01, (near, far)

@@ -317,7 +317,7 @@ def what_it_takes_all(fv: FamilyView) -> str:
                              and o not in v.equivalent_to_best]
     if not opened:
         return "nothing is open."
-    return "; ".join(f"{v.best} vs {o}: {what_it_takes(fv, o)}" for o in opened)
+    return "; ".join(f"{v.best} vs {o}: {what_it_takes(fv, o).rstrip('.')}" for o in opened) + "."
 
 
 def _fmt(x: float, metric: str) -> str:

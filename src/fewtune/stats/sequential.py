@@ -189,7 +189,9 @@ def chances(v: Verdict, reach: dict[str, int], margin: float | None = None) -> d
     for n in v.options:
         if n == v.best or n in v.worse or n in v.equivalent_to_best:
             continue
-        then = max(min(reach.get(n, MIN_SEEDS), reach.get(v.best, MIN_SEEDS)), MIN_SEEDS)
+        # a seed-free option needs no seeds: the comparison reaches as far as its trained side does
+        sides = [reach.get(x, MIN_SEEDS) for x in (n, v.best) if x not in v.constants]
+        then = max(min(sides) if sides else MIN_SEEDS, MIN_SEEDS)
         a = plan.share(then) if then <= plan.seeds else Plan(then, plan.alpha).share(then)
         out[n] = settle_chance(fit, v.best, n, then, margin, k, v.m_star or None, a)
     return out
