@@ -39,11 +39,11 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "pytest collected no Ray tests: failing"; exit 1; fi; exit $$rc
 
 # The demo: which method for CoLA with 32 examples on the bundled model, decided by --until-resolved within
-# 9 minutes of runs on 2 CPU cores (seeds where a comparison can still be settled; it stops early when none can),
+# 8 minutes of runs on 2 CPU cores (seeds where a comparison can still be settled; it stops early when none can),
 # on one warm worker (the model loaded once), then the report. Rerunning resumes: finished runs are kept in
 # results/fewtune.db and skipped.
 demo: install
-	$(FEWTUNE) grid demo --until-resolved --time-budget 9m --backend warm
+	$(FEWTUNE) grid demo --until-resolved --time-budget 8m --backend warm
 	$(FEWTUNE) report
 	@echo "report: $(CURDIR)/results/report/report.html (and report.md)"
 

@@ -234,3 +234,17 @@ def test_a_seed_free_option_runs_once_under_until_resolved_and_resumes(toy, tmp_
     v = d.state[next(iter(d.state))]["view"].verdict
     assert v.constants == ["z (0 shots)"] and v.min_seeds >= 4
     assert "z (0 shots)" in v.worse  # 25 points below a: a constant compared with every seed of a
+
+
+def test_when_the_time_left_cannot_reach_a_look_the_grid_stops_and_says_so(toy, tmp_path):
+    """A budget that fits two rounds but not a third: no comparison can reach the first look (4 seeds) in the time
+    left, so the grid stops after round 2 and the answer names the time, not 'every seed is used'."""
+    true = {"a": 0.80, "b": 0.70, "c": 0.60}
+    grid = expand(spec(toy, labels=tuple(true), seeds=range(6)), where="test")
+    calls = []
+    with Store(tmp_path / "t.db") as store:
+        d = run_until_resolved(grid, store, tmp_path / "logs", 2.4, echo=lambda _: None, in_process=True,
+                               runner=fake_runner(true, 5, sleep=0.3, calls=calls))
+    assert len(calls) <= 6 and not d.resolved
+    reason = next(line for line in d.lines if line.startswith("  toy / m:"))
+    assert "time" in reason and "every seed of the spec is used" not in reason, reason

@@ -257,7 +257,8 @@ def _assess(store, groups_of, depth, plan, seed_order, margin: float | None = No
         nxt |= {o.key for o in opts if depth[o.key] == 0 and left[o.key]}  # never run (the budget): try again
         state[(model, task)] = {**base, "view": fv, "groups": list(by_key.values()), "next": nxt,
                                 "open": bool(nxt) and not alloc.resolved and not alloc.futile,
-                                "best_key": key_of.get(fv.verdict.best), "alloc": alloc, "futile": alloc.futile}
+                                "best_key": key_of.get(fv.verdict.best), "alloc": alloc, "futile": alloc.futile,
+                                "time_limited": any(rounds_left < left[k] for k in by_key)}
     return state
 
 
@@ -342,10 +343,11 @@ def _answer(state, out_of_time, futility: float = sequential.FUTILITY) -> list[s
         alloc = st.get("alloc")
         if alloc is not None and alloc.futile:
             why = (f"stopped early: no open comparison has a {100 * futility:.0f}% chance to be settled within the "
-                   f"spec's seeds" + (" and the time budget" if out_of_time else "") + " (chances: "
+                   f"spec's seeds" + (" and the time left" if out_of_time or st.get("time_limited") else "")
+                   + " (chances: "
                    + ", ".join(f"{o} {100 * c:.0f}%" for o, c in sorted(alloc.chances.items(), key=lambda kv: -kv[1]))
                    + ")")
-        elif out_of_time:
+        elif out_of_time or st.get("time_limited"):
             why = "the time budget ran out"
         else:
             why = "every seed of the spec is used"

@@ -191,7 +191,10 @@ def chances(v: Verdict, reach: dict[str, int], margin: float | None = None) -> d
             continue
         # a seed-free option needs no seeds: the comparison reaches as far as its trained side does
         sides = [reach.get(x, MIN_SEEDS) for x in (n, v.best) if x not in v.constants]
-        then = max(min(sides) if sides else MIN_SEEDS, MIN_SEEDS)
+        then = min(sides) if sides else MIN_SEEDS
+        if then < MIN_SEEDS:  # the seeds (or the time) left cannot bring it to a look: it cannot be settled
+            out[n] = 0.0
+            continue
         a = plan.share(then) if then <= plan.seeds else Plan(then, plan.alpha).share(then)
         out[n] = settle_chance(fit, v.best, n, then, margin, k, v.m_star or None, a)
     return out
