@@ -65,6 +65,8 @@ class Plan:
     def describe(self) -> str:
         if not self.looks:
             return f"{self.seeds} seed(s): no look (nothing is claimed before {MIN_SEEDS} seeds)"
+        if len(self.looks) == 1:
+            return f"one look, at {self.seeds} seeds, with the family-wise {100 * self.alpha:g}%"
         shares = ", ".join(f"{100 * self.share(n):.2f}% at {n}" for n in self.looks)
         return f"family-wise {100 * self.alpha:g}% spent over looks at {MIN_SEEDS}–{self.seeds} seeds ({shares})"
 
