@@ -342,8 +342,8 @@ def _row(c: Claim, row: Row, gs: list[dict], fam: _Family | None) -> Row:
     row.contrast, row.estimate = d, d.value
     if row.min_seeds < compare.MIN_SEEDS:
         few = [n for n in trained if fam.seeds[n] < compare.MIN_SEEDS]
-        row.reason = (f"fewer than {compare.MIN_SEEDS} seeds of {', '.join(few)}: its training instability cannot "
-                      "be estimated")
+        row.reason = (f"fewer than {compare.MIN_SEEDS} seeds of {', '.join(few)}: "
+                      f"{'its' if len(few) == 1 else 'their'} training instability cannot be estimated")
         row.verdict, row.needs = NOT_SETTLED, f"at least {compare.MIN_SEEDS} seeds of {', '.join(few)}"
     elif not (d.df > 0 and math.isfinite(d.seed_var)):
         row.reason = "no degrees of freedom left for the seed variance"

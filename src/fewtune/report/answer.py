@@ -75,6 +75,10 @@ def verdict_lines(fv: claims.FamilyView, rows: list[Plotted], findings: Counter 
     of = lambda kind: [r.name for r in rows if r.kind == kind]  # noqa: E731
     if v.reason:
         out = [f"Nothing is judged yet: {v.reason}.", f"Highest estimate: {best}."]
+        others = [o for o in v.options if o != v.best]
+        if v.fit is not None and others and v.min_seeds >= compare.ASSESS_SEEDS:
+            runner = max(others, key=lambda o: v.effects[o])
+            out.append(f"To settle {v.best} vs {runner} (the next estimate): {claims.what_it_takes(fv, runner)}")
     elif resolved(v):
         out = [f"Best: {best}" + (" (up to equivalence)." if v.equivalent_to_best else ".")]
     else:
