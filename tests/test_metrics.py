@@ -59,13 +59,13 @@ def test_a_metric_is_one_registry_entry():
             register_metric(METRICS["balanced_accuracy"])
         rng = np.random.default_rng(0)
         gold = rng.integers(0, 2, 300)
-        pred = np.where(rng.random((3, 300)) < 0.8, gold, 1 - gold)
+        pred = np.where(rng.random((4, 300)) < 0.8, gold, 1 - gold)  # 4 seeds: claims need them
         assert metrics.scores(gold, pred[0], 2, ["balanced_accuracy"])["balanced_accuracy"] == pytest.approx(
             np.mean([(pred[0][gold == k] == k).mean() for k in (0, 1)]))
         est = stats.estimate(gold, pred, None, 2, "balanced_accuracy")
         assert est.lo < est.value < est.hi <= 1.0
-        v = compare.family(gold, [compare.OptionRuns("a", (0, 1, 2), pred),
-                                  compare.OptionRuns("b", (0, 1, 2), 1 - pred)], 2, "balanced_accuracy")
+        v = compare.family(gold, [compare.OptionRuns("a", (0, 1, 2, 3), pred),
+                                  compare.OptionRuns("b", (0, 1, 2, 3), 1 - pred)], 2, "balanced_accuracy")
         assert v.worse == {"b": "a"}
         assert fmt.METRIC_NAMES["balanced_accuracy"] == "balanced accuracy" and "balanced_accuracy" in fmt.PERCENT
         assert fmt.scale_for("balanced_accuracy")(0.5) == "50.0"

@@ -34,12 +34,12 @@ DEMO = {  # the demo's eight options (label -> method, options, base accuracy, p
 
 @pytest.fixture(scope="module")
 def demo_like(tmp_path_factory):
-    """A report of the demo's shape: CoLA, eight options, three seeds, in-domain and out-of-domain, the study's
+    """A report of the demo's shape: CoLA, eight options, four seeds, in-domain and out-of-domain, the study's
     findings (their labels are the demo's)."""
     root = tmp_path_factory.mktemp("demo")
     rng = np.random.default_rng(11)
     with Store(root / "demo.db") as store:
-        for seed in (0, 1, 2):
+        for seed in (0, 1, 2, 3):
             for label, (method, options, base, mem, per_shot, shots) in DEMO.items():
                 cfg = RunConfig(task="cola", model="smollm2-135m", method=method, method_options=options,
                                 shots=shots, seed=seed, eval_limit=N)

@@ -2,7 +2,8 @@
 the verdict rests on. Formatting only: every claim is the family's verdict (fewtune.stats.claims.view, fitted once
 per report). Of the Verdict this module reads best, candidates, worse, equivalent_to_best, margin, level, reason and
 vs_best (option -> its Comparison with the best, whose diff is best − option with the simultaneous interval the
-verdict uses); `plotted` turns them into one row per option, which the box's sentences and the plot read."""
+verdict uses), and where present constants, collapsed, claimed_at (and options, effects, fit, min_seeds before
+anything is judged); `plotted` turns them into one row per option, which the box's sentences and the plot read."""
 
 from __future__ import annotations
 
@@ -75,8 +76,8 @@ def verdict_lines(fv: claims.FamilyView, rows: list[Plotted], findings: Counter 
     of = lambda kind: [r.name for r in rows if r.kind == kind]  # noqa: E731
     if v.reason:
         out = [f"Nothing is judged yet: {v.reason}.", f"Highest estimate: {best}."]
-        others = [o for o in v.options if o != v.best]
-        if v.fit is not None and others and v.min_seeds >= compare.ASSESS_SEEDS:
+        others = [o for o in getattr(v, "options", []) if o != v.best]
+        if getattr(v, "fit", None) is not None and others and v.min_seeds >= compare.ASSESS_SEEDS:
             runner = max(others, key=lambda o: v.effects[o])
             out.append(f"To settle {v.best} vs {runner} (the next estimate): {claims.what_it_takes(fv, runner)}")
     elif resolved(v):
@@ -110,12 +111,13 @@ def verdict_lines(fv: claims.FamilyView, rows: list[Plotted], findings: Counter 
         if undecided:
             more = f" ({len(undecided) - 1} more open: see the plot)" if len(undecided) > 1 else ""
             out.append(f"To settle {v.best} vs {undecided[0]}{more}: {claims.what_it_takes(fv, undecided[0])}")
-    if v.constants:
+    # optional fields (a verdict without them plugs in): seed-free options, collapsed ones, claims of earlier looks
+    if getattr(v, "constants", None):
         out.append("Seed-free, run once (one run stands for every seed): " + ", ".join(v.constants) + ".")
-    for o in v.collapsed:
+    for o in getattr(v, "collapsed", []):
         out.append(f"⚠ {o}: all {fv.group(o)['n_runs']} seeds collapsed to one class (a single label for every "
                    "example); its seed variance is floored at the family's pooled one, never 0.")
-    if v.claimed_at and not v.reason:
+    if getattr(v, "claimed_at", None) and not v.reason:
         early = {o: n for o, n in v.claimed_at.items() if n < v.min_seeds}
         if early:
             out.append("Claimed at an earlier look (it stands): " + ", ".join(f"{o} at {n} seeds"
