@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ..errors import FewtuneError
 from ..stats import claims, compare, sequential
-from ..stats.fmt import METRIC_NAMES, signed, with_interval
+from ..stats.fmt import METRIC_NAMES, with_interval
 from .grid_spec import Cell, Grid
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*h)?\s*(?:(\d+(?:\.\d+)?)\s*m(?:in)?)?\s*(?:(\d+(?:\.\d+)?)\s*s)?\s*$")
