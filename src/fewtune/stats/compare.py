@@ -39,8 +39,8 @@ fewtune.stats.claims) what may be claimed. In short:
 
 Nothing is claimed before every trained option has MIN_SEEDS = 4 seeds: an option's own variance from 3 runs has
 under 2 degrees of freedom, and an unstable method whose first 3 runs happened to agree was then read as stable
-often enough to push the false-claim rate past 5 % (6.4 % with one option 4x more unstable; 4.8 % from 4 seeds:
-benchmarks/claims.py). Checked by simulation (tests/test_compare.py, and at 1,000 runs
+often enough to push the false-claim rate past 5 % (6.4 % of 1,000 simulated grids with one option 4x more
+unstable when claims started at 3 seeds; 4.3-4.8 % from 4: docs/statistics.md). Checked by simulation (tests/test_compare.py, and at 1,000 runs
 a scenario in benchmarks/claims.py): equal options, one option up to 10x more unstable, up to half of the trained
 runs collapsed, accuracy and MCC, with the allocator as it runs.
 """
