@@ -57,7 +57,7 @@ def add_parser(sub) -> None:
                                     "fewtune grid paper --opt-in ood: probe, lpft and bitfit beside the study's methods)")
     g.add_argument("--max-cells", type=int, help="refuse a spec that expands to more cells than this [10000]")
     g.add_argument("--until-resolved", action="store_true",
-                   help="run seeds of every option until 3 can be judged, then more seeds only where a comparison "
+                   help="run seeds of every option until 4 can be judged, then more seeds only where a comparison "
                         "with the best is open and can still be settled (docs/grid.md); ends with the answer, or "
                         "early with what it would take")
     g.add_argument("--time-budget", help="with --until-resolved: stop starting runs after this long, e.g. 15m, 1h30m "
@@ -198,8 +198,7 @@ def cmd_grid(args) -> int:
                                  workers, gpus, asked=asked)
     with Store(path) as store:
         # the looks of this grid's claims follow its seeds (fewtune.stats.sequential.Plan): kept for the report
-        store.set_meta(f"seeds:{grid.name}", json.dumps(list(dict.fromkeys(c.config.seed for c in grid.cells))
-                                                         if not getattr(grid, "seeds", None) else list(grid.seeds)))
+        store.set_meta(f"seeds:{grid.name}", json.dumps(grid.seed_order()))
         if grid.findings is not None:  # `fewtune report` on this database judges the spec's findings by default
             from .findings import findings_ref
             store.set_meta("findings", findings_ref(grid.findings))

@@ -55,7 +55,8 @@ def section(doc: Doc, j: Judgement, default: bool) -> None:
             "from one model of every option of that model, task and split (seeds paired through it; "
             "docs/findings.md). The family-wise error over all of this section's claims and settings is held at "
             f"{100 * j.alpha:.0f}% by Holm's procedure over {j.hypotheses} one-sided tests (each claim and its "
-            "opposite; 'within ±margin' by two one-sided tests), each spent over the looks the data can have had; the "
+            "opposite; 'within ±margin' by two one-sided tests), at every look of the grid's plan with that look's share "
+            "of it (a verdict reached at a look stands); the "
             "interval shown is the one behind the verdict, at the level Holm tested the claim at. Nothing is judged "
             f"from fewer than {compare.MIN_SEEDS} seeds." + ("" if is_study(f) else " Each findings file is its own family: its claims were "
                                 "fixed together, from one source, and its error is held at that level on its own."))
