@@ -210,8 +210,7 @@ def judge(findings: Findings, groups: list[dict], alpha: float = compare.ALPHA) 
         counts = [max((len(p["seeds"]) for p in (g.get("preds") or {}).values() if p), default=g.get("n_runs", 0))
                   for g in gs if not _claims.is_constant(g)]
         most[(task, model)] = max(counts, default=0)
-        plans[(task, model)] = sequential.plan_for(_claims.plan_of(gs), []) if _claims.plan_of(gs) else \
-            sequential.Plan(max(most[(task, model)], compare.MIN_SEEDS))
+        plans[(task, model)] = sequential.plan_for(_claims.plan_of(gs), most[(task, model)])
     looks = sorted({n for k in pairs for n in plans[k].looks if n <= most[k]})
     final: list[Row] | None = None
     decided: dict[int, Row] = {}

@@ -102,17 +102,14 @@ def check_futility(value: float) -> float:
 
 def options_of(grid: Grid) -> dict[tuple, list[Option]]:
     """(model, task) -> its options, each with its cells in seed order (a seed-free option: its one cell)."""
-    seed_order = list(getattr(grid, "seeds", None) or [])
-    for c in grid.cells:
-        if c.config.seed not in seed_order:
-            seed_order.append(c.config.seed)
+    seed_order = grid.seed_order()
     by_option: dict[tuple, list[Cell]] = {}
     for c in grid.cells:
         by_option.setdefault((c.config.model, c.config.task, c.label, c.config.shots), []).append(c)
     out: dict[tuple, list[Option]] = {}
     for key, cells in by_option.items():
         cells.sort(key=lambda c: seed_order.index(c.config.seed))
-        out.setdefault(key[:2], []).append(Option(key, cells, seed_free=bool(getattr(cells[0], "seed_free", False))))
+        out.setdefault(key[:2], []).append(Option(key, cells, seed_free=cells[0].seed_free))
     for (model, task), opts in out.items():
         if len(opts) < 2:
             raise FewtuneError(f"--until-resolved compares options, and {task_name(task)} / {model} has only one "
@@ -140,7 +137,7 @@ def run_until_resolved(grid: Grid, store, log_dir: Path, time_budget_s: float, e
     futility = check_futility(futility)
     t0 = time.perf_counter()
     groups_of = options_of(grid)
-    seed_order = list(getattr(grid, "seeds", None) or dict.fromkeys(c.config.seed for c in grid.cells))
+    seed_order = grid.seed_order()
     plan = sequential.Plan(len(seed_order))
     option_of = {c.key: o for opts in groups_of.values() for o in opts for c in o.cells}
     active = {mt: list(opts) for mt, opts in groups_of.items()}  # options still getting seeds

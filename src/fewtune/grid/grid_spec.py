@@ -74,6 +74,10 @@ class Grid:
     opt_in: tuple = ()              # the spec's opt-in method lists added to its methods (--opt-in), by name
     opt_in_labels: tuple = ()       # the labels of every opt-in list, taken or not (`fewtune check --spec`)
 
+    def seed_order(self) -> list:
+        """The spec's seeds in its order (a grid built from cells alone: its cells' seeds, as they come)."""
+        return list(self.seeds) or list(dict.fromkeys(c.config.seed for c in self.cells))
+
 
 # --- the spec
 def preset_names() -> list[str]:

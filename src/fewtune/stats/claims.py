@@ -12,7 +12,7 @@ import numpy as np
 from . import compare, sequential, stats
 from .fmt import METRIC_NAMES, scale_for, signed, with_interval
 from .metrics import METRICS
-from .options import measured_alike
+from .options import measured_alike, recorded_before_seed_free
 
 
 def name(g: dict) -> str:
@@ -42,7 +42,7 @@ class FamilyView:
 
 
 def view(groups: list[dict], prefix: str, margin: float | None = None, plan: sequential.Plan | None = None,
-         alpha: float = compare.ALPHA, seed_order: list | None = None) -> FamilyView | None:
+         seed_order: list | None = None) -> FamilyView | None:
     """The family of `groups` (one task × model) on split `prefix`; None when no option has a value there. The
     verdict is made over every look the plan allows (fewtune.stats.sequential), each option's runs read in the
     spec's seed order (`seed_order`; else ascending). A seed-free option (g["seed_free"]) is a constant."""
@@ -61,8 +61,6 @@ def view(groups: list[dict], prefix: str, margin: float | None = None, plan: seq
     n_classes = p0["n_classes"] if p0 else 2
     if plan is None:
         plan = plan_of(paired)
-    if alpha != compare.ALPHA and plan is not None:
-        plan = sequential.Plan(plan.seeds, alpha)
     verdict = sequential.sequential(gold, runs, n_classes, metric, margin=margin, plan=plan)
     a_floor = 1 - verdict.level
     floor = {o.name: (compare.versus_floor(gold, o, n_classes, metric, len(runs), a_floor)
@@ -76,7 +74,7 @@ def is_constant(g: dict) -> bool:
     """Seed-free by what the option is (its method never reads the data seed), as recorded with its runs."""
     if "seed_free" in g:
         return bool(g["seed_free"])
-    return g.get("method") == "icl" and g.get("shots") == 0  # runs recorded before seed_free was stored
+    return recorded_before_seed_free(g.get("method"), g.get("shots"))
 
 
 def option_runs(option: str, g: dict, prefix: str, seed_order: list | None = None) -> compare.OptionRuns:
@@ -90,7 +88,7 @@ def option_runs(option: str, g: dict, prefix: str, seed_order: list | None = Non
     return compare.OptionRuns(option, tuple(seeds[r] for r in rank), pred, is_constant(g))
 
 
-def plan_of(groups: list[dict], seed_plans: dict | None = None) -> sequential.Plan | None:
+def plan_of(groups: list[dict]) -> sequential.Plan | None:
     """The plan of a family: the seeds of the grid its runs came from (recorded when the grid ran: store meta
     `seeds:<grid>`, read into g["seed_plan"]), the largest where options came from several; None where no grid
     recorded one (sequential.plan_for then takes the most seeds any option has)."""

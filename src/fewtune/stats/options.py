@@ -179,8 +179,12 @@ def seed_free_of(row: dict) -> bool:
     if recorded is not None:
         return bool(recorded)
     cfg = row.get("config") or {}
-    method = row.get("method") or cfg.get("method")
-    shots = row.get("shots") if row.get("shots") is not None else cfg.get("shots")
+    return recorded_before_seed_free(row.get("method") or cfg.get("method"),
+                                     row.get("shots") if row.get("shots") is not None else cfg.get("shots"))
+
+
+def recorded_before_seed_free(method, shots) -> bool:
+    """For runs recorded before `seed_free` was: zero-shot icl (icl with 0 shots), the one such option then."""
     return method == "icl" and shots == 0
 
 

@@ -71,10 +71,14 @@ class Plan:
         return f"family-wise {100 * self.alpha:g}% spent over looks at {MIN_SEEDS}–{self.seeds} seeds ({shares})"
 
 
-def plan_for(plan: Plan | None, options: list[OptionRuns]) -> Plan:
-    """The plan of the data: the grid's (its spec's seeds), else, for runs recorded without one, the most seeds any
-    option has; never fewer seeds than the data hold (the looks must reach them)."""
-    most = max((len(np.atleast_2d(o.pred)) for o in options if not o.constant), default=0)
+def most_seeds(options: list[OptionRuns]) -> int:
+    """The most runs any trained option has (a constant's one run stands for every seed)."""
+    return max((len(np.atleast_2d(o.pred)) for o in options if not o.constant), default=0)
+
+
+def plan_for(plan: Plan | None, most: int) -> Plan:
+    """The plan of data whose trained options have at most `most` seeds: the grid's (its spec's seeds), else, for
+    runs recorded without one, `most`; never fewer seeds than the data hold (the looks must reach them)."""
     if plan is None:
         return Plan(max(most, MIN_SEEDS))
     return plan if plan.seeds >= most else replace(plan, seeds=most)
@@ -89,8 +93,8 @@ def first(options: list[OptionRuns], n: int) -> list[OptionRuns]:
 def sequential(gold, options: list[OptionRuns], n_classes: int, metric: str, margin: float | None = None,
                plan: Plan | None = None) -> Verdict:
     """The family's verdict over every look its data can have had (see the module docstring)."""
-    plan = plan_for(plan, options)
-    most = max((len(np.atleast_2d(o.pred)) for o in options if not o.constant), default=0)
+    most = most_seeds(options)
+    plan = plan_for(plan, most)
     done = [n for n in plan.looks if n <= most]
     if not done:
         v = compare.family(gold, options, n_classes, metric, margin, plan.share(MIN_SEEDS) or plan.alpha,
